@@ -1,0 +1,26 @@
+"""What every `python -m pixelgen.<job>` entry point shares: errors a user can act on."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from pixelgen.checkpoint import CheckpointMismatchError
+from pixelgen.config import ConfigError
+from pixelgen.data.pipeline import DataError
+
+# Problems with the user's input: print the message (it says what to do), no traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, FileNotFoundError)
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+    try:
+        code = main(sys.argv[1:])
+    except USER_ERRORS as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted; rerun the same command to resume from the last checkpoint.',
+              file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

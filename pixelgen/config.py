@@ -1,0 +1,184 @@
+"""Configs: load `configs/<name>.py[:variant]`, apply `--config.a.b=value` overrides, save.
+
+A config file is a plain Python module with `get_config(arg=None) -> ConfigDict` (big_vision
+style). The command line picks it with `--config path.py[:arg]` and overrides any field with
+`--config.model.num_layers=2`. Unknown or misspelled keys fail at once, naming the key and
+the closest valid ones, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+REQUIRED_KEYS = (
+    'task', 'total_steps', 'batch_size', 'seed', 'checkpoint_every_steps', 'log_every_steps',
+    'sample_every_steps', 'model', 'data', 'optimizer',
+)
+CONFIG_FILE = 'config.json'
+
+
+class ConfigError(ValueError):
+    """A config or command-line problem that the user can fix; the message says how."""
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """Loads `path.py` or `path.py:arg` by calling its `get_config(arg)`."""
+    path, _, arg = spec.partition(':')
+    if not os.path.isfile(path):
+        raise ConfigError(f'Config file {path!r} does not exist. Pass --config configs/<name>.py '
+                          f'(available: {", ".join(sorted(_available_configs()))}).')
+    module_spec = importlib.util.spec_from_file_location('pixelgen_user_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, 'get_config'):
+        raise ConfigError(f'Config file {path!r} has no get_config(arg=None) function.')
+    config = module.get_config(arg or None)
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ConfigError(f'Config {spec!r} lacks the required keys {missing}.')
+    return config
+
+
+def _available_configs() -> list[str]:
+    here = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
+    if not os.path.isdir(here):
+        return []
+    return [f'configs/{f}' for f in os.listdir(here) if f.endswith('.py') and f != '__init__.py']
+
+
+def _parse_value(text: str):
+    """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, '(1, 2)' -> (1, 2), 'abc' -> 'abc'."""
+    if text.lower() in ('true', 'false'):
+        return text.lower() == 'true'
+    if text.lower() in ('none', 'null'):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _all_keys(config: ConfigDict, prefix: str = '') -> list[str]:
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, ConfigDict):
+            keys.extend(_all_keys(value, prefix + key + '.'))
+    return keys
+
+
+def _unknown_key_error(config: ConfigDict, dotted: str) -> ConfigError:
+    candidates = _all_keys(config)
+    close = difflib.get_close_matches(dotted, candidates, n=3, cutoff=0.6)
+    leaf_close = [k for k in candidates if k.rsplit('.', 1)[-1] in difflib.get_close_matches(
+        dotted.rsplit('.', 1)[-1], [c.rsplit('.', 1)[-1] for c in candidates], n=3, cutoff=0.75)]
+    suggestions = list(dict.fromkeys(close + leaf_close))[:3]
+    hint = f' Did you mean {" or ".join(suggestions)}?' if suggestions else ''
+    return ConfigError(f'Unknown config key {dotted!r}.{hint} '
+                       f'Run with --help_config to list every key.')
+
+
+def apply_override(config: ConfigDict, dotted: str, text: str) -> None:
+    """Sets config.<dotted> from its command-line text, keeping the field's type."""
+    *parents, leaf = dotted.split('.')
+    node = config
+    for part in parents:
+        if part not in node or not isinstance(node[part], ConfigDict):
+            raise _unknown_key_error(config, dotted)
+        node = node[part]
+    if leaf not in node:
+        raise _unknown_key_error(config, dotted)
+    value = _parse_value(text)
+    old = node[leaf]
+    if isinstance(old, str) and not isinstance(value, str):
+        value = text  # '--config.data.dataset=123' is still a string field
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        with node.unlocked():
+            node[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f'--config.{dotted}={text}: expected a value of type '
+                          f'{type(old).__name__} (the default is {old!r}).') from e
+
+
+def parse_config_args(argv: Sequence[str]) -> tuple[ConfigDict, list[str]]:
+    """Splits argv into a config (file + overrides, applied in order) and the other arguments."""
+    spec, overrides, rest = None, [], []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == '--config' or arg.startswith('--config='):
+            spec = arg.split('=', 1)[1] if '=' in arg else (args.pop(0) if args else None)
+        elif arg.startswith('--config.'):
+            key, eq, value = arg[len('--config.'):].partition('=')
+            if not eq:
+                if not args:
+                    raise ConfigError(f'{arg} needs a value, e.g. {arg}=8.')
+                value = args.pop(0)
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+    if spec is None:
+        raise ConfigError('No --config given. Pass e.g. --config configs/igpt_shapes.py '
+                          f'(available: {", ".join(sorted(_available_configs()))}).')
+    config = load_config_file(spec)
+    for key, value in overrides:
+        apply_override(config, key, value)
+    config.lock()
+    return config, rest
+
+
+def save_config(config: ConfigDict, workdir: str) -> str:
+    """Writes the resolved config as `<workdir>/config.json`; returns its path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILE)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(config.to_json(indent=2, sort_keys=True))
+    os.replace(tmp, path)  # atomic: a crash never leaves half a config
+    return path
+
+
+def load_saved_config(workdir: str) -> ConfigDict:
+    """Reads the resolved config that a training run wrote into its workdir."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f'{path} not found: {workdir!r} is not a pixelgen workdir '
+                          '(train into it first with python -m pixelgen.train).')
+    with open(path) as f:
+        config = ConfigDict(_tuples(json.load(f)))
+    config.lock()
+    return config
+
+
+def _tuples(tree):
+    """JSON has no tuples; configs use them for shapes and mesh axes."""
+    if isinstance(tree, dict):
+        return {k: _tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_tuples(v) for v in tree)
+    return tree
+
+
+def format_config(config: ConfigDict) -> str:
+    return '\n'.join(f'  {k} = {v!r}' for k, v in _flat(config))
+
+
+def _flat(config: ConfigDict, prefix: str = ''):
+    for key, value in sorted(config.items()):
+        if isinstance(value, ConfigDict):
+            yield from _flat(value, prefix + key + '.')
+        else:
+            yield prefix + key, value

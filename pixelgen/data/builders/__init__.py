@@ -1,0 +1,45 @@
+"""Datasets embedded in the project: tfds builders that need no network and no TensorFlow.
+
+`ensure_built(name, data_dir)` prepares one (ArrayRecord files) on first use and returns its
+builder; read it with `builder.as_data_source(split)`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import tensorflow_datasets as tfds
+
+from pixelgen.data.builders.fashion_mnist import FashionMnist
+from pixelgen.data.builders.shapes import COLORS, SHAPES, SIZES, Shapes
+
+__all__ = ['COLORS', 'EMBEDDED', 'SHAPES', 'SIZES', 'FashionMnist', 'Shapes', 'ensure_built']
+
+EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
+    'shapes': Shapes,
+    'fashion_mnist': FashionMnist,
+}
+
+
+def ensure_built(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """Builds an embedded dataset into data_dir on first use (printing progress: what is being
+    built, where, and how long it took); returns the builder. Later calls find it prepared and
+    return at once.
+
+    Concurrent builders (e.g. several hosts sharing data_dir) are tolerable: tfds writes into a
+    temporary directory and renames it into place when complete, so readers never see a partial
+    dataset; the loser of the race just wastes its work.
+    """
+    if name not in EMBEDDED:
+        raise ValueError(f'unknown embedded dataset {name!r}; choose from {sorted(EMBEDDED)}')
+    builder = EMBEDDED[name](data_dir=data_dir, file_format='array_record')
+    if builder.is_prepared():
+        return builder
+    print(f'Building embedded dataset {name!r} into {builder.data_dir} ...', flush=True)
+    start = time.perf_counter()
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    sizes = ', '.join(f'{s}: {info.num_examples}' for s, info in builder.info.splits.items())
+    print(f'Built {name!r} ({sizes}) in {time.perf_counter() - start:.1f} s.', flush=True)
+    return builder

@@ -1,0 +1,145 @@
+"""Input pipelines: tfds array_record data sources, read and batched with grain.
+
+`open_source` finds a split of any dataset: the project's embedded ones (`shapes`,
+`fashion_mnist`) are built into the data dir on first use; any tfds catalog name that a user
+has prepared (with `file_format='array_record'`) goes through the same path. No TensorFlow.
+
+Training batches come from a grain `MapDataset`: per-host shard, seeded shuffle (a fresh
+permutation every epoch), repeat, decode/resize, batch, task map, threaded prefetch. The
+iterator's state is saved in every checkpoint, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from pixelgen.data import builders
+
+Example = dict[str, np.ndarray]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read; the message says what to do."""
+
+
+def resolve_data_dir(data_dir: str) -> str:
+    return os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+
+
+def open_source(dataset: str, split: str, data_dir: str = ''):
+    """A random-access source of one split: `len(src)` examples, `src[i]` a feature dict."""
+    data_dir = resolve_data_dir(data_dir)
+    if dataset in builders.EMBEDDED:
+        builder = builders.ensure_built(dataset, data_dir)
+    else:
+        try:
+            builder = tfds.builder(dataset, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            raise DataError(f'Unknown dataset {dataset!r}: it is neither embedded '
+                            f'({", ".join(builders.EMBEDDED)}) nor a tfds catalog name.') from e
+        if not builder.is_prepared():
+            raise DataError(
+                f'Dataset {dataset!r} is not prepared in {data_dir}. pixelgen never downloads at '
+                'run time: prepare it once on a machine with the data, in array_record format, '
+                f"e.g. tfds.builder({dataset!r}, data_dir={data_dir!r}, file_format='array_record')"
+                '.download_and_prepare(), then pass --config.data.data_dir=<that dir>.')
+    splits = builder.info.splits
+    base_split = split.split('[')[0]
+    if base_split not in splits:
+        raise DataError(f'Dataset {dataset!r} has no split {base_split!r}; '
+                        f'it has {sorted(splits)}.')
+    try:
+        return builder.as_data_source(split=split)
+    except NotImplementedError as e:
+        raise DataError(f'Dataset {dataset!r} in {data_dir} was prepared as TFRecord, which needs '
+                        "TensorFlow. Re-prepare it with file_format='array_record'.") from e
+
+
+def to_rgb_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Any uint8 image [h, w] / [h, w, 1|3|4] -> [size, size, 3] uint8.
+
+    Grayscale is repeated over RGB, alpha is dropped, non-square images are centre-cropped,
+    and the resize averages pixels when shrinking (no aliasing) and is bicubic when growing.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    image = image[..., :3]
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    image = image[top:top + side, left:left + side]
+    if side != size:
+        resample = Image.BOX if side > size else Image.BICUBIC
+        image = np.asarray(Image.fromarray(image).resize((size, size), resample=resample))
+    return image
+
+
+def image_example(image_size: int) -> Callable[[dict], Example]:
+    """Per-example map: keeps the resized RGB image and the label (-1 when unlabelled)."""
+    def prepare(features: dict) -> Example:
+        return {'image': to_rgb_square(features['image'], image_size),
+                'label': np.int32(features.get('label', -1))}
+    return prepare
+
+
+def train_iterator(source, *, batch_size: int, seed: int, prepare: Callable[[dict], Example],
+                   batch_map: Callable[[Example], Example] | None = None,
+                   num_threads: int = 2, prefetch: int = 4) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this host's training batches.
+
+    `batch_size` is the per-host batch. Each host reads a disjoint shard of the examples.
+    """
+    host, hosts = jax.process_index(), jax.process_count()
+    ds = grain.MapDataset.source(source).seed(seed)[host::hosts]
+    if len(ds) < batch_size:
+        raise DataError(f'The training split has {len(ds)} examples on this host, fewer than '
+                        f'one batch of {batch_size}. Lower --config.batch_size.')
+    ds = ds.shuffle().repeat(None).map(prepare).batch(batch_size, drop_remainder=True)
+    if batch_map is not None:
+        ds = ds.map(batch_map)
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(source, *, batch_size: int, prepare: Callable[[dict], Example],
+                 batch_map: Callable[[Example], Example] | None = None,
+                 num_examples: int | None = None) -> Iterator[Example]:
+    """This host's share of the first `num_examples` examples (all if None), in fixed order.
+
+    Every batch has exactly `batch_size` rows, so one compiled step serves them all; the
+    padding rows of the last batch carry `mask == 0`.
+    """
+    host, hosts = jax.process_index(), jax.process_count()
+    n = len(source) if not num_examples else min(num_examples, len(source))
+    ds = grain.MapDataset.source(source)[:n][host::hosts].map(prepare)
+    for start in range(0, len(ds), batch_size):
+        rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch['mask'] = np.ones(len(rows), np.float32)
+        pad = batch_size - len(rows)
+        if pad:
+            batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+                     for k, v in batch.items()}
+        yield batch_map(batch) if batch_map is not None else batch
+
+
+def sample_pixels(source, *, image_size: int, num_images: int, pixels_per_image: int,
+                  seed: int) -> np.ndarray:
+    """uint8 [num_images * pixels_per_image, 3]: random pixels of random resized images."""
+    rng = np.random.default_rng(seed)
+    indices = rng.choice(len(source), size=min(num_images, len(source)), replace=False)
+    pixels = []
+    for i in np.sort(indices):
+        image = to_rgb_square(source[int(i)]['image'], image_size).reshape(-1, 3)
+        pixels.append(image[rng.choice(len(image), pixels_per_image, replace=True)])
+    return np.concatenate(pixels)

@@ -1,0 +1,79 @@
+"""Where training output goes: a console progress line, `metrics.jsonl` and TensorBoard.
+
+Only process 0 writes (on a pod every host computes the same global metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+
+
+def _format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return '?'
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f'{h}h{m:02d}m' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
+
+
+class MetricWriter:
+    """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/<name>`."""
+
+    def __init__(self, workdir: str, name: str = 'train'):
+        self.active = jax.process_index() == 0
+        self._jsonl = self._tb = None
+        if self.active:
+            from tensorboardX import SummaryWriter  # import here: only process 0 needs it
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+            self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard', name))
+
+    def write(self, step: int, scalars: dict[str, float], prefix: str = '') -> None:
+        if not self.active:
+            return
+        record = {'step': int(step)}
+        for key, value in scalars.items():
+            value = float(value)
+            record[prefix + key] = value
+            self._tb.add_scalar(prefix + key, value, int(step))
+        self._jsonl.write(json.dumps(record) + '\n')
+        self._jsonl.flush()
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._jsonl.close()
+            self._tb.close()
+
+
+class Progress:
+    """One console line per log step: step, loss, bits/dim, steps/s, tokens/s, ETA."""
+
+    def __init__(self, total_steps: int, first_step: int, tokens_per_step: int):
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self._last_step, self._last_time = first_step, time.perf_counter()
+
+    def rates(self, step: int) -> dict[str, float]:
+        """steps/s and tokens/s since the previous call (so compilation counts only once)."""
+        now = time.perf_counter()
+        steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        return {'steps_per_s': steps_per_s, 'tokens_per_s': steps_per_s * self.tokens_per_step}
+
+    def line(self, step: int, scalars: dict[str, float]) -> str:
+        eta = (self.total_steps - step) / max(scalars.get('steps_per_s', 0.0), 1e-9)
+        parts = [f'step {step}/{self.total_steps}']
+        for key, fmt in (('loss', '{:.4f}'), ('bits_per_dim', '{:.3f}'),
+                         ('grad_norm', '{:.3f}'), ('learning_rate', '{:.2e}'),
+                         ('steps_per_s', '{:.2f}'), ('tokens_per_s', '{:,.0f}')):
+            if key in scalars:
+                parts.append(f'{key.replace("_per_s", "/s")} {fmt.format(scalars[key])}')
+        parts.append(f'ETA {_format_duration(eta)}')
+        return ' | '.join(parts)

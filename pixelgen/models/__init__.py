@@ -1,0 +1,1 @@
+"""Model definitions (Image GPT; DALL·E, dVAE and CLIP later)."""

@@ -1,0 +1,1 @@
+"""Shared neural-network building blocks: attention masks, attention and transformer stacks."""

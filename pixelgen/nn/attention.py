@@ -1,0 +1,140 @@
+"""Multi-head attention shared by Image GPT, DALL·E and CLIP.
+
+Follows the original Image GPT (openai/image-gpt `src/model.py`): separate q, k, v and output
+projections with no biases, logits scaled by 1/sqrt(head_dim), masked logits replaced by a large
+negative number. The mask comes from a `MaskSpec`, so the same module serves causal, full and
+(later) sparse DALL·E layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pixelgen.nn.masks import MaskSpec
+
+# Logit given to masked (query, key) pairs. Finite, so a fully masked row gives a uniform
+# distribution rather than NaN; the original uses `w*b - 1e10*(1-b)`.
+MASK_VALUE = -1e10
+
+
+def logical_init(initializer: nnx.Initializer, names: Sequence[str | None]) -> nnx.Initializer:
+    """Wraps `initializer` so its parameter carries logical axis `names` as metadata only.
+
+    The names land in the Variable's `out_sharding` metadata (read them with
+    `nnx.get_partition_spec(state)`, under logical axis rules to map them onto a mesh).
+    `eager_sharding=False` keeps them pure metadata: building a model needs no mesh.
+    """
+    return nnx.with_partitioning(initializer, tuple(names), eager_sharding=False)
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """Dense reference attention.
+
+    Args:
+      q: [batch, q_length, heads, head_dim].
+      k: [batch, kv_length, heads, head_dim].
+      v: [batch, kv_length, heads, head_dim].
+      mask: bool, broadcastable to [batch, heads, q_length, kv_length]; True = may attend.
+
+    Returns:
+      [batch, q_length, heads, head_dim] in q's dtype. Logits and softmax are float32.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits * scale, MASK_VALUE)  # [b, h, q, k]
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Bias-free multi-head self-attention with a `MaskSpec` and a KV-cache decoder."""
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        *,
+        mask: MaskSpec,
+        num_layers: int,
+        dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        """Args:
+          width: model width d.
+          num_heads: number of heads; must divide `width`.
+          mask: which keys each query may attend to.
+          num_layers: depth of the whole stack; scales the output projection's init.
+          dtype: compute dtype (parameters stay float32).
+          rngs: parameter rngs.
+        """
+        if width % num_heads:
+            raise ValueError(
+                f'num_heads={num_heads} must divide width={width}; choose a width that is a '
+                f'multiple of num_heads (e.g. {num_heads * max(1, width // num_heads)}) or a '
+                'num_heads that divides width.'
+            )
+        self.width = width
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.mask = mask
+        self.dtype = dtype
+        qkv_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width)),
+                                ('embed', 'heads', 'kv'))
+        out_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width * num_layers)),
+                                ('heads', 'kv', 'embed'))
+        qkv_shape = (width, num_heads, self.head_dim)
+
+        def qkv():
+            return nnx.Einsum('bld,dhk->blhk', qkv_shape, dtype=dtype, param_dtype=jnp.float32,
+                              kernel_init=qkv_init, rngs=rngs)
+
+        self.query = qkv()
+        self.key = qkv()
+        self.value = qkv()
+        self.out = nnx.Einsum('blhk,hkd->bld', (num_heads, self.head_dim, width), dtype=dtype,
+                              param_dtype=jnp.float32, kernel_init=out_init, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [batch, length, width] -> [batch, length, width]."""
+        length = x.shape[1]
+        q, k, v = self.query(x), self.key(x), self.value(x)  # [b, l, heads, head_dim]
+        mask = jnp.asarray(self.mask.dense(length))[None, None]  # [1, 1, l, l]
+        return self.out(dot_product_attention(q, k, v, mask))
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
+        """Empty KV cache: k, v [batch, max_length, heads, head_dim] in the compute dtype."""
+        shape = (batch_size, max_length, self.num_heads, self.head_dim)
+        return dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype))
+
+    def decode(
+        self, x: jax.Array, cache: dict[str, jax.Array], position: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One decoding step.
+
+        Args:
+          x: [batch, 1, width], the input at `position`.
+          cache: from `init_cache` (or a previous `decode`), holding k, v for positions < position.
+          position: int scalar (may be traced), the index of `x` in the sequence.
+
+        Returns:
+          y [batch, 1, width] and the cache with k, v written at `position`.
+        """
+        max_length = cache['k'].shape[1]
+        position = jnp.asarray(position, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        start = (zero, position, zero, zero)
+        q = self.query(x)  # [b, 1, heads, head_dim]
+        k = jax.lax.dynamic_update_slice(cache['k'], self.key(x).astype(cache['k'].dtype), start)
+        v = jax.lax.dynamic_update_slice(cache['v'], self.value(x).astype(cache['v'].dtype), start)
+        mask = self.mask.allowed_keys(position, max_length)[None, None, None, :]  # [1,1,1,max_l]
+        y = self.out(dot_product_attention(q, k, v, mask))
+        return y, dict(k=k, v=v)

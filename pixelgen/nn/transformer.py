@@ -1,0 +1,133 @@
+"""Pre-norm transformer stack shared by Image GPT, DALL·E and CLIP.
+
+As in the original Image GPT: RMS norm without bias, bias-free MLP with quick_gelu, and
+`x = x + attn(norm1(x)); x = x + mlp(norm2(x))` in every block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pixelgen.nn.attention import MultiHeadAttention, logical_init
+from pixelgen.nn.masks import MaskSpec
+
+LayerCache = dict[str, jax.Array]
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """x * sigmoid(1.702 x), the `gelu2` of Image GPT."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def rms_norm(width: int, dtype: Any, rngs: nnx.Rngs) -> nnx.RMSNorm:
+    """Image GPT's norm: x * rsqrt(mean(x^2) + 1e-5) * g, no mean-centring, no bias."""
+    return nnx.RMSNorm(width, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                       scale_init=logical_init(nnx.initializers.ones, ('embed',)), rngs=rngs)
+
+
+class MLP(nnx.Module):
+    """width -> mlp_ratio * width -> width, no biases, quick_gelu."""
+
+    def __init__(self, width: int, *, mlp_ratio: int = 4, dtype: Any = jnp.float32,
+                 rngs: nnx.Rngs):
+        hidden = mlp_ratio * width
+        init = nnx.initializers.normal(0.02)
+        self.fc = nnx.Linear(width, hidden, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                             kernel_init=logical_init(init, ('embed', 'mlp')), rngs=rngs)
+        self.proj = nnx.Linear(hidden, width, use_bias=False, dtype=dtype,
+                               param_dtype=jnp.float32,
+                               kernel_init=logical_init(init, ('mlp', 'embed')), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [..., width] -> [..., width]."""
+        return self.proj(quick_gelu(self.fc(x)))
+
+
+class Block(nnx.Module):
+    """Pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+
+    def __init__(self, width: int, num_heads: int, *, mask: MaskSpec, num_layers: int,
+                 mlp_ratio: int = 4, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.norm1 = rms_norm(width, dtype, rngs)
+        self.attn = MultiHeadAttention(width, num_heads, mask=mask, num_layers=num_layers,
+                                       dtype=dtype, rngs=rngs)
+        self.norm2 = rms_norm(width, dtype, rngs)
+        self.mlp = MLP(width, mlp_ratio=mlp_ratio, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, return_features: bool = False):
+        """x [batch, length, width] -> y [batch, length, width].
+
+        With `return_features=True` returns (y, norm1(x)); norm1(x) [batch, length, width] is the
+        attention input whose sequence mean is the Image GPT linear-probe feature.
+        """
+        h = self.norm1(x)
+        x = x + self.attn(h)
+        x = x + self.mlp(self.norm2(x))
+        return (x, h) if return_features else x
+
+    def init_cache(self, batch_size: int, max_length: int) -> LayerCache:
+        return self.attn.init_cache(batch_size, max_length)
+
+    def decode(self, x: jax.Array, cache: LayerCache,
+               position: jax.Array) -> tuple[jax.Array, LayerCache]:
+        """x [batch, 1, width] at `position` -> (y [batch, 1, width], new cache)."""
+        a, cache = self.attn.decode(self.norm1(x), cache, position)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return x, cache
+
+
+class Transformer(nnx.Module):
+    """A stack of `num_layers` Blocks (no embeddings, no final norm)."""
+
+    def __init__(self, *, num_layers: int, width: int, num_heads: int,
+                 mask: MaskSpec | Sequence[MaskSpec], mlp_ratio: int = 4,
+                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        """Args:
+          mask: one MaskSpec for every layer, or a sequence of `num_layers` MaskSpecs.
+        """
+        masks = [mask] * num_layers if isinstance(mask, MaskSpec) else list(mask)
+        if len(masks) != num_layers or not all(isinstance(m, MaskSpec) for m in masks):
+            raise ValueError(
+                f'mask must be a MaskSpec or a sequence of num_layers={num_layers} MaskSpecs; '
+                f'got {mask!r}. Pass one MaskSpec per layer.'
+            )
+        self.num_layers = num_layers
+        self.blocks = nnx.List([
+            Block(width, num_heads, mask=m, num_layers=num_layers, mlp_ratio=mlp_ratio,
+                  dtype=dtype, rngs=rngs)
+            for m in masks
+        ])
+
+    def __call__(self, x: jax.Array, *, return_features: bool = False):
+        """x [batch, length, width] -> [batch, length, width].
+
+        With `return_features=True` returns (y, features), features a list over layers of
+        norm1(input of that layer) [batch, length, width].
+        """
+        features = []
+        for block in self.blocks:
+            if return_features:
+                x, h = block(x, return_features=True)
+                features.append(h)
+            else:
+                x = block(x)
+        return (x, features) if return_features else x
+
+    def init_cache(self, batch_size: int, max_length: int) -> tuple[LayerCache, ...]:
+        """A tuple of per-layer caches (see `MultiHeadAttention.init_cache`)."""
+        return tuple(block.init_cache(batch_size, max_length) for block in self.blocks)
+
+    def decode(self, x: jax.Array, cache: Sequence[LayerCache],
+               position: jax.Array) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """x [batch, 1, width] at `position` -> (y [batch, 1, width], new per-layer caches)."""
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x, layer_cache = block.decode(x, layer_cache, position)
+            new_cache.append(layer_cache)
+        return x, tuple(new_cache)

@@ -1,0 +1,64 @@
+"""`pixelgen.load(workdir)`: a trained model, its config and (for iGPT) its palette."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pixelgen import checkpoint, tasks
+from pixelgen.config import ConfigDict, load_saved_config
+from pixelgen.data import palette as palette_lib
+from pixelgen.trainer import init_state, make_optimizer
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: nnx.Module
+    config: ConfigDict
+    step: int
+    palette: np.ndarray | None = None   # iGPT: [k, 3] centres in [-1, 1]
+    workdir: str = ''
+
+
+def load(workdir: str, step: int | None = None) -> Loaded:
+    """Restores the parameters of `workdir`'s latest checkpoint (or `step`) into its model.
+
+    The training state (optimizer, data position) is read but not kept or changed.
+    """
+    config = load_saved_config(workdir)
+    build = tasks.model_builder(config)
+    tx, _ = make_optimizer(config.optimizer, config.total_steps)
+
+    def fresh():
+        return init_state(build(nnx.Rngs(config.seed)), tx, config.seed)
+
+    graphdef, rest, abstract_state = _abstract(fresh)
+    manager = checkpoint.make_manager(workdir, async_save=False)
+    available = manager.all_steps()
+    if not available:
+        raise FileNotFoundError(f'{checkpoint.checkpoint_dir(workdir)} holds no checkpoint yet.')
+    step = available[-1] if step is None else step
+    if step not in available:
+        raise FileNotFoundError(f'No checkpoint for step {step} in {workdir}; '
+                                f'available steps: {available}.')
+    state = checkpoint.restore(manager, step, abstract_state, None, config)
+    manager.close()
+    model = nnx.merge(graphdef, state['params'], rest)
+    return Loaded(model=model, config=config, step=step, workdir=workdir,
+                  palette=palette_lib.load_palette(workdir))
+
+
+def _abstract(fresh) -> tuple[Any, Any, Any]:
+    """(graphdef, rest, abstract state) without allocating the parameters."""
+    box = {}
+
+    def shapes():
+        graphdef, rest, state = fresh()
+        box['graphdef'] = graphdef
+        return rest, state
+    rest, state = jax.eval_shape(shapes)
+    return box['graphdef'], rest, state

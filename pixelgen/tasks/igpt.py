@@ -1,0 +1,152 @@
+"""The Image GPT task: palette-quantised pixels in raster order, next-pixel prediction.
+
+It knows its data (images -> palette tokens), its model, its loss and metrics, and how to
+show progress as pictures (completions: the top half given, the bottom half sampled).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pixelgen import images, sampling
+from pixelgen.data import palette as palette_lib
+from pixelgen.data import pipeline
+from pixelgen.models.igpt import ImageGPT
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def build_model(config, rngs: nnx.Rngs) -> ImageGPT:
+    m = config.model
+    if m.dtype not in DTYPES:
+        raise ValueError(f'config.model.dtype={m.dtype!r}; expected one of {sorted(DTYPES)}.')
+    return ImageGPT(vocab_size=config.data.palette_size, seq_len=config.data.image_size ** 2,
+                    num_layers=m.num_layers, width=m.width, num_heads=m.num_heads,
+                    mlp_ratio=m.mlp_ratio, dtype=DTYPES[m.dtype], rngs=rngs)
+
+
+def load_or_fit_palette(config, workdir: str, train_source=None) -> np.ndarray:
+    """The workdir's palette if it has one (a resumed run must keep its tokens), else a new fit."""
+    centres = palette_lib.load_palette(workdir)
+    k = config.data.palette_size
+    if centres is not None:
+        if centres.shape != (k, 3):
+            raise ValueError(f'{workdir}/palette.npy has {centres.shape[0]} colours but '
+                             f'config.data.palette_size={k}. Use a new --workdir or set '
+                             f'--config.data.palette_size={centres.shape[0]}.')
+        return centres
+    d = config.data
+    if train_source is None:
+        train_source = pipeline.open_source(d.dataset, d.train_split, d.data_dir)
+    print(f'[palette] fitting {k} colours on {d.palette_fit_images} {d.dataset} images...',
+          flush=True)
+    pixels = pipeline.sample_pixels(train_source, image_size=d.image_size,
+                                    num_images=d.palette_fit_images,
+                                    pixels_per_image=d.palette_fit_pixels_per_image,
+                                    seed=config.seed)
+    centres = palette_lib.fit_palette(pixels, k, seed=config.seed)
+    if jax.process_index() == 0:
+        palette_lib.save_palette(centres, workdir)
+    return centres
+
+
+def token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array,
+                                                                                  jax.Array]:
+    """Cross-entropy in nats. logits [b, l, k], tokens [b, l], weights [b] -> (sum, count)."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)  # [b, l]
+    return jnp.sum(nll * weights[:, None]), jnp.sum(weights) * tokens.shape[1]
+
+
+class ImageGPTTask:
+    """Data, model, loss and pictures for Image GPT."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        d = config.data
+        self.train_source = pipeline.open_source(d.dataset, d.train_split, d.data_dir)
+        self.eval_source = pipeline.open_source(d.dataset, d.eval_split, d.data_dir)
+        self.palette = load_or_fit_palette(config, workdir, self.train_source)
+        self.seq_len = d.image_size ** 2
+        self.tokens_per_example = self.seq_len
+
+    def build_model(self, rngs: nnx.Rngs) -> ImageGPT:
+        return build_model(self.config, rngs)
+
+    # Data ------------------------------------------------------------------------------
+    def _to_tokens(self, batch: dict) -> dict:
+        out = {'tokens': palette_lib.quantize(batch['image'], self.palette).reshape(
+            len(batch['image']), -1), 'label': batch['label']}
+        if 'mask' in batch:
+            out['mask'] = batch['mask']
+        return out
+
+    def train_iterator(self, per_host_batch: int):
+        d = self.config.data
+        return pipeline.train_iterator(
+            self.train_source, batch_size=per_host_batch, seed=self.config.seed,
+            prepare=pipeline.image_example(d.image_size), batch_map=self._to_tokens,
+            num_threads=d.num_threads, prefetch=d.prefetch)
+
+    def eval_batches(self, per_host_batch: int, num_examples: int | None = None):
+        return pipeline.eval_batches(
+            self.eval_source, batch_size=per_host_batch,
+            prepare=pipeline.image_example(self.config.data.image_size),
+            batch_map=self._to_tokens, num_examples=num_examples)
+
+    # Loss ------------------------------------------------------------------------------
+    def loss(self, model: ImageGPT, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        """Mean next-token cross-entropy (nats/token) and its bits per dim (per token)."""
+        del rng  # the autoregressive objective is deterministic
+        tokens = batch['tokens']
+        total, count = token_loss(model(tokens), tokens, jnp.ones(tokens.shape[0]))
+        loss = total / count
+        return loss, {'loss': loss, 'bits_per_dim': loss / math.log(2)}
+
+    def eval_sums(self, model: ImageGPT, batch: dict) -> dict[str, jax.Array]:
+        total, count = token_loss(model(batch['tokens']), batch['tokens'], batch['mask'])
+        return {'nll_sum': total, 'count': count}
+
+    @staticmethod
+    def eval_summary(sums: dict[str, float]) -> dict[str, float]:
+        loss = sums['nll_sum'] / max(sums['count'], 1)
+        return {'loss': loss, 'bits_per_dim': loss / math.log(2)}
+
+    # Pictures --------------------------------------------------------------------------
+    def completions(self, model: ImageGPT, rng: jax.Array, num_images: int,
+                    samples_per_image: int) -> list[np.ndarray]:
+        """Rows of uint8 images: originals, then `samples_per_image` completions of their top
+        half, then the palette-quantised originals (what the model actually sees)."""
+        s = self.config.sampling
+        side = self.config.data.image_size
+        batch = next(iter(self.eval_batches(num_images, num_images)))
+        tokens = batch['tokens']
+        half = (side // 2) * side
+        rows = [self._originals(num_images)]
+        for i in range(samples_per_image):
+            out = sampling.sample(model, jax.random.fold_in(rng, i), batch_size=num_images,
+                                  prompt=jnp.asarray(tokens[:, :half]),
+                                  temperature=s.temperature, top_k=s.top_k or None)
+            rows.append(self.to_images(np.asarray(out)))
+        rows.append(self.to_images(tokens))
+        return rows
+
+    def _originals(self, n: int) -> np.ndarray:
+        prepare = pipeline.image_example(self.config.data.image_size)
+        return np.stack([prepare(self.eval_source[i])['image'] for i in range(n)])
+
+    def to_images(self, tokens: np.ndarray) -> np.ndarray:
+        side = self.config.data.image_size
+        return palette_lib.dequantize(np.asarray(tokens).reshape(-1, side, side), self.palette)
+
+    def write_samples(self, model: ImageGPT, step: int, rng: jax.Array) -> str:
+        s = self.config.sampling
+        rows = self.completions(model, rng, s.num_images, s.samples_per_image)
+        path = os.path.join(self.workdir, 'samples', f'completions_{step:07d}.png')
+        return images.save_png(images.make_grid(rows), path)

@@ -1,0 +1,38 @@
+"""python -m pixelgen.train --config configs/<name>.py[:variant] --workdir W [--config.k=v ...]
+
+Trains the config's task in W. If W already holds a checkpoint, training resumes from it
+(params, optimizer, step, RNG and data position) and ends where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pixelgen import cli
+from pixelgen.config import format_config, parse_config_args
+
+
+def main(argv: list[str]) -> int:
+    if '--help_config' in argv:
+        config, _ = parse_config_args([a for a in argv if a != '--help_config'])
+        print(format_config(config))
+        return 0
+    parser = argparse.ArgumentParser(
+        prog='python -m pixelgen.train', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='--config FILE[:variant] picks the config; --config.a.b=value overrides a field; '
+               '--help_config lists every field.')
+    parser.add_argument('--workdir', required=True,
+                        help='checkpoints, logs, samples and the resolved config go here')
+    if any(a in ('-h', '--help') for a in argv):
+        parser.print_help()
+        return 0
+    config, rest = parse_config_args(argv)
+    args = parser.parse_args(rest)
+    from pixelgen.trainer import train
+    train(config, args.workdir)
+    return 0
+
+
+if __name__ == '__main__':
+    cli.run(main)

@@ -1,0 +1,234 @@
+"""The one training loop that every task shares.
+
+    state = {step, params, opt_state, rng}    (a pytree; checkpointed whole)
+    train_step = jax.jit(loss -> grads -> optax update, donate the old state)
+
+A task object supplies the model, the data, the loss and the pictures (see tasks/). The loop
+resumes from `<workdir>/checkpoints` when it holds a checkpoint, logs to the console,
+`metrics.jsonl` and TensorBoard, writes PNG grids, and saves on SIGTERM (preemption).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pixelgen import checkpoint, parallel, tasks
+from pixelgen.config import ConfigDict, ConfigError, format_config, save_config
+from pixelgen.metric_writer import MetricWriter, Progress
+
+State = dict[str, Any]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; nothing after the last good checkpoint is saved."""
+
+
+def make_optimizer(opt: ConfigDict, total_steps: int):
+    """AdamW (β2 = 0.95 as in iGPT), linear warm-up, cosine decay, global-norm clipping."""
+    if not 0 <= opt.warmup_steps < total_steps:
+        raise ConfigError(f'config.optimizer.warmup_steps={opt.warmup_steps} must be in '
+                          f'[0, total_steps={total_steps}).')
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
+        decay_steps=total_steps, end_value=opt.learning_rate * opt.min_learning_rate_ratio)
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt.grad_clip_norm),
+        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay))
+    return tx, schedule
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
+    """Splits the model into its static graph and a pytree of parameters."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise TypeError(f'{type(model).__name__} holds non-parameter state, which the trainer '
+                        'does not carry: keep models free of mutable variables.')
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+             'opt_state': tx.init(params), 'rng': jax.random.PRNGKey(seed)}
+    return graphdef, rest, state
+
+
+def make_train_step(task, graphdef, rest, tx, schedule):
+    def train_step(state: State, batch: dict) -> tuple[State, dict]:
+        rng = jax.random.fold_in(state['rng'], state['step'])  # a fresh key per step, resumable
+
+        def loss_fn(params):
+            return task.loss(nnx.merge(graphdef, params, rest), batch, rng)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+        updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+        params = optax.apply_updates(state['params'], updates)
+        metrics = {**metrics, 'grad_norm': optax.tree.norm(grads),
+                   'learning_rate': schedule(state['step'])}
+        return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
+                'rng': state['rng']}, metrics
+    return train_step
+
+
+def make_eval_step(task, graphdef, rest):
+    def eval_step(params, batch: dict) -> dict:
+        return task.eval_sums(nnx.merge(graphdef, params, rest), batch)
+    return eval_step
+
+
+class _Preemption:
+    """Turns SIGTERM (the preemption notice of TPU VMs and SLURM) into a save-and-exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a notebook worker)
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(task, eval_step, params, mesh, per_host_batch: int,
+             num_examples: int | None) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    for batch in task.eval_batches(per_host_batch, num_examples):
+        out = jax.device_get(eval_step(params, parallel.global_batch(batch, mesh)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return task.eval_summary(sums)
+
+
+def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Trains `config` in `workdir` (resuming if it holds a checkpoint).
+
+    Args:
+      stop_after: end this run (with a checkpoint) once the step count reaches this, as a
+        preemption would; the next run of the same command continues.
+    Returns:
+      the final metrics: the last training metrics and, if training finished, the test ones.
+    """
+    t_start = time.perf_counter()
+    mesh = parallel.make_mesh(config.mesh)
+    hosts, dp = jax.process_count(), parallel.batch_parallelism(mesh)
+    if config.batch_size % dp or config.batch_size % hosts:
+        raise ConfigError(f'config.batch_size={config.batch_size} must divide by the '
+                          f'data-parallel size {dp} and the number of hosts {hosts}.')
+    per_host_batch = config.batch_size // hosts
+    if jax.process_index() == 0:
+        print(f'[pixelgen] workdir {workdir}\n[pixelgen] config:\n{format_config(config)}',
+              flush=True)
+
+    task = tasks.make(config, workdir)
+    model = task.build_model(nnx.Rngs(config.seed))
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+    graphdef, rest, state = init_state(model, tx, config.seed)
+    del model
+    num_params = sum(x.size for x in jax.tree.leaves(state['params']))
+    print(f'[pixelgen] {type(task).__name__}: {num_params:,} parameters, mesh '
+          f'{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices',
+          flush=True)
+
+    state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+    state = jax.device_put(state, state_sharding)
+    manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
+    data_iterator = task.train_iterator(per_host_batch)
+    latest = manager.latest_step()
+    if latest is not None:
+        state = checkpoint.restore(manager, latest, checkpoint.abstract(state), data_iterator,
+                                   config)
+        print(f'[pixelgen] resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}',
+              flush=True)
+    if jax.process_index() == 0:  # only now: a refused checkpoint leaves the workdir untouched
+        save_config(config, workdir)
+
+    train_step = jax.jit(make_train_step(task, graphdef, rest, tx, schedule),
+                         in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
+                         out_shardings=(state_sharding, parallel.replicated(mesh)),
+                         donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(task, graphdef, rest))
+    writer = MetricWriter(workdir)
+    step = int(state['step'])
+    end = min(config.total_steps, stop_after) if stop_after else config.total_steps
+    progress = Progress(config.total_steps, step, config.batch_size * task.tokens_per_example)
+    pending: list[dict] = []  # device metrics since the last log, fetched together
+    last_saved = latest
+    result: dict[str, float] = {}
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        if step != last_saved:
+            checkpoint.save(manager, step, state, data_iterator, config)
+            last_saved = step
+
+    with _Preemption() as preemption:
+        while step < end:
+            batch = parallel.global_batch(next(data_iterator), mesh)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            step += 1
+            if step % config.log_every_steps == 0 or step == end:
+                means = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)]))
+                         for k in pending[0]}
+                pending.clear()
+                if not math.isfinite(means['loss']):
+                    manager.wait_until_finished()
+                    raise NonFiniteLossError(
+                        f'Loss is {means["loss"]} at step {step}. Nothing after checkpoint '
+                        f'{last_saved} was saved. Lower config.optimizer.learning_rate or '
+                        'raise warmup_steps, then rerun the same command to resume.')
+                means.update(progress.rates(step))
+                writer.write(step, means, prefix='train/')
+                result = {f'train/{k}': v for k, v in means.items()}
+                if jax.process_index() == 0:
+                    print(progress.line(step, means), flush=True)
+            if config.eval_every_steps and step % config.eval_every_steps == 0 and step < end:
+                scores = evaluate(task, eval_step, state['params'], mesh, per_host_batch,
+                                  config.eval_examples)
+                writer.write(step, scores, prefix='eval/')
+                print(f'[eval] step {step}: ' + ', '.join(
+                    f'{k} {v:.4f}' for k, v in scores.items()), flush=True)
+            if config.sample_every_steps and step % config.sample_every_steps == 0:
+                _write_samples(task, graphdef, rest, state, step)
+            if step % config.checkpoint_every_steps == 0 or step == end:
+                save(step)
+            if preemption.requested:
+                save(step)
+                print(f'[pixelgen] SIGTERM: saved step {step}; rerun the same command to '
+                      'resume.', flush=True)
+                break
+    manager.wait_until_finished()
+
+    if step >= config.total_steps:
+        scores = evaluate(task, eval_step, state['params'], mesh, per_host_batch, None)
+        writer.write(step, scores, prefix='test/')
+        result.update({f'test/{k}': v for k, v in scores.items()})
+        if config.sample_every_steps and step % config.sample_every_steps:
+            _write_samples(task, graphdef, rest, state, step)
+        if jax.process_index() == 0:
+            print(f'[pixelgen] done in {time.perf_counter() - t_start:.0f}s: test ' + ', '.join(
+                f'{k} {v:.4f}' for k, v in scores.items()), flush=True)
+    writer.close()
+    manager.close()
+    return result
+
+
+def _write_samples(task, graphdef, rest, state: State, step: int) -> None:
+    model = nnx.merge(graphdef, state['params'], rest)
+    rng = jax.random.fold_in(jax.random.PRNGKey(task.config.seed + 1), step)
+    path = task.write_samples(model, step, rng)
+    if jax.process_index() == 0:
+        print(f'[samples] {path}', flush=True)

@@ -1,0 +1,32 @@
+"""Shared, session-scoped fixtures: the embedded dataset is built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, 'configs', 'igpt_shapes.py') + ':tiny'
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory) -> str:
+    """A tfds data dir holding the embedded `shapes` dataset."""
+    from pixelgen.data import builders
+    path = str(tmp_path_factory.mktemp('tfds'))
+    builders.ensure_built('shapes', path)
+    return path
+
+
+@pytest.fixture(scope='session')
+def tiny_config_args(data_dir) -> list[str]:
+    return ['--config', TINY, f'--config.data.data_dir={data_dir}']
+
+
+def tiny_config(data_dir: str, *overrides: str):
+    from pixelgen.config import parse_config_args
+    config, rest = parse_config_args(['--config', TINY, f'--config.data.data_dir={data_dir}',
+                                      *overrides])
+    assert not rest
+    return config

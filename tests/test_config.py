@@ -1,0 +1,69 @@
+"""Configs: variants, typed overrides, and clear errors for unknown keys and bad values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, TINY
+
+from pixelgen.config import (REQUIRED_KEYS, ConfigError, load_saved_config, parse_config_args,
+                             save_config)
+
+
+def test_variant_and_overrides_keep_types():
+    config, rest = parse_config_args(['--config', TINY, '--config.batch_size=8',
+                                      '--config.model.num_layers', '3',
+                                      '--config.optimizer.learning_rate=1', '--workdir', 'w'])
+    assert rest == ['--workdir', 'w']
+    assert config.batch_size == 8 and config.model.num_layers == 3
+    assert config.model.width == 32  # from the 'tiny' variant
+    assert isinstance(config.optimizer.learning_rate, float) and config.optimizer.learning_rate == 1.0
+    for key in REQUIRED_KEYS:
+        assert key in config
+
+
+def test_misspelled_key_names_the_key_and_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"model\.num_layrs.*model\.num_layers"):
+        parse_config_args(['--config', TINY, '--config.model.num_layrs=2'])
+    with pytest.raises(ConfigError, match=r"batch_sise.*batch_size"):
+        parse_config_args(['--config', TINY, '--config.batch_sise=2'])
+
+
+def test_wrong_type_names_the_expected_type():
+    with pytest.raises(ConfigError, match=r'model\.num_layers.*int'):
+        parse_config_args(['--config', TINY, '--config.model.num_layers=two'])
+
+
+def test_missing_file_and_bad_variant_are_clear():
+    with pytest.raises(ConfigError, match='does not exist'):
+        parse_config_args(['--config', 'configs/nope.py'])
+    with pytest.raises(ValueError, match='Unknown variant'):
+        parse_config_args(['--config', TINY.replace(':tiny', ':huge')])
+    with pytest.raises(ConfigError, match='No --config'):
+        parse_config_args(['--workdir', 'w'])
+
+
+def test_config_is_locked_against_typos_in_code():
+    config, _ = parse_config_args(['--config', TINY])
+    with pytest.raises(AttributeError):
+        _ = config.model.num_layrs
+
+
+def test_saved_config_round_trips(tmp_path):
+    config, _ = parse_config_args(['--config', TINY, '--config.seed=7'])
+    save_config(config, str(tmp_path))
+    again = load_saved_config(str(tmp_path))
+    assert again.to_dict() == config.to_dict()
+
+
+def test_cli_reports_unknown_key_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, '-m', 'pixelgen.train', '--config', TINY,
+         '--config.model.num_layrs=2', '--workdir', str(tmp_path / 'w')],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert 'model.num_layrs' in result.stderr and 'model.num_layers' in result.stderr
+    assert 'Traceback' not in result.stderr
+    assert not (tmp_path / 'w').exists()  # nothing written before the config is valid

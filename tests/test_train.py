@@ -1,0 +1,93 @@
+"""End to end: the loss falls, outputs appear, resuming equals an uninterrupted run,
+a checkpoint of another model shape is refused without being touched, load() and sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+import pixelgen
+from pixelgen import checkpoint
+from pixelgen.trainer import train
+
+
+@pytest.fixture(scope='module')
+def finished_run(data_dir, tmp_path_factory):
+    """One uninterrupted tiny run (12 steps, checkpoints at 6 and 12)."""
+    workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+    result = train(tiny_config(data_dir), workdir)
+    return workdir, result
+
+
+def _params(workdir: str):
+    return jax.tree.leaves(pixelgen.load(workdir).model)  # nnx modules are pytrees of params
+
+
+def test_run_writes_everything_a_user_looks_at(finished_run):
+    workdir, result = finished_run
+    for name in ('config.json', 'palette.npy', 'metrics.jsonl'):
+        assert os.path.isfile(os.path.join(workdir, name)), name
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')), key=int) == ['6', '12']
+    assert any(f.startswith('events') for f in os.listdir(
+        os.path.join(workdir, 'tensorboard', 'train')))
+    assert os.path.isfile(os.path.join(workdir, 'samples', 'completions_0000012.png'))
+    records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+    train_records = [r for r in records if 'train/loss' in r]
+    assert [r['step'] for r in train_records] == [3, 6, 9, 12]
+    assert all('train/bits_per_dim' in r for r in train_records)
+    assert 'test/bits_per_dim' in result
+
+
+def test_loss_falls(finished_run):
+    workdir, result = finished_run
+    records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+    losses = [r['train/loss'] for r in records if 'train/loss' in r]
+    assert losses[-1] < losses[0] - 0.2
+    assert result['test/bits_per_dim'] < np.log2(16)  # below the uniform palette baseline
+
+
+def test_resume_equals_uninterrupted_run(finished_run, data_dir, tmp_path):
+    workdir, result = finished_run
+    resumed = str(tmp_path / 'resumed')
+    first = train(tiny_config(data_dir), resumed, stop_after=6)
+    assert 'test/bits_per_dim' not in first  # stopped early: no final eval yet
+    second = train(tiny_config(data_dir), resumed)
+    for a, b in zip(_params(workdir), _params(resumed), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    assert second['test/loss'] == pytest.approx(result['test/loss'], abs=1e-6)
+
+
+def test_checkpoint_of_another_model_shape_is_refused_and_kept(finished_run, data_dir):
+    workdir, _ = finished_run
+    ckpt = checkpoint.checkpoint_dir(workdir)
+    before = {p: os.path.getmtime(os.path.join(ckpt, p)) for p in os.listdir(ckpt)}
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r'model\.width.*32.*64'):
+        train(tiny_config(data_dir, '--config.model.width=64', '--config.total_steps=24'),
+              workdir)
+    after = {p: os.path.getmtime(os.path.join(ckpt, p)) for p in os.listdir(ckpt)}
+    assert before == after
+
+
+def test_load_gives_model_config_and_palette(finished_run):
+    workdir, _ = finished_run
+    loaded = pixelgen.load(workdir)
+    assert loaded.step == 12 and loaded.config.task == 'igpt'
+    k, side = loaded.config.data.palette_size, loaded.config.data.image_size
+    assert loaded.palette.shape == (k, 3)
+    tokens = np.zeros((2, side * side), np.int32)
+    assert loaded.model(tokens).shape == (2, side * side, k)
+    with pytest.raises(FileNotFoundError, match='available steps'):
+        pixelgen.load(workdir, step=5)
+
+
+def test_sample_command_writes_pngs(finished_run, tmp_path):
+    from pixelgen.sample import main
+    workdir, _ = finished_run
+    assert main(['--workdir', workdir, '--num', '2', '--out', str(tmp_path)]) == 0
+    assert sorted(os.listdir(tmp_path)) == ['sample_completions_0000012.png',
+                                            'unconditional_0000012.png']
