@@ -30,8 +30,9 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
         sizes = {**sizes, unknown[0]: num_devices // known}
     shape = tuple(sizes.get(a, 1) for a in AXES)
     if math.prod(shape) != num_devices:
-        raise ValueError(f'config.mesh {dict(zip(AXES, shape))} needs {math.prod(shape)} '
-                         f'devices but {num_devices} are available. Set one axis to -1.')
+        named = dict(zip(AXES, shape, strict=True))
+        raise ValueError(f'config.mesh {named} needs {math.prod(shape)} devices but '
+                         f'{num_devices} are available. Set one axis to -1.')
     return shape
 
 

@@ -8,8 +8,13 @@ import sys
 import pytest
 from conftest import REPO, TINY
 
-from pixelgen.config import (REQUIRED_KEYS, ConfigError, load_saved_config, parse_config_args,
-                             save_config)
+from pixelgen.config import (
+    REQUIRED_KEYS,
+    ConfigError,
+    load_saved_config,
+    parse_config_args,
+    save_config,
+)
 
 
 def test_variant_and_overrides_keep_types():
@@ -19,7 +24,8 @@ def test_variant_and_overrides_keep_types():
     assert rest == ['--workdir', 'w']
     assert config.batch_size == 8 and config.model.num_layers == 3
     assert config.model.width == 32  # from the 'tiny' variant
-    assert isinstance(config.optimizer.learning_rate, float) and config.optimizer.learning_rate == 1.0
+    lr = config.optimizer.learning_rate
+    assert isinstance(lr, float) and lr == 1.0
     for key in REQUIRED_KEYS:
         assert key in config
 
