@@ -41,6 +41,7 @@ def get_config(arg=None):
     c.model.num_heads = 4
     c.model.mlp_ratio = 4
     c.model.dtype = 'float32'
+    c.model.attention = 'block_sparse'  # or 'dense' (the reference)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3

@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixelgen.nn.block_sparse import block_sparse_attention
 from pixelgen.nn.masks import MaskSpec
+
+IMPLEMENTATIONS = ('block_sparse', 'dense')
 
 # Logit given to masked (query, key) pairs. Finite, so a fully masked row gives a uniform
 # distribution rather than NaN; the original uses `w*b - 1e10*(1-b)`.
@@ -66,6 +69,8 @@ class MultiHeadAttention(nnx.Module):
         mask: MaskSpec,
         num_layers: int,
         dtype: jnp.dtype = jnp.float32,
+        attention_impl: str = 'block_sparse',
+        block_size: int = 128,
         rngs: nnx.Rngs,
     ):
         """Args:
@@ -74,8 +79,14 @@ class MultiHeadAttention(nnx.Module):
           mask: which keys each query may attend to.
           num_layers: depth of the whole stack; scales the output projection's init.
           dtype: compute dtype (parameters stay float32).
+          attention_impl: 'block_sparse' (computes only the blocks the mask allows) or
+            'dense' (the reference: full [length, length] logits, masked).
+          block_size: query/key block size of 'block_sparse'.
           rngs: parameter rngs.
         """
+        if attention_impl not in IMPLEMENTATIONS:
+            raise ValueError(f'attention_impl={attention_impl!r}; expected one of '
+                             f'{IMPLEMENTATIONS}.')
         if width % num_heads:
             raise ValueError(
                 f'num_heads={num_heads} must divide width={width}; choose a width that is a '
@@ -87,6 +98,8 @@ class MultiHeadAttention(nnx.Module):
         self.head_dim = width // num_heads
         self.mask = mask
         self.dtype = dtype
+        self.attention_impl = attention_impl
+        self.block_size = block_size
         qkv_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width)),
                                 ('embed', 'heads', 'kv'))
         out_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width * num_layers)),
@@ -107,6 +120,8 @@ class MultiHeadAttention(nnx.Module):
         """x [batch, length, width] -> [batch, length, width]."""
         length = x.shape[1]
         q, k, v = self.query(x), self.key(x), self.value(x)  # [b, l, heads, head_dim]
+        if self.attention_impl == 'block_sparse':
+            return self.out(block_sparse_attention(q, k, v, self.mask, self.block_size))
         mask = jnp.asarray(self.mask.dense(length))[None, None]  # [1, 1, l, l]
         return self.out(dot_product_attention(q, k, v, mask))
 

@@ -23,7 +23,9 @@ import numpy as np
 
 from pixelgen.nn.masks import MaskSpec
 
-MASK_VALUE = -1e10  # finite, so a fully masked row gives a uniform average rather than NaN
+# Finite, so a fully masked row gives a uniform average rather than NaN (as the dense path).
+MASK_VALUE = -1e10
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,27 +94,32 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskS
     if plan.padded != n:
         pad = [(0, 0), (0, plan.padded - n), (0, 0), (0, 0)]
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    scale = 1.0 / math.sqrt(d)
-    qb, kb, vb = (x.reshape(b, nb, bs, h, d) for x in (q, k, v))
-    out = jnp.zeros_like(qb)
+    # Heads first, so every block product is a plain batched matmul over the last two axes.
+    qb, kb, vb = (x.transpose(0, 2, 1, 3).reshape(b, h, nb, bs, d) for x in (q, k, v))
+    qb = qb * jnp.asarray(1.0 / math.sqrt(d), qb.dtype)
+    outputs, order = [], []
     for group in plan.groups:
         g, m = group.key_blocks.shape
-        qg = _gather_blocks(qb, group.query_blocks[:, None])[:, :, 0]  # [b, g, bs, h, d]
-        kg = _gather_blocks(kb, group.key_blocks).reshape(b, g, m * bs, h, d)
-        vg = _gather_blocks(vb, group.key_blocks).reshape(b, g, m * bs, h, d)
-        logits = jnp.einsum('bgqhd,bgkhd->bghqk', qg, kg,
-                            preferred_element_type=jnp.float32) * scale
-        logits = jnp.where(group.mask[None, :, None], logits, MASK_VALUE)
+        qg = _gather_blocks(qb, group.query_blocks[:, None])[:, :, :, 0]   # [b, h, g, bs, d]
+        kg = _gather_blocks(kb, group.key_blocks).reshape(b, h, g, m * bs, d)
+        vg = _gather_blocks(vb, group.key_blocks).reshape(b, h, g, m * bs, d)
+        logits = jnp.einsum('bhgqd,bhgkd->bhgqk', qg, kg, preferred_element_type=jnp.float32)
+        logits = jnp.where(group.mask, logits, MASK_VALUE)  # mask [g, bs, m*bs] broadcasts
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        og = jnp.einsum('bghqk,bgkhd->bgqhd', probs, vg, preferred_element_type=jnp.float32)
-        out = out.at[:, group.query_blocks].set(og.astype(out.dtype))
-    return out.reshape(b, plan.padded, h, d)[:, :n]
+        outputs.append(jnp.einsum('bhgqk,bhgkd->bhgqd', probs, vg,
+                                  preferred_element_type=jnp.float32).astype(q.dtype))
+        order.extend(group.query_blocks.tolist())
+    out = jnp.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
+    if order != sorted(order):
+        out = out[:, :, np.argsort(order)]  # back to query-block order
+    out = out.reshape(b, h, plan.padded, d).transpose(0, 2, 1, 3)
+    return out[:, :n]
 
 
 def _gather_blocks(x: jax.Array, key_blocks: np.ndarray) -> jax.Array:
-    """x [b, nb, bs, h, d], key_blocks [g, m] -> [b, g, m, bs, h, d]; slices when contiguous."""
+    """x [b, h, nb, bs, d], key_blocks [g, m] -> [b, h, g, m, bs, d]; a slice if contiguous."""
     g, m = key_blocks.shape
     start = int(key_blocks[0, 0])
     if g == 1 and np.array_equal(key_blocks[0], start + np.arange(m)):
-        return jax.lax.slice_in_dim(x, start, start + m, axis=1)[:, None]
-    return x[:, key_blocks]
+        return jax.lax.slice_in_dim(x, start, start + m, axis=2)[:, :, None]
+    return x[:, :, key_blocks]

@@ -52,10 +52,11 @@ class Block(nnx.Module):
     """Pre-norm block: x + attn(norm1(x)), then + mlp(norm2(x))."""
 
     def __init__(self, width: int, num_heads: int, *, mask: MaskSpec, num_layers: int,
-                 mlp_ratio: int = 4, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 mlp_ratio: int = 4, dtype: Any = jnp.float32,
+                 attention_impl: str = 'block_sparse', rngs: nnx.Rngs):
         self.norm1 = rms_norm(width, dtype, rngs)
         self.attn = MultiHeadAttention(width, num_heads, mask=mask, num_layers=num_layers,
-                                       dtype=dtype, rngs=rngs)
+                                       dtype=dtype, attention_impl=attention_impl, rngs=rngs)
         self.norm2 = rms_norm(width, dtype, rngs)
         self.mlp = MLP(width, mlp_ratio=mlp_ratio, dtype=dtype, rngs=rngs)
 
@@ -87,7 +88,8 @@ class Transformer(nnx.Module):
 
     def __init__(self, *, num_layers: int, width: int, num_heads: int,
                  mask: MaskSpec | Sequence[MaskSpec], mlp_ratio: int = 4,
-                 dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 dtype: Any = jnp.float32, attention_impl: str = 'block_sparse',
+                 rngs: nnx.Rngs):
         """Args:
           mask: one MaskSpec for every layer, or a sequence of `num_layers` MaskSpecs.
         """
@@ -100,7 +102,7 @@ class Transformer(nnx.Module):
         self.num_layers = num_layers
         self.blocks = nnx.List([
             Block(width, num_heads, mask=m, num_layers=num_layers, mlp_ratio=mlp_ratio,
-                  dtype=dtype, rngs=rngs)
+                  dtype=dtype, attention_impl=attention_impl, rngs=rngs)
             for m in masks
         ])
 
