@@ -91,3 +91,58 @@ def test_sample_command_writes_pngs(finished_run, tmp_path):
     assert main(['--workdir', workdir, '--num', '2', '--out', str(tmp_path)]) == 0
     assert sorted(os.listdir(tmp_path)) == ['sample_completions_0000012.png',
                                             'unconditional_0000012.png']
+
+
+def _launch(args, workdir):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    return subprocess.Popen([sys.executable, '-m', 'pixelgen.train', *args, '--workdir', workdir],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc, workdir: str, step: int, timeout: float = 120.0) -> None:
+    import time
+    path = os.path.join(checkpoint.checkpoint_dir(workdir), str(step))
+    deadline = time.monotonic() + timeout
+    while not os.path.isdir(path):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, 'no checkpoint appeared'
+        time.sleep(0.05)
+
+
+def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(finished_run, tiny_config_args,
+                                                            tmp_path):
+    import signal
+    workdir, result = finished_run
+    killed = str(tmp_path / 'killed')
+    proc = _launch(tiny_config_args, killed)
+    _wait_for_checkpoint(proc, killed, 6)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rerun = _launch(tiny_config_args, killed)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output
+    assert 'resumed from' in output
+    for a, b in zip(_params(workdir), _params(killed), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_sigterm_saves_and_exits_cleanly(tiny_config_args, tmp_path):
+    import signal
+    workdir = str(tmp_path / 'preempted')
+    proc = _launch([*tiny_config_args, '--config.total_steps=400',
+                    '--config.checkpoint_every_steps=200', '--config.log_every_steps=1',
+                    '--config.eval_every_steps=0', '--config.sample_every_steps=0'], workdir)
+    output = ''
+    for line in proc.stdout:  # wait until training steps are running
+        output += line
+        if line.startswith('step 2/'):
+            break
+    proc.send_signal(signal.SIGTERM)
+    output += proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert 'SIGTERM: saved step' in output
+    steps = checkpoint.make_manager(workdir).all_steps()
+    assert steps and 2 <= steps[-1] < 400

@@ -1,0 +1,283 @@
+"""Benchmarks: `python -m pixelgen.bench <case> [<case> ...] [--json] [--steps N]`.
+
+Each case prints one JSON object: the shape, the median step time after compilation,
+tokens/s, model FLOPs (pixelgen.flops), achieved TFLOP/s, MFU against the device peak (on
+CPU a float32 matmul rate measured in the same process), compile time and peak memory. With
+--json every case is exactly one line on stdout; progress goes to stderr.
+
+    python -m pixelgen.bench igpt_train igpt_sample --json
+    python -m pixelgen.bench igpt_train --attention dense       # the dense reference
+
+The PyTorch peers at the same shapes are in benchmarks/ (see benchmarks/README.md).
+Cases live in CASES (name -> function(shape, steps, attention) -> dict); `run_case` runs one
+with optional shape overrides, as the tests do at a tiny shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from pixelgen import flops, sampling, trainer
+from pixelgen.models.igpt import ImageGPT
+from pixelgen.tasks.igpt import token_loss
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+ATTENTION_CHOICES = ('block_sparse', 'dense')
+
+# The shapes of issue 8, shared with benchmarks/hf_imagegpt.py: Image GPT, 8 layers, width 256,
+# 8 heads, 32x32 = 1024 tokens, palette 512, batch 4, float32.
+IGPT_SHAPE = dict(layers=8, width=256, heads=8, seq=1024, vocab=512, batch=4, dtype='float32')
+
+# AdamW with iGPT's beta2 = 0.95 (and torch.optim.AdamW's default weight decay, as the peer).
+OPTIMIZER = ml_collections.ConfigDict(dict(
+    learning_rate=1e-3, warmup_steps=10, min_learning_rate_ratio=0.0, b1=0.9, b2=0.95,
+    eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0))
+
+
+def log(message: str) -> None:
+    print(f'[bench] {message}', file=sys.stderr, flush=True)
+
+
+# Helpers -------------------------------------------------------------------------------------
+def attention_kwargs(attention: str | None) -> tuple[dict[str, str], str]:
+    """(constructor kwargs, implementation name) for ImageGPT with `attention` (None = default).
+
+    Models without an `attention_impl` argument compute dense attention, so only 'dense' (or
+    None) is accepted for them.
+    """
+    if attention is not None and attention not in ATTENTION_CHOICES:
+        raise ValueError(f'attention={attention!r}; expected one of {ATTENTION_CHOICES}.')
+    parameter = inspect.signature(ImageGPT).parameters.get('attention_impl')
+    if parameter is None:
+        if attention not in (None, 'dense'):
+            raise ValueError(f'attention={attention!r} is not available: this ImageGPT has no '
+                             "attention_impl argument and always computes dense attention; "
+                             "use --attention dense or leave it out.")
+        return {}, 'dense'
+    impl = parameter.default if attention is None else attention
+    return {'attention_impl': impl}, impl
+
+
+def build_igpt(shape: dict[str, Any], attention: str | None, seed: int = 0
+               ) -> tuple[ImageGPT, str]:
+    if shape['dtype'] not in DTYPES:
+        raise ValueError(f"dtype={shape['dtype']!r}; expected one of {sorted(DTYPES)}.")
+    kwargs, impl = attention_kwargs(attention)
+    model = ImageGPT(vocab_size=shape['vocab'], seq_len=shape['seq'], num_layers=shape['layers'],
+                     width=shape['width'], num_heads=shape['heads'],
+                     dtype=DTYPES[shape['dtype']], rngs=nnx.Rngs(seed), **kwargs)
+    return model, impl
+
+
+def random_tokens(shape: dict[str, Any], seed: int = 0) -> jax.Array:
+    """Seeded uniform palette indices [batch, seq] int32."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.integers(0, shape['vocab'], (shape['batch'], shape['seq']), np.int32))
+
+
+def compile_jit(fn: Callable, *args) -> tuple[Any, float]:
+    """(compiled executable, seconds to trace, lower and compile) of jitted `fn` at `args`."""
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def time_steps(step: Callable[[], Any], steps: int) -> list[float]:
+    """Wall seconds of `steps` calls of `step`, each waited for with block_until_ready."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(step())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory(compiled) -> tuple[int | None, str]:
+    """(bytes, source): the device allocator's peak where it keeps one (GPU, TPU), else the
+    compiled executable's own footprint (arguments + outputs - donated aliases + temporaries)."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and 'peak_bytes_in_use' in stats:
+        return int(stats['peak_bytes_in_use']), 'device.memory_stats peak_bytes_in_use (process)'
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None, 'unavailable'
+    total = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+             + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+    return int(total), 'compiled.memory_analysis: temp + argument + output - alias'
+
+
+def device_info() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {'platform': device.platform, 'device_kind': device.device_kind,
+            'device_count': jax.device_count(), 'cpu_count': os.cpu_count()}
+
+
+def report(name: str, shape: dict[str, Any], times: list[float], tokens_per_step: int,
+           model_flops: float, compile_s: float, compiled, attention_impl: str) -> dict:
+    step_s = statistics.median(times)
+    peak, peak_source = flops.peak_flops_per_device()
+    memory, memory_source = peak_memory(compiled)
+    achieved = model_flops / step_s
+    return {
+        'name': name, 'shape': shape, 'step_s': step_s, 'timed_steps': len(times),
+        'tokens_per_s': tokens_per_step / step_s, 'model_flops_per_step': model_flops,
+        'achieved_tflops': achieved / 1e12, 'mfu': achieved / peak,
+        'peak_tflops': peak / 1e12, 'peak_source': peak_source, 'compile_s': compile_s,
+        'peak_memory_bytes': memory, 'memory_source': memory_source,
+        'attention_impl': attention_impl, 'jax_version': jax.__version__,
+        'device': device_info(),
+    }
+
+
+# Cases ---------------------------------------------------------------------------------------
+class NextTokenTask:
+    """The trainer's task interface, reduced to the loss: mean next-token cross-entropy, as
+    pixelgen.tasks.igpt.ImageGPTTask.loss but without data on disk."""
+
+    def loss(self, model: ImageGPT, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        del rng
+        tokens = batch['tokens']
+        total, count = token_loss(model(tokens), tokens, jnp.ones(tokens.shape[0]))
+        return total / count, {'loss': total / count}
+
+
+def igpt_train(shape: dict[str, Any], steps: int, attention: str | None) -> dict:
+    """One full train step (forward, backward, clipped AdamW) of pixelgen.trainer."""
+    model, impl = build_igpt(shape, attention)
+    tx, schedule = trainer.make_optimizer(OPTIMIZER, total_steps=1000)
+    graphdef, rest, state = trainer.init_state(model, tx, seed=0)
+    del model
+    train_step = jax.jit(trainer.make_train_step(NextTokenTask(), graphdef, rest, tx, schedule),
+                         donate_argnums=0)
+    batch = {'tokens': random_tokens(shape)}
+    log(f'igpt_train: compiling ({impl} attention)')
+    compiled, compile_s = compile_jit(train_step, state, batch)
+
+    def step():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        return state, metrics
+
+    log('igpt_train: warm-up step')
+    _, metrics = jax.block_until_ready(step())
+    if not np.isfinite(float(metrics['loss'])):
+        raise FloatingPointError(f"igpt_train: loss is {float(metrics['loss'])} at {shape}.")
+    log(f'igpt_train: timing {steps} steps')
+    times = time_steps(step, steps)
+    model_flops = flops.igpt_flops_per_step(shape['layers'], shape['width'], shape['seq'],
+                                            shape['vocab'], shape['batch'])
+    return report('igpt_train', shape, times, shape['batch'] * shape['seq'], model_flops,
+                  compile_s, compiled, impl)
+
+
+def igpt_sample(shape: dict[str, Any], steps: int, attention: str | None) -> dict:
+    """pixelgen.sampling.sample from the start token with the KV cache.
+
+    sample() always generates the model's full seq_len, so new_tokens = seq (1024 at the
+    issue's shape, where the peer generates 256). Model FLOPs are one causal forward pass over
+    the generated tokens.
+    """
+    shape = {**shape, 'new_tokens': shape['seq']}
+    model, impl = build_igpt(shape, attention)
+    # A random head: the zero-initialised one makes every draw uniform (same cost, odd samples).
+    model.head.kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), model.head.kernel.shape)
+    graphdef, params = nnx.split(model)
+    del model
+
+    @jax.jit
+    def generate(params, rng):
+        return sampling.sample(nnx.merge(graphdef, params), rng, batch_size=shape['batch'])
+
+    log(f'igpt_sample: compiling ({impl} attention)')
+    compiled, compile_s = compile_jit(generate, params, jax.random.key(0))
+    keys = iter(jax.random.split(jax.random.key(0), steps + 1))
+    log('igpt_sample: warm-up run')
+    jax.block_until_ready(compiled(params, next(keys)))
+    log(f'igpt_sample: timing {steps} runs of {shape["new_tokens"]} tokens')
+    times = time_steps(lambda: compiled(params, next(keys)), steps)
+    model_flops = flops.igpt_forward_flops(shape['layers'], shape['width'], shape['new_tokens'],
+                                           shape['vocab'], shape['batch'])
+    return report('igpt_sample', shape, times, shape['batch'] * shape['new_tokens'],
+                  model_flops, compile_s, compiled, impl)
+
+
+CASES: dict[str, Callable[[dict[str, Any], int, str | None], dict]] = {
+    'igpt_train': igpt_train,
+    'igpt_sample': igpt_sample,
+}
+SHAPES: dict[str, dict[str, Any]] = {
+    'igpt_train': IGPT_SHAPE,
+    'igpt_sample': IGPT_SHAPE,
+}
+
+
+def check_case(name: str) -> None:
+    if name not in CASES:
+        raise ValueError(f'Unknown bench case {name!r}; valid cases: {", ".join(CASES)}.')
+
+
+def run_case(name: str, *, overrides: dict[str, Any] | None = None, steps: int = 5,
+             attention: str | None = None) -> dict:
+    """Runs case `name` at its shape with `overrides` (e.g. dict(layers=1, seq=16)); returns
+    its report. `steps` timed steps (>= 3) follow compilation and one warm-up step."""
+    check_case(name)
+    if steps < 3:
+        raise ValueError(f'steps={steps}; the median needs at least 3 timed steps.')
+    shape = dict(SHAPES[name])
+    unknown = set(overrides or {}) - set(shape)
+    if unknown:
+        raise ValueError(f'Unknown shape overrides {sorted(unknown)} for case {name!r}; '
+                         f'expected keys among {sorted(shape)}.')
+    shape.update(overrides or {})
+    return CASES[name](shape, steps, attention)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog='python -m pixelgen.bench', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('cases', nargs='+', metavar='case',
+                        help=f'one or more of: {", ".join(CASES)}')
+    parser.add_argument('--json', action='store_true',
+                        help='one JSON line per case on stdout, nothing else')
+    parser.add_argument('--steps', type=int, default=5, help='timed steps per case (>= 3)')
+    parser.add_argument('--attention', choices=ATTENTION_CHOICES, default=None,
+                        help="attention implementation (default: the model's default)")
+    args = parser.parse_args(argv)
+    for name in args.cases:
+        if name not in CASES:
+            parser.error(f'unknown case {name!r}; valid cases: {", ".join(CASES)}')
+    if args.steps < 3:
+        parser.error(f'--steps={args.steps}; the median needs at least 3 timed steps.')
+    try:
+        attention_kwargs(args.attention)
+    except ValueError as e:
+        parser.error(str(e))
+
+    peak, source = flops.peak_flops_per_device()
+    log(f'peak {peak / 1e12:.3f} TFLOP/s per device ({source})')
+    for name in args.cases:
+        result = run_case(name, steps=args.steps, attention=args.attention)
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(json.dumps(result, indent=2), flush=True)
+        log(f"{name}: {result['step_s']:.4f} s/step, {result['tokens_per_s']:.0f} tokens/s, "
+            f"{result['achieved_tflops']:.3f} TFLOP/s, MFU {result['mfu']:.1%}")
+
+
+if __name__ == '__main__':
+    main()
