@@ -61,7 +61,7 @@ def attention_kwargs(attention: str | None) -> tuple[dict[str, str], str]:
     """
     if attention is not None and attention not in ATTENTION_CHOICES:
         raise ValueError(f'attention={attention!r}; expected one of {ATTENTION_CHOICES}.')
-    parameter = inspect.signature(ImageGPT).parameters.get('attention_impl')
+    parameter = inspect.signature(ImageGPT.__init__).parameters.get('attention_impl')
     if parameter is None:
         if attention not in (None, 'dense'):
             raise ValueError(f'attention={attention!r} is not available: this ImageGPT has no '

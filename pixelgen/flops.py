@@ -73,6 +73,14 @@ def measure_matmul_flops(size: int = 2048, repeats: int = 7) -> float:
     return 2.0 * size ** 3 / statistics.median(times)
 
 
+def table_peak_flops(device_kind: str) -> tuple[float, str] | None:
+    """(bf16 dense peak FLOP/s, chip name) for an accelerator `device_kind`, or None."""
+    for key, peak, name in PEAK_FLOPS:
+        if key in device_kind.lower():
+            return peak, name
+    return None
+
+
 @functools.cache
 def peak_flops_per_device() -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number comes from).
@@ -82,10 +90,9 @@ def peak_flops_per_device() -> tuple[float, str]:
     """
     device = jax.devices()[0]
     kind = device.device_kind
-    if device.platform != 'cpu':
-        for key, peak, name in PEAK_FLOPS:
-            if key in kind.lower():
-                return peak, f'table: {name} bf16 dense peak ({kind!r})'
+    found = table_peak_flops(kind) if device.platform != 'cpu' else None
+    if found is not None:
+        return found[0], f'table: {found[1]} bf16 dense peak ({kind!r})'
     size = 2048
     peak = measure_matmul_flops(size)
     note = '' if device.platform == 'cpu' else f'; {kind!r} is not in the peak table'

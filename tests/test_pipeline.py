@@ -81,3 +81,38 @@ def test_palette_pixels_are_seeded(source):
     b = pipeline.sample_pixels(source, image_size=8, num_images=5, pixels_per_image=4, seed=0)
     assert a.shape == (20, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_prepared_tfds_catalog_dataset_goes_through_the_same_path(tmp_path):
+    """cifar10's own tfds builder, fed local images instead of its download, array_record."""
+    import io
+
+    import tensorflow_datasets as tfds
+    from PIL import Image
+    from tensorflow_datasets.image_classification import cifar
+
+    def png(a):
+        buffer = io.BytesIO()
+        Image.fromarray(a).save(buffer, format='PNG')
+        return buffer.getvalue()
+
+    class LocalCifar10(cifar.Cifar10, skip_registration=True):
+        name = 'cifar10'
+
+        def _split_generators(self, dl_manager):
+            return {'train': self._examples(8), 'test': self._examples(3)}
+
+        def _examples(self, n):
+            rng = np.random.default_rng(n)
+            for i in range(n):
+                yield i, {'id': f'x{i}', 'label': i % 10,
+                          'image': png(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))}
+
+    LocalCifar10(data_dir=str(tmp_path), file_format='array_record').download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    source = pipeline.open_source('cifar10', 'train', str(tmp_path))
+    assert len(source) == 8
+    batch = next(pipeline.train_iterator(source, batch_size=4, seed=0,
+                                         prepare=pipeline.image_example(16)))
+    assert batch['image'].shape == (4, 16, 16, 3)
+    assert set(batch['label'].tolist()) <= set(range(10))

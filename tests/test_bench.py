@@ -1,0 +1,101 @@
+"""Model FLOPs, device peaks and `python -m pixelgen.bench` at tiny shapes (no speed checks)."""
+
+import json
+
+import jax
+import pytest
+from flax import nnx
+
+from pixelgen import bench, flops
+from pixelgen.models.igpt import ImageGPT
+
+TINY = dict(layers=1, width=32, heads=2, seq=16, vocab=16, batch=2)
+FIELDS = ('name', 'shape', 'step_s', 'tokens_per_s', 'model_flops_per_step', 'achieved_tflops',
+          'mfu', 'peak_source', 'compile_s', 'peak_memory_bytes', 'memory_source',
+          'attention_impl', 'jax_version', 'device')
+
+
+def test_matmul_params_equal_the_matmul_weights_of_a_real_image_gpt():
+    model = ImageGPT(vocab_size=16, seq_len=8, num_layers=2, width=8, num_heads=2,
+                     rngs=nnx.Rngs(0))
+    counted = 0
+    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = '/'.join(str(p) for p in path)
+        if param.ndim >= 2 and not name.startswith(('wte', 'wpe')):  # lookups are not matmuls
+            counted += param.size
+    assert counted == flops.igpt_matmul_params(num_layers=2, width=8, vocab_size=16)
+
+
+def test_flops_formula_by_hand_on_a_tiny_shape():
+    # L=2, w=8, T=4, V=16, B=3: matmul params 2·(4·64 + 8·64) + 8·16 = 1664 over 12 tokens;
+    # causal attention 2·T·w = 64 per token per layer.
+    matmul = 2 * 1664 * 12
+    causal = 2 * 64 * 12
+    args = dict(num_layers=2, width=8, seq_len=4, vocab_size=16, batch_size=3)
+    assert flops.igpt_forward_flops(**args) == matmul + causal
+    assert flops.igpt_forward_flops(**args, causal=False) == matmul + 2 * causal
+    assert flops.igpt_flops_per_step(**args) == 3 * (matmul + causal)
+
+
+@pytest.mark.parametrize('kind, peak', [
+    ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5', 459e12),
+    ('TPU v5p', 459e12), ('NVIDIA A100-SXM4-80GB', 312e12), ('NVIDIA H100 80GB HBM3', 989e12),
+    ('NVIDIA H200', 989e12)])
+def test_peak_table_matches_device_kinds(kind, peak):
+    assert flops.table_peak_flops(kind)[0] == peak
+
+
+def test_peak_on_cpu_is_a_positive_measured_rate():
+    assert flops.table_peak_flops('cpu') is None
+    peak, source = flops.peak_flops_per_device()
+    assert peak > 0
+    if jax.devices()[0].platform == 'cpu':
+        assert source.startswith('measured')
+
+
+@pytest.fixture(scope='module', params=['igpt_train', 'igpt_sample'])
+def tiny_result(request):
+    return bench.run_case(request.param, overrides=TINY, steps=3)
+
+
+def test_case_reports_every_field_with_sane_values(tiny_result):
+    r = tiny_result
+    assert set(FIELDS) <= set(r)
+    json.dumps(r)  # serialisable
+    assert {'layers', 'width', 'heads', 'seq', 'batch', 'dtype', 'vocab'} <= set(r['shape'])
+    assert r['shape']['layers'] == 1 and r['shape']['width'] == 32
+    assert r['step_s'] > 0 and r['compile_s'] > 0 and r['timed_steps'] == 3
+    new_tokens = r['shape'].get('new_tokens', r['shape']['seq'])
+    assert r['tokens_per_s'] == pytest.approx(2 * new_tokens / r['step_s'])
+    assert r['achieved_tflops'] == pytest.approx(r['model_flops_per_step'] / r['step_s'] / 1e12)
+    assert 0 < r['mfu'] < 10
+    assert r['peak_memory_bytes'] > 0
+    assert r['attention_impl'] in bench.ATTENTION_CHOICES
+    assert r['device']['platform'] == jax.devices()[0].platform
+
+
+def test_sample_case_states_how_many_tokens_it_generates(tiny_result):
+    if tiny_result['name'] == 'igpt_sample':
+        assert tiny_result['shape']['new_tokens'] == TINY['seq']
+
+
+def test_unknown_case_names_the_valid_ones(capsys):
+    with pytest.raises(ValueError, match='valid cases: igpt_train, igpt_sample'):
+        bench.run_case('igpt_nope')
+    with pytest.raises(SystemExit):
+        bench.main(['igpt_nope'])
+    assert 'igpt_train' in capsys.readouterr().err
+
+
+def test_unknown_shape_override_is_refused():
+    with pytest.raises(ValueError, match='depth'):
+        bench.run_case('igpt_train', overrides=dict(depth=2))
+
+
+def test_json_flag_prints_one_line_per_case_and_nothing_else(monkeypatch, capsys):
+    monkeypatch.setitem(bench.SHAPES, 'igpt_train', {**bench.IGPT_SHAPE, **TINY})
+    bench.main(['igpt_train', '--json', '--steps', '3', '--attention', 'dense'])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result['name'] == 'igpt_train' and result['attention_impl'] == 'dense'
