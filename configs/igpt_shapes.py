@@ -22,6 +22,9 @@ def get_config(arg=None):
     c.eval_examples = 256          # periodic eval; the final one uses the whole test split
     c.sample_every_steps = 400
     c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+    # Logical axis name -> mesh axes (see pixelgen/parallel.py).
+    c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
+                        ('heads', 'tensor'), ('vocab', 'tensor'), ('kv', None), ('length', None))
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = 'shapes'

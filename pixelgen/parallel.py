@@ -1,24 +1,55 @@
-"""Devices: the mesh, and how batches and state are placed on it.
+"""Devices: the mesh, logical axis rules, and how batches and state are placed on it.
 
 The mesh has the axes ('data', 'fsdp', 'tensor'); `config.mesh` gives their sizes and -1
-fills the rest. Batches are split over 'data' and 'fsdp'; parameters are replicated for now.
+fills the rest. Every parameter carries logical axis names ('embed', 'mlp', 'heads', 'kv',
+'vocab', 'length'; see `nn/attention.logical_init`), and so do the major activations
+('batch', 'length', 'embed', 'heads', 'mlp', 'vocab'; see `constrain`). The config's
+`sharding_rules` map each logical name to mesh axes, maxtext style. Optimizer state carries
+the same names as the parameters it mirrors, so it is sharded the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
+Rules = Sequence[tuple[str, Any]]
+
+# The default rules: batch over data and fsdp, weights' embed dim over fsdp (ZeRO-3 style),
+# Megatron-style tensor parallelism over heads, mlp and vocab.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
+    ('vocab', 'tensor'), ('kv', None), ('length', None))
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins a multi-host job. With no arguments JAX detects the cluster (TPU pod, SLURM...)."""
+    if coordinator_address is None and (num_processes is not None or process_id is not None):
+        raise ValueError('--num_processes/--process_id need --coordinator_address HOST:PORT.')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    print(f'[pixelgen] process {jax.process_index()} of {jax.process_count()}: '
+          f'{jax.local_device_count()} local of {jax.device_count()} devices', flush=True)
 
 
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolves one -1 in `sizes` so that the axis sizes multiply to `num_devices`."""
+    unknown_names = set(sizes) - set(AXES)
+    if unknown_names:
+        raise ValueError(f'config.mesh has unknown axes {sorted(unknown_names)}; the axes are '
+                         f'{AXES}.')
     unknown = [a for a in AXES if sizes.get(a, 1) == -1]
     if len(unknown) > 1:
         raise ValueError(f'config.mesh has -1 for {unknown}; at most one axis may be -1.')
@@ -60,3 +91,66 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v)
             for k, v in local_batch.items()}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a global array on every host (a gather across hosts if needed)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Rules) -> P:
+    """Maps logical axis names to a PartitionSpec on `mesh`.
+
+    A dimension stays replicated when its rule names no mesh axis, when those axes are
+    already used by an earlier dimension, or when its size does not divide by them (e.g. 2
+    heads on a 4-way tensor axis): always valid, never an error.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape, strict=True):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
+        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for every leaf of a train state, from its variables' logical names."""
+    specs = nnx.get_partition_spec(abstract_state)
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    return jax.tree.map(
+        lambda spec, leaf: NamedSharding(mesh, logical_to_mesh(
+            tuple(spec) + (None,) * (len(leaf.shape) - len(spec)), leaf.shape, mesh, rules)),
+        specs, abstract_state, is_leaf=is_spec)
+
+
+_ACTIVATION_CONTEXT: list[tuple[Mesh, Rules]] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to the mesh."""
+    _ACTIVATION_CONTEXT.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONTEXT.pop()
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Annotates activation `x` with logical axis names (a no-op outside a mesh context)."""
+    if not _ACTIVATION_CONTEXT:
+        return x
+    mesh, rules = _ACTIVATION_CONTEXT[-1]
+    spec = logical_to_mesh(names, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

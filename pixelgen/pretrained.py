@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
 from pixelgen import checkpoint, tasks
 from pixelgen.config import ConfigDict, load_saved_config
 from pixelgen.data import palette as palette_lib
-from pixelgen.trainer import init_state, make_optimizer
+from pixelgen.trainer import abstract_state, init_state, make_optimizer
 
 
 @dataclasses.dataclass
@@ -36,7 +34,7 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     def fresh():
         return init_state(build(nnx.Rngs(config.seed)), tx, config.seed)
 
-    graphdef, rest, abstract_state = _abstract(fresh)
+    graphdef, rest, abstract = abstract_state(fresh)
     manager = checkpoint.make_manager(workdir, async_save=False)
     available = manager.all_steps()
     if not available:
@@ -45,20 +43,8 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     if step not in available:
         raise FileNotFoundError(f'No checkpoint for step {step} in {workdir}; '
                                 f'available steps: {available}.')
-    state = checkpoint.restore(manager, step, abstract_state, None, config)
+    state = checkpoint.restore(manager, step, abstract, None, config)
     manager.close()
     model = nnx.merge(graphdef, state['params'], rest)
     return Loaded(model=model, config=config, step=step, workdir=workdir,
                   palette=palette_lib.load_palette(workdir))
-
-
-def _abstract(fresh) -> tuple[Any, Any, Any]:
-    """(graphdef, rest, abstract state) without allocating the parameters."""
-    box = {}
-
-    def shapes():
-        graphdef, rest, state = fresh()
-        box['graphdef'] = graphdef
-        return rest, state
-    rest, state = jax.eval_shape(shapes)
-    return box['graphdef'], rest, state

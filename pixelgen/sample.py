@@ -28,10 +28,9 @@ def main(argv: list[str]) -> int:
         parser.error(f'--num must be at least 1, got {args.num}')
 
     import jax
-    import numpy as np
 
     import pixelgen
-    from pixelgen import images, sampling, tasks
+    from pixelgen import images, parallel, sampling, tasks
 
     loaded = pixelgen.load(args.workdir, args.step)
     if loaded.config.task != 'igpt':
@@ -44,7 +43,7 @@ def main(argv: list[str]) -> int:
                              temperature=args.temperature, top_k=top_k)
     task = tasks.make(loaded.config, args.workdir)
     cols = math.ceil(math.sqrt(args.num))
-    pictures = task.to_images(np.asarray(tokens))
+    pictures = task.to_images(parallel.to_host(tokens))
     rows = [pictures[i:i + cols] for i in range(0, args.num, cols)]
     path = images.save_png(images.make_grid(rows),
                            os.path.join(out, f'unconditional_{loaded.step:07d}.png'))

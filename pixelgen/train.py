@@ -23,13 +23,25 @@ def main(argv: list[str]) -> int:
         epilog='--config FILE[:variant] picks the config; --config.a.b=value overrides a field; '
                '--help_config lists every field.')
     parser.add_argument('--workdir', required=True,
-                        help='checkpoints, logs, samples and the resolved config go here')
+                        help='checkpoints, logs, samples and the resolved config go here '
+                             '(a local path or gs://...)')
+    group = parser.add_argument_group('multi-host (see launch/)')
+    group.add_argument('--distributed', action='store_true',
+                       help='call jax.distributed.initialize() with cluster auto-detection '
+                            '(TPU pods, SLURM); implied by --coordinator_address')
+    group.add_argument('--coordinator_address', default=None, help='HOST:PORT of process 0')
+    group.add_argument('--num_processes', type=int, default=None)
+    group.add_argument('--process_id', type=int, default=None)
     if any(a in ('-h', '--help') for a in argv):
         parser.print_help()
         return 0
     config, rest = parse_config_args(argv)
     args = parser.parse_args(rest)
+    from pixelgen import parallel
     from pixelgen.trainer import train
+    if args.distributed or args.coordinator_address:
+        parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                        args.process_id)
     train(config, args.workdir)
     return 0
 

@@ -57,6 +57,18 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
     return graphdef, rest, state
 
 
+def abstract_state(fresh_state) -> tuple[Any, Any, State]:
+    """(graphdef, rest, abstract state) of `fresh_state()` without allocating anything."""
+    box = {}
+
+    def shapes():
+        graphdef, rest, state = fresh_state()
+        box['graphdef'] = graphdef
+        return rest, state
+    rest, state = jax.eval_shape(shapes)
+    return box['graphdef'], rest, state
+
+
 def make_train_step(task, graphdef, rest, tx, schedule):
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         rng = jax.random.fold_in(state['rng'], state['step'])  # a fresh key per step, resumable
@@ -133,19 +145,23 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
               flush=True)
 
     task = tasks.make(config, workdir)
-    model = task.build_model(nnx.Rngs(config.seed))
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
-    graphdef, rest, state = init_state(model, tx, config.seed)
-    del model
+
+    def fresh_state():
+        return init_state(task.build_model(nnx.Rngs(config.seed)), tx, config.seed)
+
+    # Parameters are created directly in their shards: no host ever holds the whole model.
+    graphdef, rest, abstract = abstract_state(fresh_state)
+    rules = tuple(config.sharding_rules)
+    state_sharding = parallel.state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: fresh_state()[2], out_shardings=state_sharding)()
     num_params = sum(x.size for x in jax.tree.leaves(state['params']))
     print(f'[pixelgen] {type(task).__name__}: {num_params:,} parameters, mesh '
           f'{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices',
           flush=True)
 
-    state_sharding = jax.tree.map(lambda _: parallel.replicated(mesh), state)
-    state = jax.device_put(state, state_sharding)
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
-    data_iterator = task.train_iterator(per_host_batch)
+    data_iterator = task.train_iterator(config.batch_size)
     latest = manager.latest_step()
     if latest is not None:
         state = checkpoint.restore(manager, latest, checkpoint.abstract(state), data_iterator,
@@ -159,7 +175,8 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
                          in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                          out_shardings=(state_sharding, parallel.replicated(mesh)),
                          donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(task, graphdef, rest))
+    eval_step = jax.jit(make_eval_step(task, graphdef, rest),
+                        out_shardings=parallel.replicated(mesh))
     writer = MetricWriter(workdir)
     step = int(state['step'])
     end = min(config.total_steps, stop_after) if stop_after else config.total_steps
@@ -174,7 +191,7 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
             checkpoint.save(manager, step, state, data_iterator, config)
             last_saved = step
 
-    with _Preemption() as preemption:
+    with _Preemption() as preemption, parallel.activation_sharding(mesh, rules):
         while step < end:
             batch = parallel.global_batch(next(data_iterator), mesh)
             state, metrics = train_step(state, batch)
@@ -199,8 +216,9 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
                 scores = evaluate(task, eval_step, state['params'], mesh, per_host_batch,
                                   config.eval_examples)
                 writer.write(step, scores, prefix='eval/')
-                print(f'[eval] step {step}: ' + ', '.join(
-                    f'{k} {v:.4f}' for k, v in scores.items()), flush=True)
+                if jax.process_index() == 0:
+                    print(f'[eval] step {step}: ' + ', '.join(
+                        f'{k} {v:.4f}' for k, v in scores.items()), flush=True)
             if config.sample_every_steps and step % config.sample_every_steps == 0:
                 _write_samples(task, graphdef, rest, state, step)
             if step % config.checkpoint_every_steps == 0 or step == end:
@@ -213,7 +231,8 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
     manager.wait_until_finished()
 
     if step >= config.total_steps:
-        scores = evaluate(task, eval_step, state['params'], mesh, per_host_batch, None)
+        with parallel.activation_sharding(mesh, rules):
+            scores = evaluate(task, eval_step, state['params'], mesh, per_host_batch, None)
         writer.write(step, scores, prefix='test/')
         result.update({f'test/{k}': v for k, v in scores.items()})
         if config.sample_every_steps and step % config.sample_every_steps:
@@ -229,6 +248,6 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
 def _write_samples(task, graphdef, rest, state: State, step: int) -> None:
     model = nnx.merge(graphdef, state['params'], rest)
     rng = jax.random.fold_in(jax.random.PRNGKey(task.config.seed + 1), step)
-    path = task.write_samples(model, step, rng)
+    path = task.write_samples(model, step, rng)  # every host samples; process 0 writes
     if jax.process_index() == 0:
         print(f'[samples] {path}', flush=True)

@@ -4,9 +4,10 @@
 `fashion_mnist`) are built into the data dir on first use; any tfds catalog name that a user
 has prepared (with `file_format='array_record'`) goes through the same path. No TensorFlow.
 
-Training batches come from a grain `MapDataset`: per-host shard, seeded shuffle (a fresh
-permutation every epoch), repeat, decode/resize, batch, task map, threaded prefetch. The
-iterator's state is saved in every checkpoint, so a resumed run sees the same batches.
+Training batches come from a grain `MapDataset`: seeded shuffle (a fresh permutation every
+epoch), repeat, this host's rows of each global batch, decode/resize, batch, task map,
+threaded prefetch. The iterator's state is saved in every checkpoint, so a resumed run sees
+the same batches.
 """
 
 from __future__ import annotations
@@ -92,19 +93,46 @@ def image_example(image_size: int) -> Callable[[dict], Example]:
     return prepare
 
 
+class _HostRows(grain.MapDataset):
+    """This host's rows of every global batch of an example stream.
+
+    Global batch t holds stream elements [t*B, (t+1)*B); host h of H takes its contiguous
+    B/H of them. So the global batches are the same for any number of hosts: a run on one
+    host and on a pod see the same data in the same order.
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, host: int, hosts: int):
+        super().__init__(parent)
+        self._global_batch, self._local_batch = global_batch, global_batch // hosts
+        self._offset = host * self._local_batch
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global_batch * self._local_batch
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        step, row = divmod(index, self._local_batch)
+        return self._parent[step * self._global_batch + self._offset + row]
+
+    def __str__(self) -> str:
+        return f'HostRows(global_batch={self._global_batch}, offset={self._offset})'
+
+
 def train_iterator(source, *, batch_size: int, seed: int, prepare: Callable[[dict], Example],
                    batch_map: Callable[[Example], Example] | None = None,
                    num_threads: int = 2, prefetch: int = 4) -> grain.DatasetIterator:
-    """An endless, checkpointable iterator of this host's training batches.
+    """An endless, checkpointable iterator of this host's share of each global batch.
 
-    `batch_size` is the per-host batch. Each host reads a disjoint shard of the examples.
+    `batch_size` is the global batch; each host yields `batch_size / hosts` rows of it.
     """
     host, hosts = jax.process_index(), jax.process_count()
-    ds = grain.MapDataset.source(source).seed(seed)[host::hosts]
-    if len(ds) < batch_size:
-        raise DataError(f'The training split has {len(ds)} examples on this host, fewer than '
-                        f'one batch of {batch_size}. Lower --config.batch_size.')
-    ds = ds.shuffle().repeat(None).map(prepare).batch(batch_size, drop_remainder=True)
+    if len(source) < batch_size:
+        raise DataError(f'The training split has {len(source)} examples, fewer than one batch '
+                        f'of {batch_size}. Lower --config.batch_size.')
+    stream = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+    ds = _HostRows(stream, batch_size, host, hosts).map(prepare)
+    ds = ds.batch(batch_size // hosts, drop_remainder=True)
     if batch_map is not None:
         ds = ds.map(batch_map)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)

@@ -20,6 +20,7 @@ from flax import nnx
 from pixelgen.nn.attention import logical_init
 from pixelgen.nn.masks import CAUSAL
 from pixelgen.nn.transformer import LayerCache, Transformer, rms_norm
+from pixelgen.parallel import constrain
 
 Cache = tuple[LayerCache, ...]
 
@@ -83,7 +84,7 @@ class ImageGPT(nnx.Module):
         sos = jnp.broadcast_to(self.sos[...], (batch, 1, self.width))
         h = jnp.concatenate([sos, self.wte(tokens[:, :-1]).astype(jnp.float32)], axis=1)
         h = h + self.wpe[:length]
-        return h.astype(self.dtype)
+        return constrain(h.astype(self.dtype), ('batch', 'length', 'embed'))
 
     def _check_tokens(self, tokens: jax.Array) -> None:
         if tokens.ndim != 2 or not 1 <= tokens.shape[1] <= self.seq_len:
@@ -98,7 +99,8 @@ class ImageGPT(nnx.Module):
         concat(sos, embed(tokens[:, :-1])) + position embedding."""
         self._check_tokens(tokens)
         h = self.transformer(self._embed(tokens))
-        return self.head(self.ln_f(h)).astype(jnp.float32)
+        logits = self.head(self.ln_f(h)).astype(jnp.float32)
+        return constrain(logits, ('batch', 'length', 'vocab'))
 
     def hidden_features(self, tokens: jax.Array) -> jax.Array:
         """Linear-probe features: for every layer l, mean over the sequence of norm1(h_l).

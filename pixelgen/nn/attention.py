@@ -17,6 +17,7 @@ from flax import nnx
 
 from pixelgen.nn.block_sparse import block_sparse_attention
 from pixelgen.nn.masks import MaskSpec
+from pixelgen.parallel import constrain
 
 IMPLEMENTATIONS = ('block_sparse', 'dense')
 
@@ -119,7 +120,8 @@ class MultiHeadAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [batch, length, width] -> [batch, length, width]."""
         length = x.shape[1]
-        q, k, v = self.query(x), self.key(x), self.value(x)  # [b, l, heads, head_dim]
+        q, k, v = (constrain(p(x), ('batch', 'length', 'heads', 'kv'))
+                   for p in (self.query, self.key, self.value))  # [b, l, heads, head_dim]
         if self.attention_impl == 'block_sparse':
             return self.out(block_sparse_attention(q, k, v, self.mask, self.block_size))
         mask = jnp.asarray(self.mask.dense(length))[None, None]  # [1, 1, l, l]

@@ -15,6 +15,7 @@ from flax import nnx
 
 from pixelgen.nn.attention import MultiHeadAttention, logical_init
 from pixelgen.nn.masks import MaskSpec
+from pixelgen.parallel import constrain
 
 LayerCache = dict[str, jax.Array]
 
@@ -45,7 +46,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., width] -> [..., width]."""
-        return self.proj(quick_gelu(self.fc(x)))
+        hidden = constrain(quick_gelu(self.fc(x)), ('batch', 'length', 'mlp'))
+        return self.proj(hidden)
 
 
 class Block(nnx.Module):

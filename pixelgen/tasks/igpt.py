@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelgen import images, sampling
+from pixelgen import images, parallel, sampling
 from pixelgen.data import palette as palette_lib
 from pixelgen.data import pipeline
 from pixelgen.models.igpt import ImageGPT
@@ -88,10 +88,10 @@ class ImageGPTTask:
             out['mask'] = batch['mask']
         return out
 
-    def train_iterator(self, per_host_batch: int):
+    def train_iterator(self, global_batch: int):
         d = self.config.data
         return pipeline.train_iterator(
-            self.train_source, batch_size=per_host_batch, seed=self.config.seed,
+            self.train_source, batch_size=global_batch, seed=self.config.seed,
             prepare=pipeline.image_example(d.image_size), batch_map=self._to_tokens,
             num_threads=d.num_threads, prefetch=d.prefetch)
 
@@ -126,15 +126,15 @@ class ImageGPTTask:
         half, then the palette-quantised originals (what the model actually sees)."""
         s = self.config.sampling
         side = self.config.data.image_size
-        batch = next(iter(self.eval_batches(num_images, num_images)))
-        tokens = batch['tokens']
+        originals = self._originals(num_images)  # the same rows on every host
+        tokens = palette_lib.quantize(originals, self.palette).reshape(num_images, -1)
         half = (side // 2) * side
-        rows = [self._originals(num_images)]
+        rows = [originals]
         for i in range(samples_per_image):
             out = sampling.sample(model, jax.random.fold_in(rng, i), batch_size=num_images,
                                   prompt=jnp.asarray(tokens[:, :half]),
                                   temperature=s.temperature, top_k=s.top_k or None)
-            rows.append(self.to_images(np.asarray(out)))
+            rows.append(self.to_images(parallel.to_host(out)))
         rows.append(self.to_images(tokens))
         return rows
 
@@ -150,4 +150,6 @@ class ImageGPTTask:
         s = self.config.sampling
         rows = self.completions(model, rng, s.num_images, s.samples_per_image)
         path = os.path.join(self.workdir, 'samples', f'completions_{step:07d}.png')
-        return images.save_png(images.make_grid(rows), path)
+        if jax.process_index() == 0:
+            images.save_png(images.make_grid(rows), path)
+        return path
