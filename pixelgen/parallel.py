@@ -67,8 +67,8 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     return shape
 
 
-def make_mesh(sizes: dict[str, int]) -> Mesh:
-    devices = jax.devices()
+def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(dict(sizes), len(devices))
     return Mesh(np.asarray(devices).reshape(shape), AXES,
                 axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))

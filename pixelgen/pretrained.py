@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 from flax import nnx
 
-from pixelgen import checkpoint, tasks
+from pixelgen import checkpoint, parallel, tasks
 from pixelgen.config import ConfigDict, load_saved_config
 from pixelgen.data import palette as palette_lib
 from pixelgen.trainer import abstract_state, init_state, make_optimizer
@@ -35,6 +36,11 @@ def load(workdir: str, step: int | None = None) -> Loaded:
         return init_state(build(nnx.Rngs(config.seed)), tx, config.seed)
 
     graphdef, rest, abstract = abstract_state(fresh)
+    # Restore onto this machine's devices, whatever mesh wrote the checkpoint.
+    mesh = parallel.make_mesh({'data': -1})
+    shardings = parallel.state_shardings(abstract, mesh, tuple(config.sharding_rules))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
     manager = checkpoint.make_manager(workdir, async_save=False)
     available = manager.all_steps()
     if not available:

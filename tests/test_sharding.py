@@ -1,0 +1,161 @@
+"""Sharding on 8 simulated CPU devices (one subprocess each, since the device count is fixed
+when JAX starts): every mesh gives the single-device loss and gradients, parameters are
+sharded as the rules say, and checkpoints move between meshes of different sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import REPO, TINY
+
+
+def run_python(code: str, devices: int, timeout: int = 300) -> str:
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+MESH_EQUIVALENCE = '''
+import json, jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from pixelgen import parallel, trainer
+from pixelgen.models.igpt import ImageGPT
+
+assert jax.device_count() == 8
+rules = parallel.DEFAULT_RULES
+
+class Task:  # the iGPT loss on fixed tokens
+    def loss(self, model, batch, rng):
+        logits = model(batch['tokens'])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['tokens']).mean()
+        return loss, {'loss': loss}
+
+tx = optax.adamw(1e-2, b2=0.95)
+def fresh():
+    model = ImageGPT(vocab_size=16, seq_len=16, num_layers=2, width=64, num_heads=8,
+                     rngs=nnx.Rngs(0))
+    graphdef, rest, state = trainer.init_state(model, tx, 0)
+    # a non-zero head, so every gradient is non-trivial
+    head = jax.random.normal(jax.random.PRNGKey(1), (64, 16)) * 0.1
+    state['params']['head']['kernel'].value = head
+    return graphdef, rest, state
+tokens = np.random.default_rng(0).integers(0, 16, (8, 16)).astype(np.int32)
+
+def step(shape, devices):
+    mesh = parallel.make_mesh(dict(zip(parallel.AXES, shape)), devices)
+    graphdef, rest, abstract = trainer.abstract_state(fresh)
+    shardings = parallel.state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: fresh()[2], out_shardings=shardings)()
+    step_fn = trainer.make_train_step(Task(), graphdef, rest, tx, lambda s: 1e-2)
+    batch = parallel.global_batch({'tokens': tokens}, mesh)
+    loss_fn = lambda params: Task().loss(nnx.merge(graphdef, params, rest), batch, None)[0]
+    with parallel.activation_sharding(mesh, rules):
+        grads = jax.jit(jax.grad(loss_fn))(state['params'])
+        new, metrics = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                               out_shardings=(shardings, parallel.replicated(mesh)))(
+            state, batch)
+    return new, metrics, shardings, grads
+
+ref, ref_metrics, _, ref_grads = step((1, 1, 1), jax.devices()[:1])
+out = {}
+for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]:
+    new, metrics, shardings, grads = step(shape, jax.devices())
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))
+                                            / (np.max(np.abs(np.asarray(b))) + 1e-12)),
+                         grads, ref_grads)
+    out[str(shape)] = {'loss': float(metrics['loss']), 'grad_norm': float(metrics['grad_norm']),
+                       'max_relative_grad_diff': max(jax.tree.leaves(diffs))}
+    if shape == (2, 2, 2):
+        p = new['params']
+        blk = p['transformer']['blocks'][0]
+        mu = new['opt_state'][0].mu['transformer']['blocks'][0]['mlp']['fc']['kernel']
+        out['specs'] = {
+            'mlp_fc': str(blk['mlp']['fc']['kernel'].value.sharding.spec),
+            'attn_query': str(blk['attn']['query']['kernel'].value.sharding.spec),
+            'head': str(p['head']['kernel'].value.sharding.spec),
+            'adam_mu_mlp_fc': str(mu.value.sharding.spec),
+            'norm': str(blk['norm1']['scale'].value.sharding.spec),
+            'shard_shape_mlp_fc': list(
+                blk['mlp']['fc']['kernel'].value.addressable_shards[0].data.shape),
+        }
+out['reference'] = {'loss': float(ref_metrics['loss']),
+                    'grad_norm': float(ref_metrics['grad_norm'])}
+print('RESULT' + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope='module')
+def mesh_results():
+    stdout = run_python(MESH_EQUIVALENCE, devices=8)
+    return json.loads(stdout.split('RESULT', 1)[1])
+
+
+@pytest.mark.parametrize('shape', ['(8, 1, 1)', '(2, 4, 1)', '(2, 2, 2)', '(1, 1, 8)'])
+def test_every_mesh_matches_one_device(mesh_results, shape):
+    ref, got = mesh_results['reference'], mesh_results[shape]
+    assert got['loss'] == pytest.approx(ref['loss'], rel=1e-5)
+    assert got['grad_norm'] == pytest.approx(ref['grad_norm'], rel=1e-4)
+    assert got['max_relative_grad_diff'] < 1e-5  # per tensor, relative to its largest entry
+
+
+def test_parameters_are_sharded_as_the_rules_say(mesh_results):
+    specs = mesh_results['specs']
+    assert specs['mlp_fc'] == "P('fsdp', 'tensor')"        # embed, mlp
+    assert specs['attn_query'] == "P('fsdp', 'tensor', None)"  # embed, heads, kv
+    assert specs['head'] == "P('fsdp', 'tensor')"          # embed, vocab
+    assert specs['adam_mu_mlp_fc'] == specs['mlp_fc']                  # optimizer follows
+    assert specs['norm'] == "P('fsdp',)"
+    assert specs['shard_shape_mlp_fc'] == [32, 128]                    # [64/2, 256/2]
+
+
+TRAIN = '''
+from conftest import tiny_config
+from pixelgen.trainer import train
+config = tiny_config({data_dir!r}, '--config.batch_size=8', {mesh})
+train(config, {workdir!r}, stop_after={stop})
+'''
+
+
+def _train_on(devices: int, mesh: str, data_dir: str, workdir: str, stop: int | None) -> None:
+    code = 'import sys; sys.path.insert(0, "tests")\n' + TRAIN.format(
+        data_dir=data_dir, workdir=workdir, stop=stop,
+        mesh=', '.join(repr(f'--config.mesh.{k}={v}') for k, v in
+                       zip(('data', 'fsdp', 'tensor'), mesh.split('x'), strict=True)))
+    run_python(code, devices=devices)
+
+
+def _params(workdir):
+    import jax
+
+    import pixelgen
+    return [np.asarray(x) for x in jax.tree.leaves(pixelgen.load(workdir).model)]
+
+
+@pytest.fixture(scope='module')
+def one_device_run(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp('mesh_1'))
+    _train_on(1, '1x1x1', data_dir, workdir, None)
+    return workdir
+
+
+@pytest.mark.parametrize('path', [
+    [(8, '1x8x1', 4), (2, '2x1x1', 8), (1, '1x1x1', None)],   # 8 devices -> 2 -> 1
+    [(1, '1x1x1', 4), (8, '4x1x2', 8), (8, '1x4x2', None)],   # and the way back
+], ids=['8-2-1', '1-8-8'])
+def test_checkpoint_restores_onto_another_mesh(path, one_device_run, data_dir, tmp_path):
+    workdir = str(tmp_path / 'moving')
+    for devices, mesh, stop in path:
+        _train_on(devices, mesh, data_dir, workdir, stop)
+    for a, b in zip(_params(one_device_run), _params(workdir), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
+    assert TINY  # the same tiny config throughout
