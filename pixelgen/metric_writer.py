@@ -53,27 +53,34 @@ class MetricWriter:
 
 
 class Progress:
-    """One console line per log step: step, loss, bits/dim, steps/s, tokens/s, ETA."""
+    """One console line per log step: loss, bits/dim, steps/s, tokens/s, TFLOP/s, MFU, ETA."""
 
-    def __init__(self, total_steps: int, first_step: int, tokens_per_step: int):
+    def __init__(self, total_steps: int, first_step: int, tokens_per_step: int,
+                 flops_per_step: float, num_devices: int, peak_flops_per_device: float):
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
+        self.flops_per_device = flops_per_step / num_devices
+        self.peak = peak_flops_per_device
         self._last_step, self._last_time = first_step, time.perf_counter()
 
     def rates(self, step: int) -> dict[str, float]:
-        """steps/s and tokens/s since the previous call (so compilation counts only once)."""
+        """steps/s, tokens/s, TFLOP/s per device and MFU since the previous call."""
         now = time.perf_counter()
         steps_per_s = (step - self._last_step) / max(now - self._last_time, 1e-9)
         self._last_step, self._last_time = step, now
-        return {'steps_per_s': steps_per_s, 'tokens_per_s': steps_per_s * self.tokens_per_step}
+        flops_per_s = steps_per_s * self.flops_per_device
+        return {'steps_per_s': steps_per_s, 'tokens_per_s': steps_per_s * self.tokens_per_step,
+                'tflops_per_device': flops_per_s / 1e12, 'mfu': flops_per_s / self.peak}
 
     def line(self, step: int, scalars: dict[str, float]) -> str:
         eta = (self.total_steps - step) / max(scalars.get('steps_per_s', 0.0), 1e-9)
         parts = [f'step {step}/{self.total_steps}']
         for key, fmt in (('loss', '{:.4f}'), ('bits_per_dim', '{:.3f}'),
                          ('grad_norm', '{:.3f}'), ('learning_rate', '{:.2e}'),
-                         ('steps_per_s', '{:.2f}'), ('tokens_per_s', '{:,.0f}')):
+                         ('steps_per_s', '{:.2f}'), ('tokens_per_s', '{:,.0f}'),
+                         ('tflops_per_device', '{:.3f}'), ('mfu', '{:.1%}')):
             if key in scalars:
-                parts.append(f'{key.replace("_per_s", "/s")} {fmt.format(scalars[key])}')
+                label = key.replace('_per_s', '/s').replace('tflops_per_device', 'TFLOP/s/dev')
+                parts.append(f'{label} {fmt.format(scalars[key])}')
         parts.append(f'ETA {_format_duration(eta)}')
         return ' | '.join(parts)

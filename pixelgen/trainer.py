@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelgen import checkpoint, parallel, tasks
+from pixelgen import checkpoint, flops, parallel, tasks
 from pixelgen.config import ConfigDict, ConfigError, format_config, save_config
 from pixelgen.metric_writer import MetricWriter, Progress
 
@@ -180,7 +180,12 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
     writer = MetricWriter(workdir)
     step = int(state['step'])
     end = min(config.total_steps, stop_after) if stop_after else config.total_steps
-    progress = Progress(config.total_steps, step, config.batch_size * task.tokens_per_example)
+    peak, peak_source = flops.peak_flops_per_device()
+    if jax.process_index() == 0:
+        print(f'[pixelgen] MFU is against {peak / 1e12:.3f} TFLOP/s per device ({peak_source})',
+              flush=True)
+    progress = Progress(config.total_steps, step, config.batch_size * task.tokens_per_example,
+                        task.model_flops_per_step(config.batch_size), jax.device_count(), peak)
     pending: list[dict] = []  # device metrics since the last log, fetched together
     last_saved = latest
     result: dict[str, float] = {}

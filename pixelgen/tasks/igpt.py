@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelgen import images, parallel, sampling
+from pixelgen import flops, images, parallel, sampling
 from pixelgen.data import palette as palette_lib
 from pixelgen.data import pipeline
 from pixelgen.models.igpt import ImageGPT
@@ -79,6 +79,13 @@ class ImageGPTTask:
 
     def build_model(self, rngs: nnx.Rngs) -> ImageGPT:
         return build_model(self.config, rngs)
+
+    def model_flops_per_step(self, batch_size: int) -> float:
+        """Training FLOPs of one step (maxtext convention; see pixelgen/flops.py)."""
+        m = self.config.model
+        return flops.igpt_flops_per_step(m.num_layers, m.width, self.seq_len,
+                                         self.config.data.palette_size, batch_size,
+                                         m.mlp_ratio, causal=True)
 
     # Data ------------------------------------------------------------------------------
     def _to_tokens(self, batch: dict) -> dict:
