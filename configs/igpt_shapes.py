@@ -15,6 +15,7 @@ def get_config(arg=None):
     c.seed = 0
     c.total_steps = 1200
     c.batch_size = 8
+    c.grad_accum_steps = 1         # micro-batches per step (batch_size is the whole step's)
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 3
     c.log_every_steps = 50
@@ -45,6 +46,7 @@ def get_config(arg=None):
     c.model.mlp_ratio = 4
     c.model.dtype = 'float32'
     c.model.attention = 'block_sparse'  # or 'dense' (the reference)
+    c.model.remat = 'none'              # 'full' or 'dots': recompute blocks to save memory
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3

@@ -37,7 +37,7 @@ def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True
 
 
 # Config fields that change how a model computes, not what it stores: free to differ on restore.
-_NOT_SHAPE = ('dtype', 'attention')
+_NOT_SHAPE = ('dtype', 'attention', 'remat')
 
 
 def describe(config: ConfigDict) -> dict[str, Any]:

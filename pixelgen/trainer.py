@@ -69,14 +69,35 @@ def abstract_state(fresh_state) -> tuple[Any, Any, State]:
     return box['graphdef'], rest, state
 
 
-def make_train_step(task, graphdef, rest, tx, schedule):
-    def train_step(state: State, batch: dict) -> tuple[State, dict]:
-        rng = jax.random.fold_in(state['rng'], state['step'])  # a fresh key per step, resumable
-
+def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 1):
+    """One optimizer step; with `grad_accum_steps` > 1 the batch is cut into that many
+    micro-batches whose gradients and metrics are averaged (same result, less memory)."""
+    def grads_and_metrics(params, batch, rng):
         def loss_fn(params):
             return task.loss(nnx.merge(graphdef, params, rest), batch, rng)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, metrics
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    def train_step(state: State, batch: dict) -> tuple[State, dict]:
+        rng = jax.random.fold_in(state['rng'], state['step'])  # a fresh key per step, resumable
+        if grad_accum_steps == 1:
+            grads, metrics = grads_and_metrics(state['params'], batch, rng)
+        else:
+            # Micro-batch i takes rows i, i + A, i + 2A, ...: every device keeps its share.
+            micro = jax.tree.map(lambda x: jnp.swapaxes(
+                x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]),
+                0, 1), batch)
+
+            def accumulate(carry, inputs):
+                i, micro_batch = inputs
+                out = grads_and_metrics(state['params'], micro_batch, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, out), None
+
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+                grads_and_metrics, state['params'], jax.tree.map(lambda x: x[0], micro), rng))
+            total, _ = jax.lax.scan(accumulate, zeros,
+                                    (jnp.arange(grad_accum_steps), micro))
+            grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, total)
         updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
         params = optax.apply_updates(state['params'], updates)
         metrics = {**metrics, 'grad_norm': optax.tree.norm(grads),
@@ -136,9 +157,11 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
     t_start = time.perf_counter()
     mesh = parallel.make_mesh(config.mesh)
     hosts, dp = jax.process_count(), parallel.batch_parallelism(mesh)
-    if config.batch_size % dp or config.batch_size % hosts:
-        raise ConfigError(f'config.batch_size={config.batch_size} must divide by the '
-                          f'data-parallel size {dp} and the number of hosts {hosts}.')
+    if config.batch_size % (dp * config.grad_accum_steps) or config.batch_size % hosts:
+        raise ConfigError(
+            f'config.batch_size={config.batch_size} must divide by the data-parallel size {dp} '
+            f'times grad_accum_steps={config.grad_accum_steps}, and by the number of hosts '
+            f'{hosts}. Change --config.batch_size or --config.mesh.')
     per_host_batch = config.batch_size // hosts
     if jax.process_index() == 0:
         print(f'[pixelgen] workdir {workdir}\n[pixelgen] config:\n{format_config(config)}',
@@ -171,7 +194,8 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
     if jax.process_index() == 0:  # only now: a refused checkpoint leaves the workdir untouched
         save_config(config, workdir)
 
-    train_step = jax.jit(make_train_step(task, graphdef, rest, tx, schedule),
+    train_step = jax.jit(make_train_step(task, graphdef, rest, tx, schedule,
+                                         config.grad_accum_steps),
                          in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                          out_shardings=(state_sharding, parallel.replicated(mesh)),
                          donate_argnums=0)

@@ -47,7 +47,7 @@ def fresh():
     graphdef, rest, state = trainer.init_state(model, tx, 0)
     # a non-zero head, so every gradient is non-trivial
     head = jax.random.normal(jax.random.PRNGKey(1), (64, 16)) * 0.1
-    state['params']['head']['kernel'].value = head
+    state['params']['head']['kernel'][...] = head
     return graphdef, rest, state
 tokens = np.random.default_rng(0).integers(0, 16, (8, 16)).astype(np.int32)
 

@@ -39,13 +39,15 @@ class ImageGPT(nnx.Module):
 
     def __init__(self, *, vocab_size: int, seq_len: int, num_layers: int, width: int,
                  num_heads: int, mlp_ratio: int = 4, dtype: Any = jnp.float32,
-                 attention_impl: str = 'block_sparse', rngs: nnx.Rngs):
+                 attention_impl: str = 'block_sparse', remat: str = 'none',
+                 rngs: nnx.Rngs):
         """Args:
           vocab_size: palette size (512 in the paper); sos is a separate vector, not a token.
           seq_len: number of pixels, e.g. 32 * 32 = 1024.
           num_layers, width, num_heads, mlp_ratio: transformer shape (iGPT-S: 24, 512, 8, 4).
           dtype: compute dtype, e.g. jnp.bfloat16.
           attention_impl: 'block_sparse' (fast, skips masked blocks) or 'dense' (reference).
+          remat: recompute blocks in the backward pass: 'none', 'full' or 'dots'.
           rngs: parameter rngs.
         """
         _check_positive(vocab_size=vocab_size, seq_len=seq_len, num_layers=num_layers,
@@ -71,7 +73,7 @@ class ImageGPT(nnx.Module):
             rngs.params(), (width,), jnp.float32))
         self.transformer = Transformer(num_layers=num_layers, width=width, num_heads=num_heads,
                                        mask=CAUSAL, mlp_ratio=mlp_ratio, dtype=dtype,
-                                       attention_impl=attention_impl, rngs=rngs)
+                                       attention_impl=attention_impl, remat=remat, rngs=rngs)
         self.ln_f = rms_norm(width, dtype, rngs)
         self.head = nnx.Linear(
             width, vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,

@@ -85,16 +85,28 @@ class Block(nnx.Module):
         return x, cache
 
 
+# Rematerialisation: what the backward pass may keep from the forward pass of each block.
+REMAT_POLICIES = {
+    'none': None,  # keep everything (fastest, most memory)
+    'full': jax.checkpoint_policies.nothing_saveable,  # recompute each block (least memory)
+    'dots': jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs only
+}
+
+
 class Transformer(nnx.Module):
     """A stack of `num_layers` Blocks (no embeddings, no final norm)."""
 
     def __init__(self, *, num_layers: int, width: int, num_heads: int,
                  mask: MaskSpec | Sequence[MaskSpec], mlp_ratio: int = 4,
                  dtype: Any = jnp.float32, attention_impl: str = 'block_sparse',
-                 rngs: nnx.Rngs):
+                 remat: str = 'none', rngs: nnx.Rngs):
         """Args:
           mask: one MaskSpec for every layer, or a sequence of `num_layers` MaskSpecs.
+          remat: 'none', 'full' or 'dots' (see REMAT_POLICIES): trades compute for memory.
         """
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f'remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}.')
+        self.remat = remat
         masks = [mask] * num_layers if isinstance(mask, MaskSpec) else list(mask)
         if len(masks) != num_layers or not all(isinstance(m, MaskSpec) for m in masks):
             raise ValueError(
@@ -119,6 +131,9 @@ class Transformer(nnx.Module):
             if return_features:
                 x, h = block(x, return_features=True)
                 features.append(h)
+            elif self.remat != 'none':
+                x = nnx.remat(lambda block, x: block(x), policy=REMAT_POLICIES[self.remat])(
+                    block, x)
             else:
                 x = block(x)
         return (x, features) if return_features else x

@@ -30,7 +30,7 @@ def build_model(config, rngs: nnx.Rngs) -> ImageGPT:
     return ImageGPT(vocab_size=config.data.palette_size, seq_len=config.data.image_size ** 2,
                     num_layers=m.num_layers, width=m.width, num_heads=m.num_heads,
                     mlp_ratio=m.mlp_ratio, dtype=DTYPES[m.dtype],
-                    attention_impl=m.attention, rngs=rngs)
+                    attention_impl=m.attention, remat=m.remat, rngs=rngs)
 
 
 def load_or_fit_palette(config, workdir: str, train_source=None) -> np.ndarray:
