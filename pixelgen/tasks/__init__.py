@@ -15,6 +15,14 @@ def model_builder(config):
     raise ConfigError(f'config.task={config.task!r} is not a task; expected one of {TASKS}.')
 
 
+def make_loss_only(config):
+    """The task's loss without its data (for compiling a step from shapes alone)."""
+    if config.task == 'igpt':
+        from pixelgen.tasks.igpt import ImageGPTLoss
+        return ImageGPTLoss()
+    raise ConfigError(f'config.task={config.task!r} is not a task; expected one of {TASKS}.')
+
+
 def make(config, workdir: str):
     """The task object for `config.task`."""
     if config.task == 'igpt':

@@ -65,7 +65,19 @@ def token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array) -> tupl
     return jnp.sum(nll * weights[:, None]), jnp.sum(weights) * tokens.shape[1]
 
 
-class ImageGPTTask:
+class ImageGPTLoss:
+    """The autoregressive objective alone (no data needed)."""
+
+    def loss(self, model: ImageGPT, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        """Mean next-token cross-entropy (nats/token) and its bits per dim (per token)."""
+        del rng  # the autoregressive objective is deterministic
+        tokens = batch['tokens']
+        total, count = token_loss(model(tokens), tokens, jnp.ones(tokens.shape[0]))
+        loss = total / count
+        return loss, {'loss': loss, 'bits_per_dim': loss / math.log(2)}
+
+
+class ImageGPTTask(ImageGPTLoss):
     """Data, model, loss and pictures for Image GPT."""
 
     def __init__(self, config, workdir: str):
@@ -108,15 +120,7 @@ class ImageGPTTask:
             prepare=pipeline.image_example(self.config.data.image_size),
             batch_map=self._to_tokens, num_examples=num_examples)
 
-    # Loss ------------------------------------------------------------------------------
-    def loss(self, model: ImageGPT, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-        """Mean next-token cross-entropy (nats/token) and its bits per dim (per token)."""
-        del rng  # the autoregressive objective is deterministic
-        tokens = batch['tokens']
-        total, count = token_loss(model(tokens), tokens, jnp.ones(tokens.shape[0]))
-        loss = total / count
-        return loss, {'loss': loss, 'bits_per_dim': loss / math.log(2)}
-
+    # Metrics ---------------------------------------------------------------------------
     def eval_sums(self, model: ImageGPT, batch: dict) -> dict[str, jax.Array]:
         total, count = token_loss(model(batch['tokens']), batch['tokens'], batch['mask'])
         return {'nll_sum': total, 'count': count}
