@@ -132,7 +132,7 @@ done
 if [[ -n $workdir && $workdir != *://* ]]; then
   log_dir="$workdir/logs"
 else
-  log_dir="${TMPDIR:-/tmp}/pixelgen_local_multiprocess.$$"
+  log_dir="${TMPDIR:-/tmp}/pixelgen_logs.XXXXXX"  # made by mktemp below
 fi
 
 commands=()  # one printable command per process
@@ -160,7 +160,11 @@ if [[ $dry_run -eq 1 ]]; then
   exit 0
 fi
 
-mkdir -p "$log_dir"
+if [[ $log_dir == *.XXXXXX ]]; then
+  log_dir=$(mktemp -d "$log_dir")
+else
+  mkdir -p "$log_dir"
+fi
 fifo_dir=$(mktemp -d "${TMPDIR:-/tmp}/pixelgen_p0.XXXXXX")
 fifo="$fifo_dir/p0"
 mkfifo "$fifo"
@@ -175,11 +179,18 @@ stop_all() {  # SIGTERM every process group still running, SIGKILL after $grace_
   done
   while :; do
     alive=0
-    for pid in "${pids[@]}"; do
-      if kill -0 -- "-$pid" 2>/dev/null; then
+    if command -v ps >/dev/null; then  # a zombie waiting to be reaped does not count
+      if ps -A -o pgid=,stat= | awk -v groups=" ${pids[*]} " \
+        'index(groups, " " $1 " ") && $2 !~ /^Z/ { found = 1 } END { exit !found }'; then
         alive=1
       fi
-    done
+    else
+      for pid in "${pids[@]}"; do
+        if kill -0 -- "-$pid" 2>/dev/null; then
+          alive=1
+        fi
+      done
+    fi
     [[ $alive -eq 1 && $waited -lt $((grace_s * 5)) ]] || break
     sleep 0.2
     waited=$((waited + 1))
@@ -192,7 +203,8 @@ stop_all() {  # SIGTERM every process group still running, SIGKILL after $grace_
 # shellcheck disable=SC2317  # (called by the trap below)
 cleanup() {
   local rc=$?
-  trap - EXIT INT TERM
+  trap - EXIT
+  trap 'grace_s=0' INT TERM  # a second Ctrl-C: SIGKILL now
   stop_all
   if [[ -n $prefix_pid ]]; then  # let it print what is left, but don't hang on it
     for _ in 1 2 3 4 5 6 7 8 9 10; do
@@ -212,8 +224,8 @@ trap 'exit 143' TERM
 awk '{ print "[p0] " $0; fflush() }' <"$fifo" &
 prefix_pid=$!
 
-printf 'local_multiprocess.sh: %d process(es), coordinator %s, %d CPU device(s) each; logs of processes 1..%d in %s\n' \
-  "$num_procs" "$coordinator" "$devices" "$((num_procs - 1))" "$log_dir" >&2
+printf 'local_multiprocess.sh: %d process(es), coordinator %s, %d CPU device(s) each; logs of processes 1.. in %s\n' \
+  "$num_procs" "$coordinator" "$devices" "$log_dir" >&2
 set -m  # each process gets its own process group, so stopping it also stops its children
 for ((i = 0; i < num_procs; i++)); do
   proc_cmd "$i"
@@ -250,7 +262,7 @@ while [[ ${#running[@]} -gt 0 ]]; do
   done
   running=("${still[@]}")
   if [[ ${#running[@]} -gt 0 ]]; then
-    sleep 0.5
+    sleep 0.2
   fi
 done
 exit "$status"

@@ -21,6 +21,8 @@
 # one workdir and a run survives the slice. A local workdir would be per host.
 # The training runs in the foreground of the ssh session: start this from tmux/screen for
 # long runs (rerunning the same command resumes from the latest checkpoint in the workdir).
+# If the ssh session dies, training may go on on the workers; stop it with
+#   gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all --command 'pkill -f pixelgen.train'
 #
 # Options (everything else, and everything after "--", goes to pixelgen.train):
 #   --name NAME               TPU VM name (default $TPU_NAME, else "pixelgen")
