@@ -1,0 +1,73 @@
+"""Two processes on localhost through jax.distributed (gloo), launched by
+launch/local_multiprocess.sh: same losses as one process, and a crash resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config
+
+import pixelgen
+from pixelgen.trainer import train
+
+SCRIPT = os.path.join(REPO, 'launch', 'local_multiprocess.sh')
+
+
+def _launch(tiny_config_args, workdir):
+    return subprocess.Popen(['bash', SCRIPT, '2', *tiny_config_args, '--workdir', workdir],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _losses(workdir):
+    records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+    return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
+
+
+@pytest.fixture(scope='module')
+def one_process(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp('one_process'))
+    train(tiny_config(data_dir), workdir)
+    return workdir
+
+
+def test_two_processes_match_one(one_process, tiny_config_args, tmp_path):
+    workdir = str(tmp_path / 'two')
+    proc = _launch(tiny_config_args, workdir)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert '[p0]' in output and 'process 0 of 2' in output
+    assert os.path.isfile(os.path.join(workdir, 'logs', 'process_1.log'))
+    two, one = _losses(workdir), _losses(one_process)
+    assert sorted(two) == sorted(one) == [3, 6, 9, 12]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4)
+    data_state = os.listdir(os.path.join(workdir, 'checkpoints', '12', 'data'))
+    assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(data_state)
+
+
+def test_killed_two_process_job_resumes(one_process, tiny_config_args, tmp_path):
+    workdir = str(tmp_path / 'crash')
+    proc = _launch(tiny_config_args, workdir)
+    first = os.path.join(workdir, 'checkpoints', '6')
+    deadline = time.monotonic() + 240
+    while not os.path.isdir(first):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job dies at once, like a lost machine
+    proc.wait()
+    rerun = _launch(tiny_config_args, workdir)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output
+    assert 'resumed from' in output
+    for a, b in zip(jax.tree.leaves(pixelgen.load(one_process).model),
+                    jax.tree.leaves(pixelgen.load(workdir).model), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
