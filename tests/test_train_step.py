@@ -55,3 +55,17 @@ def test_unknown_remat_policy_is_rejected():
     with pytest.raises(ValueError, match="remat='some'"):
         ImageGPT(vocab_size=4, seq_len=4, num_layers=1, width=8, num_heads=2, remat='some',
                  rngs=nnx.Rngs(0))
+
+
+def test_remat_really_recomputes_the_blocks():
+    import jax.numpy as jnp
+
+    def backward_jaxpr(remat):
+        model = ImageGPT(vocab_size=8, seq_len=8, num_layers=2, width=16, num_heads=2,
+                         remat=remat, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        loss = lambda p, t: nnx.merge(graphdef, p)(t).sum()  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(loss))(params, jnp.zeros((2, 8), jnp.int32)))
+
+    assert backward_jaxpr('full').count('remat') == 2  # one per block
+    assert 'remat' not in backward_jaxpr('none')
