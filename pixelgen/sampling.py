@@ -16,8 +16,12 @@ from pixelgen.models.igpt import ImageGPT
 
 
 def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Array | None = None,
-           temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
-    """Returns tokens [batch_size, model.seq_len] int32.
+           temperature: float = 1.0, top_k: int | None = None,
+           num_tokens: int | None = None) -> jax.Array:
+    """Returns tokens [batch_size, num_tokens or model.seq_len] int32.
+
+    `num_tokens` < seq_len generates only the first num_tokens positions (the KV cache is
+    sized to them, so each step attends over num_tokens keys, not seq_len).
 
     With prompt [batch_size, p] the first p tokens are copied from the prompt (image completion:
     give the top half, sample the rest) and the rest are sampled. One compiled
@@ -33,26 +37,30 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
     if top_k is not None and not 1 <= top_k <= model.vocab_size:
         raise ValueError(
             f'top_k={top_k} must be None or in [1, vocab_size={model.vocab_size}].')
+    num_tokens = model.seq_len if num_tokens is None else num_tokens
+    if not 1 <= num_tokens <= model.seq_len:
+        raise ValueError(f'num_tokens={num_tokens} must be in [1, seq_len={model.seq_len}].')
     if prompt is None:
         prompt = jnp.zeros((batch_size, 0), jnp.int32)
     prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[0] != batch_size or prompt.shape[1] > model.seq_len:
+    if prompt.ndim != 2 or prompt.shape[0] != batch_size or prompt.shape[1] > num_tokens:
         raise ValueError(
-            f'prompt must be [batch_size={batch_size}, p] with p <= seq_len={model.seq_len}; '
+            f'prompt must be [batch_size={batch_size}, p] with p <= {num_tokens} tokens; '
             f'got shape {prompt.shape}.')
     graphdef, state = nnx.split(model)
     return _sample_jit(graphdef, state, rng, prompt, batch_size=batch_size,
-                       temperature=float(temperature), top_k=top_k)
+                       temperature=float(temperature), top_k=top_k, num_tokens=num_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k'))
+@functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
+                                             'num_tokens'))
 def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt: jax.Array, *,
-                batch_size: int, temperature: float, top_k: int | None) -> jax.Array:
+                batch_size: int, temperature: float, top_k: int | None,
+                num_tokens: int) -> jax.Array:
     """Pure sampler; jit caches one executable per (graphdef, shapes, static settings)."""
     model: ImageGPT = nnx.merge(graphdef, state)
-    seq_len = model.seq_len
     prompt_len = prompt.shape[1]
-    tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
+    tokens = jnp.zeros((batch_size, num_tokens), jnp.int32)
     tokens = jax.lax.dynamic_update_slice(tokens, prompt, (0, 0))
 
     def step(position, carry):
@@ -70,5 +78,6 @@ def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, position))
         return tokens, cache
 
-    tokens, _ = jax.lax.fori_loop(0, seq_len, step, (tokens, model.init_cache(batch_size)))
+    tokens, _ = jax.lax.fori_loop(0, num_tokens, step,
+                                  (tokens, model.init_cache(batch_size, num_tokens)))
     return tokens

@@ -93,3 +93,13 @@ def test_top_k_1_completes_the_prompt_greedily(model, forward):
 def test_bad_sampling_arguments_raise(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         sample(model, jax.random.key(0), batch_size=BATCH, **kwargs)
+
+
+def test_num_tokens_generates_a_prefix_with_a_shorter_cache(model):
+    rng = jax.random.PRNGKey(4)
+    full = sampling.sample(model, rng, batch_size=2, top_k=1)
+    prefix = sampling.sample(model, rng, batch_size=2, top_k=1, num_tokens=6)
+    assert prefix.shape == (2, 6)
+    np.testing.assert_array_equal(prefix, full[:, :6])  # greedy: the same first tokens
+    with pytest.raises(ValueError, match='num_tokens'):
+        sampling.sample(model, rng, batch_size=2, num_tokens=model.seq_len + 1)

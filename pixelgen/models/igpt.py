@@ -113,9 +113,10 @@ class ImageGPT(nnx.Module):
         _, features = self.transformer(self._embed(tokens), return_features=True)
         return jnp.stack([f.astype(jnp.float32).mean(axis=1) for f in features])
 
-    def init_cache(self, batch_size: int) -> Cache:
-        """Empty KV cache for `decode_step`: per-layer k, v [batch, seq_len, heads, head_dim]."""
-        return self.transformer.init_cache(batch_size, self.seq_len)
+    def init_cache(self, batch_size: int, length: int | None = None) -> Cache:
+        """Empty KV cache for `decode_step`: per-layer k, v [batch, length, heads, head_dim];
+        `length` (default seq_len) bounds the positions that can be decoded."""
+        return self.transformer.init_cache(batch_size, length or self.seq_len)
 
     def decode_step(self, prev_tokens: jax.Array, position: jax.Array,
                     cache: Cache) -> tuple[jax.Array, Cache]:
