@@ -11,10 +11,12 @@ kill at any moment (even during an async save) leaves the previous checkpoint as
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import grain
 import jax
+import jax.experimental.multihost_utils
 import orbax.checkpoint as ocp
 
 from pixelgen.config import ConfigDict
@@ -22,6 +24,10 @@ from pixelgen.config import ConfigDict
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint in a workdir does not fit the config; the message says what to do."""
+
+
+class CorruptCheckpointError(OSError):
+    """A checkpoint's files are missing or unreadable."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -68,7 +74,12 @@ def _diff(saved: dict, wanted: dict, prefix: str = '') -> list[str]:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator,
             config) -> Any:
     """Restores `step` into the structure/shardings of `abstract_state` (and the iterator)."""
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    where = f'{manager.directory}/{step}'
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = meta['meta']
+    except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
+        raise CorruptCheckpointError(f'Checkpoint {where} is unreadable ({e}).') from e
     differences = _diff(meta, describe(config))
     if differences:
         raise CheckpointMismatchError(
@@ -81,11 +92,52 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
         args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**args))
-    except (ValueError, KeyError) as e:
-        raise CheckpointMismatchError(
-            f'Could not restore {manager.directory}/{step} into this model: {e}\n'
-            'Nothing was overwritten. Use a new --workdir or the config that wrote it.') from e
+    except Exception as e:  # noqa: BLE001 - the model matched, so the files are damaged
+        raise CorruptCheckpointError(f'Checkpoint {where} is unreadable ({e}).') from e
     return restored['state']
+
+
+def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any, make_iterator,
+                        config, restore_step: int | None = None) -> tuple[Any, Any, int | None]:
+    """(state, data iterator, step) from the newest readable checkpoint, or `restore_step`.
+
+    A damaged checkpoint is reported and moved aside to `<workdir>/checkpoints_corrupt/`
+    (kept for inspection, never deleted), and the one before it is tried.
+    With no checkpoint at all, returns (None, a fresh iterator, None).
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    if restore_step is not None:
+        if restore_step not in steps:
+            raise FileNotFoundError(f'--restore_step {restore_step}: no such checkpoint in '
+                                    f'{manager.directory}; available: {sorted(steps)}.')
+        iterator = make_iterator()
+        return restore(manager, restore_step, abstract_state, iterator, config), iterator, \
+            restore_step
+    for step in steps:
+        iterator = make_iterator()  # a fresh one: a failed restore may leave it half-set
+        try:
+            return restore(manager, step, abstract_state, iterator, config), iterator, step
+        except CorruptCheckpointError as e:
+            aside = _move_aside(manager, step)
+            print(f'[pixelgen] WARNING: {e} Moved it to {aside} and falling back to the '
+                  'previous checkpoint.', flush=True)
+    if steps:
+        raise CorruptCheckpointError(f'No readable checkpoint in {manager.directory} '
+                                     f'(tried steps {steps}). Move them away to start afresh.')
+    return None, make_iterator(), None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Moves a damaged step out of the manager's directory, so training can save it anew."""
+    source = os.path.join(str(manager.directory), str(step))
+    target_dir = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_corrupt')
+    target = os.path.join(target_dir, f'{step}-{int(time.time())}')
+    if jax.process_index() == 0:
+        os.makedirs(target_dir, exist_ok=True)
+        os.replace(source, target)
+    jax.experimental.multihost_utils.sync_global_devices(f'pixelgen_move_aside_{step}')
+    manager.reload()
+    return target
 
 
 def abstract(tree: Any) -> Any:

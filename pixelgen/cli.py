@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from pixelgen.checkpoint import CheckpointMismatchError
+from pixelgen.checkpoint import CheckpointMismatchError, CorruptCheckpointError
 from pixelgen.config import ConfigError
 from pixelgen.data.pipeline import DataError
 
 # Problems with the user's input: print the message (it says what to do), no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, CorruptCheckpointError,
+               FileNotFoundError)
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:

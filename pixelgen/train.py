@@ -25,6 +25,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument('--workdir', required=True,
                         help='checkpoints, logs, samples and the resolved config go here '
                              '(a local path or gs://...)')
+    parser.add_argument('--restore_step', type=int, default=None,
+                        help='resume from this checkpoint step instead of the newest readable')
     group = parser.add_argument_group('multi-host (see launch/)')
     group.add_argument('--distributed', action='store_true',
                        help='call jax.distributed.initialize() with cluster auto-detection '
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> int:
     if args.distributed or args.coordinator_address:
         parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                         args.process_id)
-    train(config, args.workdir)
+    train(config, args.workdir, restore_step=args.restore_step)
     return 0
 
 

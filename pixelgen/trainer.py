@@ -145,12 +145,14 @@ def evaluate(task, eval_step, params, mesh, per_host_batch: int,
     return task.eval_summary(sums)
 
 
-def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict:
+def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
+          restore_step: int | None = None) -> dict:
     """Trains `config` in `workdir` (resuming if it holds a checkpoint).
 
     Args:
       stop_after: end this run (with a checkpoint) once the step count reaches this, as a
         preemption would; the next run of the same command continues.
+      restore_step: resume from this checkpoint instead of the newest readable one.
     Returns:
       the final metrics: the last training metrics and, if training finished, the test ones.
     """
@@ -184,11 +186,11 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None) ->
           flush=True)
 
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
-    data_iterator = task.train_iterator(config.batch_size)
-    latest = manager.latest_step()
-    if latest is not None:
-        state = checkpoint.restore(manager, latest, checkpoint.abstract(state), data_iterator,
-                                   config)
+    restored, data_iterator, latest = checkpoint.restore_latest_good(
+        manager, checkpoint.abstract(state), lambda: task.train_iterator(config.batch_size),
+        config, restore_step)
+    if restored is not None:
+        state = restored
         print(f'[pixelgen] resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}',
               flush=True)
     if jax.process_index() == 0:  # only now: a refused checkpoint leaves the workdir untouched

@@ -146,3 +146,27 @@ def test_sigterm_saves_and_exits_cleanly(tiny_config_args, tmp_path):
     assert 'SIGTERM: saved step' in output
     steps = checkpoint.make_manager(workdir).all_steps()
     assert steps and 2 <= steps[-1] < 400
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(finished_run, data_dir, tmp_path):
+    import shutil
+    workdir, _ = finished_run
+    damaged = str(tmp_path / 'damaged')
+    shutil.copytree(workdir, damaged)
+    ckpt = checkpoint.checkpoint_dir(damaged)
+    os.remove(os.path.join(ckpt, '12', 'state', 'manifest.ocdbt'))  # a lost file
+    train(tiny_config(data_dir), damaged)  # warns, resumes from 6, trains 6 -> 12 again
+    assert os.listdir(os.path.join(damaged, 'checkpoints_corrupt'))[0].startswith('12-')
+    for a, b in zip(_params(workdir), _params(damaged), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def test_restore_step_picks_a_checkpoint(finished_run, data_dir, tmp_path):
+    import shutil
+    workdir, _ = finished_run
+    again = str(tmp_path / 'again')
+    shutil.copytree(workdir, again)
+    with pytest.raises(FileNotFoundError, match='available'):
+        train(tiny_config(data_dir), again, restore_step=5)
+    result = train(tiny_config(data_dir, '--config.total_steps=12'), again, restore_step=12)
+    assert 'test/loss' in result
