@@ -87,6 +87,7 @@ def get_config(arg=None):
     c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 0.0
     c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.skip_nonfinite_updates = 5  # skip NaN/Inf steps, stop after 5 in a row
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.num_images = 8

@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pixelgen.checkpoint import CheckpointMismatchError, CorruptCheckpointError
 from pixelgen.config import ConfigError
 from pixelgen.data.pipeline import DataError
+from pixelgen.trainer import NonFiniteLossError
 
 # Problems with the user's input: print the message (it says what to do), no traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, CorruptCheckpointError,
-               FileNotFoundError)
+               NonFiniteLossError, FileNotFoundError)
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:

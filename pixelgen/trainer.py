@@ -33,7 +33,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def make_optimizer(opt: ConfigDict, total_steps: int):
-    """AdamW (β2 = 0.95 as in iGPT), linear warm-up, cosine decay, global-norm clipping."""
+    """AdamW (β2 = 0.95 as in iGPT), linear warm-up, cosine decay, global-norm clipping.
+
+    With `opt.skip_nonfinite_updates = K > 0`, a step whose gradients hold NaN or Inf leaves
+    the parameters unchanged (optax.apply_if_finite); the trainer stops after K in a row.
+    """
     if not 0 <= opt.warmup_steps < total_steps:
         raise ConfigError(f'config.optimizer.warmup_steps={opt.warmup_steps} must be in '
                           f'[0, total_steps={total_steps}).')
@@ -43,6 +47,8 @@ def make_optimizer(opt: ConfigDict, total_steps: int):
     tx = optax.chain(
         optax.clip_by_global_norm(opt.grad_clip_norm),
         optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay))
+    if opt.get('skip_nonfinite_updates', 0):
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.skip_nonfinite_updates)
     return tx, schedule
 
 
@@ -101,7 +107,11 @@ def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 
         updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
         params = optax.apply_updates(state['params'], updates)
         metrics = {**metrics, 'grad_norm': optax.tree.norm(grads),
-                   'learning_rate': schedule(state['step'])}
+                   'learning_rate': schedule(state['step']),
+                   'params_finite': jnp.isfinite(optax.tree.norm(params)).astype(jnp.float32)}
+        if isinstance(opt_state, optax.ApplyIfFiniteState):
+            metrics['skipped_steps'] = opt_state.total_notfinite.astype(jnp.float32)
+            metrics['nonfinite_streak'] = opt_state.notfinite_count.astype(jnp.float32)
         return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
                 'rng': state['rng']}, metrics
     return train_step
@@ -212,7 +222,8 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
               flush=True)
     progress = Progress(config.total_steps, step, config.batch_size * task.tokens_per_example,
                         task.model_flops_per_step(config.batch_size), jax.device_count(), peak)
-    pending: list[dict] = []  # device metrics since the last log, fetched together
+    pending: list[dict] = []  # device metrics not yet fetched (fetching waits for the step)
+    since_log: list[dict] = []  # fetched metrics since the last log line
     last_saved = latest
     result: dict[str, float] = {}
 
@@ -228,16 +239,19 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
             state, metrics = train_step(state, batch)
             pending.append(metrics)
             step += 1
-            if step % config.log_every_steps == 0 or step == end:
-                means = {k: float(np.mean([float(m[k]) for m in jax.device_get(pending)]))
-                         for k in pending[0]}
+            due_to_log = step % config.log_every_steps == 0 or step == end
+            due_to_save = (step % config.checkpoint_every_steps == 0 or step == end
+                           or preemption.requested)
+            if due_to_log or due_to_save:
+                since_log += jax.device_get(pending)
                 pending.clear()
-                if not math.isfinite(means['loss']):
-                    manager.wait_until_finished()
-                    raise NonFiniteLossError(
-                        f'Loss is {means["loss"]} at step {step}. Nothing after checkpoint '
-                        f'{last_saved} was saved. Lower config.optimizer.learning_rate or '
-                        'raise warmup_steps, then rerun the same command to resume.')
+                _check_finite(since_log, step, last_saved, config.optimizer, manager)
+            if due_to_log:
+                means = {k: float(np.mean([float(m[k]) for m in since_log]))
+                         for k in since_log[0] if k not in ('params_finite', 'nonfinite_streak')}
+                if 'skipped_steps' in means:
+                    means['skipped_steps'] = float(since_log[-1]['skipped_steps'])
+                since_log = []
                 means.update(progress.rates(step))
                 writer.write(step, means, prefix='train/')
                 result = {f'train/{k}': v for k, v in means.items()}
@@ -252,10 +266,9 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
                         f'{k} {v:.4f}' for k, v in scores.items()), flush=True)
             if config.sample_every_steps and step % config.sample_every_steps == 0:
                 _write_samples(task, graphdef, rest, state, step)
-            if step % config.checkpoint_every_steps == 0 or step == end:
-                save(step)
+            if due_to_save:
+                save(step)  # _check_finite has just vouched for this state
             if preemption.requested:
-                save(step)
                 print(f'[pixelgen] SIGTERM: saved step {step}; rerun the same command to '
                       'resume.', flush=True)
                 break
@@ -274,6 +287,25 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     writer.close()
     manager.close()
     return result
+
+
+def _check_finite(metrics: list[dict], step: int, last_saved: int | None, opt: ConfigDict,
+                  manager) -> None:
+    """Stops (before anything is saved) when training has gone non-finite for good."""
+    last = metrics[-1]
+    streak = int(last.get('nonfinite_streak', 0))
+    if opt.skip_nonfinite_updates and streak:
+        print(f'[pixelgen] WARNING: non-finite gradients at step {step}: update skipped '
+              f'({streak} in a row, {int(last["skipped_steps"])} in all).', flush=True)
+    broken = (not last['params_finite'] or streak >= max(opt.skip_nonfinite_updates, 1)
+              or (not opt.skip_nonfinite_updates and not all(
+                  math.isfinite(float(m['loss'])) for m in metrics)))
+    if broken:
+        manager.wait_until_finished()
+        raise NonFiniteLossError(
+            f'Training went non-finite at step {step} (loss {float(last["loss"])}). Nothing '
+            f'after checkpoint {last_saved} was saved. Lower config.optimizer.learning_rate '
+            'or raise warmup_steps, then rerun the same command to resume from it.')
 
 
 def _write_samples(task, graphdef, rest, state: State, step: int) -> None:

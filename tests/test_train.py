@@ -170,3 +170,16 @@ def test_restore_step_picks_a_checkpoint(finished_run, data_dir, tmp_path):
         train(tiny_config(data_dir), again, restore_step=5)
     result = train(tiny_config(data_dir, '--config.total_steps=12'), again, restore_step=12)
     assert 'test/loss' in result
+
+
+def test_exploding_run_stops_without_saving_a_nonfinite_state(data_dir, tmp_path):
+    workdir = str(tmp_path / 'exploding')
+    config = tiny_config(data_dir, '--config.optimizer.learning_rate=1e30',
+                         '--config.optimizer.grad_clip_norm=1e30',
+                         '--config.optimizer.skip_nonfinite_updates=2',
+                         '--config.checkpoint_every_steps=1', '--config.log_every_steps=1')
+    with pytest.raises(FloatingPointError, match='non-finite.*learning_rate'):
+        train(config, workdir)
+    for step in checkpoint.make_manager(workdir).all_steps():
+        leaves = jax.tree.leaves(pixelgen.load(workdir, step).model)
+        assert all(np.isfinite(np.asarray(x)).all() for x in leaves), step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -69,3 +70,37 @@ def test_remat_really_recomputes_the_blocks():
 
     assert backward_jaxpr('full').count('remat') == 2  # one per block
     assert 'remat' not in backward_jaxpr('none')
+
+
+class _PoisonTask(_Task):
+    """NaN loss (and gradients) for a batch flagged 'poison'."""
+
+    def loss(self, model, batch, rng):
+        loss, metrics = super().loss(model, batch, rng)
+        loss = loss * jnp.where(batch['poison'], jnp.nan, 1.0)
+        return loss, {'loss': loss}
+
+
+@pytest.mark.parametrize('skip', [3, 0], ids=['skip', 'stop'])
+def test_nonfinite_gradients_are_skipped_or_propagate(skip):
+    import ml_collections
+    opt = ml_collections.ConfigDict(dict(
+        learning_rate=1e-2, warmup_steps=0, min_learning_rate_ratio=0.0, b1=0.9, b2=0.95,
+        eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0, skip_nonfinite_updates=skip))
+    tx, schedule = trainer.make_optimizer(opt, total_steps=10)
+    model = ImageGPT(vocab_size=8, seq_len=8, num_layers=1, width=16, num_heads=2,
+                     rngs=nnx.Rngs(0))
+    graphdef, rest, state = trainer.init_state(model, tx, 0)
+    step = jax.jit(trainer.make_train_step(_PoisonTask(), graphdef, rest, tx, schedule))
+    tokens = np.zeros((2, 8), np.int32)
+    before = jax.tree.leaves(state['params'])
+    state, metrics = step(state, {'tokens': tokens, 'poison': np.array(True)})
+    after = jax.tree.leaves(state['params'])
+    if skip:
+        assert float(metrics['skipped_steps']) == 1 and float(metrics['params_finite']) == 1
+        for a, b in zip(before, after, strict=True):
+            np.testing.assert_array_equal(a, b)
+        state, metrics = step(state, {'tokens': tokens, 'poison': np.array(False)})
+        assert float(metrics['nonfinite_streak']) == 0 and np.isfinite(float(metrics['loss']))
+    else:
+        assert float(metrics['params_finite']) == 0
