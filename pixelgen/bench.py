@@ -7,15 +7,21 @@ CPU a float32 matmul rate measured in the same process), compile time and peak m
 
     python -m pixelgen.bench igpt_train igpt_sample --json
     python -m pixelgen.bench igpt_train --attention dense       # the dense reference
+    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \
+        python -m pixelgen.bench igpt_train --profile /tmp/prof    # + where the time goes
 
 The PyTorch peers at the same shapes are in benchmarks/ (see benchmarks/README.md).
-Cases live in CASES (name -> function(shape, steps, attention) -> dict); `run_case` runs one
-with optional shape overrides, as the tests do at a tiny shape.
+Cases live in CASES (name -> function(shape, Options) -> dict); `run_case` runs one with
+optional shape overrides, as the tests do at a tiny shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
+import glob
+import gzip
 import inspect
 import json
 import os
@@ -39,13 +45,24 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTENTION_CHOICES = ('block_sparse', 'dense')
 
 # The shapes of issue 8, shared with benchmarks/hf_imagegpt.py: Image GPT, 8 layers, width 256,
-# 8 heads, 32x32 = 1024 tokens, palette 512, batch 4, float32.
+# 8 heads, 32x32 = 1024 tokens, palette 512, batch 4, float32; sampling generates 256 tokens.
 IGPT_SHAPE = dict(layers=8, width=256, heads=8, seq=1024, vocab=512, batch=4, dtype='float32')
+IGPT_SAMPLE_SHAPE = dict(IGPT_SHAPE, new_tokens=256)
 
 # AdamW with iGPT's beta2 = 0.95 (and torch.optim.AdamW's default weight decay, as the peer).
 OPTIMIZER = ml_collections.ConfigDict(dict(
     learning_rate=1e-3, warmup_steps=10, min_learning_rate_ratio=0.0, b1=0.9, b2=0.95,
-    eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0))
+    eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0, skip_nonfinite_updates=5))
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How to run a case. steps: timed steps after compilation and one warm-up step (>= 3);
+    attention: ImageGPT attention_impl (None = the model's default); profile_dir: where to
+    write a jax.profiler trace of one extra step (None = no trace)."""
+    steps: int = 5
+    attention: str | None = None
+    profile_dir: str | None = None
 
 
 def log(message: str) -> None:
@@ -96,14 +113,41 @@ def compile_jit(fn: Callable, *args) -> tuple[Any, float]:
     return compiled, time.perf_counter() - start
 
 
-def time_steps(step: Callable[[], Any], steps: int) -> list[float]:
-    """Wall seconds of `steps` calls of `step`, each waited for with block_until_ready."""
+def time_steps(step: Callable[[], Any], options: Options) -> list[float]:
+    """Wall seconds of `options.steps` calls of `step`, each waited for with
+    block_until_ready; then one more call under the profiler if `options.profile_dir`."""
     times = []
-    for _ in range(steps):
+    for _ in range(options.steps):
         start = time.perf_counter()
         jax.block_until_ready(step())
         times.append(time.perf_counter() - start)
+    if options.profile_dir:
+        with jax.profiler.trace(options.profile_dir, create_perfetto_trace=True):
+            jax.block_until_ready(step())
+        log(f'profile of one step in {options.profile_dir}; top ops:\n'
+            + format_top_ops(options.profile_dir))
     return times
+
+
+def format_top_ops(profile_dir: str, top: int = 15) -> str:
+    """The `top` trace events of the newest perfetto trace under `profile_dir`, by total time
+    summed over threads (XLA ops appear on CPU with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true).
+    """
+    paths = sorted(glob.glob(os.path.join(profile_dir, '**', 'perfetto_trace.json.gz'),
+                             recursive=True), key=os.path.getmtime)
+    if not paths:
+        return '  (no perfetto_trace.json.gz written)'
+    with gzip.open(paths[-1]) as f:
+        trace = json.load(f)
+    events = trace['traceEvents'] if isinstance(trace, dict) else trace
+    total: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get('ph') == 'X' and 'dur' in event:
+            total[event['name']] += event['dur']
+            count[event['name']] += 1
+    return '\n'.join(f'  {us / 1e3:10.1f} ms  {count[name]:6d}x  {name}'
+                     for name, us in total.most_common(top))
 
 
 def peak_memory(compiled) -> tuple[int | None, str]:
@@ -155,9 +199,9 @@ class NextTokenTask:
         return total / count, {'loss': total / count}
 
 
-def igpt_train(shape: dict[str, Any], steps: int, attention: str | None) -> dict:
+def igpt_train(shape: dict[str, Any], options: Options) -> dict:
     """One full train step (forward, backward, clipped AdamW) of pixelgen.trainer."""
-    model, impl = build_igpt(shape, attention)
+    model, impl = build_igpt(shape, options.attention)
     tx, schedule = trainer.make_optimizer(OPTIMIZER, total_steps=1000)
     graphdef, rest, state = trainer.init_state(model, tx, seed=0)
     del model
@@ -176,23 +220,26 @@ def igpt_train(shape: dict[str, Any], steps: int, attention: str | None) -> dict
     _, metrics = jax.block_until_ready(step())
     if not np.isfinite(float(metrics['loss'])):
         raise FloatingPointError(f"igpt_train: loss is {float(metrics['loss'])} at {shape}.")
-    log(f'igpt_train: timing {steps} steps')
-    times = time_steps(step, steps)
+    log(f'igpt_train: timing {options.steps} steps')
+    times = time_steps(step, options)
     model_flops = flops.igpt_flops_per_step(shape['layers'], shape['width'], shape['seq'],
                                             shape['vocab'], shape['batch'])
     return report('igpt_train', shape, times, shape['batch'] * shape['seq'], model_flops,
                   compile_s, compiled, impl)
 
 
-def igpt_sample(shape: dict[str, Any], steps: int, attention: str | None) -> dict:
-    """pixelgen.sampling.sample from the start token with the KV cache.
+def igpt_sample(shape: dict[str, Any], options: Options) -> dict:
+    """pixelgen.sampling.sample of `new_tokens` tokens from the start token with the KV cache,
+    from a model of `seq` positions. Model FLOPs: one causal forward over the new tokens.
 
-    sample() always generates the model's full seq_len, so new_tokens = seq (1024 at the
-    issue's shape, where the peer generates 256). Model FLOPs are one causal forward pass over
-    the generated tokens.
+    A sample() without `num_tokens` generates all seq positions; new_tokens then says so.
     """
-    shape = {**shape, 'new_tokens': shape['seq']}
-    model, impl = build_igpt(shape, attention)
+    if 'num_tokens' in inspect.signature(sampling.sample).parameters:
+        sample_kwargs = {'num_tokens': shape['new_tokens']}
+    else:
+        sample_kwargs = {}
+        shape = {**shape, 'new_tokens': shape['seq']}
+    model, impl = build_igpt(shape, options.attention)
     # A random head: the zero-initialised one makes every draw uniform (same cost, odd samples).
     model.head.kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), model.head.kernel.shape)
     graphdef, params = nnx.split(model)
@@ -200,28 +247,29 @@ def igpt_sample(shape: dict[str, Any], steps: int, attention: str | None) -> dic
 
     @jax.jit
     def generate(params, rng):
-        return sampling.sample(nnx.merge(graphdef, params), rng, batch_size=shape['batch'])
+        return sampling.sample(nnx.merge(graphdef, params), rng, batch_size=shape['batch'],
+                               **sample_kwargs)
 
     log(f'igpt_sample: compiling ({impl} attention)')
     compiled, compile_s = compile_jit(generate, params, jax.random.key(0))
-    keys = iter(jax.random.split(jax.random.key(0), steps + 1))
+    keys = iter(jax.random.split(jax.random.key(0), options.steps + 2))
     log('igpt_sample: warm-up run')
     jax.block_until_ready(compiled(params, next(keys)))
-    log(f'igpt_sample: timing {steps} runs of {shape["new_tokens"]} tokens')
-    times = time_steps(lambda: compiled(params, next(keys)), steps)
+    log(f'igpt_sample: timing {options.steps} runs of {shape["new_tokens"]} tokens')
+    times = time_steps(lambda: compiled(params, next(keys)), options)
     model_flops = flops.igpt_forward_flops(shape['layers'], shape['width'], shape['new_tokens'],
                                            shape['vocab'], shape['batch'])
     return report('igpt_sample', shape, times, shape['batch'] * shape['new_tokens'],
                   model_flops, compile_s, compiled, impl)
 
 
-CASES: dict[str, Callable[[dict[str, Any], int, str | None], dict]] = {
+CASES: dict[str, Callable[[dict[str, Any], Options], dict]] = {
     'igpt_train': igpt_train,
     'igpt_sample': igpt_sample,
 }
 SHAPES: dict[str, dict[str, Any]] = {
     'igpt_train': IGPT_SHAPE,
-    'igpt_sample': IGPT_SHAPE,
+    'igpt_sample': IGPT_SAMPLE_SHAPE,
 }
 
 
@@ -231,7 +279,7 @@ def check_case(name: str) -> None:
 
 
 def run_case(name: str, *, overrides: dict[str, Any] | None = None, steps: int = 5,
-             attention: str | None = None) -> dict:
+             attention: str | None = None, profile_dir: str | None = None) -> dict:
     """Runs case `name` at its shape with `overrides` (e.g. dict(layers=1, seq=16)); returns
     its report. `steps` timed steps (>= 3) follow compilation and one warm-up step."""
     check_case(name)
@@ -243,7 +291,7 @@ def run_case(name: str, *, overrides: dict[str, Any] | None = None, steps: int =
         raise ValueError(f'Unknown shape overrides {sorted(unknown)} for case {name!r}; '
                          f'expected keys among {sorted(shape)}.')
     shape.update(overrides or {})
-    return CASES[name](shape, steps, attention)
+    return CASES[name](shape, Options(steps, attention, profile_dir))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--steps', type=int, default=5, help='timed steps per case (>= 3)')
     parser.add_argument('--attention', choices=ATTENTION_CHOICES, default=None,
                         help="attention implementation (default: the model's default)")
+    parser.add_argument('--profile', metavar='DIR', default=None,
+                        help='also trace one step per case into DIR (jax.profiler; perfetto) '
+                             'and print its top ops to stderr')
     args = parser.parse_args(argv)
     for name in args.cases:
         if name not in CASES:
@@ -270,7 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     peak, source = flops.peak_flops_per_device()
     log(f'peak {peak / 1e12:.3f} TFLOP/s per device ({source})')
     for name in args.cases:
-        result = run_case(name, steps=args.steps, attention=args.attention)
+        profile_dir = os.path.join(args.profile, name) if args.profile else None
+        result = run_case(name, steps=args.steps, attention=args.attention,
+                          profile_dir=profile_dir)
         if args.json:
             print(json.dumps(result), flush=True)
         else:

@@ -38,6 +38,8 @@ def make_optimizer(opt: ConfigDict, total_steps: int):
     With `opt.skip_nonfinite_updates = K > 0`, a step whose gradients hold NaN or Inf leaves
     the parameters unchanged (optax.apply_if_finite); the trainer stops after K in a row.
     """
+    if total_steps < 1:
+        raise ConfigError(f'config.total_steps={total_steps} must be at least 1.')
     if not 0 <= opt.warmup_steps < total_steps:
         raise ConfigError(f'config.optimizer.warmup_steps={opt.warmup_steps} must be in '
                           f'[0, total_steps={total_steps}).')
@@ -167,7 +169,10 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
       the final metrics: the last training metrics and, if training finished, the test ones.
     """
     t_start = time.perf_counter()
-    mesh = parallel.make_mesh(config.mesh)
+    try:
+        mesh = parallel.make_mesh(config.mesh)
+    except ValueError as e:
+        raise ConfigError(f'{e} (config.mesh; {jax.device_count()} devices here)') from e
     hosts, dp = jax.process_count(), parallel.batch_parallelism(mesh)
     if config.batch_size % (dp * config.grad_accum_steps) or config.batch_size % hosts:
         raise ConfigError(

@@ -10,6 +10,7 @@ from pixelgen import bench, flops
 from pixelgen.models.igpt import ImageGPT
 
 TINY = dict(layers=1, width=32, heads=2, seq=16, vocab=16, batch=2)
+TINY_OVERRIDES = {'igpt_train': TINY, 'igpt_sample': dict(TINY, new_tokens=8)}
 FIELDS = ('name', 'shape', 'step_s', 'tokens_per_s', 'model_flops_per_step', 'achieved_tflops',
           'mfu', 'peak_source', 'compile_s', 'peak_memory_bytes', 'memory_source',
           'attention_impl', 'jax_version', 'device')
@@ -55,7 +56,7 @@ def test_peak_on_cpu_is_a_positive_measured_rate():
 
 @pytest.fixture(scope='module', params=['igpt_train', 'igpt_sample'])
 def tiny_result(request):
-    return bench.run_case(request.param, overrides=TINY, steps=3)
+    return bench.run_case(request.param, overrides=TINY_OVERRIDES[request.param], steps=3)
 
 
 def test_case_reports_every_field_with_sane_values(tiny_result):
@@ -74,9 +75,17 @@ def test_case_reports_every_field_with_sane_values(tiny_result):
     assert r['device']['platform'] == jax.devices()[0].platform
 
 
-def test_sample_case_states_how_many_tokens_it_generates(tiny_result):
+def test_sample_case_generates_new_tokens_of_a_longer_model(tiny_result):
     if tiny_result['name'] == 'igpt_sample':
-        assert tiny_result['shape']['new_tokens'] == TINY['seq']
+        assert tiny_result['shape']['new_tokens'] == 8 and tiny_result['shape']['seq'] == 16
+        assert tiny_result['model_flops_per_step'] == flops.igpt_forward_flops(1, 32, 8, 16, 2)
+
+
+def test_profile_writes_a_trace_and_lists_its_top_events(tmp_path):
+    bench.run_case('igpt_sample', overrides=TINY_OVERRIDES['igpt_sample'], steps=3,
+                   profile_dir=str(tmp_path))
+    assert list(tmp_path.glob('**/perfetto_trace.json.gz'))
+    assert len(bench.format_top_ops(str(tmp_path)).splitlines()) > 1
 
 
 def test_unknown_case_names_the_valid_ones(capsys):

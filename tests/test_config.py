@@ -73,3 +73,20 @@ def test_cli_reports_unknown_key_without_traceback(tmp_path):
     assert 'model.num_layrs' in result.stderr and 'model.num_layers' in result.stderr
     assert 'Traceback' not in result.stderr
     assert not (tmp_path / 'w').exists()  # nothing written before the config is valid
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.model.num_heads=3', r'model\.num_heads=3 must divide model\.width=32'),
+    ('--config.data.palette_size=70000', r'data\.palette_size=70000'),
+    ('--config.model.dtype=float8', r'model\.dtype'),
+    ('--config.model.attention=flash', r'model\.attention'),
+    ('--config.mesh.data=3', r'config\.mesh'),
+    ('--config.grad_accum_steps=3', r'batch_size=4 must divide.*grad_accum_steps=3'),
+])
+def test_bad_values_fail_before_any_work(override, message, data_dir, tmp_path):
+    from conftest import tiny_config
+
+    from pixelgen.trainer import train
+    with pytest.raises(ConfigError, match=message):
+        train(tiny_config(data_dir, override), str(tmp_path / 'w'))
+    assert not (tmp_path / 'w' / 'checkpoints').exists()

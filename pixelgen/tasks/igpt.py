@@ -16,17 +16,40 @@ import optax
 from flax import nnx
 
 from pixelgen import flops, images, parallel, sampling
+from pixelgen.config import ConfigError
 from pixelgen.data import palette as palette_lib
 from pixelgen.data import pipeline
 from pixelgen.models.igpt import ImageGPT
+from pixelgen.nn.attention import IMPLEMENTATIONS
+from pixelgen.nn.transformer import REMAT_POLICIES
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def build_model(config, rngs: nnx.Rngs) -> ImageGPT:
-    m = config.model
+def validate_config(config) -> None:
+    """Checks what would otherwise fail later (after data building or compiling)."""
+    m, d = config.model, config.data
+    problems = []
+    if m.width % m.num_heads:
+        problems.append(f'model.num_heads={m.num_heads} must divide model.width={m.width}')
+    if not 2 <= d.palette_size <= 65535:
+        problems.append(f'data.palette_size={d.palette_size} must be in [2, 65535]')
+    if d.image_size < 2:
+        problems.append(f'data.image_size={d.image_size} must be at least 2')
     if m.dtype not in DTYPES:
-        raise ValueError(f'config.model.dtype={m.dtype!r}; expected one of {sorted(DTYPES)}.')
+        problems.append(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
+    if m.attention not in IMPLEMENTATIONS:
+        problems.append(f'model.attention={m.attention!r} must be one of {IMPLEMENTATIONS}')
+    if m.remat not in REMAT_POLICIES:
+        problems.append(f'model.remat={m.remat!r} must be one of {sorted(REMAT_POLICIES)}')
+    if problems:
+        raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
+                          + '\nFix them with --config.<key>=<value>.')
+
+
+def build_model(config, rngs: nnx.Rngs) -> ImageGPT:
+    validate_config(config)
+    m = config.model
     return ImageGPT(vocab_size=config.data.palette_size, seq_len=config.data.image_size ** 2,
                     num_layers=m.num_layers, width=m.width, num_heads=m.num_heads,
                     mlp_ratio=m.mlp_ratio, dtype=DTYPES[m.dtype],
@@ -81,6 +104,7 @@ class ImageGPTTask(ImageGPTLoss):
     """Data, model, loss and pictures for Image GPT."""
 
     def __init__(self, config, workdir: str):
+        validate_config(config)  # before any data is built
         self.config, self.workdir = config, workdir
         d = config.data
         self.train_source = pipeline.open_source(d.dataset, d.train_split, d.data_dir)
