@@ -25,6 +25,7 @@ import gzip
 import inspect
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -130,8 +131,9 @@ def time_steps(step: Callable[[], Any], options: Options) -> list[float]:
 
 
 def format_top_ops(profile_dir: str, top: int = 15) -> str:
-    """The `top` trace events of the newest perfetto trace under `profile_dir`, by total time
-    summed over threads (XLA ops appear on CPU with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true).
+    """The `top` XLA op kinds (fusion names without their .N suffix) of the newest perfetto
+    trace under `profile_dir`, by time summed over threads. XLA's CPU runtime records its ops
+    only with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true; without it this lists nothing.
     """
     paths = sorted(glob.glob(os.path.join(profile_dir, '**', 'perfetto_trace.json.gz'),
                              recursive=True), key=os.path.getmtime)
@@ -143,11 +145,17 @@ def format_top_ops(profile_dir: str, top: int = 15) -> str:
     total: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
     for event in events:
-        if event.get('ph') == 'X' and 'dur' in event:
-            total[event['name']] += event['dur']
-            count[event['name']] += 1
-    return '\n'.join(f'  {us / 1e3:10.1f} ms  {count[name]:6d}x  {name}'
-                     for name, us in total.most_common(top))
+        if event.get('ph') == 'X' and 'hlo_op' in event.get('args', {}):
+            kind = re.sub(r'\.\d+$', '', event['args']['hlo_op'])
+            total[kind] += event['dur']
+            count[kind] += 1
+    if not total:
+        return ('  (no XLA op events: on CPU set XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true; '
+                f'open {paths[-1]} in Perfetto)')
+    all_us = sum(total.values())
+    lines = [f'  {us / 1e3:10.1f} ms {us / all_us:6.1%} {count[kind]:6d}x  {kind}'
+             for kind, us in total.most_common(top)]
+    return '\n'.join([*lines, f'  {all_us / 1e3:10.1f} ms in all XLA ops (thread time)'])
 
 
 def peak_memory(compiled) -> tuple[int | None, str]:

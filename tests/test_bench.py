@@ -85,7 +85,7 @@ def test_profile_writes_a_trace_and_lists_its_top_events(tmp_path):
     bench.run_case('igpt_sample', overrides=TINY_OVERRIDES['igpt_sample'], steps=3,
                    profile_dir=str(tmp_path))
     assert list(tmp_path.glob('**/perfetto_trace.json.gz'))
-    assert len(bench.format_top_ops(str(tmp_path)).splitlines()) > 1
+    assert bench.format_top_ops(str(tmp_path)).strip()
 
 
 def test_unknown_case_names_the_valid_ones(capsys):
