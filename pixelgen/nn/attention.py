@@ -128,8 +128,11 @@ class MultiHeadAttention(nnx.Module):
         return self.out(dot_product_attention(q, k, v, mask))
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
-        """Empty KV cache: k, v [batch, max_length, heads, head_dim] in the compute dtype."""
-        shape = (batch_size, max_length, self.num_heads, self.head_dim)
+        """Empty KV cache: k, v [batch, heads, max_length, head_dim] in the compute dtype.
+
+        Heads-major, so each decoding step reads the cache as it lies; a length-major cache
+        would be transposed whole at every step."""
+        shape = (batch_size, self.num_heads, max_length, self.head_dim)
         return dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype))
 
     def decode(
@@ -145,13 +148,21 @@ class MultiHeadAttention(nnx.Module):
         Returns:
           y [batch, 1, width] and the cache with k, v written at `position`.
         """
-        max_length = cache['k'].shape[1]
+        max_length = cache['k'].shape[2]
         position = jnp.asarray(position, jnp.int32)
         zero = jnp.zeros((), jnp.int32)
-        start = (zero, position, zero, zero)
+        start = (zero, zero, position, zero)
+
+        def heads_major(t):  # [b, 1, heads, head_dim] -> [b, heads, 1, head_dim]
+            return t.transpose(0, 2, 1, 3).astype(cache['k'].dtype)
+
         q = self.query(x)  # [b, 1, heads, head_dim]
-        k = jax.lax.dynamic_update_slice(cache['k'], self.key(x).astype(cache['k'].dtype), start)
-        v = jax.lax.dynamic_update_slice(cache['v'], self.value(x).astype(cache['v'].dtype), start)
-        mask = self.mask.allowed_keys(position, max_length)[None, None, None, :]  # [1,1,1,max_l]
-        y = self.out(dot_product_attention(q, k, v, mask))
+        k = jax.lax.dynamic_update_slice(cache['k'], heads_major(self.key(x)), start)
+        v = jax.lax.dynamic_update_slice(cache['v'], heads_major(self.value(x)), start)
+        allowed = self.mask.allowed_keys(position, max_length)  # [max_length]
+        logits = jnp.einsum('bqhd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+        logits = jnp.where(allowed, logits / math.sqrt(self.head_dim), MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum('bhqk,bhkd->bqhd', probs, v, preferred_element_type=jnp.float32)
+        y = self.out(out.astype(q.dtype))
         return y, dict(k=k, v=v)
