@@ -75,3 +75,9 @@ def test_module_implementations_agree():
     np.testing.assert_allclose(build('block_sparse')(x), build('dense')(x), atol=1e-5)
     with pytest.raises(ValueError, match="attention_impl='flash'"):
         build('flash')
+
+
+def test_block_sparse_only_where_it_pays_off():
+    assert make_plan(CAUSAL, 1024, 128).pays_off      # 56% of dense
+    assert not make_plan(CAUSAL, 400, 128).pays_off   # padding eats the saving
+    assert not make_plan(FULL, 1024, 128).pays_off    # nothing to skip

@@ -50,9 +50,19 @@ class BlockPlan:
 
     @property
     def density(self) -> float:
-        """Fraction of the dense [n, n] logits that the plan computes."""
-        computed = sum(g.mask.size for g in self.groups)
-        return computed / (self.padded * self.padded)
+        """Fraction of the padded [n, n] logits that the plan computes."""
+        return self.computed / (self.padded * self.padded)
+
+    @property
+    def computed(self) -> int:
+        """Logits the plan computes (padding included)."""
+        return sum(g.mask.size for g in self.groups)
+
+    @property
+    def pays_off(self) -> bool:
+        """Whether skipping blocks saves enough over dense [length, length] attention to beat
+        its extra gathers and smaller matmuls (short sequences and full masks do not)."""
+        return self.computed <= 0.75 * self.length * self.length
 
 
 @functools.lru_cache(maxsize=64)
