@@ -153,4 +153,6 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = _ACTIVATION_CONTEXT[-1]
     spec = logical_to_mesh(names, x.shape, mesh, rules)
+    if all(axes is None for axes in spec):
+        return x  # nothing to pin, and a constraint would still block XLA's fusions
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

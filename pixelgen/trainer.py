@@ -169,6 +169,8 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
       the final metrics: the last training metrics and, if training finished, the test ones.
     """
     t_start = time.perf_counter()
+    # Measured first, while no input-pipeline threads compete for the cores.
+    peak, peak_source = flops.peak_flops_per_device()
     try:
         mesh = parallel.make_mesh(config.mesh)
     except ValueError as e:
@@ -196,9 +198,11 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     state_sharding = parallel.state_shardings(abstract, mesh, rules)
     state = jax.jit(lambda: fresh_state()[2], out_shardings=state_sharding)()
     num_params = sum(x.size for x in jax.tree.leaves(state['params']))
-    print(f'[pixelgen] {type(task).__name__}: {num_params:,} parameters, mesh '
-          f'{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices',
-          flush=True)
+    if jax.process_index() == 0:
+        print(f'[pixelgen] {type(task).__name__}: {num_params:,} parameters, mesh '
+              f'{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} '
+              f'devices; MFU is against {peak / 1e12:.3f} TFLOP/s per device ({peak_source})',
+              flush=True)
 
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
     restored, data_iterator, latest = checkpoint.restore_latest_good(
@@ -221,10 +225,6 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     writer = MetricWriter(workdir)
     step = int(state['step'])
     end = min(config.total_steps, stop_after) if stop_after else config.total_steps
-    peak, peak_source = flops.peak_flops_per_device()
-    if jax.process_index() == 0:
-        print(f'[pixelgen] MFU is against {peak / 1e12:.3f} TFLOP/s per device ({peak_source})',
-              flush=True)
     progress = Progress(config.total_steps, step, config.batch_size * task.tokens_per_example,
                         task.model_flops_per_step(config.batch_size), jax.device_count(), peak)
     pending: list[dict] = []  # device metrics not yet fetched (fetching waits for the step)
