@@ -56,23 +56,8 @@ die() {
   exit 2
 }
 
-# Quotes one word for a POSIX shell (only when needed): for printed and remote commands.
-shquote() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/\'\\\'\'}"
-  fi
-}
-
-join_quoted() {
-  local out=() word
-  for word in "$@"; do
-    out+=("$(shquote "$word")")
-  done
-  printf '%s' "${out[*]}"
-}
+# shellcheck source=quoting.sh source-path=SCRIPTDIR
+source "$(dirname "${BASH_SOURCE[0]}")/quoting.sh"
 
 name=${TPU_NAME:-pixelgen}
 zone=${TPU_ZONE:-}
