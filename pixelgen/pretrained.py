@@ -1,4 +1,4 @@
-"""`pixelgen.load(workdir)`: a trained model, its config and (for iGPT) its palette."""
+"""`pixelgen.load(workdir)`: a trained model, its config and its task's assets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from flax import nnx
 
 from pixelgen import checkpoint, parallel, tasks
 from pixelgen.config import ConfigDict, load_saved_config
-from pixelgen.data import palette as palette_lib
 from pixelgen.trainer import abstract_state, init_state, make_optimizer
 
 
@@ -19,8 +18,13 @@ class Loaded:
     model: nnx.Module
     config: ConfigDict
     step: int
-    palette: np.ndarray | None = None   # iGPT: [k, 3] centres in [-1, 1]
     workdir: str = ''
+    assets: dict = dataclasses.field(default_factory=dict)  # tasks.load_assets
+
+    @property
+    def palette(self) -> np.ndarray | None:
+        """iGPT: the [k, 3] colour centres in [-1, 1]."""
+        return self.assets.get('palette')
 
 
 def load(workdir: str, step: int | None = None) -> Loaded:
@@ -53,4 +57,4 @@ def load(workdir: str, step: int | None = None) -> Loaded:
     manager.close()
     model = nnx.merge(graphdef, state['params'], rest)
     return Loaded(model=model, config=config, step=step, workdir=workdir,
-                  palette=palette_lib.load_palette(workdir))
+                  assets=tasks.load_assets(config, workdir))

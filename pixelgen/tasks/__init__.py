@@ -1,31 +1,51 @@
-"""Tasks: what a training run learns. Each knows its data, model, loss, metrics and pictures."""
+"""Tasks: what a training run learns. Each knows its data, model, loss, metrics and pictures.
+
+A task is the module `pixelgen/tasks/<config.task>.py`. It provides:
+  build_model(config, rngs) -> nnx.Module        the model, from the config alone
+  make_loss(config) -> object with .loss(model, batch, rng) -> (loss, metrics)
+                                                  the objective without any data
+  Task(config, workdir)                           data, model, loss, metrics and pictures
+                                                  for the generic trainer (see igpt.py)
+  load_assets(config, workdir) -> dict            optional: what pixelgen.load returns beside
+                                                  the model (a palette, a tokenizer, ...)
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from types import ModuleType
+
 from pixelgen.config import ConfigError
 
-TASKS = ('igpt',)
+TASKS = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)))
+
+
+def module(config_or_name) -> ModuleType:
+    """The task module named by `config.task` (or by a name)."""
+    name = config_or_name if isinstance(config_or_name, str) else config_or_name.task
+    if name not in TASKS:
+        raise ConfigError(f'config.task={name!r} is not a task; expected one of {TASKS}.')
+    return importlib.import_module(f'{__name__}.{name}')
 
 
 def model_builder(config):
     """`build(rngs) -> model` for `config`, without touching any data (used by pixelgen.load)."""
-    if config.task == 'igpt':
-        from pixelgen.tasks.igpt import build_model
-        return lambda rngs: build_model(config, rngs)
-    raise ConfigError(f'config.task={config.task!r} is not a task; expected one of {TASKS}.')
+    build = module(config).build_model
+    return lambda rngs: build(config, rngs)
 
 
 def make_loss_only(config):
     """The task's loss without its data (for compiling a step from shapes alone)."""
-    if config.task == 'igpt':
-        from pixelgen.tasks.igpt import ImageGPTLoss
-        return ImageGPTLoss()
-    raise ConfigError(f'config.task={config.task!r} is not a task; expected one of {TASKS}.')
+    return module(config).make_loss(config)
 
 
 def make(config, workdir: str):
     """The task object for `config.task`."""
-    if config.task == 'igpt':
-        from pixelgen.tasks.igpt import ImageGPTTask
-        return ImageGPTTask(config, workdir)
-    raise ConfigError(f'config.task={config.task!r} is not a task; expected one of {TASKS}.')
+    return module(config).Task(config, workdir)
+
+
+def load_assets(config, workdir: str) -> dict:
+    """What the task keeps in a workdir beside the checkpoint (palette, tokenizer, ...)."""
+    loader = getattr(module(config), 'load_assets', None)
+    return loader(config, workdir) if loader else {}

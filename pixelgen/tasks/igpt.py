@@ -188,3 +188,16 @@ class ImageGPTTask(ImageGPTLoss):
         if jax.process_index() == 0:
             images.save_png(images.make_grid(rows), path)
         return path
+
+
+Task = ImageGPTTask
+
+
+def make_loss(config) -> ImageGPTLoss:
+    del config
+    return ImageGPTLoss()
+
+
+def load_assets(config, workdir: str) -> dict:
+    del config
+    return {'palette': palette_lib.load_palette(workdir)}

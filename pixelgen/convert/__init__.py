@@ -1,0 +1,61 @@
+"""Importers of released weights: each turns another format into a pixelgen workdir.
+
+A converter is a module of this package that defines
+  NAME: str                                  the --from name, e.g. 'hf-clip'
+  DESCRIPTION: str                           one line for --help
+  convert(src: str, workdir: str) -> str     writes the workdir; returns a summary line
+and writes its result with `save_workdir`, so that `pixelgen.load(workdir)` (and training
+from it) work as for any trained run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from types import ModuleType
+
+from flax import nnx
+
+from pixelgen.config import ConfigDict, ConfigError, save_config
+
+
+def converters() -> dict[str, ModuleType]:
+    """{--from name: converter module}, for every converter in this package."""
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith('_'):
+            continue
+        mod = importlib.import_module(f'{__name__}.{info.name}')
+        found[mod.NAME] = mod
+    return found
+
+
+def get(name: str) -> ModuleType:
+    available = converters()
+    if name not in available:
+        raise ConfigError(f'--from {name!r} is not a known format; expected one of '
+                          f'{sorted(available)}.')
+    return available[name]
+
+
+def save_workdir(config: ConfigDict, model: nnx.Module, workdir: str) -> str:
+    """Writes `model` as step 0 of a new workdir for `config` (with a fresh optimizer state).
+
+    Refuses a workdir that already holds checkpoints: converting never overwrites training.
+    """
+    from pixelgen import checkpoint
+    from pixelgen.trainer import init_state, make_optimizer
+
+    manager = checkpoint.make_manager(workdir, async_save=False)
+    if manager.all_steps():
+        manager.close()
+        raise ConfigError(f'{workdir} already holds checkpoints {manager.all_steps()}; '
+                          'convert into a new --workdir.')
+    tx, _ = make_optimizer(config.optimizer, config.total_steps)
+    _, _, state = init_state(model, tx, config.seed)
+    checkpoint.save(manager, 0, state, None, config)
+    manager.wait_until_finished()
+    manager.close()
+    save_config(config, workdir)
+    return os.path.join(checkpoint.checkpoint_dir(workdir), '0')
