@@ -80,16 +80,16 @@ def abstract_state(fresh_state) -> tuple[Any, Any, State]:
 def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 1):
     """One optimizer step; with `grad_accum_steps` > 1 the batch is cut into that many
     micro-batches whose gradients and metrics are averaged (same result, less memory)."""
-    def grads_and_metrics(params, batch, rng):
-        def loss_fn(params):
-            return task.loss(nnx.merge(graphdef, params, rest), batch, rng)
+    def grads_and_metrics(params, batch, rng, step):
+        def loss_fn(params):  # `step` drives in-loss schedules (the dVAE's tau and beta)
+            return task.loss(nnx.merge(graphdef, params, rest), batch, rng, step=step)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, metrics
 
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         rng = jax.random.fold_in(state['rng'], state['step'])  # a fresh key per step, resumable
         if grad_accum_steps == 1:
-            grads, metrics = grads_and_metrics(state['params'], batch, rng)
+            grads, metrics = grads_and_metrics(state['params'], batch, rng, state['step'])
         else:
             # Micro-batch i takes rows i, i + A, i + 2A, ...: every device keeps its share.
             micro = jax.tree.map(lambda x: jnp.swapaxes(
@@ -98,11 +98,13 @@ def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 
 
             def accumulate(carry, inputs):
                 i, micro_batch = inputs
-                out = grads_and_metrics(state['params'], micro_batch, jax.random.fold_in(rng, i))
+                out = grads_and_metrics(state['params'], micro_batch, jax.random.fold_in(rng, i),
+                                        state['step'])
                 return jax.tree.map(jnp.add, carry, out), None
 
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-                grads_and_metrics, state['params'], jax.tree.map(lambda x: x[0], micro), rng))
+                grads_and_metrics, state['params'], jax.tree.map(lambda x: x[0], micro), rng,
+                state['step']))
             total, _ = jax.lax.scan(accumulate, zeros,
                                     (jnp.arange(grad_accum_steps), micro))
             grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, total)

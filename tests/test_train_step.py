@@ -75,8 +75,8 @@ def test_remat_really_recomputes_the_blocks():
 class _PoisonTask(_Task):
     """NaN loss (and gradients) for a batch flagged 'poison'."""
 
-    def loss(self, model, batch, rng):
-        loss, metrics = super().loss(model, batch, rng)
+    def loss(self, model, batch, rng, step=None):
+        loss, metrics = super().loss(model, batch, rng, step)
         loss = loss * jnp.where(batch['poison'], jnp.nan, 1.0)
         return loss, {'loss': loss}
 

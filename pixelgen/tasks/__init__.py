@@ -2,7 +2,7 @@
 
 A task is the module `pixelgen/tasks/<config.task>.py`. It provides:
   build_model(config, rngs) -> nnx.Module        the model, from the config alone
-  make_loss(config) -> object with .loss(model, batch, rng) -> (loss, metrics)
+  make_loss(config) -> object with .loss(model, batch, rng, step) -> (loss, metrics)
                                                   the objective without any data
   Task(config, workdir)                           data, model, loss, metrics and pictures
                                                   for the generic trainer (see igpt.py)

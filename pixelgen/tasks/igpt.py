@@ -91,9 +91,10 @@ def token_loss(logits: jax.Array, tokens: jax.Array, weights: jax.Array) -> tupl
 class ImageGPTLoss:
     """The autoregressive objective alone (no data needed)."""
 
-    def loss(self, model: ImageGPT, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    def loss(self, model: ImageGPT, batch: dict, rng: jax.Array,
+             step: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Mean next-token cross-entropy (nats/token) and its bits per dim (per token)."""
-        del rng  # the autoregressive objective is deterministic
+        del rng, step  # the autoregressive objective is deterministic
         tokens = batch['tokens']
         total, count = token_loss(model(tokens), tokens, jnp.ones(tokens.shape[0]))
         loss = total / count
