@@ -35,7 +35,7 @@ assert jax.device_count() == 8
 rules = parallel.DEFAULT_RULES
 
 class Task:  # the iGPT loss on fixed tokens
-    def loss(self, model, batch, rng):
+    def loss(self, model, batch, rng, step=None):
         logits = model(batch['tokens'])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['tokens']).mean()
         return loss, {'loss': loss}

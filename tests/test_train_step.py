@@ -14,7 +14,7 @@ from pixelgen.models.igpt import ImageGPT
 
 
 class _Task:
-    def loss(self, model, batch, rng):
+    def loss(self, model, batch, rng, step=None):
         logits = model(batch['tokens'])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['tokens']).mean()
         return loss, {'loss': loss}
