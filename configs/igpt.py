@@ -4,7 +4,7 @@
   python -m pixelgen.train --config configs/igpt.py:l,res=48 --workdir W # iGPT-L, 48x48
   python -m pixelgen.train --config configs/igpt.py:xl --workdir W       # iGPT-XL, 64x64
 
-The arg is `size[,res=N][,dataset=NAME]`. Sizes (P2 §3.3):
+The arg is `size[,res=N][,dataset=NAME][,objective=ar|bert]`. Sizes (P2 §3.3):
   s   24 layers,  512 wide,  8 heads    76M parameters   32x32
   m   36 layers, 1024 wide,  8 heads   455M              32x32
   l   48 layers, 1536 wide, 16 heads  1362M              32x32 (48x48 also trained)
@@ -14,6 +14,14 @@ to the TPU-friendly 128). Batch 128 (XL 64), Adam β2 = 0.95, one epoch of linea
 then cosine decay to 0, no weight decay, no dropout, fp32 (paper §3.4). The learning rates
 are the ones reported for the released runs (S 3e-3, M 1e-3, L 1e-3, XL 3e-4); tune them.
 The dataset must be prepared in array_record format in `data.data_dir` (see README).
+
+Datasets (tfds catalog names) and their splits, validation held out as in the paper (P2 §3.1):
+  imagenet2012   train = train[:96%], validation = train[96%:], test = validation (the
+                 official labelled evaluation split; ImageNet's own test split has no labels)
+  cifar10, cifar100, stl10   train = train[:90%], validation = train[90%:], test = test
+`data.eval_split` (evaluated during training) is the validation split; `data.test_split` is
+the official test split (`python -m pixelgen.evaluate ... --option split=test`).
+Resolutions: 32, 48 or 64 (res=), always with the 512-colour palette.
 """
 
 import ml_collections
@@ -24,6 +32,15 @@ SIZES = {  # layers, width, heads, image side, batch, learning rate, steps
     'l': (48, 1536, 16, 32, 128, 1e-3, 1_000_000),
     'xl': (60, 3072, 24, 64, 64, 3e-4, 2_000_000),
 }
+# tfds name -> (train, validation, test) split, and the size of the train split's share.
+DATASETS = {
+    'imagenet2012': ('train[:96%]', 'train[96%:]', 'validation', 1_229_920),
+    'cifar10': ('train[:90%]', 'train[90%:]', 'test', 45_000),
+    'cifar100': ('train[:90%]', 'train[90%:]', 'test', 45_000),
+    'stl10': ('train[:90%]', 'train[90%:]', 'test', 4_500),
+}
+RESOLUTIONS = (32, 48, 64)
+OBJECTIVES = ('ar', 'bert')
 
 
 def _parse(arg):
@@ -31,18 +48,30 @@ def _parse(arg):
     if size not in SIZES:
         raise ValueError(f'Unknown iGPT size {size!r}; expected one of {sorted(SIZES)}.')
     opts = dict(o.split('=', 1) for o in options)
-    unknown = set(opts) - {'res', 'dataset'}
+    unknown = set(opts) - {'res', 'dataset', 'objective'}
     if unknown:
         raise ValueError(f'Unknown option(s) {sorted(unknown)} in {arg!r}; expected res=, '
-                         'dataset=.')
+                         'dataset=, objective=.')
+    if 'res' in opts and int(opts['res']) not in RESOLUTIONS:
+        raise ValueError(f'res={opts["res"]} in {arg!r}: the paper trains at {RESOLUTIONS}.')
+    if opts.get('dataset', 'imagenet2012') not in DATASETS:
+        raise ValueError(f'dataset={opts["dataset"]} in {arg!r}: expected one of '
+                         f'{sorted(DATASETS)} (or override --config.data.dataset and the '
+                         'data.*_split keys).')
+    if opts.get('objective', 'ar') not in OBJECTIVES:
+        raise ValueError(f'objective={opts["objective"]} in {arg!r}: expected one of '
+                         f'{OBJECTIVES}.')
     return size, opts
 
 
 def get_config(arg=None):
     size, opts = _parse(arg)
     layers, width, heads, side, batch, lr, steps = SIZES[size]
+    train_split, validation_split, test_split, train_size = DATASETS[
+        opts.get('dataset', 'imagenet2012')]
     c = ml_collections.ConfigDict()
     c.task = 'igpt'
+    c.objective = opts.get('objective', 'ar')
     c.seed = 0
     c.total_steps = steps
     c.batch_size = batch
@@ -60,8 +89,11 @@ def get_config(arg=None):
     c.data = ml_collections.ConfigDict()
     c.data.dataset = opts.get('dataset', 'imagenet2012')
     c.data.data_dir = ''
-    c.data.train_split = 'train'
-    c.data.eval_split = 'validation' if c.data.dataset == 'imagenet2012' else 'test'
+    c.data.train_split = train_split
+    c.data.eval_split = validation_split
+    c.data.test_split = test_split
+    c.data.random_crop_padding = 0
+    c.data.random_flip = False
     c.data.image_size = int(opts.get('res', side))
     c.data.palette_size = 512
     c.data.palette_fit_images = 20000
@@ -77,10 +109,15 @@ def get_config(arg=None):
     c.model.dtype = 'float32'
     c.model.attention = 'block_sparse'
     c.model.remat = 'full' if size in ('l', 'xl') else 'none'
+    c.model.num_classes = 0  # -1: a classifier head for the dataset's labels (fine-tuning)
+
+    c.init_from = ''         # fine-tuning: the pretrained workdir (configs/igpt_finetune.py)
+    c.init_from_step = -1
+    c.classifier_loss_weight = 1.0
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = lr
-    c.optimizer.warmup_steps = 1_281_167 // batch   # one ImageNet epoch
+    c.optimizer.warmup_steps = train_size // batch   # one epoch
     c.optimizer.min_learning_rate_ratio = 0.0
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.95

@@ -12,6 +12,7 @@ import ml_collections
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.task = 'igpt'
+    c.objective = 'ar'             # or 'bert' (15% masked pixels, bidirectional)
     c.seed = 0
     c.total_steps = 1200
     c.batch_size = 8
@@ -32,6 +33,9 @@ def get_config(arg=None):
     c.data.data_dir = ''           # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.data.train_split = 'train'
     c.data.eval_split = 'test'
+    c.data.test_split = 'test'
+    c.data.random_crop_padding = 0  # training augmentation: pad, then crop back at random
+    c.data.random_flip = False      # training augmentation: mirror left-right half the time
     c.data.image_size = 20
     c.data.palette_size = 64
     c.data.palette_fit_images = 2000
@@ -47,6 +51,13 @@ def get_config(arg=None):
     c.model.dtype = 'float32'
     c.model.attention = 'block_sparse'  # or 'dense' (the reference)
     c.model.remat = 'none'              # 'full' or 'dots': recompute blocks to save memory
+    c.model.num_classes = 0             # classifier head: 0 none, -1 from the dataset's labels
+
+    # Fine-tuning (configs/igpt_finetune.py sets these): start from a pretrained workdir and
+    # minimise L_GEN + classifier_loss_weight * L_CLF.
+    c.init_from = ''
+    c.init_from_step = -1          # -1: its latest checkpoint
+    c.classifier_loss_weight = 1.0
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 3e-3

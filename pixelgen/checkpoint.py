@@ -50,7 +50,14 @@ def describe(config: ConfigDict) -> dict[str, Any]:
     """What must match for a checkpoint to be restored into a run of `config`."""
     model = {k: v for k, v in config.model.to_dict().items() if k not in _NOT_SHAPE}
     data = {k: config.data[k] for k in ('image_size', 'palette_size') if k in config.data}
-    return {'task': config.task, 'model': model, 'data': data}
+    # The training objective and the classifier head change what a checkpoint is; left out at
+    # their defaults so checkpoints written before they existed keep their signature.
+    if not model.get('num_classes', 1):
+        del model['num_classes']
+    signature = {'task': config.task, 'model': model, 'data': data}
+    if config.get('objective', 'ar') != 'ar':
+        signature['objective'] = config.objective
+    return signature
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator, config) -> None:

@@ -1,7 +1,17 @@
 """python -m pixelgen.sample --workdir W [--num 16] [--step N] [--temperature 1] [--top_k 0]
 
-Writes PNG grids from a trained Image GPT: unconditional samples, and completions of test
-images (the top half given, the bottom half sampled), into W/samples/ (or --out).
+Writes PNG grids from a trained model into W/samples/ (or --out); what it draws depends on the
+workdir's task:
+
+Image GPT: unconditional samples, and completions of test images (the top half given, the
+bottom half sampled).
+
+DALL·E: images for a caption, decoded by the config's dVAE (or --dvae_workdir):
+  python -m pixelgen.sample --workdir runs/dalle_shapes --prompt "a large red star" \\
+      --num 64 --top 8 [--clip_workdir runs/clip_shapes] [--top_p 0.9]
+With --clip_workdir the --num candidates are reranked by CLIP and the best --top kept (best
+first). With --prime_index I --prime_rows R the top R rows of test example I's codes are
+given and the rest completed (image-to-image); its caption is used unless --prompt is given.
 """
 
 from __future__ import annotations
@@ -9,43 +19,73 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
+import sys
 
 from pixelgen import cli
+
+DALLE_ONLY = ('prompt', 'top', 'top_p', 'clip_workdir', 'dvae_workdir', 'prime_index',
+              'prime_rows')
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog='python -m pixelgen.sample', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--workdir', required=True)
-    parser.add_argument('--num', type=int, default=16, help='images per grid')
+    parser.add_argument('--num', type=int, default=16, help='images to draw')
     parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
     parser.add_argument('--temperature', type=float, default=1.0)
     parser.add_argument('--top_k', type=int, default=0, help='0 = sample from the full softmax')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default=None, help='output folder (default: WORKDIR/samples)')
+    dalle = parser.add_argument_group('DALL·E workdirs')
+    dalle.add_argument('--prompt', default=None, help='the caption to draw')
+    dalle.add_argument('--top', type=int, default=None,
+                       help='keep the best TOP of --num by CLIP score (needs --clip_workdir)')
+    dalle.add_argument('--top_p', type=float, default=None, help='nucleus sampling mass')
+    dalle.add_argument('--clip_workdir', default=None, help='a CLIP workdir for reranking')
+    dalle.add_argument('--dvae_workdir', default=None,
+                       help="decode with this dVAE (default: the config's dvae_workdir)")
+    dalle.add_argument('--prime_index', type=int, default=None,
+                       help='complete test example PRIME_INDEX of the codes dataset')
+    dalle.add_argument('--prime_rows', type=int, default=None,
+                       help='rows of that example given to the model (with --prime_index)')
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f'--num must be at least 1, got {args.num}')
 
-    import jax
-
     import pixelgen
-    from pixelgen import images, parallel, sampling, tasks
 
     loaded = pixelgen.load(args.workdir, args.step)
-    if loaded.config.task != 'igpt':
-        raise cli.ConfigError(f'{args.workdir} holds a {loaded.config.task!r} model; '
-                              'pixelgen.sample draws Image GPT samples.')
+    if loaded.config.task == 'igpt':
+        given = [f'--{k}' for k in DALLE_ONLY if getattr(args, k) is not None]
+        if given:
+            parser.error(f'{" ".join(given)} apply to DALL·E workdirs; {args.workdir} holds an '
+                         'Image GPT.')
+        return sample_igpt(args, loaded)
+    if loaded.config.task == 'dalle':
+        return sample_dalle(args, loaded, parser)
+    raise cli.ConfigError(f'{args.workdir} holds a {loaded.config.task!r} model; '
+                          'pixelgen.sample draws from Image GPT and DALL·E workdirs.')
+
+
+def _grid_rows(pictures, cols: int) -> list:
+    return [pictures[i:i + cols] for i in range(0, len(pictures), cols)]
+
+
+def sample_igpt(args, loaded) -> int:
+    import jax
+
+    from pixelgen import images, parallel, sampling, tasks
+
     out = args.out or os.path.join(args.workdir, 'samples')
     rng = jax.random.PRNGKey(args.seed)
     top_k = args.top_k or None
     tokens = sampling.sample(loaded.model, rng, batch_size=args.num,
                              temperature=args.temperature, top_k=top_k)
     task = tasks.make(loaded.config, args.workdir)
-    cols = math.ceil(math.sqrt(args.num))
     pictures = task.to_images(parallel.to_host(tokens))
-    rows = [pictures[i:i + cols] for i in range(0, args.num, cols)]
-    path = images.save_png(images.make_grid(rows),
+    path = images.save_png(images.make_grid(_grid_rows(pictures, math.ceil(math.sqrt(args.num)))),
                            os.path.join(out, f'unconditional_{loaded.step:07d}.png'))
     print(f'[samples] {path}')
     with loaded.config.unlocked():
@@ -56,6 +96,77 @@ def main(argv: list[str]) -> int:
     path = images.save_png(images.make_grid(rows),
                            os.path.join(out, f'sample_completions_{loaded.step:07d}.png'))
     print(f'[samples] {path}')
+    return 0
+
+
+def sample_dalle(args, loaded, parser) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import pixelgen
+    from pixelgen import images, parallel
+    from pixelgen.models.dalle import generate
+    from pixelgen.tasks.dalle import render_codes
+
+    config, model = loaded.config, loaded.model
+    tokenizer = loaded.assets.get('tokenizer')
+    if tokenizer is None:
+        raise FileNotFoundError(f'{args.workdir} has no tokenizer.json (a DALL·E training run '
+                                'writes one before its first step).')
+    if args.top is not None and not 1 <= args.top <= args.num:
+        parser.error(f'--top must be in [1, --num={args.num}], got {args.top}')
+    if args.top is not None and args.top < args.num and not args.clip_workdir:
+        parser.error('--top keeps the best images by CLIP score: pass --clip_workdir too '
+                     '(or leave --top out to keep all --num).')
+    if (args.prime_index is None) != (args.prime_rows is None):
+        parser.error('--prime_index and --prime_rows go together.')
+    prompt, image_prompt = args.prompt, None
+    if args.prime_index is not None:
+        from pixelgen.data.codes import open_codes
+        if not 1 <= args.prime_rows < model.grid_size:
+            parser.error(f'--prime_rows must be in [1, {model.grid_size - 1}].')
+        record = open_codes(config.data.codes_dir, config.data.eval_split)[args.prime_index]
+        prompt = prompt if prompt is not None else record['caption']
+        given = record['codes'][:args.prime_rows].reshape(-1).astype(np.int32)
+        image_prompt = jnp.asarray(np.repeat(given[None], args.num, axis=0))
+    if prompt is None:
+        parser.error('a DALL·E workdir needs --prompt "a caption" (or --prime_index).')
+
+    encoded = tokenizer.encode([prompt], model.text_len, add_sot_eot=True)
+    if encoded.num_truncated:
+        print(f'warning: the prompt is longer than model.text_len={model.text_len} tokens; '
+              f'it was cut to "{tokenizer.decode(encoded.ids)[0]}"', file=sys.stderr)
+    dvae_dir = args.dvae_workdir or config.get('dvae_workdir', '')
+    if not dvae_dir:
+        raise cli.ConfigError('No dVAE to decode with: the config has no dvae_workdir. Pass '
+                              '--dvae_workdir DIR (the dVAE that wrote the training codes).')
+    dvae = pixelgen.load(dvae_dir).model
+    if dvae.codebook_size != model.image_vocab_size:
+        raise cli.ConfigError(f'The dVAE in {dvae_dir} has {dvae.codebook_size} codes but the '
+                              f'model draws from {model.image_vocab_size}: pass the dVAE that '
+                              'encoded its training data.')
+
+    text = jnp.asarray(np.repeat(encoded.ids, args.num, axis=0))
+    codes = parallel.to_host(generate(
+        model, jax.random.PRNGKey(args.seed), text, image_prompt=image_prompt,
+        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p))
+    pictures = render_codes(codes.reshape(args.num, model.grid_size, model.grid_size), dvae)
+    order = np.arange(args.num)
+    if args.clip_workdir:
+        from pixelgen import rerank
+        clip = pixelgen.load(args.clip_workdir)
+        order, scores = rerank.rerank(clip, pictures, prompt, args.top or args.num)
+        print('[rerank] CLIP scores of the kept images, best first: '
+              + ', '.join(f'{scores[i]:.3f}' for i in order))
+    kept = pictures[order]
+    out = args.out or os.path.join(args.workdir, 'samples')
+    slug = re.sub(r'[^a-z0-9]+', '_', prompt.lower()).strip('_')[:60]
+    name = f'dalle_{slug}_{loaded.step:07d}' + (
+        f'_prime{args.prime_index}x{args.prime_rows}' if image_prompt is not None else '')
+    path = images.save_png(images.make_grid(_grid_rows(kept, math.ceil(math.sqrt(len(kept))))),
+                           os.path.join(out, name + '.png'))
+    print(f'[samples] {path}  ({len(kept)} images for "{prompt}")')
     return 0
 
 

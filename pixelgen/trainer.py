@@ -77,6 +77,44 @@ def abstract_state(fresh_state) -> tuple[Any, Any, State]:
     return box['graphdef'], rest, state
 
 
+def init_params_from(state: State, config: ConfigDict) -> State:
+    """`state` with the parameters of the checkpoint in `config.init_from` (step
+    `config.init_from_step`, -1 = its latest) wherever this model has the same parameter; the
+    others (a new classifier head) keep their fresh initialisation. Optimizer state and step
+    stay fresh: a fine-tuning run starts at step 0."""
+    from pixelgen import pretrained  # pretrained imports this module
+
+    step = config.get('init_from_step', -1)
+    try:
+        source = pretrained.load(config.init_from, None if step < 0 else step)
+    except FileNotFoundError as e:
+        raise ConfigError(f'config.init_from={config.init_from!r}: {e}') from e
+    _, source_params, _ = nnx.split(source.model, nnx.Param, ...)
+    loaded = dict(jax.tree_util.tree_flatten_with_path(source_params)[0])
+    fresh, mismatched = [], []
+
+    def pick(path, x):
+        if path not in loaded:
+            fresh.append(jax.tree_util.keystr(path))
+            return x
+        y = loaded[path]
+        if y.shape != x.shape:
+            mismatched.append(f'{jax.tree_util.keystr(path)}: pretrained {y.shape}, '
+                              f'this model {x.shape}')
+            return x
+        return jax.device_put(y.astype(x.dtype), x.sharding)
+
+    params = jax.tree_util.tree_map_with_path(pick, state['params'])
+    if mismatched:
+        raise ConfigError(f'config.init_from={config.init_from!r}: parameter shapes differ:\n  '
+                          + '\n  '.join(mismatched) + '\nSet config.model and config.data to '
+                          f'the values in {config.init_from}/config.json.')
+    if jax.process_index() == 0:
+        print(f'[pixelgen] initialised from {config.init_from} step {source.step}; fresh: '
+              f'{", ".join(fresh) or "nothing"}', flush=True)
+    return {**state, 'params': params}
+
+
 def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 1):
     """One optimizer step; with `grad_accum_steps` > 1 the batch is cut into that many
     micro-batches whose gradients and metrics are averaged (same result, less memory)."""
@@ -214,6 +252,8 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
         state = restored
         print(f'[pixelgen] resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}',
               flush=True)
+    elif config.get('init_from', ''):
+        state = init_params_from(state, config)
     if jax.process_index() == 0:  # only now: a refused checkpoint leaves the workdir untouched
         save_config(config, workdir)
 

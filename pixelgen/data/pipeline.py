@@ -37,7 +37,7 @@ def resolve_data_dir(data_dir: str) -> str:
 def open_source(dataset: str, split: str, data_dir: str = ''):
     """A random-access source of one split: `len(src)` examples, `src[i]` a feature dict."""
     data_dir = resolve_data_dir(data_dir)
-    if dataset in builders.EMBEDDED:
+    if builders.builds_locally(dataset):  # embedded, or 'image_folder:<path>'
         builder = builders.ensure_built(dataset, data_dir)
     else:
         try:
@@ -61,6 +61,15 @@ def open_source(dataset: str, split: str, data_dir: str = ''):
     except NotImplementedError as e:
         raise DataError(f'Dataset {dataset!r} in {data_dir} was prepared as TFRecord, which needs '
                         "TensorFlow. Re-prepare it with file_format='array_record'.") from e
+
+
+def num_classes(source, feature: str = 'label') -> int:
+    """The number of classes of a source's tfds `ClassLabel` feature (e.g. 10 for cifar10)."""
+    features = source.dataset_info.features
+    if feature not in features or not hasattr(features[feature], 'num_classes'):
+        raise DataError(f'Dataset {source.dataset_info.name!r} has no class-label feature '
+                        f'{feature!r} (features: {sorted(features)}); classification needs one.')
+    return int(features[feature].num_classes)
 
 
 def to_rgb_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -93,6 +102,25 @@ def image_example(image_size: int) -> Callable[[dict], Example]:
     return prepare
 
 
+def random_crop_flip(crop_padding: int = 0, flip: bool = False
+                     ) -> Callable[[Example, np.random.Generator], Example]:
+    """Per-example augmentation for `train_iterator(augment=)`: zero-pad the image by
+    `crop_padding` pixels on every side and crop back to its size at a random offset, then
+    mirror it left-right with probability 1/2 if `flip`."""
+    def augment(example: Example, rng: np.random.Generator) -> Example:
+        image = example['image']  # [h, w, 3]
+        if crop_padding:
+            h, w = image.shape[:2]
+            padded = np.pad(image, ((crop_padding, crop_padding), (crop_padding, crop_padding),
+                                    (0, 0)))
+            top, left = rng.integers(0, 2 * crop_padding + 1, size=2)
+            image = padded[top:top + h, left:left + w]
+        if flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {**example, 'image': np.ascontiguousarray(image)}
+    return augment
+
+
 class _HostRows(grain.MapDataset):
     """This host's rows of every global batch of an example stream.
 
@@ -121,17 +149,23 @@ class _HostRows(grain.MapDataset):
 
 def train_iterator(source, *, batch_size: int, seed: int, prepare: Callable[[dict], Example],
                    batch_map: Callable[[Example], Example] | None = None,
+                   augment: Callable[[Example, np.random.Generator], Example] | None = None,
                    num_threads: int = 2, prefetch: int = 4) -> grain.DatasetIterator:
     """An endless, checkpointable iterator of this host's share of each global batch.
 
     `batch_size` is the global batch; each host yields `batch_size / hosts` rows of it.
+    `augment(example, rng)` runs after `prepare` with a generator seeded by `seed` and the
+    example's position in the global stream: the same augmentation for any number of hosts,
+    a new one every epoch, and the same again after a resume.
     """
     host, hosts = jax.process_index(), jax.process_count()
     if len(source) < batch_size:
         raise DataError(f'The training split has {len(source)} examples, fewer than one batch '
                         f'of {batch_size}. Lower --config.batch_size.')
-    stream = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-    ds = _HostRows(stream, batch_size, host, hosts).map(prepare)
+    stream = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).map(prepare)
+    if augment is not None:
+        stream = stream.random_map(augment)
+    ds = _HostRows(stream, batch_size, host, hosts)
     ds = ds.batch(batch_size // hosts, drop_remainder=True)
     if batch_map is not None:
         ds = ds.map(batch_map)

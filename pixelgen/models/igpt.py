@@ -7,6 +7,13 @@ Follows openai/image-gpt `src/model.py`:
     logits = ln_f(h_L) @ head                    (head untied from wte and zero-initialised)
 
 so logits[:, i] predicts token x_i from x_{<i}.
+
+With `objective='bert'` (the paper's BERT variant) there is no sos and no shift: the input is
+`wte[x'] + wpe`, where x' has about 15% of its tokens replaced by a mask token (one extra row
+of `wte`), attention is bidirectional, and logits[:, i] predicts the original x_i.
+
+With `num_classes > 0` a bias-free classification head reads the sequence average of
+ln_f(h_L) (fine-tuning, as in the paper): `class_logits = mean_i ln_f(h_L)_i @ clf`.
 """
 
 from __future__ import annotations
@@ -18,11 +25,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixelgen.nn.attention import logical_init
-from pixelgen.nn.masks import CAUSAL
+from pixelgen.nn.masks import CAUSAL, FULL
 from pixelgen.nn.transformer import LayerCache, Transformer, rms_norm
 from pixelgen.parallel import constrain
 
 Cache = tuple[LayerCache, ...]
+
+OBJECTIVES = ('ar', 'bert')
+BERT_MASK_RATE = 0.15  # P2 §3.2 (20% was equivalent, 25-35% worse)
+
+
+def bert_mask(tokens: jax.Array, rng: jax.Array, mask_token: int,
+              rate: float = BERT_MASK_RATE) -> tuple[jax.Array, jax.Array]:
+    """Replaces each token by `mask_token` with probability `rate` (as openai/image-gpt:
+    keep where uniform > rate). tokens [batch, length] -> (inputs [batch, length],
+    is_masked bool [batch, length])."""
+    is_masked = jax.random.uniform(rng, tokens.shape) < rate
+    return jnp.where(is_masked, mask_token, tokens).astype(tokens.dtype), is_masked
 
 
 def _check_positive(**values: int) -> None:
@@ -40,7 +59,7 @@ class ImageGPT(nnx.Module):
     def __init__(self, *, vocab_size: int, seq_len: int, num_layers: int, width: int,
                  num_heads: int, mlp_ratio: int = 4, dtype: Any = jnp.float32,
                  attention_impl: str = 'block_sparse', remat: str = 'none',
-                 rngs: nnx.Rngs):
+                 objective: str = 'ar', num_classes: int = 0, rngs: nnx.Rngs):
         """Args:
           vocab_size: palette size (512 in the paper); sos is a separate vector, not a token.
           seq_len: number of pixels, e.g. 32 * 32 = 1024.
@@ -48,8 +67,16 @@ class ImageGPT(nnx.Module):
           dtype: compute dtype, e.g. jnp.bfloat16.
           attention_impl: 'block_sparse' (fast, skips masked blocks) or 'dense' (reference).
           remat: recompute blocks in the backward pass: 'none', 'full' or 'dots'.
+          objective: 'ar' (causal, next pixel) or 'bert' (bidirectional, masked pixels; the
+            mask token is id `vocab_size`).
+          num_classes: > 0 adds the bias-free, zero-initialised classification head.
           rngs: parameter rngs.
         """
+        if objective not in OBJECTIVES:
+            raise ValueError(f'ImageGPT objective={objective!r} must be one of {OBJECTIVES}.')
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f'ImageGPT num_classes={num_classes!r} must be an integer >= 0 '
+                             '(0: no classification head).')
         _check_positive(vocab_size=vocab_size, seq_len=seq_len, num_layers=num_layers,
                         width=width, num_heads=num_heads, mlp_ratio=mlp_ratio)
         if width % num_heads:
@@ -62,29 +89,43 @@ class ImageGPT(nnx.Module):
         self.num_layers = num_layers
         self.width = width
         self.dtype = dtype
+        self.objective = objective
+        self.num_classes = num_classes
+        bert = objective == 'bert'
+        self.mask_token = vocab_size if bert else None
 
         self.wte = nnx.Embed(
-            vocab_size, width, dtype=dtype, param_dtype=jnp.float32,
+            vocab_size + 1 if bert else vocab_size, width, dtype=dtype, param_dtype=jnp.float32,
             embedding_init=logical_init(nnx.initializers.normal(0.02), ('vocab', 'embed')),
             rngs=rngs)
         self.wpe = nnx.Param(logical_init(nnx.initializers.normal(0.01), ('length', 'embed'))(
             rngs.params(), (seq_len, width), jnp.float32))
-        self.sos = nnx.Param(logical_init(nnx.initializers.normal(0.02), ('embed',))(
-            rngs.params(), (width,), jnp.float32))
+        self.sos = None if bert else nnx.Param(logical_init(
+            nnx.initializers.normal(0.02), ('embed',))(rngs.params(), (width,), jnp.float32))
         self.transformer = Transformer(num_layers=num_layers, width=width, num_heads=num_heads,
-                                       mask=CAUSAL, mlp_ratio=mlp_ratio, dtype=dtype,
+                                       mask=FULL if bert else CAUSAL, mlp_ratio=mlp_ratio,
+                                       dtype=dtype,
                                        attention_impl=attention_impl, remat=remat, rngs=rngs)
         self.ln_f = rms_norm(width, dtype, rngs)
         self.head = nnx.Linear(
             width, vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
             preferred_element_type=jnp.float32,
             kernel_init=logical_init(nnx.initializers.zeros, ('embed', 'vocab')), rngs=rngs)
+        self.clf = nnx.Linear(  # zero-initialised like openai/image-gpt's wclf
+            width, num_classes, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+            preferred_element_type=jnp.float32,
+            kernel_init=logical_init(nnx.initializers.zeros, ('embed', None)),
+            rngs=rngs) if num_classes else None
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
-        """tokens [batch, length] -> shifted input embeddings [batch, length, width]."""
+        """tokens [batch, length] -> input embeddings [batch, length, width]: shifted behind
+        sos for 'ar', in place (mask tokens included) for 'bert'."""
         batch, length = tokens.shape
-        sos = jnp.broadcast_to(self.sos[...], (batch, 1, self.width))
-        h = jnp.concatenate([sos, self.wte(tokens[:, :-1]).astype(jnp.float32)], axis=1)
+        if self.objective == 'bert':
+            h = self.wte(tokens).astype(jnp.float32)
+        else:
+            sos = jnp.broadcast_to(self.sos[...], (batch, 1, self.width))
+            h = jnp.concatenate([sos, self.wte(tokens[:, :-1]).astype(jnp.float32)], axis=1)
         h = h + self.wpe[:length]
         return constrain(h.astype(self.dtype), ('batch', 'length', 'embed'))
 
@@ -97,12 +138,21 @@ class ImageGPT(nnx.Module):
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens [batch, length<=seq_len] int32 palette indices -> logits [batch, length,
-        vocab_size] float32. Position i is predicted from tokens < i: the input is
-        concat(sos, embed(tokens[:, :-1])) + position embedding."""
+        vocab_size] float32. 'ar': position i is predicted from tokens < i (the input is
+        concat(sos, embed(tokens[:, :-1])) + position embedding). 'bert': from every
+        position of `tokens`, which carry mask tokens where the pixel is to be predicted."""
+        return self.logits_and_class_logits(tokens)[0]
+
+    def logits_and_class_logits(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """tokens [batch, length] -> (logits [batch, length, vocab_size], class logits
+        [batch, num_classes] or None without a classification head), from one forward pass."""
         self._check_tokens(tokens)
-        h = self.transformer(self._embed(tokens))
-        logits = self.head(self.ln_f(h)).astype(jnp.float32)
-        return constrain(logits, ('batch', 'length', 'vocab'))
+        final = self.ln_f(self.transformer(self._embed(tokens)))  # [b, l, width]
+        logits = constrain(self.head(final).astype(jnp.float32), ('batch', 'length', 'vocab'))
+        if self.clf is None:
+            return logits, None
+        pooled = final.astype(jnp.float32).mean(axis=1)  # average pool over the sequence
+        return logits, self.clf(pooled).astype(jnp.float32)
 
     def hidden_features(self, tokens: jax.Array) -> jax.Array:
         """Linear-probe features: for every layer l, mean over the sequence of norm1(h_l).
@@ -116,6 +166,7 @@ class ImageGPT(nnx.Module):
     def init_cache(self, batch_size: int, length: int | None = None) -> Cache:
         """Empty KV cache for `decode_step`: per-layer k, v [batch, length, heads, head_dim];
         `length` (default seq_len) bounds the positions that can be decoded."""
+        self._check_autoregressive()
         return self.transformer.init_cache(batch_size, length or self.seq_len)
 
     def decode_step(self, prev_tokens: jax.Array, position: jax.Array,
@@ -123,9 +174,16 @@ class ImageGPT(nnx.Module):
         """prev_tokens [batch] int32 = tokens[:, position-1] (ignored at position 0, where the
         sos vector is used); returns logits [batch, vocab_size] float32 for tokens[:, position],
         and the new cache."""
+        self._check_autoregressive()
         position = jnp.asarray(position, jnp.int32)
         tok = self.wte(prev_tokens).astype(jnp.float32)  # [b, width]
         h = jnp.where(position == 0, self.sos[...][None], tok) + self.wpe[position]
         h, cache = self.transformer.decode(h[:, None, :].astype(self.dtype), cache, position)
         logits = self.head(self.ln_f(h))[:, 0]  # [b, vocab]
         return logits.astype(jnp.float32), cache
+
+    def _check_autoregressive(self) -> None:
+        if self.objective != 'ar':
+            raise ValueError(f"A {self.objective!r} Image GPT is not autoregressive: it cannot "
+                             'decode pixel by pixel. Sample from an objective=ar model, or '
+                             'fill in masked pixels with model(tokens).')

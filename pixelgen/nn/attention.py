@@ -72,6 +72,7 @@ class MultiHeadAttention(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         attention_impl: str = 'block_sparse',
         block_size: int = 128,
+        use_bias: bool = False,
         rngs: nnx.Rngs,
     ):
         """Args:
@@ -108,15 +109,22 @@ class MultiHeadAttention(nnx.Module):
                                 ('heads', 'kv', 'embed'))
         qkv_shape = (width, num_heads, self.head_dim)
 
+        # use_bias (CLIP): biases on q, k, v [heads, head_dim] and on the output [width].
+        zeros = nnx.initializers.zeros
+
         def qkv():
-            return nnx.Einsum('bld,dhk->blhk', qkv_shape, dtype=dtype, param_dtype=jnp.float32,
-                              kernel_init=qkv_init, rngs=rngs)
+            return nnx.Einsum('bld,dhk->blhk', qkv_shape,
+                              (num_heads, self.head_dim) if use_bias else None, dtype=dtype,
+                              param_dtype=jnp.float32, kernel_init=qkv_init,
+                              bias_init=logical_init(zeros, ('heads', 'kv')), rngs=rngs)
 
         self.query = qkv()
         self.key = qkv()
         self.value = qkv()
-        self.out = nnx.Einsum('blhk,hkd->bld', (num_heads, self.head_dim, width), dtype=dtype,
-                              param_dtype=jnp.float32, kernel_init=out_init, rngs=rngs)
+        self.out = nnx.Einsum('blhk,hkd->bld', (num_heads, self.head_dim, width),
+                              (width,) if use_bias else None, dtype=dtype,
+                              param_dtype=jnp.float32, kernel_init=out_init,
+                              bias_init=logical_init(zeros, ('embed',)), rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [batch, length, width] -> [batch, length, width]."""
@@ -161,10 +169,16 @@ class MultiHeadAttention(nnx.Module):
         q = self.query(x)  # [b, 1, heads, head_dim]
         k = jax.lax.dynamic_update_slice(cache['k'], heads_major(self.key(x)), start)
         v = jax.lax.dynamic_update_slice(cache['v'], heads_major(self.value(x)), start)
-        allowed = self.mask.allowed_keys(position, max_length)  # [max_length]
-        logits = jnp.einsum('bqhd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+        sparse = self.mask.decode_keys(position, max_length)
+        if sparse is None:  # read the whole cache
+            keys, values = k, v
+            allowed = self.mask.allowed_keys(position, max_length)  # [max_length]
+        else:  # DALL·E layers read only the text and the window (or column) of the query
+            indices, allowed = sparse  # [K]
+            keys, values = (jnp.take(c, indices, axis=2) for c in (k, v))  # [b, h, K, d]
+        logits = jnp.einsum('bqhd,bhkd->bhqk', q, keys, preferred_element_type=jnp.float32)
         logits = jnp.where(allowed, logits / math.sqrt(self.head_dim), MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum('bhqk,bhkd->bqhd', probs, v, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+        out = jnp.einsum('bhqk,bhkd->bqhd', probs, values, preferred_element_type=jnp.float32)
         y = self.out(out.astype(q.dtype))
         return y, dict(k=k, v=v)

@@ -31,22 +31,39 @@ def rms_norm(width: int, dtype: Any, rngs: nnx.Rngs) -> nnx.RMSNorm:
                        scale_init=logical_init(nnx.initializers.ones, ('embed',)), rngs=rngs)
 
 
+def layer_norm(width: int, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """CLIP's norm: (x - mean) * rsqrt(var + 1e-5) * g + b."""
+    return nnx.LayerNorm(width, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+                         scale_init=logical_init(nnx.initializers.ones, ('embed',)),
+                         bias_init=logical_init(nnx.initializers.zeros, ('embed',)), rngs=rngs)
+
+
+# Options of the shared blocks; the first of each is Image GPT's (the default).
+NORMS = {'rms': rms_norm, 'layer': layer_norm}
+ACTIVATIONS = {'quick_gelu': quick_gelu, 'gelu': lambda x: jax.nn.gelu(x, approximate=False)}
+
+
 class MLP(nnx.Module):
-    """width -> mlp_ratio * width -> width, no biases, quick_gelu."""
+    """width -> mlp_ratio * width -> width; by default no biases and quick_gelu."""
 
     def __init__(self, width: int, *, mlp_ratio: int = 4, dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+                 use_bias: bool = False, activation: str = 'quick_gelu', rngs: nnx.Rngs):
         hidden = mlp_ratio * width
         init = nnx.initializers.normal(0.02)
-        self.fc = nnx.Linear(width, hidden, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                             kernel_init=logical_init(init, ('embed', 'mlp')), rngs=rngs)
-        self.proj = nnx.Linear(hidden, width, use_bias=False, dtype=dtype,
+        self.activation = activation
+        self.fc = nnx.Linear(width, hidden, use_bias=use_bias, dtype=dtype,
+                             param_dtype=jnp.float32,
+                             kernel_init=logical_init(init, ('embed', 'mlp')),
+                             bias_init=logical_init(nnx.initializers.zeros, ('mlp',)), rngs=rngs)
+        self.proj = nnx.Linear(hidden, width, use_bias=use_bias, dtype=dtype,
                                param_dtype=jnp.float32,
-                               kernel_init=logical_init(init, ('mlp', 'embed')), rngs=rngs)
+                               kernel_init=logical_init(init, ('mlp', 'embed')),
+                               bias_init=logical_init(nnx.initializers.zeros, ('embed',)),
+                               rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [..., width] -> [..., width]."""
-        hidden = constrain(quick_gelu(self.fc(x)), ('batch', 'length', 'mlp'))
+        hidden = constrain(ACTIVATIONS[self.activation](self.fc(x)), ('batch', 'length', 'mlp'))
         return self.proj(hidden)
 
 
@@ -55,12 +72,17 @@ class Block(nnx.Module):
 
     def __init__(self, width: int, num_heads: int, *, mask: MaskSpec, num_layers: int,
                  mlp_ratio: int = 4, dtype: Any = jnp.float32,
-                 attention_impl: str = 'block_sparse', rngs: nnx.Rngs):
-        self.norm1 = rms_norm(width, dtype, rngs)
+                 attention_impl: str = 'block_sparse', norm: str = 'rms', use_bias: bool = False,
+                 activation: str = 'quick_gelu', rngs: nnx.Rngs):
+        """`norm` ('rms' | 'layer'), `use_bias` (in every projection) and `activation`
+        ('quick_gelu' | 'gelu') default to Image GPT's choices; CLIP uses layer norm and biases."""
+        self.norm1 = NORMS[norm](width, dtype, rngs)
         self.attn = MultiHeadAttention(width, num_heads, mask=mask, num_layers=num_layers,
-                                       dtype=dtype, attention_impl=attention_impl, rngs=rngs)
-        self.norm2 = rms_norm(width, dtype, rngs)
-        self.mlp = MLP(width, mlp_ratio=mlp_ratio, dtype=dtype, rngs=rngs)
+                                       dtype=dtype, attention_impl=attention_impl,
+                                       use_bias=use_bias, rngs=rngs)
+        self.norm2 = NORMS[norm](width, dtype, rngs)
+        self.mlp = MLP(width, mlp_ratio=mlp_ratio, dtype=dtype, use_bias=use_bias,
+                       activation=activation, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, return_features: bool = False):
         """x [batch, length, width] -> y [batch, length, width].
@@ -99,10 +121,12 @@ class Transformer(nnx.Module):
     def __init__(self, *, num_layers: int, width: int, num_heads: int,
                  mask: MaskSpec | Sequence[MaskSpec], mlp_ratio: int = 4,
                  dtype: Any = jnp.float32, attention_impl: str = 'block_sparse',
-                 remat: str = 'none', rngs: nnx.Rngs):
+                 remat: str = 'none', norm: str = 'rms', use_bias: bool = False,
+                 activation: str = 'quick_gelu', rngs: nnx.Rngs):
         """Args:
           mask: one MaskSpec for every layer, or a sequence of `num_layers` MaskSpecs.
           remat: 'none', 'full' or 'dots' (see REMAT_POLICIES): trades compute for memory.
+          norm, use_bias, activation: see `Block` (defaults: Image GPT's).
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f'remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}.')
@@ -116,7 +140,8 @@ class Transformer(nnx.Module):
         self.num_layers = num_layers
         self.blocks = nnx.List([
             Block(width, num_heads, mask=m, num_layers=num_layers, mlp_ratio=mlp_ratio,
-                  dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+                  dtype=dtype, attention_impl=attention_impl, norm=norm, use_bias=use_bias,
+                  activation=activation, rngs=rngs)
             for m in masks
         ])
 

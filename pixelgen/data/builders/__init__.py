@@ -1,7 +1,8 @@
-"""Datasets embedded in the project: tfds builders that need no network and no TensorFlow.
+"""Datasets built locally: tfds builders that need no network and no TensorFlow.
 
 `ensure_built(name, data_dir)` prepares one (ArrayRecord files) on first use and returns its
-builder; read it with `builder.as_data_source(split)`.
+builder; read it with `builder.as_data_source(split)`. `name` is an embedded dataset
+(`shapes`, `fashion_mnist`) or `image_folder:<path>`, a user's own images (image_folder.py).
 """
 
 from __future__ import annotations
@@ -13,12 +14,20 @@ import tensorflow_datasets as tfds
 from pixelgen.data.builders.fashion_mnist import FashionMnist
 from pixelgen.data.builders.shapes import COLORS, SHAPES, SIZES, Shapes
 
-__all__ = ['COLORS', 'EMBEDDED', 'SHAPES', 'SIZES', 'FashionMnist', 'Shapes', 'ensure_built']
+__all__ = ['COLORS', 'EMBEDDED', 'IMAGE_FOLDER_PREFIX', 'SHAPES', 'SIZES', 'FashionMnist',
+           'Shapes', 'builds_locally', 'ensure_built']
+
+IMAGE_FOLDER_PREFIX = 'image_folder:'
 
 EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     'shapes': Shapes,
     'fashion_mnist': FashionMnist,
 }
+
+
+def builds_locally(name: str) -> bool:
+    """Whether `ensure_built` knows `name` (else it is a tfds catalog name)."""
+    return name in EMBEDDED or name.startswith(IMAGE_FOLDER_PREFIX)
 
 
 def ensure_built(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -30,9 +39,15 @@ def ensure_built(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     temporary directory and renames it into place when complete, so readers never see a partial
     dataset; the loser of the race just wastes its work.
     """
-    if name not in EMBEDDED:
-        raise ValueError(f'unknown embedded dataset {name!r}; choose from {sorted(EMBEDDED)}')
-    builder = EMBEDDED[name](data_dir=data_dir, file_format='array_record')
+    if name.startswith(IMAGE_FOLDER_PREFIX):
+        from pixelgen.data.builders import image_folder  # imports pipeline, which imports us
+        builder = image_folder.ImageFolder(folder=image_folder.folder_of(name),
+                                           data_dir=data_dir, file_format='array_record')
+    elif name in EMBEDDED:
+        builder = EMBEDDED[name](data_dir=data_dir, file_format='array_record')
+    else:
+        raise ValueError(f'unknown embedded dataset {name!r}; choose from {sorted(EMBEDDED)} '
+                         f"or '{IMAGE_FOLDER_PREFIX}/path/to/images'")
     if builder.is_prepared():
         return builder
     print(f'Building embedded dataset {name!r} into {builder.data_dir} ...', flush=True)

@@ -1,0 +1,169 @@
+"""python -m pixelgen.dvae encode|decode: image datasets <-> grids of dVAE codes.
+
+  python -m pixelgen.dvae encode --workdir W --dataset shapes --out DIR [--split train,test]
+  python -m pixelgen.dvae decode --workdir W --codes DIR --out grid.png [--split test --num 16]
+
+`encode` turns each split of a tfds dataset (see pixelgen.data.pipeline.open_source) into a
+codes dataset (pixelgen.data.codes: uint16 [grid, grid] codes with the caption and label of
+every image), the input of the DALL·E transformer. Images are resized as in training (the
+workdir's data.image_size). In a multi-host job every process encodes and writes its own
+contiguous shard of each split, on its first local device. `decode` draws codes back as images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from pixelgen import cli, images, parallel
+from pixelgen.config import ConfigError
+from pixelgen.data import codes as codes_lib
+from pixelgen.data import pipeline
+
+
+def compiled(model, method: str):
+    """`model.<method>` jitted with the parameters as an argument (not baked-in constants),
+    on this host's first device."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(jax.tree.map(parallel.to_host, state), jax.local_devices()[0])
+    fn = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
+    return lambda x: fn(state, x)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def host_range(n: int) -> tuple[int, int]:
+    """This process's contiguous share [start, end) of n examples (the order is kept)."""
+    host, hosts = jax.process_index(), jax.process_count()
+    return n * host // hosts, n * (host + 1) // hosts
+
+
+def encode_source(model, source, *, image_size: int, batch_size: int, start: int = 0,
+                  end: int | None = None, label: str = '',
+                  num_threads: int = 4) -> Iterator[dict]:
+    """Yields {'codes': uint16 [g, g], 'caption', 'label', 'image': uint8} for source[start:end],
+    encoded in batches of `batch_size` (the last one padded: one compile for all)."""
+    end = len(source) if end is None else end
+    prepare = pipeline.image_example(image_size)
+
+    def example(features: dict) -> dict:
+        out = prepare(features)
+        out['caption'] = _text(features.get('caption', ''))
+        return out
+
+    ds = (grain.MapDataset.source(source)[start:end].map(example)
+          .batch(batch_size, drop_remainder=False, batch_fn=lambda rows: rows))
+    encode = compiled(model, 'encode')
+    total, done, t0 = end - start, 0, time.perf_counter()
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
+    for rows in ds.to_iter_dataset(options):
+        batch = np.stack([r['image'] for r in rows])
+        if len(rows) < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - len(rows),) + batch.shape[1:],
+                                                    batch.dtype)])
+        codes = np.asarray(encode(batch.astype(np.float32) / 255.0))[:len(rows)]
+        for row, grid in zip(rows, codes, strict=True):
+            yield {'codes': grid.astype(np.uint16), 'caption': row['caption'],
+                   'label': int(row['label']), 'image': row['image']}
+        done += len(rows)
+        if label and (done == total or done // batch_size % 20 == 0):
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            print(f'[encode] {label}: {done:,}/{total:,} images ({rate:,.0f} images/s)',
+                  flush=True)
+
+
+def encode(args) -> int:
+    import pixelgen
+
+    loaded = pixelgen.load(args.workdir, args.step)
+    _require_dvae(loaded)
+    model, config = loaded.model, loaded.config
+    size = config.data.image_size
+    grid = size // model.downsampling
+    for split in [s for s in args.split.split(',') if s]:
+        source = pipeline.open_source(args.dataset, split, args.data_dir)
+        n = min(len(source), args.num_examples) if args.num_examples else len(source)
+        start, end = host_range(n)
+        print(f'[encode] {args.dataset}/{split}: images {start:,}..{end:,} of {n:,} on process '
+              f'{jax.process_index()} -> {grid}x{grid} codes of {model.codebook_size}',
+              flush=True)
+        examples = encode_source(model, source, image_size=size, batch_size=args.batch_size,
+                                 start=start, end=end, label=f'{args.dataset}/{split}')
+        count = codes_lib.write_codes(
+            args.out, split, ({k: e[k] for k in ('codes', 'caption', 'label')}
+                              for e in examples),
+            grid_size=grid, codebook_size=model.codebook_size,
+            metadata={'dvae_workdir': os.path.abspath(args.workdir), 'dvae_step': loaded.step,
+                      'dataset': args.dataset, 'image_size': size})
+        print(f'[encode] wrote {count:,} examples of {split!r} to {args.out}', flush=True)
+    return 0
+
+
+def decode(args) -> int:
+    import pixelgen
+
+    loaded = pixelgen.load(args.workdir, args.step)
+    _require_dvae(loaded)
+    model = loaded.model
+    info = codes_lib.codes_info(args.codes)
+    if info['codebook_size'] != model.codebook_size:
+        raise ConfigError(f'{args.codes} holds codes of a {info["codebook_size"]}-entry codebook '
+                          f'but {args.workdir} has {model.codebook_size}; decode with the dVAE '
+                          'that encoded them.')
+    source = codes_lib.open_codes(args.codes, args.split)
+    rows = [source[i] for i in range(min(args.num, len(source)))]
+    codes = np.stack([r['codes'] for r in rows]).astype(np.int32)
+    pictures = np.round(np.asarray(compiled(model, 'decode')(codes)) * 255).astype(np.uint8)
+    per_row = 8
+    grid = images.make_grid([pictures[i:i + per_row] for i in range(0, len(pictures), per_row)])
+    images.save_png(grid, args.out)
+    for i, r in enumerate(rows):
+        print(f'{i:3d}: {r["caption"]}')
+    print(f'[decode] {len(rows)} images from {args.codes}/{args.split} -> {args.out}', flush=True)
+    return 0
+
+
+def _require_dvae(loaded) -> None:
+    if loaded.config.task != 'dvae':
+        raise ConfigError(f'{loaded.workdir} is a {loaded.config.task!r} run; pass the workdir '
+                          'of a dVAE (config.task = dvae).')
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog='python -m pixelgen.dvae', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    jobs = parser.add_subparsers(dest='job', required=True)
+    enc = jobs.add_parser('encode', help='a tfds image dataset -> a codes dataset')
+    enc.add_argument('--workdir', required=True, help='the trained (or converted) dVAE')
+    enc.add_argument('--dataset', required=True, help="e.g. 'shapes' or a prepared tfds name")
+    enc.add_argument('--out', required=True, help='the codes dataset directory')
+    enc.add_argument('--split', default='train,test', help='comma-separated splits')
+    enc.add_argument('--data_dir', default='', help='tfds data dir ($TFDS_DATA_DIR if empty)')
+    enc.add_argument('--batch_size', type=int, default=64, help='images per step, per host')
+    enc.add_argument('--num_examples', type=int, default=0, help='the first N only (0: all)')
+    enc.add_argument('--step', type=int, default=None, help='checkpoint (default: latest)')
+    dec = jobs.add_parser('decode', help='a codes dataset -> a PNG grid of images')
+    dec.add_argument('--workdir', required=True, help='the dVAE that wrote the codes')
+    dec.add_argument('--codes', required=True, help='a codes dataset directory')
+    dec.add_argument('--out', required=True, help='the PNG to write')
+    dec.add_argument('--split', default='test')
+    dec.add_argument('--num', type=int, default=16, help='how many images (first N)')
+    dec.add_argument('--step', type=int, default=None, help='checkpoint (default: latest)')
+    args = parser.parse_args(argv)
+    if args.job == 'encode' and args.batch_size < 1:
+        raise ConfigError(f'--batch_size={args.batch_size} must be at least 1.')
+    return encode(args) if args.job == 'encode' else decode(args)
+
+
+if __name__ == '__main__':
+    cli.run(main)

@@ -1,0 +1,333 @@
+"""The DALL·E task: captions (BPE) followed by dVAE image codes, next-token prediction.
+
+Data: a codes dataset (`pixelgen.data.codes`, written by the dVAE encode job) at
+`config.data.codes_dir`. The BPE tokenizer is trained on the training captions on first use
+and kept in the workdir (`tokenizer.json`), so a resumed run and `pixelgen.load` use the same
+ids. Captions containing any of `config.data.holdout_phrases` are left out of training (for
+testing unseen attribute combinations). Captions longer than `model.text_len` tokens are
+truncated; their number is printed at start and the fraction logged as `text_truncated`.
+
+Loss (the paper's §2.2): cross-entropy of the next text tokens and of the image codes, each
+averaged over its own tokens, combined as text_weight · text + image_weight · image (1/8, 7/8).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pixelgen import flops, images, parallel
+from pixelgen.config import ConfigError
+from pixelgen.data import pipeline
+from pixelgen.data.codes import codes_info, open_codes
+from pixelgen.data.text import MIN_VOCAB_SIZE, TextTokenizer
+from pixelgen.models.dalle import PAD_ID, DallE, generate
+from pixelgen.nn.attention import IMPLEMENTATIONS
+from pixelgen.nn.masks import DALLE_KINDS, dalle_layer_kinds, dalle_mask
+from pixelgen.nn.transformer import REMAT_POLICIES
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+TOKENIZER_FILE = 'tokenizer.json'
+
+
+def validate_config(config) -> None:
+    """Checks what would otherwise fail later (after data loading or compiling)."""
+    m, lo = config.model, config.loss
+    problems = []
+    if m.width % m.num_heads:
+        problems.append(f'model.num_heads={m.num_heads} must divide model.width={m.width}')
+    if m.text_len < 2:
+        problems.append(f'model.text_len={m.text_len} must be at least 2 ([SOT] and [EOT])')
+    if m.text_vocab_size < MIN_VOCAB_SIZE:
+        problems.append(f'model.text_vocab_size={m.text_vocab_size} must be at least '
+                        f'{MIN_VOCAB_SIZE} (a byte-level BPE: 256 bytes and 3 special tokens)')
+    if not 2 <= m.image_vocab_size <= 65536:
+        problems.append(f'model.image_vocab_size={m.image_vocab_size} must be in [2, 65536]')
+    if m.layer_kinds and (len(m.layer_kinds) != m.num_layers
+                          or any(k not in DALLE_KINDS for k in m.layer_kinds)):
+        problems.append(f'model.layer_kinds={tuple(m.layer_kinds)} must be () (the paper\'s '
+                        f'schedule) or {m.num_layers} entries from {DALLE_KINDS}')
+    if m.dtype not in DTYPES:
+        problems.append(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
+    if m.attention not in IMPLEMENTATIONS:
+        problems.append(f'model.attention={m.attention!r} must be one of {IMPLEMENTATIONS}')
+    if m.remat not in REMAT_POLICIES:
+        problems.append(f'model.remat={m.remat!r} must be one of {sorted(REMAT_POLICIES)}')
+    if lo.text_weight < 0 or lo.image_weight < 0 or lo.text_weight + lo.image_weight <= 0:
+        problems.append(f'loss.text_weight={lo.text_weight} and loss.image_weight='
+                        f'{lo.image_weight} must be >= 0, not both 0')
+    if not 0 <= config.data.bpe_dropout < 1:
+        problems.append(f'data.bpe_dropout={config.data.bpe_dropout} must be in [0, 1)')
+    if problems:
+        raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
+                          + '\nFix them with --config.<key>=<value>.')
+
+
+def layer_kinds(config) -> tuple[str, ...]:
+    return tuple(config.model.layer_kinds) or dalle_layer_kinds(config.model.num_layers)
+
+
+def build_model(config, rngs: nnx.Rngs) -> DallE:
+    validate_config(config)
+    m = config.model
+    return DallE(text_vocab_size=m.text_vocab_size, image_vocab_size=m.image_vocab_size,
+                 text_len=m.text_len, grid_size=m.grid_size, num_layers=m.num_layers,
+                 width=m.width, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                 layer_kinds=layer_kinds(config), dtype=DTYPES[m.dtype],
+                 attention_impl=m.attention, remat=m.remat, rngs=rngs)
+
+
+def num_params(config) -> int:
+    """Parameter count of the config's model, from shapes alone (nothing is allocated)."""
+    shapes = jax.eval_shape(lambda: nnx.state(build_model(config, nnx.Rngs(0)), nnx.Param))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+# The objective ------------------------------------------------------------------------------
+def nll_sums(model: DallE, batch: dict, weights: jax.Array) -> dict[str, jax.Array]:
+    """Summed cross-entropies (nats) and token counts of the text and image parts.
+
+    Text targets are the tokens after the first that are not padding; image targets are all
+    codes. weights [b] (0 for padding rows) multiply each row."""
+    text, image = batch['text'], batch['image']
+    text_logits, image_logits = model(text, image)
+    targets = text[:, 1:]
+    text_w = (targets != PAD_ID) * weights[:, None]
+    text_nll = optax.softmax_cross_entropy_with_integer_labels(text_logits, targets)
+    image_nll = optax.softmax_cross_entropy_with_integer_labels(image_logits, image)
+    return {'text_nll': jnp.sum(text_nll * text_w), 'text_count': jnp.sum(text_w),
+            'image_nll': jnp.sum(image_nll * weights[:, None]),
+            'image_count': jnp.sum(weights) * image.shape[1]}
+
+
+def combine(sums: dict, text_weight: float, image_weight: float) -> dict:
+    """{loss, text_loss, image_loss, image_bits_per_token}: each part is the mean over its
+    own tokens (the paper normalises by the count of each kind), then weighted."""
+    text_loss = sums['text_nll'] / jnp.maximum(sums['text_count'], 1)
+    image_loss = sums['image_nll'] / jnp.maximum(sums['image_count'], 1)
+    return {'loss': text_weight * text_loss + image_weight * image_loss,
+            'text_loss': text_loss, 'image_loss': image_loss,
+            'image_bits_per_token': image_loss / math.log(2)}
+
+
+class DalleLoss:
+    """The weighted text + image objective alone (no data needed)."""
+
+    def __init__(self, config):
+        self.text_weight = float(config.loss.text_weight)
+        self.image_weight = float(config.loss.image_weight)
+
+    def loss(self, model: DallE, batch: dict, rng: jax.Array,
+             step: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        del rng, step  # deterministic given the batch (BPE dropout happens in the pipeline)
+        sums = nll_sums(model, batch, jnp.ones(batch['text'].shape[0]))
+        metrics = combine(sums, self.text_weight, self.image_weight)
+        if 'truncated' in batch:
+            metrics['text_truncated'] = jnp.mean(batch['truncated'])
+        return metrics['loss'], metrics
+
+
+def make_loss(config) -> DalleLoss:
+    return DalleLoss(config)
+
+
+# Data -----------------------------------------------------------------------------------
+class Subset:
+    """Rows `indices` of a random-access source."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._source[int(self._indices[index])]
+
+
+def captions_of(source) -> list[str]:
+    return [source[i]['caption'] for i in range(len(source))]
+
+
+def check_codes(config) -> dict:
+    """The codes dataset's info, after checking it matches the model's grid and vocabulary."""
+    info = codes_info(config.data.codes_dir)
+    m = config.model
+    if info['grid_size'] != m.grid_size or info['codebook_size'] != m.image_vocab_size:
+        raise ConfigError(
+            f'{config.data.codes_dir} holds {info["grid_size"]}x{info["grid_size"]} codes from '
+            f'a codebook of {info["codebook_size"]}, but model.grid_size={m.grid_size} and '
+            f'model.image_vocab_size={m.image_vocab_size}. Set --config.model.grid_size='
+            f'{info["grid_size"]} --config.model.image_vocab_size={info["codebook_size"]}.')
+    return info
+
+
+def load_or_train_tokenizer(config, workdir: str, captions: list[str]) -> TextTokenizer:
+    """The workdir's tokenizer if it has one (resumed runs keep their ids), else a new one
+    trained on `captions` (by process 0; the others read its file)."""
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    if not os.path.exists(path) and jax.process_index() == 0:
+        print(f'[dalle] training a BPE tokenizer (vocab <= {config.model.text_vocab_size}) on '
+              f'{len(captions)} captions...', flush=True)
+        os.makedirs(workdir, exist_ok=True)
+        TextTokenizer.train(captions, vocab_size=config.model.text_vocab_size).save(path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('dalle_tokenizer')
+    tokenizer = TextTokenizer.load(path)
+    if tokenizer.vocab_size > config.model.text_vocab_size or tokenizer.pad_id != PAD_ID:
+        raise ConfigError(f'{path} has {tokenizer.vocab_size} tokens (pad id '
+                          f'{tokenizer.pad_id}), which model.text_vocab_size='
+                          f'{config.model.text_vocab_size} cannot hold. Use a new --workdir or '
+                          f'--config.model.text_vocab_size={tokenizer.vocab_size}.')
+    return tokenizer
+
+
+def encode_example(tokenizer: TextTokenizer, text_len: int, dropout: float):
+    """Per-example map: codes dataset record -> {'text' [T], 'image' [N], 'truncated'}."""
+    def prepare(record: dict) -> dict:
+        encoded = tokenizer.encode([record['caption']], text_len, dropout=dropout,
+                                   add_sot_eot=True)
+        return {'text': encoded.ids[0], 'image': record['codes'].reshape(-1).astype(np.int32),
+                'truncated': np.float32(encoded.num_truncated)}
+    return prepare
+
+
+def render_codes(codes: np.ndarray, dvae=None) -> np.ndarray:
+    """codes [n, g, g] -> uint8 pictures: decoded by the dVAE model if given, otherwise a
+    false-colour map of the code ids (one fixed colour per code)."""
+    codes = np.asarray(codes)
+    if dvae is not None:
+        pictures = np.asarray(_decode(dvae, jnp.asarray(codes, jnp.int32)))
+        return np.clip(np.round(pictures * 255), 0, 255).astype(np.uint8)
+    return _false_colours()[codes]
+
+
+@functools.cache
+def _false_colours() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (65536, 3), np.uint8)
+
+
+@nnx.jit
+def _decode(dvae, codes):
+    return dvae.decode(codes)
+
+
+class DalleTask(DalleLoss):
+    """Data, model, loss and pictures for DALL·E."""
+
+    def __init__(self, config, workdir: str):
+        validate_config(config)  # before any data is read
+        super().__init__(config)
+        self.config, self.workdir = config, workdir
+        d, m = config.data, config.model
+        check_codes(config)
+        source = open_codes(d.codes_dir, d.train_split)
+        self.eval_source = open_codes(d.codes_dir, d.eval_split)
+        captions = captions_of(source)
+        keep = np.array([not any(p in c.lower() for p in d.holdout_phrases) for c in captions],
+                        bool)
+        if not keep.any():
+            raise ConfigError(f'data.holdout_phrases={tuple(d.holdout_phrases)} leaves no '
+                              'training caption. Hold out fewer phrases.')
+        self.train_source = Subset(source, np.flatnonzero(keep)) if not keep.all() else source
+        train_captions = [c for c, k in zip(captions, keep, strict=True) if k]
+        self.tokenizer = load_or_train_tokenizer(config, workdir, train_captions)
+        truncated = self.tokenizer.encode(train_captions, m.text_len,
+                                          add_sot_eot=True).num_truncated
+        if jax.process_index() == 0:
+            held_out = len(captions) - len(train_captions)
+            print(f'[dalle] {len(train_captions)} training captions ({held_out} held out by '
+                  f'data.holdout_phrases); {truncated} are longer than '
+                  f'model.text_len={m.text_len} tokens and are truncated; tokenizer vocabulary '
+                  f'{self.tokenizer.vocab_size}.', flush=True)
+        self.seq_len = m.text_len + m.grid_size ** 2
+        self.tokens_per_example = self.seq_len
+        self._dvae = None
+
+    def build_model(self, rngs: nnx.Rngs) -> DallE:
+        return build_model(self.config, rngs)
+
+    def model_flops_per_step(self, batch_size: int) -> float:
+        """Training FLOPs of one step: matmuls as for any transformer, attention over the
+        (query, key) pairs that each layer's mask allows (3 × forward)."""
+        m = self.config.model
+        matmul = 2.0 * flops.igpt_matmul_params(m.num_layers, m.width,
+                                                m.text_vocab_size + m.image_vocab_size,
+                                                m.mlp_ratio) * self.seq_len
+        attention = sum(4.0 * m.width * _allowed_pairs(kind, m.text_len, m.grid_size)
+                        for kind in layer_kinds(self.config))
+        return 3.0 * batch_size * (matmul + attention)
+
+    def train_iterator(self, global_batch: int):
+        d = self.config.data
+        return pipeline.train_iterator(
+            self.train_source, batch_size=global_batch, seed=self.config.seed,
+            prepare=encode_example(self.tokenizer, self.config.model.text_len, d.bpe_dropout),
+            num_threads=d.num_threads, prefetch=d.prefetch)
+
+    def eval_batches(self, per_host_batch: int, num_examples: int | None = None):
+        return pipeline.eval_batches(
+            self.eval_source, batch_size=per_host_batch,
+            prepare=encode_example(self.tokenizer, self.config.model.text_len, 0.0),
+            num_examples=num_examples)
+
+    def eval_sums(self, model: DallE, batch: dict) -> dict[str, jax.Array]:
+        return nll_sums(model, batch, batch['mask'])
+
+    def eval_summary(self, sums: dict[str, float]) -> dict[str, float]:
+        return {k: float(v) for k, v in combine(sums, self.text_weight,
+                                                self.image_weight).items()}
+
+    # Pictures --------------------------------------------------------------------------
+    def dvae(self):
+        """The dVAE model of config.dvae_workdir (None if unset or not trained yet)."""
+        path = self.config.get('dvae_workdir', '')
+        if self._dvae is None and path and os.path.isdir(os.path.join(path, 'checkpoints')):
+            import pixelgen
+            self._dvae = pixelgen.load(path).model
+        return self._dvae
+
+    def write_samples(self, model: DallE, step: int, rng: jax.Array) -> str:
+        """One row per test caption: its dataset image (the codes, decoded), then samples."""
+        s, m = self.config.sampling, self.config.model
+        records = [self.eval_source[i] for i in range(s.num_captions)]
+        text = self.tokenizer.encode([r['caption'] for r in records], m.text_len,
+                                     add_sot_eot=True).ids
+        text = np.repeat(text, s.samples_per_caption, axis=0)
+        codes = parallel.to_host(generate(
+            model, rng, jnp.asarray(text), temperature=s.temperature, top_k=s.top_k or None,
+            top_p=s.top_p if s.top_p < 1 else None))
+        side = m.grid_size
+        originals = render_codes(np.stack([r['codes'] for r in records]), self.dvae())
+        samples = render_codes(codes.reshape(-1, side, side), self.dvae()).reshape(
+            s.num_captions, s.samples_per_caption, *originals.shape[1:])
+        rows = [np.concatenate([o[None], row]) for o, row in zip(originals, samples,
+                                                                  strict=True)]
+        path = os.path.join(self.workdir, 'samples', f'generations_{step:07d}.png')
+        if jax.process_index() == 0:
+            images.save_png(images.make_grid(rows), path)
+            with open(path[:-4] + '.txt', 'w') as f:
+                f.write('\n'.join(r['caption'] for r in records) + '\n')
+        return path
+
+
+@functools.cache
+def _allowed_pairs(kind: str, text_len: int, grid_size: int) -> int:
+    return int(dalle_mask(kind, text_len, grid_size).sum())
+
+
+Task = DalleTask
+
+
+def load_assets(config, workdir: str) -> dict:
+    del config
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    return {'tokenizer': TextTokenizer.load(path)} if os.path.exists(path) else {}

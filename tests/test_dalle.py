@@ -1,0 +1,248 @@
+"""DALL·E: sequence and embeddings, the weighted loss, causality, generation, task, sample CLI."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pixelgen.config import ConfigError, parse_config_args
+from pixelgen.models.dalle import PAD_ID, DallE, filter_logits, generate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, 'configs', 'dalle_shapes.py') + ':tiny'
+T, W, TEXT_VOCAB, IMAGE_VOCAB = 6, 4, 40, 16
+
+
+@pytest.fixture(scope='module')
+def model() -> DallE:
+    m = DallE(text_vocab_size=TEXT_VOCAB, image_vocab_size=IMAGE_VOCAB, text_len=T,
+              grid_size=W, num_layers=4, width=32, num_heads=2, rngs=nnx.Rngs(0))
+    # The heads start at zero (uniform predictions); random ones make every check bite.
+    for i, head in enumerate((m.text_head, m.image_head)):
+        head.kernel[...] = jax.random.normal(jax.random.key(i), head.kernel.shape)
+    return m
+
+
+@pytest.fixture(scope='module')
+def batch() -> tuple[jax.Array, jax.Array]:
+    rng = np.random.default_rng(0)
+    text = rng.integers(3, TEXT_VOCAB, (3, T))
+    text[0, 2:], text[1, 5:] = PAD_ID, PAD_ID  # rows with 1, 4 and 5 text targets
+    return jnp.asarray(text, jnp.int32), jnp.asarray(rng.integers(0, IMAGE_VOCAB, (3, W * W)))
+
+
+@pytest.fixture(scope='module')
+def forward(model):
+    return nnx.jit(lambda m, text, image: m(text, image))
+
+
+def test_shapes_schedule_and_embeddings(model, batch, forward):
+    text, image = batch
+    text_logits, image_logits = forward(model, text, image)
+    assert text_logits.shape == (3, T - 1, TEXT_VOCAB) and text_logits.dtype == jnp.float32
+    assert image_logits.shape == (3, W * W, IMAGE_VOCAB)
+    assert model.layer_kinds == ('row', 'column', 'row', 'conv')
+    h = np.asarray(model.embed(text, image))
+    assert h.shape == (3, T + W * W, 32)
+    # Image token p = (r, c): token + row r + column c embeddings.
+    p = 6
+    expected = (model.image_embed.embedding[...][image[2, p]] + model.row_embed[...][p // W]
+                + model.col_embed[...][p % W])
+    np.testing.assert_allclose(h[2, T + p], expected, rtol=1e-6)
+
+
+def test_every_text_position_has_its_own_pad(model):
+    pads = jnp.full((1, T), PAD_ID, jnp.int32)
+    h = np.asarray(model.embed(pads, jnp.zeros((1, W * W), jnp.int32)))[0, :T]
+    table = model.text_embed.embedding[...]
+    for k in range(T):  # pad at position k is token text_vocab + k, not a shared pad row
+        np.testing.assert_allclose(h[k], table[TEXT_VOCAB + k] + model.text_pos[...][k],
+                                   rtol=1e-6)
+    assert len({row.tobytes() for row in table[TEXT_VOCAB:TEXT_VOCAB + T]}) == T
+    assert table.shape[0] == TEXT_VOCAB + T
+
+
+def test_logits_never_see_later_tokens(model, batch, forward):
+    text, image = batch
+    text_logits, image_logits = forward(model, text, image)
+    p = 9  # change image token p: image logits 0..p predict tokens <= p from tokens < them
+    changed = image.at[:, p].set((image[:, p] + 1) % IMAGE_VOCAB)
+    text_after, image_after = forward(model, text, changed)
+    np.testing.assert_array_equal(text_after, text_logits)
+    np.testing.assert_allclose(image_after[:, :p + 1], image_logits[:, :p + 1], rtol=1e-6)
+    assert not np.allclose(image_after[:, p + 1:], image_logits[:, p + 1:])
+    k = 3  # change text token k: text logits 0..k-1 (predicting tokens 1..k) stay
+    changed_text = text.at[2, k].set(4 if int(text[2, k]) != 4 else 5)
+    text_after, image_after = forward(model, changed_text, image)
+    np.testing.assert_allclose(text_after[2, :k], text_logits[2, :k], rtol=1e-6)
+    assert not np.allclose(image_after[2], image_logits[2])  # the image sees all text
+
+
+def test_kv_cache_decoding_matches_the_forward_pass(model, batch, forward):
+    text, image = batch
+    _, image_logits = forward(model, text, image)
+    sequence = jnp.concatenate([text, image], axis=1)
+    step = nnx.jit(lambda m, token, position, cache: m.decode_step(token, position, cache))
+    cache, decoded = model.init_cache(3), []
+    for position in range(T + W * W - 1):
+        logits, cache = step(model, sequence[:, position], position, cache)
+        if position >= T - 1:
+            decoded.append(logits)
+    np.testing.assert_allclose(np.stack(decoded, axis=1), image_logits, atol=1e-4)
+
+
+def test_the_loss_normalises_text_and_image_separately(model, batch, forward):
+    from pixelgen.tasks.dalle import DalleLoss
+    text, image = batch
+    config = parse_config_args(['--config', TINY])[0]
+    loss_fn = nnx.jit(lambda m, b: DalleLoss(config).loss(m, b, None))
+    loss, metrics = loss_fn(model, {'text': text, 'image': image})
+    text_logits, image_logits = forward(model, text, image)
+    text_nll = -jnp.take_along_axis(jax.nn.log_softmax(text_logits), text[:, 1:, None], -1)[..., 0]
+    image_nll = -jnp.take_along_axis(jax.nn.log_softmax(image_logits), image[..., None],
+                                     -1)[..., 0]
+    real = np.asarray(text[:, 1:] != PAD_ID)
+    assert real.sum() == 1 + 4 + 5  # pads are not targets
+    text_mean = float(np.asarray(text_nll)[real].mean())
+    image_mean = float(np.mean(image_nll))
+    np.testing.assert_allclose(metrics['text_loss'], text_mean, rtol=1e-5)
+    np.testing.assert_allclose(metrics['image_loss'], image_mean, rtol=1e-5)
+    np.testing.assert_allclose(loss, text_mean / 8 + 7 * image_mean / 8, rtol=1e-5)
+    # Pooling both kinds into one mean (or weighting token sums) gives another number.
+    pooled = (np.asarray(text_nll)[real].sum() + float(np.sum(image_nll))) / (
+        real.sum() + image_nll.size)
+    weighted_sums = (np.asarray(text_nll)[real].sum() / 8 + 7 * float(np.sum(image_nll)) / 8) / (
+        real.sum() + image_nll.size)
+    for wrong in (pooled, weighted_sums):
+        assert abs(float(loss) - wrong) > 1e-2 * abs(float(loss))
+    with config.unlocked():
+        config.loss.text_weight, config.loss.image_weight = 1.0, 0.0
+    text_only, _ = nnx.jit(lambda m, b: DalleLoss(config).loss(m, b, None))(
+        model, {'text': text, 'image': image})
+    np.testing.assert_allclose(text_only, text_mean, rtol=1e-5)
+
+
+def test_generation_keeps_the_prompt_and_follows_the_model(model, batch, forward):
+    text, image = batch
+    prompt = image[:, :5]
+    codes = generate(model, jax.random.key(1), text, image_prompt=prompt, top_k=1)
+    assert codes.shape == (3, W * W) and codes.dtype == jnp.int32
+    np.testing.assert_array_equal(codes[:, :5], prompt)
+    # Greedy: every drawn code is the argmax of the full forward pass given the codes before.
+    _, image_logits = forward(model, text, codes)
+    np.testing.assert_array_equal(codes[:, 5:], jnp.argmax(image_logits, -1)[:, 5:])
+    drawn = generate(model, jax.random.key(2), text, temperature=1.5, top_p=0.9)
+    assert int(drawn.min()) >= 0 and int(drawn.max()) < IMAGE_VOCAB
+    np.testing.assert_array_equal(drawn, generate(model, jax.random.key(2), text,
+                                                  temperature=1.5, top_p=0.9))
+    with pytest.raises(ValueError, match='text_len=6'):
+        generate(model, jax.random.key(0), text[:, :4])
+
+
+def test_top_k_and_top_p_filtering():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    kept = np.isfinite(np.asarray(filter_logits(logits, top_p=0.7)))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7 <= 0.8
+    kept = np.isfinite(np.asarray(filter_logits(logits, top_p=0.1)))
+    assert kept.tolist() == [[True, False, False, False]]  # the best always stays
+    kept = np.isfinite(np.asarray(filter_logits(logits, top_k=3)))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_12b_config_has_the_papers_shape_and_about_12b_parameters():
+    from pixelgen.tasks.dalle import num_params
+    config = parse_config_args(['--config', os.path.join(REPO, 'configs', 'dalle.py:12b')])[0]
+    m = config.model
+    assert (m.num_layers, m.num_heads, m.width, m.text_vocab_size, m.image_vocab_size,
+            m.text_len, m.grid_size) == (64, 62, 3968, 16384, 8192, 256, 32)
+    assert 12.0e9 < num_params(config) < 12.5e9
+
+
+def test_bad_config_values_fail_clearly(tmp_path):
+    with pytest.raises(ConfigError, match='Did you mean model.text_len'):
+        parse_config_args(['--config', TINY, '--config.model.text_lenn=3'])
+    from pixelgen.tasks.dalle import build_model
+    config = parse_config_args(['--config', TINY, "--config.model.layer_kinds=('row', 'x')"])[0]
+    with pytest.raises(ConfigError, match='model.layer_kinds'):
+        build_model(config, nnx.Rngs(0))
+
+
+# The task and the command line, on a tiny codes dataset ----------------------------------------
+def _codes_examples(n: int, seed: int):
+    from pixelgen.data.builders.shapes import COLORS, SHAPES, SIZES
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        s, c, z = SHAPES[rng.integers(6)], COLORS[rng.integers(7)], SIZES[rng.integers(2)]
+        yield {'codes': rng.integers(0, IMAGE_VOCAB, (W, W)).astype(np.uint16),
+               'caption': f'a {z} {c} {s}', 'label': SHAPES.index(s)}
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A tiny DALL·E trained for a few steps on random codes, and a random tiny dVAE."""
+    from pixelgen import tasks
+    from pixelgen.convert import save_workdir
+    from pixelgen.data.codes import write_codes
+    from pixelgen.trainer import train
+    root = tmp_path_factory.mktemp('dalle')
+    codes_dir, workdir, dvae_dir = (str(root / n) for n in ('codes', 'dalle', 'dvae'))
+    write_codes(codes_dir, 'train', _codes_examples(48, 0), grid_size=W, codebook_size=16)
+    write_codes(codes_dir, 'test', _codes_examples(8, 1), grid_size=W, codebook_size=16)
+    dvae_config = parse_config_args(['--config', os.path.join(REPO, 'configs',
+                                                               'dvae_shapes.py:tiny'),
+                                     '--config.model.codebook_size=16'])[0]
+    save_workdir(dvae_config, tasks.module(dvae_config).build_model(dvae_config, nnx.Rngs(0)),
+                 dvae_dir)
+    config = parse_config_args(['--config', TINY, f'--config.data.codes_dir={codes_dir}',
+                                f'--config.dvae_workdir={dvae_dir}'])[0]
+    result = train(config, workdir)
+    return {'workdir': workdir, 'codes_dir': codes_dir, 'dvae': dvae_dir, 'result': result,
+            'config': config}
+
+
+def test_training_reports_both_losses_and_keeps_its_tokenizer(trained, capsys):
+    import pixelgen
+    from pixelgen.tasks.dalle import DalleTask
+    result = trained['result']
+    for key in ('train/text_loss', 'train/image_loss', 'train/text_truncated', 'test/text_loss',
+                'test/image_loss'):
+        assert math.isfinite(result[key]), key
+    loaded = pixelgen.load(trained['workdir'])
+    tokenizer = loaded.assets['tokenizer']
+    assert tokenizer.decode(tokenizer.encode(['A Large RED circle'], 8).ids) == [
+        'a large red circle']
+    assert os.path.exists(os.path.join(trained['workdir'], 'samples',
+                                       'generations_0000006.png'))
+    task = DalleTask(trained['config'], trained['workdir'])  # the held-out pair never trains
+    captions = [task.train_source[i]['caption'] for i in range(len(task.train_source))]
+    assert captions and not any('red star' in c for c in captions)
+    assert 'are truncated' in capsys.readouterr().out
+
+
+def test_sample_cli_writes_a_grid_and_warns_on_long_prompts(trained, capsys, tmp_path):
+    from PIL import Image
+
+    from pixelgen import sample
+    out = str(tmp_path / 'out')
+    long_prompt = 'a large red star to the left of a small blue circle above a white cross'
+    assert sample.main(['--workdir', trained['workdir'], '--prompt', long_prompt, '--num', '4',
+                        '--top_k', '4', '--out', out]) == 0
+    captured = capsys.readouterr()
+    assert 'warning: the prompt is longer than model.text_len=8' in captured.err
+    files = os.listdir(out)
+    assert len(files) == 1 and files[0].endswith('.png')
+    with Image.open(os.path.join(out, files[0])) as grid:
+        assert grid.size[0] > 2 * 8 and grid.mode == 'RGB'  # 2x2 tiles of decoded images
+    # Image-prompted: the top row of test example 0 is kept, the rest completed.
+    assert sample.main(['--workdir', trained['workdir'], '--prime_index', '0', '--prime_rows',
+                        '1', '--num', '2', '--out', out]) == 0
+    assert len(os.listdir(out)) == 2
+    with pytest.raises(SystemExit):  # --top ranks by CLIP: refused without a CLIP workdir
+        sample.main(['--workdir', trained['workdir'], '--prompt', 'a red star', '--num', '4',
+                     '--top', '2'])

@@ -1,0 +1,171 @@
+"""The dVAE: model shapes and ranges, the objective's pieces, training, the encode/decode jobs."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from PIL import Image
+
+from pixelgen.config import ConfigError, parse_config_args
+from pixelgen.tasks import dvae as task_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, 'configs', 'dvae_shapes.py') + ':tiny'
+
+
+def tiny_config(data_dir: str = '', *overrides: str):
+    config, rest = parse_config_args(['--config', TINY, f'--config.data.data_dir={data_dir}',
+                                      *overrides])
+    assert not rest
+    return config
+
+
+@pytest.fixture(scope='module')
+def model():
+    return task_lib.build_model(tiny_config(), nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory) -> str:
+    """A workdir trained for the tiny config's 6 steps by the generic trainer."""
+    from pixelgen.trainer import train
+    workdir = str(tmp_path_factory.mktemp('dvae'))
+    train(tiny_config(data_dir), workdir)
+    return workdir
+
+
+def test_encode_and_decode_shapes_types_and_ranges(model):
+    images = jax.random.uniform(jax.random.PRNGKey(0), (3, 32, 32, 3))
+    codes = model.encode(images)
+    assert codes.shape == (3, 16, 16) and codes.dtype == jnp.int32
+    assert 0 <= int(codes.min()) and int(codes.max()) < 32
+    decoded = model.decode(codes)
+    assert decoded.shape == (3, 32, 32, 3) and decoded.dtype == jnp.float32
+    assert 0.0 <= float(decoded.min()) and float(decoded.max()) <= 1.0
+    assert model.logits(images).shape == (3, 16, 16, 32)
+
+
+def test_decoding_codes_equals_decoding_their_one_hot(model):
+    codes = jax.random.randint(jax.random.PRNGKey(1), (2, 16, 16), 0, 32)
+    np.testing.assert_allclose(model.decoder.from_codes(codes),
+                               model.decoder(jax.nn.one_hot(codes, 32)), atol=1e-5)
+
+
+def test_temperature_and_kl_weight_schedules_reach_their_endpoints():
+    lo = tiny_config().loss
+    lo.unlock()
+    lo.temperature_steps, lo.kl_warmup_steps = 100, 50
+    tau, beta = task_lib.temperature_schedule(lo), task_lib.kl_weight_schedule(lo)
+    assert float(tau(0)) == pytest.approx(1.0)
+    assert float(tau(50)) == pytest.approx((1 + 1 / 16) / 2)  # cosine: halfway at mid-point
+    assert float(tau(100)) == pytest.approx(1 / 16) and float(tau(10**6)) == pytest.approx(1 / 16)
+    assert float(beta(0)) == pytest.approx(0.0)
+    assert float(beta(25)) == pytest.approx(3.3)
+    assert float(beta(50)) == pytest.approx(6.6) and float(beta(10**6)) == pytest.approx(6.6)
+
+
+def test_kl_to_the_uniform_prior_is_zero_for_uniform_logits():
+    assert float(jnp.max(jnp.abs(task_lib.kl_to_uniform(jnp.zeros((2, 3, 64)))))) < 1e-6
+    assert float(jnp.max(jnp.abs(task_lib.kl_to_uniform(jnp.full((4, 64), 7.0))))) < 1e-6
+    one_hot_like = jnp.zeros(64).at[3].set(100.0)
+    assert float(task_lib.kl_to_uniform(one_hot_like)) == pytest.approx(math.log(64), rel=1e-4)
+
+
+def test_logit_laplace_log_likelihood_matches_the_formula():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.1, 0.9, 50)
+    mu, log_b = rng.normal(size=50), rng.normal(size=50)
+    b = np.exp(log_b)
+    expected = np.log(np.exp(-np.abs(np.log(x / (1 - x)) - mu) / b) / (2 * b * x * (1 - x)))
+    got = task_lib.logit_laplace_log_prob(jnp.asarray(x, jnp.float32), jnp.asarray(mu, jnp.float32),
+                                          jnp.asarray(log_b, jnp.float32))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_codebook_usage_counts_perplexity_and_ignores_padding_rows():
+    codes = jnp.array([[[0, 1], [2, 3]], [[5, 5], [5, 5]]])
+    perplexity, used = task_lib.codebook_usage(codes, 8, weights=jnp.array([1.0, 0.0]))
+    assert float(perplexity) == pytest.approx(4.0) and float(used) == 4.0
+
+
+def test_a_training_step_lowers_the_loss_on_a_fixed_batch():
+    config = tiny_config()
+    model = task_lib.build_model(config, nnx.Rngs(0))
+    loss = task_lib.make_loss(config)
+    graphdef, params = nnx.split(model, nnx.Param)
+    rng = np.random.default_rng(0)
+    batch = {'image': rng.integers(0, 256, (4, 32, 32, 3)).astype(np.uint8)}
+    key = jax.random.PRNGKey(0)
+
+    def objective(p):
+        return loss.loss(nnx.merge(graphdef, p), batch, key, step=jnp.int32(0))[0]
+
+    value, grads = jax.value_and_grad(objective)(params)
+    tx = optax.adam(1e-3)
+    updates, _ = tx.update(grads, tx.init(params))
+    assert float(objective(optax.apply_updates(params, updates))) < float(value)
+
+
+def test_an_image_size_the_encoder_cannot_downsample_is_refused():
+    config = tiny_config('', '--config.data.image_size=33')
+    with pytest.raises(ConfigError, match='data.image_size=33 is not divisible'):
+        task_lib.build_model(config, nnx.Rngs(0))
+    with pytest.raises(ConfigError, match='data.image_size'):
+        task_lib.Task(config, '/nonexistent')
+
+
+def test_training_logs_metrics_and_writes_a_reconstruction_grid(trained):
+    import json
+    lines = [json.loads(line) for line in open(os.path.join(trained, 'metrics.jsonl'))]
+    train_keys = set().union(*(line.keys() for line in lines))
+    for key in ('train/loss', 'train/mse', 'train/psnr', 'train/kl', 'train/perplexity',
+                'train/codes_used', 'train/temperature', 'train/kl_weight', 'test/psnr'):
+        assert key in train_keys, key
+    grid = np.asarray(Image.open(os.path.join(trained, 'samples', 'reconstructions_0000006.png')))
+    assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 3)  # 2 rows (originals, reconstructions)
+
+
+def test_encode_job_writes_codes_that_open_codes_reads_back(trained, data_dir, tmp_path):
+    import pixelgen
+    from pixelgen import dvae
+    from pixelgen.data import codes as codes_lib
+    from pixelgen.data import pipeline
+
+    out = str(tmp_path / 'codes')
+    assert dvae.main(['encode', '--workdir', trained, '--dataset', 'shapes', '--out', out,
+                      '--split', 'test', '--data_dir', data_dir, '--num_examples', '10',
+                      '--batch_size', '4']) == 0
+    info = codes_lib.codes_info(out)
+    assert (info['grid_size'], info['codebook_size'], info['splits']) == (16, 32, {'test': 10})
+    read = codes_lib.open_codes(out, 'test')
+    source = pipeline.open_source('shapes', 'test', data_dir)
+    images = np.stack([pipeline.image_example(32)(source[i])['image'] for i in range(10)])
+    expected = np.asarray(pixelgen.load(trained).model.encode(images.astype(np.float32) / 255.0))
+    for i in range(10):
+        np.testing.assert_array_equal(read[i]['codes'], expected[i])
+        assert read[i]['caption'] == source[i]['caption'].decode()
+        assert read[i]['label'] == int(source[i]['label'])
+
+    png = str(tmp_path / 'decoded.png')
+    assert dvae.main(['decode', '--workdir', trained, '--codes', out, '--out', png,
+                      '--num', '10']) == 0
+    assert np.asarray(Image.open(png)).shape == (2 * 66 + 2, 8 * 66 + 2, 3)
+
+
+def test_reconstruction_evaluator_reports_quality_and_usage(trained, tmp_path):
+    import pixelgen
+    from pixelgen.evaluators import EvalContext, dvae
+
+    loaded = pixelgen.load(trained)
+    scores = dvae.EVALUATORS['reconstruction'](EvalContext(loaded, str(tmp_path),
+                                                           num_examples=20))
+    assert scores['examples'] == 20 and 1 <= scores['codes_used'] <= 32
+    assert scores['psnr'] == pytest.approx(-10 * math.log10(scores['mse']))
+    assert os.path.isfile(tmp_path / 'reconstructions_0000006.png')

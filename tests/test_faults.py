@@ -1,0 +1,233 @@
+"""Fault injection: SIGKILL at many points, even inside an async checkpoint save, then the
+same command again; the run must end exactly where an uninterrupted one does, and a
+half-written checkpoint must never be taken as the latest.
+
+The child process is `python -m pixelgen.train` with a test hook (CHILD below) that can stall
+Orbax's atomic save right after it created the temporary directory or right before it renames
+it into place: the parent kills the child while it is stalled there.
+
+The longer campaign (random kill points, reported in the issue's closing note):
+    python tests/test_faults.py --kills 30 --data_dir /tmp/tfds
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import pixelgen
+from pixelgen import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, 'configs', 'igpt_shapes.py') + ':tiny'
+QUIET = ('--config.eval_every_steps=0', '--config.sample_every_steps=0')  # params unchanged
+STALL_ENV = 'PIXELGEN_TEST_STALL'  # 'create:<step>' or 'finalize:<step>'
+STALLED = 'STALLED in'
+
+# Runs pixelgen.train; with $PIXELGEN_TEST_STALL set it blocks inside the atomic save of one
+# checkpoint step: after the tmp dir is created, or before it is renamed to the final name.
+CHILD = f'''
+import os, sys, time
+from orbax.checkpoint._src.path import atomicity
+where, _, step = os.environ.get({STALL_ENV!r}, '').partition(':')
+path_class = atomicity.AtomicRenameTemporaryPath
+create, finalize = path_class.create, path_class.finalize
+def stall(tmp_path, point):
+    if where == point and tmp_path.get_final().name == step:
+        print(f'{STALLED} ' + point + ' of checkpoint ' + step + ': ' + str(tmp_path.get()),
+              flush=True)
+        time.sleep(3600)
+async def stalled_create(self):
+    path = await create(self)
+    stall(self, 'create')
+    return path
+async def stalled_finalize(self):
+    stall(self, 'finalize')
+    return await finalize(self)
+path_class.create, path_class.finalize = stalled_create, stalled_finalize
+from pixelgen import cli
+from pixelgen.train import main
+cli.run(main)
+'''
+
+
+def launch(args: list[str], workdir: str, stall: str = '') -> subprocess.Popen:
+    env = {**os.environ, STALL_ENV: stall}
+    return subprocess.Popen([sys.executable, '-c', CHILD, *args, '--workdir', workdir],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run_until(proc: subprocess.Popen, marker: str, timeout: float = 300.0) -> str:
+    """Reads the child's output until a line starts with `marker`, then SIGKILLs it.
+    Returns the output; fails if the child ends or the time runs out first."""
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    output = ''
+    try:
+        for line in proc.stdout:
+            output += line
+            if line.startswith(marker):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                proc.stdout.close()
+                return output
+    finally:
+        timer.cancel()
+    proc.wait()
+    raise AssertionError(f'the child ended (rc {proc.returncode}) before {marker!r}:\n{output}')
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300.0) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output
+    return output
+
+
+def committed_steps(workdir: str) -> list[int]:
+    """The checkpoints that training would resume from (what Orbax lists as complete)."""
+    manager = checkpoint.make_manager(workdir, async_save=False)
+    try:
+        return list(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def tmp_checkpoints(workdir: str) -> list[str]:
+    directory = checkpoint.checkpoint_dir(workdir)
+    return sorted(f for f in os.listdir(directory) if 'tmp' in f) if os.path.isdir(
+        directory) else []
+
+
+def resumed_from(output: str) -> int | None:
+    found = re.findall(r'resumed from .*/checkpoints/(\d+)', output)
+    return int(found[-1]) if found else None
+
+
+def params(workdir: str) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(pixelgen.load(workdir).model)]
+
+
+def assert_same_params(a: str, b: str) -> None:
+    for x, y in zip(params(a), params(b), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_dir, tmp_path_factory) -> str:
+    """The reference: the same tiny run, never killed (checkpoints at 6 and 12)."""
+    from conftest import tiny_config
+
+    from pixelgen.trainer import train
+    workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+    train(tiny_config(data_dir, *QUIET), workdir)
+    return workdir
+
+
+def test_kills_inside_async_saves_then_reruns_end_like_an_uninterrupted_run(
+        uninterrupted, tiny_config_args, tmp_path):
+    workdir = str(tmp_path / 'killed')
+    args = [*tiny_config_args, *QUIET]
+
+    # 1. Killed while checkpoint 6 is fully written but not yet renamed into place.
+    out = run_until(launch(args, workdir, stall='finalize:6'), STALLED)
+    assert 'finalize of checkpoint 6' in out
+    assert tmp_checkpoints(workdir), 'the half-written checkpoint should still be there'
+    assert committed_steps(workdir) == []  # ... and never taken as the latest
+
+    # 2. The rerun starts afresh, commits 6, and is killed just after it began writing 12.
+    out = run_until(launch(args, workdir, stall='create:12'), STALLED)
+    assert resumed_from(out) is None and 'create of checkpoint 12' in out
+    assert committed_steps(workdir) == [6]
+
+    # 3. Killed between checkpoints, after resuming from 6.
+    out = run_until(launch([*args, '--config.log_every_steps=1'], workdir), 'step 9/')
+    assert resumed_from(out) == 6 and committed_steps(workdir) == [6]
+
+    # 4. The last rerun resumes from 6 and finishes; no checkpoint was reported damaged.
+    out = finish(launch(args, workdir))
+    assert resumed_from(out) == 6 and 'WARNING' not in out, out
+    assert committed_steps(workdir) == [6, 12] and not tmp_checkpoints(workdir)
+    assert_same_params(uninterrupted, workdir)
+
+
+# The longer campaign ------------------------------------------------------------------------
+
+def campaign(kills: int, data_dir: str, root: str, seed: int = 0) -> dict:
+    """Kills a 48-step run (checkpoints every 4 steps) `kills` times at random points, rerunning
+    the same command each time, and compares every finished run with an uninterrupted one.
+    A run that finishes before its kill lands starts a fresh workdir."""
+    rng = np.random.default_rng(seed)
+    total, every = 48, 4
+    args = ['--config', TINY, f'--config.data.data_dir={data_dir}', *QUIET,
+            f'--config.total_steps={total}', f'--config.checkpoint_every_steps={every}',
+            '--config.log_every_steps=1', '--config.optimizer.warmup_steps=4']
+    reference = os.path.join(root, 'reference')
+    start = time.perf_counter()
+    finish(launch(args, reference))
+    duration = time.perf_counter() - start
+    report = {'uninterrupted_s': round(duration, 1), 'kills': [], 'finished_runs': []}
+    workdir = os.path.join(root, 'run0')
+
+    def compare(output: str) -> None:
+        nonlocal workdir
+        report['finished_runs'].append({'resumed_from': resumed_from(output), 'equal': all(
+            np.allclose(x, y, atol=1e-6, rtol=0) for x, y in zip(
+                params(reference), params(workdir), strict=True))})
+        workdir = os.path.join(root, f'run{len(report["finished_runs"])}')
+
+    while len(report['kills']) < kills:
+        before = committed_steps(workdir) if os.path.isdir(workdir) else []
+        done = before[-1] if before else 0
+        kind = str(rng.choice(['create', 'finalize', 'step', 'time']))
+        if kind in ('create', 'finalize'):  # inside the save of a checkpoint still to come
+            target = int(rng.choice(range(done + every, total + 1, every)))
+            proc, marker = launch(args, workdir, stall=f'{kind}:{target}'), STALLED
+        elif kind == 'step':  # once a step is done, wherever that falls between saves
+            target = int(rng.integers(done + 1, total + 1))
+            proc, marker = launch(args, workdir), f'step {target}/'
+        else:  # a random moment, start-up included
+            target = round(float(rng.uniform(0, duration)), 2)
+            proc, marker = launch(args, workdir), None
+        if marker is None:
+            time.sleep(target)
+            proc.send_signal(signal.SIGKILL)
+            output = proc.communicate()[0]
+        else:
+            output = run_until(proc, marker)
+        reached = [int(s) for s in re.findall(r'^step (\d+)/', output, re.M)]
+        after = committed_steps(workdir)
+        report['kills'].append({
+            'kind': kind, 'target': target, 'latest_before': before[-1] if before else None,
+            'resumed_from': resumed_from(output),
+            'step_reached': reached[-1] if reached else None,
+            'latest_after': after[-1] if after else None,
+            'damaged_warning': 'WARNING' in output})
+        if proc.returncode == 0:  # it finished before the kill landed
+            report['kills'][-1]['kind'] = f'{kind} (too late: run had finished)'
+            compare(output)
+    if os.path.isdir(workdir):
+        compare(finish(launch(args, workdir)))
+    return report
+
+
+if __name__ == '__main__':
+    import argparse
+    import json
+    import tempfile
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('--kills', type=int, default=30)
+    parser.add_argument('--data_dir', required=True, help='a tfds dir (shapes is built there)')
+    parser.add_argument('--seed', type=int, default=0)
+    flags = parser.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        print(json.dumps(campaign(flags.kills, flags.data_dir, root, flags.seed), indent=1))
