@@ -105,13 +105,23 @@ def test_converted_model_samples(hf_loaded):
     assert out.min() >= 0 and out.max() < COLOURS
 
 
-def test_pytorch_bin_reads_like_safetensors(hf_model, hf_dir, tmp_path):
-    torch.save(hf_model.state_dict(), tmp_path / 'pytorch_model.bin')
-    from_bin = hf_imagegpt.load_tensors(str(tmp_path))
-    from_safetensors = hf_imagegpt.load_tensors(hf_dir)
-    assert set(from_safetensors) <= set(from_bin)  # .bin may add the causal-mask buffers
-    for name, value in from_safetensors.items():
-        np.testing.assert_array_equal(from_bin[name], value)
+def test_pytorch_bin_with_old_buffers_converts_like_safetensors(hf_model, hf_dir, tmp_path):
+    """Older hub checkpoints are pytorch_model.bin files that also hold each layer's causal
+    mask buffer (attn.bias, not a Conv1D bias) and attn.masked_bias."""
+    state = dict(hf_model.state_dict())
+    n = SIDE * SIDE
+    for i in range(LAYERS):
+        state[f'transformer.h.{i}.attn.bias'] = torch.tril(torch.ones(n, n, dtype=torch.bool))[
+            None, None]
+        state[f'transformer.h.{i}.attn.masked_bias'] = torch.tensor(-1e4)
+    torch.save(state, tmp_path / 'pytorch_model.bin')
+    with open(os.path.join(hf_dir, 'config.json')) as f:
+        hf_config = json.load(f)
+    from_bin = hf_imagegpt.to_pixelgen(hf_imagegpt.load_tensors(str(tmp_path)), hf_config)
+    from_safetensors = hf_imagegpt.to_pixelgen(hf_imagegpt.load_tensors(hf_dir), hf_config)
+    assert from_bin.keys() == from_safetensors.keys()
+    for path, value in from_safetensors.items():
+        np.testing.assert_array_equal(from_bin[path], value)
 
 
 def _edited(tensors, name, value):

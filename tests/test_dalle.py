@@ -246,3 +246,25 @@ def test_sample_cli_writes_a_grid_and_warns_on_long_prompts(trained, capsys, tmp
     with pytest.raises(SystemExit):  # --top ranks by CLIP: refused without a CLIP workdir
         sample.main(['--workdir', trained['workdir'], '--prompt', 'a red star', '--num', '4',
                      '--top', '2'])
+
+
+def test_attribute_classifier_reads_real_shapes_and_the_evaluator_runs(trained, data_dir,
+                                                                        tmp_path):
+    import pixelgen
+    from pixelgen.data import pipeline
+    from pixelgen.evaluators import EvalContext
+    from pixelgen.evaluators.dalle import EVALUATORS, AttributeClassifier, holdout_captions
+    classifier = AttributeClassifier(data_dir, num_images=400)
+    test = pipeline.open_source('shapes', 'test', data_dir)
+    real = [r for r in (test[i] for i in range(120)) if r['num_objects'] == 1]
+    colours, shape_ids = classifier.predict(np.stack([r['image'] for r in real]))
+    assert np.mean(colours == [r['color'] for r in real]) > 0.95
+    assert np.mean(shape_ids == [r['shape'] for r in real]) > 0.9
+    assert holdout_captions(('red star',)) == ['a small red star', 'a large red star']
+    ctx = EvalContext(loaded=pixelgen.load(trained['workdir']), out_dir=str(tmp_path),
+                      options={'samples': '2', 'data_dir': data_dir, 'classifier_images': '200'})
+    metrics = EVALUATORS['attribute_accuracy'](ctx)
+    assert metrics['num_captions'] == 2 and metrics['num_images'] == 4  # 2 sizes of 'red star'
+    assert 0 <= metrics['both_accuracy'] <= metrics['color_accuracy'] <= 1
+    assert metrics['real_images_both_accuracy'] > 0.9
+    assert os.path.exists(tmp_path / 'attributes_holdout.png')

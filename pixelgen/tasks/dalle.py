@@ -205,7 +205,7 @@ def render_codes(codes: np.ndarray, dvae=None) -> np.ndarray:
     false-colour map of the code ids (one fixed colour per code)."""
     codes = np.asarray(codes)
     if dvae is not None:
-        pictures = np.asarray(_decode(dvae, jnp.asarray(codes, jnp.int32)))
+        pictures = np.asarray(decode_codes(dvae, jnp.asarray(codes, jnp.int32)))
         return np.clip(np.round(pictures * 255), 0, 255).astype(np.uint8)
     return _false_colours()[codes]
 
@@ -216,7 +216,8 @@ def _false_colours() -> np.ndarray:
 
 
 @nnx.jit
-def _decode(dvae, codes):
+def decode_codes(dvae, codes: jax.Array) -> jax.Array:
+    """A dVAE's images float [n, h, w, 3] in [0, 1] of codes int [n, g, g]."""
     return dvae.decode(codes)
 
 

@@ -1,0 +1,211 @@
+"""python -m pixelgen.evaluate --workdir W --eval a,b [--step N | --watch] [--num_examples K]
+       [--option key=value ...]
+
+Evaluates a saved checkpoint of W as a job of its own, beside or after training. It reads the
+checkpoint with `pixelgen.load` and never writes the checkpoints or the training state. The
+evaluators are those of the workdir's task (pixelgen/evaluators/<task>.py); each evaluation
+writes W/eval/<step>/report.json (metrics, seconds and settings of every evaluator), the
+evaluators' PNGs in that folder, and TensorBoard scalars `eval_job/<evaluator>/<metric>` in
+W/eval/tensorboard (so `tensorboard --logdir W` shows them beside training).
+
+--watch polls W for new checkpoints and evaluates each once; a step whose report.json already
+holds every requested evaluator is skipped, so a restarted watcher carries on where it was.
+It exits after evaluating step config.total_steps, or when no new checkpoint has appeared for
+--watch_timeout seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from pixelgen import checkpoint, cli
+from pixelgen import evaluators as evaluators_lib
+from pixelgen.config import load_saved_config
+
+REPORT = 'report.json'
+
+
+def eval_dir(workdir: str, step: int) -> str:
+    return os.path.join(workdir, 'eval', str(step))
+
+
+def read_report(workdir: str, step: int) -> dict:
+    """W/eval/<step>/report.json, or {} when that step has not been evaluated."""
+    path = os.path.join(eval_dir(workdir, step), REPORT)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(obj: dict, path: str) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)  # atomic: a watcher killed mid-write leaves the old report
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of W's finished checkpoints (without creating anything in W)."""
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+        return []
+    manager = checkpoint.make_manager(workdir, async_save=False)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def format_metrics(metrics: dict[str, float]) -> list[str]:
+    """Console lines: plain `name value` lines, then a table of the `row/column` metrics
+    (e.g. the probe's layer_03/test_accuracy)."""
+    lines = [f'  {k} {v:.6g}' for k, v in metrics.items() if '/' not in k]
+    table: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if '/' in key:
+            row, column = key.split('/', 1)
+            table.setdefault(row, {})[column] = value
+    if table:
+        columns = list(dict.fromkeys(c for row in table.values() for c in row))
+        width = max(len(r) for r in table) + 2
+        lines.append('  ' + ' ' * width + ''.join(f'{c:>16}' for c in columns))
+        for row, values in table.items():
+            lines.append(f'  {row:<{width}}' + ''.join(
+                f'{values[c]:>16.4f}' if c in values else ' ' * 16 for c in columns))
+    return lines
+
+
+def evaluate_step(workdir: str, names: list[str], step: int | None = None, *,
+                  num_examples: int | None = None, options: dict[str, str] | None = None,
+                  writer=None) -> dict:
+    """Runs the evaluators `names` on checkpoint `step` (None: the latest) of `workdir`,
+    writes W/eval/<step>/report.json (merged with that step's earlier report) and returns
+    the report."""
+    import pixelgen
+
+    options = dict(options or {})
+    config = load_saved_config(workdir)
+    chosen = evaluators_lib.get(config.task, names)
+    loaded = pixelgen.load(workdir, step)
+    out_dir = eval_dir(workdir, loaded.step)
+    os.makedirs(out_dir, exist_ok=True)
+    report = read_report(workdir, loaded.step) or {
+        'workdir': os.path.abspath(workdir), 'task': config.task, 'step': loaded.step,
+        'evaluators': {}}
+    ctx = evaluators_lib.EvalContext(loaded=loaded, out_dir=out_dir, num_examples=num_examples,
+                                     options=options)
+    print(f'[evaluate] {workdir} step {loaded.step}', flush=True)
+    for name, fn in chosen.items():
+        start = time.perf_counter()
+        metrics = {k: float(v) for k, v in fn(ctx).items()}
+        seconds = time.perf_counter() - start
+        report['evaluators'][name] = {'metrics': metrics, 'seconds': seconds,
+                                      'num_examples': num_examples, 'options': options}
+        report['files'] = sorted(f for f in os.listdir(out_dir) if f.endswith('.png'))
+        _write_json(report, os.path.join(out_dir, REPORT))  # each result as soon as it exists
+        if writer is not None:
+            writer.write(loaded.step, metrics, prefix=f'eval_job/{name}/')
+        print('\n'.join([f'{name} ({seconds:.1f} s):', *format_metrics(metrics)]), flush=True)
+    print(f'[evaluate] wrote {os.path.join(out_dir, REPORT)}', flush=True)
+    return report
+
+
+def is_done(workdir: str, step: int, names: list[str]) -> bool:
+    return set(names) <= set(read_report(workdir, step).get('evaluators', {}))
+
+
+def watch(workdir: str, names: list[str], *, timeout_s: float, poll_s: float,
+          writer=None, **kwargs) -> list[int]:
+    """Evaluates every not yet evaluated checkpoint of `workdir` as it appears, oldest first;
+    returns the steps evaluated. Ends after the final step (config.total_steps), or after
+    `timeout_s` seconds without a new checkpoint."""
+    total_steps = load_saved_config(workdir).total_steps
+    evaluated: list[int] = []
+    last_new = time.monotonic()
+    while True:
+        steps = checkpoint_steps(workdir)
+        todo = [s for s in steps if not is_done(workdir, s, names)]
+        for step in todo:
+            try:
+                evaluate_step(workdir, names, step, writer=writer, **kwargs)
+            except FileNotFoundError as e:  # training's keep policy deleted it meanwhile
+                print(f'[evaluate] skipped step {step}: {e}', flush=True)
+                continue
+            evaluated.append(step)
+        if todo:
+            last_new = time.monotonic()
+        if total_steps in steps and is_done(workdir, total_steps, names):
+            print(f'[evaluate] final step {total_steps} evaluated; done.', flush=True)
+            return evaluated
+        if time.monotonic() - last_new > timeout_s:
+            print(f'[evaluate] no new checkpoint for {timeout_s:.0f} s; stopping.', flush=True)
+            return evaluated
+        time.sleep(poll_s)
+
+
+def parse_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition('=')
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(
+                f'--option {pair!r}: expected key=value, e.g. --option split=test')
+        options[key] = value
+    return options
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog='python -m pixelgen.evaluate', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--workdir', required=True, help='a training (or converted) workdir')
+    parser.add_argument('--eval', required=True,
+                        help='comma-separated evaluators, e.g. loss,probe,samples (Image GPT)')
+    parser.add_argument('--step', type=int, default=None,
+                        help='checkpoint step to evaluate (default: the latest)')
+    parser.add_argument('--num_examples', type=int, default=None,
+                        help='cap on the examples of each evaluated split (default: all)')
+    parser.add_argument('--option', action='append', default=[], metavar='KEY=VALUE',
+                        help="evaluator option (see the task's pixelgen/evaluators module)")
+    parser.add_argument('--watch', action='store_true',
+                        help='evaluate each new checkpoint as training writes it')
+    parser.add_argument('--watch_timeout', type=float, default=3600.0,
+                        help='--watch: stop after this many seconds without a new checkpoint')
+    parser.add_argument('--poll_seconds', type=float, default=30.0,
+                        help='--watch: how often to look for new checkpoints')
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.eval.split(',') if n.strip()]
+    if not names:
+        parser.error('--eval names no evaluator; pass e.g. --eval loss,probe')
+    if args.watch and args.step is not None:
+        parser.error('--watch evaluates every new checkpoint; it cannot take --step')
+    if args.num_examples is not None and args.num_examples < 1:
+        parser.error(f'--num_examples must be at least 1, got {args.num_examples}')
+    try:
+        options = parse_options(args.option)
+    except argparse.ArgumentTypeError as e:
+        parser.error(str(e))
+    if not os.path.isdir(args.workdir):
+        raise FileNotFoundError(f'--workdir {args.workdir!r} does not exist; pass the workdir '
+                                'of a training run (python -m pixelgen.train --workdir ...).')
+    config = load_saved_config(args.workdir)
+    evaluators_lib.get(config.task, names)  # unknown names fail before anything is loaded
+
+    from pixelgen.metric_writer import MetricWriter
+    writer = MetricWriter(os.path.join(args.workdir, 'eval'), name='eval_job')
+    try:
+        kwargs = {'num_examples': args.num_examples, 'options': options, 'writer': writer}
+        if args.watch:
+            watch(args.workdir, names, timeout_s=args.watch_timeout, poll_s=args.poll_seconds,
+                  **kwargs)
+        else:
+            evaluate_step(args.workdir, names, args.step, **kwargs)
+    finally:
+        writer.close()
+    return 0
+
+
+if __name__ == '__main__':
+    cli.run(main)
