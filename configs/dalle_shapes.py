@@ -47,7 +47,7 @@ def get_config(arg=None):
 
     c.model = ml_collections.ConfigDict()
     c.model.text_vocab_size = 1024  # BPE vocabulary (trained on the captions; <= this)
-    c.model.text_len = 24          # captions here are at most 15 tokens with [SOT] and [EOT]
+    c.model.text_len = 16          # shapes captions are at most 14 tokens with [SOT] and [EOT]
     c.model.image_vocab_size = 512  # the dVAE codebook
     c.model.grid_size = 16         # 64x64 images -> 16x16 codes
     c.model.num_layers = 4         # row, column, row, conv

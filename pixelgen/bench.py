@@ -6,6 +6,7 @@ CPU a float32 matmul rate measured in the same process), compile time and peak m
 --json every case is exactly one line on stdout; progress goes to stderr.
 
     python -m pixelgen.bench igpt_train igpt_sample --json
+    python -m pixelgen.bench dalle_attention dalle_train --json  # sparse vs dense masked
     python -m pixelgen.bench igpt_train --attention dense       # the dense reference
     XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \
         python -m pixelgen.bench igpt_train --profile /tmp/prof    # + where the time goes
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import glob
 import gzip
 import inspect
@@ -39,7 +41,12 @@ import numpy as np
 from flax import nnx
 
 from pixelgen import flops, sampling, trainer
+from pixelgen.models.dalle import DallE
 from pixelgen.models.igpt import ImageGPT
+from pixelgen.nn.attention import MultiHeadAttention
+from pixelgen.nn.block_sparse import make_plan
+from pixelgen.nn.masks import dalle_layer_kinds, dalle_mask, dalle_mask_spec
+from pixelgen.tasks.dalle import DalleLoss
 from pixelgen.tasks.igpt import token_loss
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -49,6 +56,12 @@ ATTENTION_CHOICES = ('block_sparse', 'dense')
 # 8 heads, 32x32 = 1024 tokens, palette 512, batch 4, float32; sampling generates 256 tokens.
 IGPT_SHAPE = dict(layers=8, width=256, heads=8, seq=1024, vocab=512, batch=4, dtype='float32')
 IGPT_SAMPLE_SHAPE = dict(IGPT_SHAPE, new_tokens=256)
+# DALL·E (issue 8): 256 text + 32x32 = 1024 image tokens, width 256, 8 heads, batch 2, float32;
+# one attention layer per mask kind, and an 8-layer model with the paper's vocabularies.
+DALLE_ATTENTION_SHAPE = dict(layers=1, width=256, heads=8, text=256, grid=32, seq=1280,
+                             batch=2, dtype='float32')
+DALLE_TRAIN_SHAPE = dict(DALLE_ATTENTION_SHAPE, layers=8, text_vocab=16384, image_vocab=8192)
+DALLE_SPARSE_KINDS = ('row', 'column', 'conv')
 
 # AdamW with iGPT's beta2 = 0.95 (and torch.optim.AdamW's default weight decay, as the peer).
 OPTIMIZER = ml_collections.ConfigDict(dict(
@@ -200,8 +213,9 @@ class NextTokenTask:
     """The trainer's task interface, reduced to the loss: mean next-token cross-entropy, as
     pixelgen.tasks.igpt.ImageGPTTask.loss but without data on disk."""
 
-    def loss(self, model: ImageGPT, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-        del rng
+    def loss(self, model: ImageGPT, batch: dict, rng: jax.Array,
+             step: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        del rng, step
         tokens = batch['tokens']
         total, count = token_loss(model(tokens), tokens, jnp.ones(tokens.shape[0]))
         return total / count, {'loss': total / count}
@@ -271,13 +285,179 @@ def igpt_sample(shape: dict[str, Any], options: Options) -> dict:
                   model_flops, compile_s, compiled, impl)
 
 
+def dalle_seq(shape: dict[str, Any]) -> dict[str, Any]:
+    """The shape with seq = text + grid² (so overrides of text or grid stay consistent)."""
+    if shape['dtype'] not in DTYPES:
+        raise ValueError(f"dtype={shape['dtype']!r}; expected one of {sorted(DTYPES)}.")
+    return {**shape, 'seq': shape['text'] + shape['grid'] ** 2}
+
+
+def interleaved_times(steps: dict[str, Callable[[], Any]], options: Options
+                      ) -> dict[str, list[float]]:
+    """Wall seconds of `options.steps` rounds, each calling every step once in turn, so a
+    change in machine load hits every variant alike; one more round under the profiler if
+    `options.profile_dir`."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(options.steps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step())
+            times[name].append(time.perf_counter() - start)
+    if options.profile_dir:
+        with jax.profiler.trace(options.profile_dir, create_perfetto_trace=True):
+            for step in steps.values():
+                jax.block_until_ready(step())
+        log(f'profile of one round in {options.profile_dir}; top ops:\n'
+            + format_top_ops(options.profile_dir))
+    return times
+
+
+def attention_layer_flops(shape: dict[str, Any], kind: str) -> float:
+    """Forward + backward model FLOPs of one attention layer: the q, k, v and output
+    projections, and 4·width FLOPs (q·k and p·v) per (query, key) pair the mask allows.
+    Dense masked attention computes every pair but gets the same count (its useful work)."""
+    n, width, batch = shape['seq'], shape['width'], shape['batch']
+    pairs = int(dalle_mask(kind, shape['text'], shape['grid']).sum())
+    return 3.0 * batch * (4 * 2 * n * width * width + 4 * width * pairs)
+
+
+def dalle_attention(shape: dict[str, Any], options: Options) -> dict:
+    """One attention layer (projections included) of each DALL·E kind, forward plus backward
+    (gradients of the parameters and the input), block-sparse; and the same layer computed
+    densely with the row mask (dense masked attention costs the same for every mask).
+
+    The top-level fields describe one row, one column and one conv layer run in turn (step_s
+    is the sum of their medians); `kinds` holds each layer's own report, its plan's density
+    (the fraction of the [seq, seq] logits computed) and its speed-up over the dense layer.
+    `options.attention` = 'dense' computes the three kinds densely too."""
+    shape = dalle_seq(shape)
+    dtype = DTYPES[shape['dtype']]
+    x = jax.random.normal(jax.random.key(0), (shape['batch'], shape['seq'], shape['width']),
+                          dtype)
+    cotangent = jax.random.normal(jax.random.key(1), x.shape, dtype)
+    sparse_impl = options.attention or 'block_sparse'
+    variants = {kind: (kind, sparse_impl) for kind in DALLE_SPARSE_KINDS}
+    variants['dense'] = ('row', 'dense')
+    steps, compiled_of, compile_s, layers = {}, {}, {}, {}
+    for name, (kind, impl) in variants.items():
+        layers[name] = layer = MultiHeadAttention(
+            shape['width'], shape['heads'], mask=dalle_mask_spec(kind, shape['text'],
+                                                                 shape['grid']),
+            num_layers=shape['layers'], dtype=dtype, attention_impl=impl, rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(layer)
+
+        @jax.jit
+        def forward_backward(params, x, graphdef=graphdef):
+            def loss(params, x):
+                return jnp.sum(nnx.merge(graphdef, params)(x) * cotangent)
+            return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+        log(f'dalle_attention: compiling {name} ({kind} mask, {impl})')
+        compiled_of[name], compile_s[name] = compile_jit(forward_backward, params, x)
+        steps[name] = functools.partial(compiled_of[name], params, x)
+        jax.block_until_ready(steps[name]())  # warm-up
+    log(f'dalle_attention: timing {options.steps} rounds of {", ".join(steps)}')
+    times = interleaved_times(steps, options)
+    kinds = {}
+    for name, (kind, impl) in variants.items():
+        layer = layers[name]
+        kinds[name] = report(f'dalle_attention/{name}', {**shape, 'mask': kind}, times[name],
+                             shape['batch'] * shape['seq'], attention_layer_flops(shape, kind),
+                             compile_s[name], compiled_of[name], impl)
+        uses_plan = impl == 'block_sparse' and make_plan(
+            layer.mask, shape['seq'], min(layer.block_size, shape['seq'])).pays_off
+        kinds[name]['block_size'] = layer.block_size if uses_plan else None
+        kinds[name]['density'] = (make_plan(layer.mask, shape['seq'], layer.block_size).density
+                                  if uses_plan else 1.0)
+    dense_s = kinds['dense']['step_s']
+    for name in kinds:
+        kinds[name]['speedup_vs_dense'] = dense_s / kinds[name]['step_s']
+    sparse = [kinds[kind] for kind in DALLE_SPARSE_KINDS]
+    step_s = sum(k['step_s'] for k in sparse)
+    model_flops = sum(k['model_flops_per_step'] for k in sparse)
+    result = report('dalle_attention', shape, [step_s], shape['batch'] * shape['seq'],
+                    model_flops, sum(compile_s[k] for k in DALLE_SPARSE_KINDS),
+                    compiled_of['row'], sparse_impl)
+    result.update(timed_steps=options.steps,
+                  peak_memory_bytes=max(k['peak_memory_bytes'] or 0 for k in sparse) or None,
+                  dense_step_s=len(sparse) * dense_s,
+                  speedup_vs_dense=len(sparse) * dense_s / step_s, kinds=kinds)
+    return result
+
+
+def dalle_train(shape: dict[str, Any], options: Options) -> dict:
+    """One full train step (forward, backward, clipped AdamW) of pixelgen.trainer on a DALL·E
+    transformer with the paper's layer schedule and the weighted text + image loss: block-
+    sparse (the top-level fields), and the same model computed with dense masked attention
+    (`dense`; the same function, every [seq, seq] logit computed). Random tokens; the text
+    has no padding. `options.attention` = 'dense' makes both dense."""
+    shape = dalle_seq(shape)
+    rng = np.random.default_rng(0)
+    batch = {'text': jnp.asarray(rng.integers(1, shape['text_vocab'],
+                                              (shape['batch'], shape['text']), np.int32)),
+             'image': jnp.asarray(rng.integers(0, shape['image_vocab'],
+                                               (shape['batch'], shape['grid'] ** 2), np.int32))}
+    loss = DalleLoss(ml_collections.ConfigDict(dict(loss=dict(text_weight=1 / 8,
+                                                             image_weight=7 / 8))))
+    tx, schedule = trainer.make_optimizer(OPTIMIZER, total_steps=1000)
+    variants = {'block_sparse': options.attention or 'block_sparse', 'dense': 'dense'}
+    steps, compiled_of, compile_s, states = {}, {}, {}, {}
+    for name, impl in variants.items():
+        model = DallE(text_vocab_size=shape['text_vocab'], image_vocab_size=shape['image_vocab'],
+                      text_len=shape['text'], grid_size=shape['grid'],
+                      num_layers=shape['layers'], width=shape['width'],
+                      num_heads=shape['heads'], dtype=DTYPES[shape['dtype']],
+                      attention_impl=impl, rngs=nnx.Rngs(0))
+        graphdef, rest, states[name] = trainer.init_state(model, tx, seed=0)
+        del model
+        train_step = jax.jit(trainer.make_train_step(loss, graphdef, rest, tx, schedule),
+                             donate_argnums=0)
+        log(f'dalle_train: compiling ({name}: {impl} attention)')
+        compiled_of[name], compile_s[name] = compile_jit(train_step, states[name], batch)
+
+        def step(name=name):
+            states[name], metrics = compiled_of[name](states[name], batch)
+            return metrics
+
+        steps[name] = step
+        value = float(jax.block_until_ready(step())['loss'])  # warm-up
+        if not np.isfinite(value):
+            raise FloatingPointError(f'dalle_train ({name}): loss is {value} at {shape}.')
+    log(f'dalle_train: timing {options.steps} rounds of {", ".join(steps)}')
+    times = interleaved_times(steps, options)
+    model_flops = dalle_flops_per_step(shape)
+    results = {name: report('dalle_train' if name == 'block_sparse' else 'dalle_train/dense',
+                            shape, times[name], shape['batch'] * shape['seq'], model_flops,
+                            compile_s[name], compiled_of[name], impl)
+               for name, impl in variants.items()}
+    result = results['block_sparse']
+    result.update(layer_kinds=list(dalle_layer_kinds(shape['layers'])), dense=results['dense'],
+                  speedup_vs_dense=results['dense']['step_s'] / result['step_s'])
+    return result
+
+
+def dalle_flops_per_step(shape: dict[str, Any]) -> float:
+    """Train-step model FLOPs (3 × forward): 2 × the matmul parameters per token (transformer
+    and both heads over all positions, as pixelgen.tasks.dalle counts them), plus 4·width per
+    (query, key) pair that each layer's mask allows."""
+    matmul = 2.0 * flops.igpt_matmul_params(shape['layers'], shape['width'],
+                                            shape['text_vocab'] + shape['image_vocab'])
+    attention = sum(4.0 * shape['width'] * dalle_mask(kind, shape['text'], shape['grid']).sum()
+                    for kind in dalle_layer_kinds(shape['layers']))
+    return 3.0 * shape['batch'] * (matmul * shape['seq'] + attention)
+
+
 CASES: dict[str, Callable[[dict[str, Any], Options], dict]] = {
     'igpt_train': igpt_train,
     'igpt_sample': igpt_sample,
+    'dalle_attention': dalle_attention,
+    'dalle_train': dalle_train,
 }
 SHAPES: dict[str, dict[str, Any]] = {
     'igpt_train': IGPT_SHAPE,
     'igpt_sample': IGPT_SAMPLE_SHAPE,
+    'dalle_attention': DALLE_ATTENTION_SHAPE,
+    'dalle_train': DALLE_TRAIN_SHAPE,
 }
 
 

@@ -6,12 +6,21 @@ A checkpoint at `<workdir>/checkpoints/<step>/` holds three items:
   meta  : JSON: the task and model config that produced it, for a clear mismatch error
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 kill at any moment (even during an async save) leaves the previous checkpoint as the latest.
+
+Disk problems stop a run with a message, never with a damaged latest checkpoint: the workdir
+gets a probe write before training (`probe_workdir`), each save first checks that a checkpoint
+fits on the disk, and a save that fails anyway (disk full, quota, I/O error) raises
+CheckpointSaveError naming the intact checkpoint that a rerun resumes from.
 """
 
 from __future__ import annotations
 
+import glob
+import math
 import os
+import shutil
 import time
+import uuid
 from typing import Any
 
 import grain
@@ -30,16 +39,101 @@ class CorruptCheckpointError(OSError):
     """A checkpoint's files are missing or unreadable."""
 
 
+class WorkdirError(OSError):
+    """The workdir cannot be written, or its disk has no room for a checkpoint."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed; the checkpoints before it are intact."""
+
+
+# Free space a save needs beyond the checkpoint itself (logs, samples, file-system overhead).
+SPACE_MARGIN_BYTES = 16 << 20
+SPACE_FACTOR = 1.2  # a checkpoint's files against its arrays' bytes (metadata, alignment)
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True
-                 ) -> ocp.CheckpointManager:
+def probe_workdir(workdir: str) -> None:
+    """Creates `workdir` and writes, syncs and removes a file there; WorkdirError if it fails."""
+    if '://' in workdir:  # gs:// and the like: written through Orbax's own file layer
+        return
+    probe = os.path.join(workdir, f'.pixelgen_probe_{uuid.uuid4().hex}')
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, 'wb') as f:
+            f.write(b'\0' * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f'The workdir {workdir} is not writable ({e}). Pass a --workdir on '
+                           'a disk you can write to, or fix its permissions.') from e
+
+
+def checkpoint_bytes(state: Any) -> int:
+    """Bytes of the arrays of a (possibly abstract) state: what one checkpoint stores."""
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def check_free_space(directory: str, state: Any) -> None:
+    """WorkdirError unless `directory`'s disk has room for one more checkpoint of `state`
+    (old checkpoints are deleted only after the new one is complete)."""
+    if '://' in directory:  # object stores have no free-space figure
+        return
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    needed = int(SPACE_FACTOR * checkpoint_bytes(state)) + SPACE_MARGIN_BYTES
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise WorkdirError(
+            f'The disk of {directory} is nearly full: {free / 2**20:.1f} MiB free, but a '
+            f'checkpoint needs about {needed / 2**20:.1f} MiB. Free some space (older runs, '
+            f'checkpoints_corrupt/) or pass a --workdir on another disk, then rerun.')
+
+
+class Manager(ocp.CheckpointManager):
+    """Orbax's CheckpointManager whose failed saves (raised at the save itself or later, from
+    the background thread) become a CheckpointSaveError naming the intact checkpoint."""
+
+    _saving: int | None = None  # the step whose save may still be in flight
+
+    def save(self, step: int, *args, **kwargs) -> bool:
+        self._raise_failed_save(self.wait_until_finished)  # a failure of the previous save
+        self._saving = step
+        return self._raise_failed_save(lambda: super(Manager, self).save(step, *args, **kwargs))
+
+    def wait_until_finished(self) -> None:
+        self._raise_failed_save(super().wait_until_finished)
+
+    def _raise_failed_save(self, action):
+        try:
+            return action()
+        except CheckpointSaveError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the storage layer raised
+            step, self._saving = self._saving, None
+            if step is None:
+                raise
+            for tmp in glob.glob(os.path.join(str(self.directory), f'{step}.*tmp*')):
+                shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+            intact = sorted(self.all_steps(read=True))
+            resume = (f'checkpoint {intact[-1]} is intact and a rerun resumes from it'
+                      if intact else 'no earlier checkpoint exists, so a rerun starts afresh')
+            raise CheckpointSaveError(
+                f'Saving checkpoint {step} in {self.directory} failed ({type(e).__name__}: '
+                f'{e}); {resume}. Free disk space or fix the storage, then rerun the same '
+                'command.') from e
+
+
+def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> Manager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                 item_names=('state', 'data', 'meta'))
+    return Manager(checkpoint_dir(workdir), options=options,
+                   item_names=('state', 'data', 'meta'))
 
 
 # Config fields that change how a model computes, not what it stores: free to differ on restore.
@@ -60,7 +154,9 @@ def describe(config: ConfigDict) -> dict[str, Any]:
     return signature
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator, config) -> None:
+def save(manager: Manager, step: int, state: Any, data_iterator, config) -> None:
+    manager.wait_until_finished()  # the previous save's space is then counted as used
+    check_free_space(str(manager.directory), state)
     args = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(describe(config))}
     if data_iterator is not None:
         args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -111,7 +207,9 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any, mak
     A damaged checkpoint is reported and moved aside to `<workdir>/checkpoints_corrupt/`
     (kept for inspection, never deleted), and the one before it is tried.
     With no checkpoint at all, returns (None, a fresh iterator, None).
+    Before anything is restored or trained, checks that the disk has room for a checkpoint.
     """
+    check_free_space(str(manager.directory), abstract_state)
     steps = sorted(manager.all_steps(), reverse=True)
     if restore_step is not None:
         if restore_step not in steps:

@@ -225,6 +225,7 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     if jax.process_index() == 0:
         print(f'[pixelgen] workdir {workdir}\n[pixelgen] config:\n{format_config(config)}',
               flush=True)
+    checkpoint.probe_workdir(workdir)  # before anything (data, palette) is written there
 
     task = tasks.make(config, workdir)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)

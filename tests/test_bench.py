@@ -89,7 +89,7 @@ def test_profile_writes_a_trace_and_lists_its_top_events(tmp_path):
 
 
 def test_unknown_case_names_the_valid_ones(capsys):
-    with pytest.raises(ValueError, match='valid cases: igpt_train, igpt_sample'):
+    with pytest.raises(ValueError, match='valid cases: igpt_train, igpt_sample, dalle'):
         bench.run_case('igpt_nope')
     with pytest.raises(SystemExit):
         bench.main(['igpt_nope'])
@@ -108,3 +108,18 @@ def test_json_flag_prints_one_line_per_case_and_nothing_else(monkeypatch, capsys
     assert len(lines) == 1
     result = json.loads(lines[0])
     assert result['name'] == 'igpt_train' and result['attention_impl'] == 'dense'
+
+
+def test_dalle_attention_reports_each_kind_against_dense():
+    r = bench.run_case('dalle_attention', overrides=dict(text=16, grid=16, width=32, heads=2),
+                       steps=3)
+    assert set(FIELDS) <= set(r) and r['shape']['seq'] == 16 + 16 * 16
+    assert set(r['kinds']) == {'row', 'column', 'conv', 'dense'}
+    for name, kind in r['kinds'].items():
+        assert set(FIELDS) <= set(kind) and kind['step_s'] > 0
+        assert kind['speedup_vs_dense'] == pytest.approx(
+            r['kinds']['dense']['step_s'] / kind['step_s'])
+        assert kind['density'] < 0.6 if name != 'dense' else kind['density'] == 1.0
+    assert r['step_s'] == pytest.approx(sum(r['kinds'][k]['step_s']
+                                            for k in ('row', 'column', 'conv')))
+    json.dumps(r)

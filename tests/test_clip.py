@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -114,6 +115,14 @@ def test_image_size_not_divisible_by_patch_size_is_a_config_error():
     with pytest.raises(ConfigError, match='data.image_size=20 must be divisible by '
                                           'model.patch_size=8'):
         clip_task.build_model(config, nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('variant, count', [('b32', 151_277_313), ('l14', 427_616_513)])
+def test_paper_configs_have_the_released_parameter_counts(variant, count):
+    """The counts of OpenAI's released checkpoints (as transformers' CLIPModel holds them)."""
+    config = load_config_file(os.path.join(REPO, 'configs', 'clip.py') + f':{variant}')
+    shapes = nnx.eval_shape(lambda: clip_task.build_model(config, nnx.Rngs(0)))
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(shapes, nnx.Param))) == count
 
 
 # A stand-in CLIP whose embeddings are known: an image embeds as its mean RGB colour, a text
@@ -226,7 +235,6 @@ from pixelgen.config import load_config_file
 from pixelgen.tasks import clip as clip_task
 
 config = load_config_file(TINY)
-model = clip_task.build_model(config, nnx.Rngs(0))
 rng = np.random.default_rng(0)
 batch = {'image': rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
          'tokens': rng.integers(3, 200, (16, 20)).astype(np.int32)}
@@ -236,6 +244,7 @@ loss_fn = lambda m, b: clip_task.CLIPLoss().loss(m, b, None)[0]
 def loss_on(devices, rows):
     mesh = parallel.make_mesh({'data': -1}, devices)
     placed = parallel.global_batch({k: v[rows] for k, v in batch.items()}, mesh)
+    model = clip_task.build_model(config, nnx.Rngs(0))  # the same weights, on these devices
     with parallel.activation_sharding(mesh, parallel.DEFAULT_RULES):
         return float(nnx.jit(loss_fn)(model, placed))
 

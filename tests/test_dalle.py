@@ -232,7 +232,7 @@ def test_sample_cli_writes_a_grid_and_warns_on_long_prompts(trained, capsys, tmp
     out = str(tmp_path / 'out')
     long_prompt = 'a large red star to the left of a small blue circle above a white cross'
     assert sample.main(['--workdir', trained['workdir'], '--prompt', long_prompt, '--num', '4',
-                        '--top_k', '4', '--out', out]) == 0
+                        '--out', out]) == 0
     captured = capsys.readouterr()
     assert 'warning: the prompt is longer than model.text_len=8' in captured.err
     files = os.listdir(out)
@@ -241,7 +241,7 @@ def test_sample_cli_writes_a_grid_and_warns_on_long_prompts(trained, capsys, tmp
         assert grid.size[0] > 2 * 8 and grid.mode == 'RGB'  # 2x2 tiles of decoded images
     # Image-prompted: the top row of test example 0 is kept, the rest completed.
     assert sample.main(['--workdir', trained['workdir'], '--prime_index', '0', '--prime_rows',
-                        '1', '--num', '2', '--out', out]) == 0
+                        '1', '--num', '4', '--out', out]) == 0
     assert len(os.listdir(out)) == 2
     with pytest.raises(SystemExit):  # --top ranks by CLIP: refused without a CLIP workdir
         sample.main(['--workdir', trained['workdir'], '--prompt', 'a red star', '--num', '4',
@@ -262,9 +262,9 @@ def test_attribute_classifier_reads_real_shapes_and_the_evaluator_runs(trained, 
     assert np.mean(shape_ids == [r['shape'] for r in real]) > 0.9
     assert holdout_captions(('red star',)) == ['a small red star', 'a large red star']
     ctx = EvalContext(loaded=pixelgen.load(trained['workdir']), out_dir=str(tmp_path),
-                      options={'samples': '2', 'data_dir': data_dir, 'classifier_images': '200'})
+                      options={'samples': '4', 'data_dir': data_dir, 'classifier_images': '200'})
     metrics = EVALUATORS['attribute_accuracy'](ctx)
-    assert metrics['num_captions'] == 2 and metrics['num_images'] == 4  # 2 sizes of 'red star'
+    assert metrics['num_captions'] == 2 and metrics['num_images'] == 8  # 2 sizes of 'red star'
     assert 0 <= metrics['both_accuracy'] <= metrics['color_accuracy'] <= 1
     assert metrics['real_images_both_accuracy'] > 0.9
     assert os.path.exists(tmp_path / 'attributes_holdout.png')

@@ -32,11 +32,14 @@ TINY = os.path.join(REPO, 'configs', 'igpt_shapes.py') + ':tiny'
 QUIET = ('--config.eval_every_steps=0', '--config.sample_every_steps=0')  # params unchanged
 STALL_ENV = 'PIXELGEN_TEST_STALL'  # 'create:<step>' or 'finalize:<step>'
 STALLED = 'STALLED in'
+FSIZE_ENV = 'PIXELGEN_TEST_FILE_SIZE_LIMIT'  # '<step>:<bytes>': RLIMIT_FSIZE once step is saved
 
 # Runs pixelgen.train; with $PIXELGEN_TEST_STALL set it blocks inside the atomic save of one
 # checkpoint step: after the tmp dir is created, or before it is renamed to the final name.
+# With $PIXELGEN_TEST_FILE_SIZE_LIMIT, once that step is saved the kernel refuses to let any
+# file grow past the limit (EFBIG): later checkpoint writes fail as on a full disk.
 CHILD = f'''
-import os, sys, time
+import os, resource, signal, sys, time
 from orbax.checkpoint._src.path import atomicity
 where, _, step = os.environ.get({STALL_ENV!r}, '').partition(':')
 path_class = atomicity.AtomicRenameTemporaryPath
@@ -53,15 +56,22 @@ async def stalled_create(self):
 async def stalled_finalize(self):
     stall(self, 'finalize')
     return await finalize(self)
-path_class.create, path_class.finalize = stalled_create, stalled_finalize
+async def finalize_then_limit(self):
+    await stalled_finalize(self)
+    if self.get_final().name == fsize_step:  # from now on, no file may grow past fsize bytes
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(fsize), resource.RLIM_INFINITY))
+fsize_step, _, fsize = os.environ.get({FSIZE_ENV!r}, '').partition(':')
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG)
+path_class.create, path_class.finalize = stalled_create, finalize_then_limit
 from pixelgen import cli
 from pixelgen.train import main
 cli.run(main)
 '''
 
 
-def launch(args: list[str], workdir: str, stall: str = '') -> subprocess.Popen:
-    env = {**os.environ, STALL_ENV: stall}
+def launch(args: list[str], workdir: str, stall: str = '', file_size_limit: str = ''
+           ) -> subprocess.Popen:
+    env = {**os.environ, STALL_ENV: stall, FSIZE_ENV: file_size_limit}
     return subprocess.Popen([sys.executable, '-c', CHILD, *args, '--workdir', workdir],
                             cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -155,8 +165,24 @@ def test_kills_inside_async_saves_then_reruns_end_like_an_uninterrupted_run(
 
     # 4. The last rerun resumes from 6 and finishes; no checkpoint was reported damaged.
     out = finish(launch(args, workdir))
-    assert resumed_from(out) == 6 and 'WARNING' not in out, out
+    assert resumed_from(out) == 6 and '[pixelgen] WARNING' not in out, out
     assert committed_steps(workdir) == [6, 12] and not tmp_checkpoints(workdir)
+    assert_same_params(uninterrupted, workdir)
+
+
+def test_a_save_that_fails_for_lack_of_space_keeps_the_previous_checkpoint(
+        uninterrupted, tiny_config_args, data_dir, tmp_path):
+    from conftest import tiny_config
+
+    from pixelgen.trainer import train
+    workdir = str(tmp_path / 'full')
+    proc = launch([*tiny_config_args, *QUIET], workdir, file_size_limit='6:65536')
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert re.search(r'Saving checkpoint 12 in .* failed \(.*File too large.*\); checkpoint 6 is '
+                     r'intact and a rerun resumes from it\. Free disk space', output), output
+    assert committed_steps(workdir) == [6] and not tmp_checkpoints(workdir)
+    train(tiny_config(data_dir, *QUIET), workdir)  # space is back: the same command resumes
     assert_same_params(uninterrupted, workdir)
 
 
@@ -211,7 +237,7 @@ def campaign(kills: int, data_dir: str, root: str, seed: int = 0) -> dict:
             'resumed_from': resumed_from(output),
             'step_reached': reached[-1] if reached else None,
             'latest_after': after[-1] if after else None,
-            'damaged_warning': 'WARNING' in output})
+            'damaged_warning': '[pixelgen] WARNING' in output})
         if proc.returncode == 0:  # it finished before the kill landed
             report['kills'][-1]['kind'] = f'{kind} (too late: run had finished)'
             compare(output)

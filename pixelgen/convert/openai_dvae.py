@@ -105,8 +105,8 @@ def load_into(model: DVAE, encoder: dict, decoder: dict) -> None:
             if kernel.shape != layer.kernel.shape or b.shape != layer.bias.shape:
                 raise ConfigError(f'{side} {name}: the release has {w.shape}, pixelgen expects '
                                   f'{layer.kernel.shape} (kernel [k, k, in, out]).')
-            layer.kernel.value = kernel
-            layer.bias.value = b
+            layer.kernel[...] = kernel
+            layer.bias[...] = b
             unused -= {f'{name}.w', f'{name}.b'}
         if unused:
             raise ConfigError(f'The {side} state dict has tensors pixelgen does not use: '

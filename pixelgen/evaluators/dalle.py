@@ -69,17 +69,18 @@ class AttributeClassifier:
         return np.asarray(small, np.float32).reshape(-1) / 255, mask
 
     def predict(self, pictures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 [n, h, w, 3] -> (colour ids [n], shape ids [n]); -1 colour when empty."""
-        colours, features = [], []
+        """uint8 [n, h, w, 3] -> (colour ids [n], shape ids [n]); both -1 where no object
+        is found: no foreground, or one covering over half the picture (no shape does)."""
+        colours, features, found = [], [], []
         for picture in pictures:
             feature, mask = self._silhouette(picture)
             features.append(feature)
-            if mask.sum() < 4:
-                colours.append(-1)
-                continue
-            mean = picture[mask].astype(np.float32).mean(axis=0)
+            found.append(4 <= mask.sum() <= mask.size // 2)
+            mean = picture[mask].astype(np.float32).mean(axis=0) if mask.any() else 0
             colours.append(int(np.argmin(((self._palette - mean) ** 2).sum(axis=1))))
-        return np.array(colours), self._shape.predict(np.stack(features))
+        found = np.array(found)
+        shape_ids = self._shape.predict(np.stack(features))
+        return np.where(found, colours, -1), np.where(found, shape_ids, -1)
 
 
 def _parse(caption: str) -> tuple[int, int] | None:

@@ -228,8 +228,7 @@ def _generate_jit(graphdef, state, rng, text, image_prompt, *, temperature, top_
         drawn = jax.random.categorical(jax.random.fold_in(rng, position), logits, axis=-1)
         target = position + 1
         kept = jax.lax.dynamic_index_in_dim(sequence, target, axis=1, keepdims=False)
-        fixed = (target < t) | (target < t + prompt_len)  # text and image prompt stay
-        code = jnp.where(fixed, kept, drawn.astype(jnp.int32))
+        code = jnp.where(target < t + prompt_len, kept, drawn.astype(jnp.int32))  # prompts stay
         return jax.lax.dynamic_update_slice(sequence, code[:, None], (0, target)), cache
 
     sequence, _ = jax.lax.fori_loop(0, t + n - 1, step, (sequence, model.init_cache(batch)))

@@ -33,15 +33,15 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.task = 'clip'
     c.seed = 0
-    c.total_steps = 600
+    c.total_steps = 800
     c.batch_size = 64              # the contrastive softmax spans the whole global batch
     c.grad_accum_steps = 1         # note: accumulation contrasts within each micro-batch
-    c.checkpoint_every_steps = 200
+    c.checkpoint_every_steps = 400
     c.keep_checkpoints = 3
     c.log_every_steps = 50
-    c.eval_every_steps = 200
+    c.eval_every_steps = 400
     c.eval_examples = 256          # periodic eval; the final one uses the whole test split
-    c.sample_every_steps = 600
+    c.sample_every_steps = 800
     c.mesh = ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
     c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
                         ('heads', 'tensor'), ('vocab', 'tensor'), ('kv', None), ('length', None))
@@ -51,7 +51,7 @@ def base_config() -> ConfigDict:
     c.data.data_dir = ''           # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.data.train_split = 'train'
     c.data.eval_split = 'test'
-    c.data.image_size = 32
+    c.data.image_size = 64         # shapes' own size: 8x8 patches of 8 pixels
     c.data.caption_key = 'caption'
     c.data.tokenizer = ''          # '' = train a BPE on the captions; or a folder holding
     #                                CLIP's vocab.json + merges.txt (then model.eot_id=49407)
