@@ -120,7 +120,8 @@ class Manager(ocp.CheckpointManager):
                 raise
             for tmp in glob.glob(os.path.join(str(self.directory), f'{step}.*tmp*')):
                 shutil.rmtree(tmp, ignore_errors=True)  # give the space back
-            intact = sorted(self.all_steps(read=True))
+            self.reload()
+            intact = sorted(self.all_steps())
             resume = (f'checkpoint {intact[-1]} is intact and a rerun resumes from it'
                       if intact else 'no earlier checkpoint exists, so a rerun starts afresh')
             raise CheckpointSaveError(

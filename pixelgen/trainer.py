@@ -32,6 +32,18 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; nothing after the last good checkpoint is saved."""
 
 
+def validate_loop_config(config: ConfigDict) -> None:
+    """The loop's own settings; each task checks its model and data (its validate_config)."""
+    problems = [f'{key}={config[key]} must be at least 1' for key in (
+        'batch_size', 'grad_accum_steps', 'log_every_steps', 'checkpoint_every_steps',
+        'keep_checkpoints') if config[key] < 1]
+    problems += [f'{key}={config[key]} must be 0 (off) or positive'
+                 for key in ('eval_every_steps', 'sample_every_steps') if config[key] < 0]
+    if problems:
+        raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
+                          + '\nFix them with --config.<key>=<value>.')
+
+
 def make_optimizer(opt: ConfigDict, total_steps: int):
     """AdamW (β2 = 0.95 as in iGPT), linear warm-up, cosine decay, global-norm clipping.
 
@@ -209,6 +221,8 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
       the final metrics: the last training metrics and, if training finished, the test ones.
     """
     t_start = time.perf_counter()
+    validate_loop_config(config)
+    checkpoint.probe_workdir(workdir)  # before anything (data, palette) is written there
     # Measured first, while no input-pipeline threads compete for the cores.
     peak, peak_source = flops.peak_flops_per_device()
     try:
@@ -225,7 +239,6 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     if jax.process_index() == 0:
         print(f'[pixelgen] workdir {workdir}\n[pixelgen] config:\n{format_config(config)}',
               flush=True)
-    checkpoint.probe_workdir(workdir)  # before anything (data, palette) is written there
 
     task = tasks.make(config, workdir)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)

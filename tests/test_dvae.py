@@ -61,7 +61,7 @@ def test_decoding_codes_equals_decoding_their_one_hot(model):
 def test_temperature_and_kl_weight_schedules_reach_their_endpoints():
     lo = tiny_config().loss
     lo.unlock()
-    lo.temperature_steps, lo.kl_warmup_steps = 100, 50
+    lo.temperature_steps, lo.kl_warmup_steps, lo.kl_weight = 100, 50, 6.6  # the paper's beta
     tau, beta = task_lib.temperature_schedule(lo), task_lib.kl_weight_schedule(lo)
     assert float(tau(0)) == pytest.approx(1.0)
     assert float(tau(50)) == pytest.approx((1 + 1 / 16) / 2)  # cosine: halfway at mid-point

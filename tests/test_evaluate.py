@@ -12,7 +12,7 @@ from PIL import Image
 
 from pixelgen import evaluate
 from pixelgen.config import ConfigError
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -35,13 +35,16 @@ def _digests(directory: str) -> dict[str, str]:
 
 @pytest.fixture(scope='module')
 def evaluated(trained):
-    """Runs `--eval loss,probe,samples` on the latest checkpoint; (workdir, report, digests of
-    the checkpoints before)."""
+    """Evaluates the latest checkpoint: loss on the whole test split, then probe and samples
+    on 64 examples (a second run, whose results join the first's report); (workdir, report,
+    digests of the checkpoints before)."""
     workdir, _ = trained
     before = _digests(os.path.join(workdir, 'checkpoints'))
     before['config.json'] = _digests(workdir)['config.json']
-    assert evaluate.main(['--workdir', workdir, '--eval', 'loss,probe,samples',
-                          '--option', 'batch_size=50']) == 0
+    assert evaluate.main(['--workdir', workdir, '--eval', 'loss', '--option',
+                          'batch_size=100']) == 0
+    assert evaluate.main(['--workdir', workdir, '--eval', 'probe,samples', '--num_examples',
+                          '64', '--option', 'batch_size=32']) == 0
     with open(os.path.join(workdir, 'eval', '12', 'report.json')) as f:
         return workdir, json.load(f), before
 

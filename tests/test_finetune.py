@@ -88,6 +88,8 @@ def test_finetune_run_reports_accuracy_and_keeps_the_palette(data_dir, pretraine
                                   palette_lib.load_palette(pretrained_workdir))
     loaded = pretrained.load(workdir)
     assert loaded.model.clf.kernel.shape == (config.model.width, SHAPES_CLASSES)
+    # Once the run has a checkpoint, the pretrained workdir is no longer needed (eval jobs).
+    tasks.make(finetune_config(data_dir, str(tmp_path / 'moved_away')), workdir)
 
 
 def test_joint_loss_gradient_reaches_the_backbone_and_both_heads():

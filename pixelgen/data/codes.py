@@ -135,7 +135,8 @@ def codes_info(out_dir: str) -> dict:
 def _builder(out_dir: str):
     if not os.path.exists(os.path.join(out_dir, 'dataset_info.json')):
         raise CodesError(f'{out_dir!r} is not a codes dataset (no dataset_info.json). Write one '
-                         'with the dVAE encode job (pixelgen.data.codes.write_codes).')
+                         'with the dVAE encode job: python -m pixelgen.dvae encode --workdir '
+                         f'DVAE_WORKDIR --dataset shapes --out {out_dir}')
     return tfds.builder_from_directory(out_dir)
 
 

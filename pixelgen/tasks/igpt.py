@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelgen import flops, images, parallel, sampling
+from pixelgen import checkpoint, flops, images, parallel, sampling
 from pixelgen.config import ConfigError
 from pixelgen.data import palette as palette_lib
 from pixelgen.data import pipeline
@@ -106,6 +106,11 @@ def validate_init_from(config) -> dict | None:
                           + '\n  '.join(differences)
                           + '\nSet these keys to the pretrained values (--config.<key>=...).')
     return pretrained
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    path = checkpoint.checkpoint_dir(workdir)
+    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
 
 
 def build_model(config, rngs: nnx.Rngs) -> ImageGPT:
@@ -247,7 +252,8 @@ class ImageGPTTask(ImageGPTLoss):
 
     def __init__(self, config, workdir: str):
         validate_config(config)  # before any data is built
-        validate_init_from(config)
+        if not _has_checkpoint(workdir):  # only a run that starts from init_from reads it
+            validate_init_from(config)
         super().__init__(objective(config), config.get('classifier_loss_weight', 1.0))
         self.config, self.workdir = config, workdir
         d = config.data

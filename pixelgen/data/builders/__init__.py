@@ -50,7 +50,7 @@ def ensure_built(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
                          f"or '{IMAGE_FOLDER_PREFIX}/path/to/images'")
     if builder.is_prepared():
         return builder
-    print(f'Building embedded dataset {name!r} into {builder.data_dir} ...', flush=True)
+    print(f'Building dataset {name!r} into {builder.data_dir} ...', flush=True)
     start = time.perf_counter()
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False)
