@@ -83,8 +83,8 @@ def check_free_space(directory: str, state: Any) -> None:
     (old checkpoints are deleted only after the new one is complete)."""
     if '://' in directory:  # object stores have no free-space figure
         return
-    existing = directory
-    while not os.path.exists(existing):
+    existing = os.path.abspath(directory)
+    while not os.path.exists(existing):  # the disk it will be on
         existing = os.path.dirname(existing)
     needed = int(SPACE_FACTOR * checkpoint_bytes(state)) + SPACE_MARGIN_BYTES
     free = shutil.disk_usage(existing).free
@@ -118,8 +118,9 @@ class Manager(ocp.CheckpointManager):
             step, self._saving = self._saving, None
             if step is None:
                 raise
-            for tmp in glob.glob(os.path.join(str(self.directory), f'{step}.*tmp*')):
-                shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+            if jax.process_index() == 0:  # give the space back
+                for tmp in glob.glob(os.path.join(str(self.directory), f'{step}.*tmp*')):
+                    shutil.rmtree(tmp, ignore_errors=True)
             self.reload()
             intact = sorted(self.all_steps())
             resume = (f'checkpoint {intact[-1]} is intact and a rerun resumes from it'

@@ -27,11 +27,12 @@ def test_probe_creates_the_workdir_and_leaves_nothing_behind(tmp_path):
     assert os.listdir(workdir) == []
 
 
-def test_unwritable_workdir_stops_training_before_anything_is_built(data_dir, tmp_path):
+def test_unwritable_workdir_stops_training_before_anything_is_built(tmp_path):
     blocker = tmp_path / 'a_file'
     blocker.write_text('')
     with pytest.raises(checkpoint.WorkdirError, match='not writable'):
-        train(tiny_config(data_dir), str(blocker / 'run'))
+        train(tiny_config(str(tmp_path / 'no_data')), str(blocker / 'run'))
+    assert not (tmp_path / 'no_data').exists()  # stopped before the data was looked at
 
 
 def test_free_space_check_counts_one_more_checkpoint(tmp_path, monkeypatch):

@@ -8,11 +8,11 @@ import os
 import shutil
 
 import pytest
+from conftest import tiny_config
 from PIL import Image
 
 from pixelgen import evaluate
 from pixelgen.config import ConfigError
-from conftest import tiny_config
 
 
 @pytest.fixture(scope='module')

@@ -230,3 +230,14 @@ def test_a_folder_without_a_usable_image_says_so(tmp_path):
     ('onetwothree', 'onetwot', True)])
 def test_clean_caption_collapses_whitespace_and_cuts_at_a_word(text, expected, cut):
     assert clean_caption(text, 10 if not cut else 7) == (expected, cut)
+
+
+def test_headerless_csv_matches_by_bare_name_and_counts_ambiguity(tmp_path):
+    from pixelgen.data.builders.image_folder import Report, match_captions
+    path = tmp_path / 'captions.csv'
+    path.write_bytes(b'cat/001.png,first cat\n002,"second, with a comma"\n001.png,which one?\n')
+    report = Report()
+    captions = match_captions(str(path), {'cat/001.png', 'dog/001.png', 'dog/002.jpg'},
+                              report, 100)
+    assert captions == {'cat/001.png': 'first cat', 'dog/002.jpg': 'second, with a comma'}
+    assert report.counts == {'caption_ambiguous_name': 1}

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelgen.nn.block_sparse import block_sparse_attention, make_plan
+from pixelgen.nn.block_sparse import block_sparse_attention, default_block_size, make_plan
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.parallel import constrain
 
@@ -85,9 +85,7 @@ class MultiHeadAttention(nnx.Module):
           attention_impl: 'block_sparse' (computes only the blocks the mask allows, where
             that saves at least a quarter of the work; else dense) or 'dense' (the
             reference: full [length, length] logits, masked).
-          block_size: query/key block size of 'block_sparse'; None: 64 for DALL·E's row,
-            column and conv masks, 128 otherwise (the faster ones on CPU at 1280 and 1024
-            tokens).
+          block_size: query/key block size of 'block_sparse'; None: `default_block_size`.
           rngs: parameter rngs.
         """
         if attention_impl not in IMPLEMENTATIONS:
@@ -105,7 +103,7 @@ class MultiHeadAttention(nnx.Module):
         self.mask = mask
         self.dtype = dtype
         self.attention_impl = attention_impl
-        self.block_size = block_size or (64 if mask.is_dalle else 128)
+        self.block_size = block_size or default_block_size(mask)
         qkv_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width)),
                                 ('embed', 'heads', 'kv'))
         out_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width * num_layers)),

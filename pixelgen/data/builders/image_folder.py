@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from pixelgen.data.builders import IMAGE_FOLDER_PREFIX
 from pixelgen.data.builders.shapes import png_bytes
@@ -336,11 +336,11 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """The image files worth decoding; the rest are counted as skipped."""
         extensions = _image_extensions()
         root = os.path.realpath(self._folder)
+        depth = 1 if self._has_splits else 0  # path parts before the class folder
         kept = []
         for relpath in files:
             self._report.add('files_seen')
             parts = relpath.split('/')
-            depth = 1 if self._has_splits else 0  # path parts before the class folder
             if self._has_splits and parts[0] not in SPLIT_DIRS:
                 self._report.add('skipped_unfiled', relpath)
             elif self._classes and len(parts) < depth + 2:
@@ -388,11 +388,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         except Skip as e:
             self._report.add(f'skipped_{e}', relpath)
             return None
-        except UnidentifiedImageError:
-            self._report.add('skipped_corrupt', relpath)  # an image's name, not its contents
-            return None
-        except Exception:  # noqa: BLE001 - any decoder failure: one bad file, not a failed build
-            self._report.add('skipped_corrupt', relpath)
+        except Exception:  # noqa: BLE001 - an image's name but not its contents (unidentified,
+            self._report.add('skipped_corrupt', relpath)  # truncated, ...): skip, never crash
             return None
         self._written_names.add(name)
         if mode != 'RGB':
