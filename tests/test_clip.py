@@ -84,8 +84,8 @@ def test_loss_is_symmetric_and_equals_the_numpy_reference():
                                numpy_clip_loss(logits[:4, :4]), rtol=1e-5)
 
 
-def test_logit_scale_is_clamped_at_100(config):
-    model = clip_task.build_model(config, nnx.Rngs(0))
+def test_logit_scale_is_clamped_at_100(config, model):
+    model = nnx.clone(model)
     np.testing.assert_allclose(float(model.scale()), 1 / 0.07, rtol=1e-5)  # the paper's init
     model.logit_scale[...] = jnp.asarray(math.log(1000.0))
     assert float(model.scale()) == 100.0
@@ -117,12 +117,12 @@ def test_image_size_not_divisible_by_patch_size_is_a_config_error():
         clip_task.build_model(config, nnx.Rngs(0))
 
 
-@pytest.mark.parametrize('variant, count', [('b32', 151_277_313), ('l14', 427_616_513)])
-def test_paper_configs_have_the_released_parameter_counts(variant, count):
-    """The counts of OpenAI's released checkpoints (as transformers' CLIPModel holds them)."""
-    config = load_config_file(os.path.join(REPO, 'configs', 'clip.py') + f':{variant}')
+def test_vit_b32_config_has_the_released_parameter_count():
+    """151,277,313: OpenAI's ViT-B/32 as transformers' CLIPModel holds it (B/16 and L/14 give
+    their released 149,620,737 and 427,616,513 too; not run here to save time)."""
+    config = load_config_file(os.path.join(REPO, 'configs', 'clip.py') + ':b32')
     shapes = nnx.eval_shape(lambda: clip_task.build_model(config, nnx.Rngs(0)))
-    assert sum(x.size for x in jax.tree.leaves(nnx.state(shapes, nnx.Param))) == count
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(shapes, nnx.Param))) == 151_277_313
 
 
 # A stand-in CLIP whose embeddings are known: an image embeds as its mean RGB colour, a text
@@ -232,6 +232,7 @@ import json, jax, numpy as np
 from flax import nnx
 from pixelgen import parallel
 from pixelgen.config import load_config_file
+from pixelgen.models.clip import contrastive_loss
 from pixelgen.tasks import clip as clip_task
 
 config = load_config_file(TINY)
@@ -239,21 +240,22 @@ rng = np.random.default_rng(0)
 batch = {'image': rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
          'tokens': rng.integers(3, 200, (16, 20)).astype(np.int32)}
 batch['tokens'][:, 9] = config.model.eot_id
-loss_fn = lambda m, b: clip_task.CLIPLoss().loss(m, b, None)[0]
+loss_and_logits = lambda m, b: (clip_task.CLIPLoss().loss(m, b, None)[0],
+                                 m(b['image'], b['tokens']))
 
-def loss_on(devices, rows):
+def loss_on(devices):
     mesh = parallel.make_mesh({'data': -1}, devices)
-    placed = parallel.global_batch({k: v[rows] for k, v in batch.items()}, mesh)
+    placed = parallel.global_batch(batch, mesh)
     model = clip_task.build_model(config, nnx.Rngs(0))  # the same weights, on these devices
     with parallel.activation_sharding(mesh, parallel.DEFAULT_RULES):
-        return float(nnx.jit(loss_fn)(model, placed))
+        loss, logits = nnx.jit(loss_and_logits)(model, placed)
+    return float(loss), np.asarray(logits)
 
-whole = slice(None)
-print(json.dumps({'eight': loss_on(jax.devices(), whole),
-                  'one': loss_on(jax.devices()[:1], whole),
-                  'per_device_mean': float(np.mean([loss_on(jax.devices()[:1],
-                                                            slice(2 * i, 2 * i + 2))
-                                                    for i in range(8)]))}))
+eight, _ = loss_on(jax.devices())
+one, logits = loss_on(jax.devices()[:1])
+# what contrasting each device's 2 rows only would give
+local = np.mean([float(contrastive_loss(logits[i:i + 2, i:i + 2])) for i in range(0, 16, 2)])
+print(json.dumps({'eight': eight, 'one': one, 'per_device_mean': local}))
 '''
 
 

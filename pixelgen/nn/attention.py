@@ -176,10 +176,25 @@ class MultiHeadAttention(nnx.Module):
             allowed = self.mask.allowed_keys(position, max_length)  # [max_length]
         else:  # DALL·E layers read only the text and the window (or column) of the query
             indices, allowed = sparse  # [K]
-            keys, values = (jnp.take(c, indices, axis=2) for c in (k, v))  # [b, h, K, d]
+            keys, values = (_read_keys(c, self.mask, indices) for c in (k, v))  # [b, h, K, d]
         logits = jnp.einsum('bqhd,bhkd->bhqk', q, keys, preferred_element_type=jnp.float32)
         logits = jnp.where(allowed, logits / math.sqrt(self.head_dim), MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
         out = jnp.einsum('bhqk,bhkd->bqhd', probs, values, preferred_element_type=jnp.float32)
         y = self.out(out.astype(q.dtype))
         return y, dict(k=k, v=v)
+
+
+def _read_keys(cache: jax.Array, mask: MaskSpec, indices: jax.Array) -> jax.Array:
+    """cache [b, h, T + W², d] at `indices` from `mask.decode_keys`: [b, h, K, d].
+
+    Slices instead of a gather (a gather of a few hundred rows per step costs more than
+    reading the whole cache): the text, then the window (one dynamic slice) or the column
+    (a dynamic index into the cache viewed as [.., W rows, W columns, d])."""
+    t, w = mask.text_len, mask.grid_width
+    if mask.kind == 'column':
+        grid = cache[:, :, t:].reshape(*cache.shape[:2], w, w, cache.shape[-1])
+        image = jax.lax.dynamic_index_in_dim(grid, indices[t] - t, axis=3, keepdims=False)
+    else:
+        image = jax.lax.dynamic_slice_in_dim(cache, indices[t], len(indices) - t, axis=2)
+    return jnp.concatenate([cache[:, :, :t], image], axis=2)

@@ -7,10 +7,10 @@ costs about half of dense, and DALL·E's row / column / conv layers cost O(n · 
 instead of O(n²). The plan is plain numpy, made once at trace time from the dense mask, so every
 layer kind uses the same code.
 
-Within a group the key blocks come in two sorts:
+Within a group the key blocks come in parts (`KeyPart`):
 - shared: read by every query block of the group (DALL·E's text prefix, or everything when the
   group is one query block). Their logits are one einsum of the whole group against those keys,
-  with no copies.
+  with no copies. Shared blocks that every query may fully see skip the mask altogether.
 - banded: query block i reads key block i + offset (DALL·E's local window). Each offset is one
   slice of the key blocks; other patterns fall back to a gather.
 Slices and broadcasts keep the backward pass free of scatters, which are slow on CPU.
@@ -18,9 +18,9 @@ Slices and broadcasts keep the backward pass free of scatters, which are slow on
 Column layers use the paper's transpose trick: the image is put in column-major order, where
 the column mask becomes lower-triangular W × W blocks on the diagonal (`column_major_order`).
 
-Within a group each query row sees all its keys at once (one softmax over shared and banded
-keys together), so an exact softmax needs no online rescaling; memory for the logits is the sum
-over groups, not n².
+Within a group each query row sees all its keys at once (one softmax over all parts: a shared
+maximum and normaliser), so an exact softmax needs no online rescaling; memory for the logits is
+the sum over groups, not n².
 """
 
 from __future__ import annotations
