@@ -28,6 +28,7 @@ def get_config(arg=None):
         c.eval_every_steps = 3
         c.eval_examples = 16
         c.sample_every_steps = 6
+        c.optimizer.warmup_steps = 1
         c.data.tokenizer_train_captions = 500
         c.model.vision_layers = c.model.text_layers = 1
         c.model.vision_width = c.model.text_width = 32

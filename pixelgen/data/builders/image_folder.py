@@ -19,7 +19,7 @@ Bad data never stops a build. Every file is converted or skipped, and counted:
   resized:   longer side above MAX_SIDE -> MAX_SIDE (aspect kept; never upscaled);
   skipped:   corrupt or truncated files, non-images, sides below MIN_SIDE, more than
              MAX_PIXELS pixels (decompression bombs: refused from the header, never decoded),
-             a second file of the same name (`a.jpg` beside `a.png`; the first good one wins),
+             a second file of the same name (`a.jpg` beside `a.png`: a captioned one is kept),
              images outside the class folders, links that lead outside the folder;
   captions:  empty, over-long (cut at a word), non-UTF-8 (read as cp1252), malformed rows,
              duplicates, ambiguous names, unsafe paths, captions without an image and images
