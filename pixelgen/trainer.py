@@ -301,8 +301,10 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
             pending.append(metrics)
             step += 1
             due_to_log = step % config.log_every_steps == 0 or step == end
+            # Read once: a SIGTERM landing later in this step is served at the next one.
+            preempted = preemption.requested
             due_to_save = (step % config.checkpoint_every_steps == 0 or step == end
-                           or preemption.requested)
+                           or preempted)
             if due_to_log or due_to_save:
                 since_log += jax.device_get(pending)
                 pending.clear()
@@ -329,7 +331,7 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
                 _write_samples(task, graphdef, rest, state, step)
             if due_to_save:
                 save(step)  # _check_finite has just vouched for this state
-            if preemption.requested:
+            if preempted:
                 print(f'[pixelgen] SIGTERM: saved step {step}; rerun the same command to '
                       'resume.', flush=True)
                 break

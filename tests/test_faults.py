@@ -183,6 +183,24 @@ def test_a_save_that_fails_for_lack_of_space_keeps_the_previous_checkpoint(
     assert_same_params(uninterrupted, workdir)
 
 
+def test_sigterm_that_lands_after_the_save_decision_is_saved_at_the_next_step(
+        data_dir, tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    from pixelgen.metric_writer import MetricWriter
+    from pixelgen.trainer import train
+    write = MetricWriter.write
+
+    def write_then_preempt(self, step, *args, **kwargs):  # SIGTERM while step 2 is logged
+        write(self, step, *args, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(MetricWriter, 'write', write_then_preempt)
+    workdir = str(tmp_path / 'preempted')
+    train(tiny_config(data_dir, *QUIET, '--config.log_every_steps=1'), workdir)
+    assert committed_steps(workdir) == [3]
+
+
 # The longer campaign ------------------------------------------------------------------------
 
 def campaign(kills: int, data_dir: str, root: str, seed: int = 0) -> dict:
