@@ -5,14 +5,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from pixelgen.checkpoint import CheckpointMismatchError, CorruptCheckpointError
+from pixelgen.checkpoint import (
+    CheckpointMismatchError,
+    CheckpointSaveError,
+    CorruptCheckpointError,
+    WorkdirError,
+)
 from pixelgen.config import ConfigError
 from pixelgen.data.pipeline import DataError
 from pixelgen.trainer import NonFiniteLossError
 
 # Problems with the user's input: print the message (it says what to do), no traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, CorruptCheckpointError,
-               NonFiniteLossError, FileNotFoundError)
+               CheckpointSaveError, WorkdirError, NonFiniteLossError, FileNotFoundError)
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
