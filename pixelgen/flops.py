@@ -93,7 +93,7 @@ def peak_flops_per_device() -> tuple[float, str]:
     found = table_peak_flops(kind) if device.platform != 'cpu' else None
     if found is not None:
         return found[0], f'table: {found[1]} bf16 dense peak ({kind!r})'
-    size = 2048
+    size = 1024  # as fast per FLOP as 2048 on CPU, at an eighth of the start-up time
     peak = measure_matmul_flops(size)
     note = '' if device.platform == 'cpu' else f'; {kind!r} is not in the peak table'
     return peak, (f'measured: jitted float32 {size}x{size} matmul on {device.platform} '
