@@ -60,6 +60,16 @@ def test_resume_equals_uninterrupted_run(finished_run, data_dir, tmp_path):
     for a, b in zip(_params(workdir), _params(resumed), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
     assert second['test/loss'] == pytest.approx(result['test/loss'], abs=1e-6)
+    # Determinism: the same config and seed give the same loss curve on the same machine.
+    assert _loss_curve(resumed) == pytest.approx(_loss_curve(workdir), abs=1e-6)
+
+
+def _loss_curve(workdir: str) -> dict[int, float]:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        rows = [json.loads(line) for line in f]
+    curve = {row['step']: row['train/loss'] for row in rows if 'train/loss' in row}
+    assert len(curve) >= 2, rows
+    return curve
 
 
 def test_checkpoint_of_another_model_shape_is_refused_and_kept(finished_run, data_dir):
