@@ -16,9 +16,34 @@ import importlib
 import pkgutil
 from types import ModuleType
 
+import jax.numpy as jnp
+
 from pixelgen.config import ConfigError
 
 TASKS = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)))
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def model_problems(m) -> list[str]:
+    """What is wrong with the fields models share (dtype, attention, remat), where present."""
+    from pixelgen.nn.attention import IMPLEMENTATIONS
+    from pixelgen.nn.transformer import REMAT_POLICIES
+
+    problems = []
+    if m.dtype not in DTYPES:
+        problems.append(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
+    if 'attention' in m and m.attention not in IMPLEMENTATIONS:
+        problems.append(f'model.attention={m.attention!r} must be one of {IMPLEMENTATIONS}')
+    if 'remat' in m and m.remat not in REMAT_POLICIES:
+        problems.append(f'model.remat={m.remat!r} must be one of {sorted(REMAT_POLICIES)}')
+    return problems
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One ConfigError listing every problem of a config, if it has any."""
+    if problems:
+        raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
+                          + '\nFix them with --config.<key>=<value>.')
 
 
 def module(config_or_name) -> ModuleType:

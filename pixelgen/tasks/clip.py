@@ -20,10 +20,9 @@ from pixelgen.config import ConfigDict, ConfigError
 from pixelgen.data import pipeline
 from pixelgen.data.text import TextTokenizer
 from pixelgen.models.clip import CLIP, OPENAI_MEAN, OPENAI_STD, contrastive_loss
-from pixelgen.nn.attention import IMPLEMENTATIONS
-from pixelgen.nn.transformer import ACTIVATIONS, REMAT_POLICIES
+from pixelgen.nn.transformer import ACTIVATIONS
+from pixelgen.tasks import DTYPES, model_problems, raise_problems
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 TOKENIZER_FILE = 'tokenizer.json'
 
 
@@ -111,17 +110,10 @@ def validate_config(config) -> None:
     if not 0 <= m.eot_id < m.vocab_size:
         problems.append(f'model.eot_id={m.eot_id} must be a token id below '
                         f'model.vocab_size={m.vocab_size}')
-    if m.dtype not in DTYPES:
-        problems.append(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
     if m.activation not in ACTIVATIONS:
         problems.append(f'model.activation={m.activation!r} must be one of {sorted(ACTIVATIONS)}')
-    if m.attention not in IMPLEMENTATIONS:
-        problems.append(f'model.attention={m.attention!r} must be one of {IMPLEMENTATIONS}')
-    if m.remat not in REMAT_POLICIES:
-        problems.append(f'model.remat={m.remat!r} must be one of {sorted(REMAT_POLICIES)}')
-    if problems:
-        raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
-                          + '\nFix them with --config.<key>=<value>.')
+    problems += model_problems(m)
+    raise_problems(problems)
 
 
 def build_model(config, rngs: nnx.Rngs) -> CLIP:

@@ -29,11 +29,9 @@ from pixelgen.data import pipeline
 from pixelgen.data.codes import codes_info, open_codes
 from pixelgen.data.text import MIN_VOCAB_SIZE, TextTokenizer
 from pixelgen.models.dalle import PAD_ID, DallE, generate
-from pixelgen.nn.attention import IMPLEMENTATIONS
 from pixelgen.nn.masks import DALLE_KINDS, dalle_layer_kinds, dalle_mask
-from pixelgen.nn.transformer import REMAT_POLICIES
+from pixelgen.tasks import DTYPES, model_problems, raise_problems
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 TOKENIZER_FILE = 'tokenizer.json'
 
 
@@ -54,20 +52,13 @@ def validate_config(config) -> None:
                           or any(k not in DALLE_KINDS for k in m.layer_kinds)):
         problems.append(f'model.layer_kinds={tuple(m.layer_kinds)} must be () (the paper\'s '
                         f'schedule) or {m.num_layers} entries from {DALLE_KINDS}')
-    if m.dtype not in DTYPES:
-        problems.append(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
-    if m.attention not in IMPLEMENTATIONS:
-        problems.append(f'model.attention={m.attention!r} must be one of {IMPLEMENTATIONS}')
-    if m.remat not in REMAT_POLICIES:
-        problems.append(f'model.remat={m.remat!r} must be one of {sorted(REMAT_POLICIES)}')
     if lo.text_weight < 0 or lo.image_weight < 0 or lo.text_weight + lo.image_weight <= 0:
         problems.append(f'loss.text_weight={lo.text_weight} and loss.image_weight='
                         f'{lo.image_weight} must be >= 0, not both 0')
     if not 0 <= config.data.bpe_dropout < 1:
         problems.append(f'data.bpe_dropout={config.data.bpe_dropout} must be in [0, 1)')
-    if problems:
-        raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
-                          + '\nFix them with --config.<key>=<value>.')
+    problems += model_problems(m)
+    raise_problems(problems)
 
 
 def layer_kinds(config) -> tuple[str, ...]:

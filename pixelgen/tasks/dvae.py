@@ -22,11 +22,9 @@ import optax
 from flax import nnx
 
 from pixelgen import images, parallel
-from pixelgen.config import ConfigError
 from pixelgen.data import pipeline
 from pixelgen.models.dvae import DVAE, map_pixels, stats_to_images
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+from pixelgen.tasks import DTYPES, model_problems, raise_problems
 
 
 def validate_config(config) -> None:
@@ -53,16 +51,13 @@ def validate_config(config) -> None:
     if not 2 <= m.codebook_size <= 65536:
         problems.append(f'model.codebook_size={m.codebook_size} must be in [2, 65536] '
                         '(codes are stored as uint16)')
-    if m.dtype not in DTYPES:
-        problems.append(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
     if lo.kl_warmup_steps < 1 or lo.temperature_steps < 1:
         problems.append('loss.kl_warmup_steps and loss.temperature_steps must be at least 1')
     if not 0 < lo.temperature_end <= lo.temperature_start:
         problems.append(f'loss.temperature_end={lo.temperature_end} must be in '
                         f'(0, loss.temperature_start={lo.temperature_start}]')
-    if problems:
-        raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
-                          + '\nFix them with --config.<key>=<value>.')
+    problems += model_problems(m)
+    raise_problems(problems)
 
 
 def build_model(config, rngs: nnx.Rngs) -> DVAE:

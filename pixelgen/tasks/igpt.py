@@ -36,10 +36,8 @@ from pixelgen.config import ConfigError
 from pixelgen.data import palette as palette_lib
 from pixelgen.data import pipeline
 from pixelgen.models.igpt import OBJECTIVES, ImageGPT, bert_mask
-from pixelgen.nn.attention import IMPLEMENTATIONS
-from pixelgen.nn.transformer import REMAT_POLICIES
+from pixelgen.tasks import DTYPES, model_problems, raise_problems
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 BERT_EVAL_MASKS = 5  # P2 §4.6: BERT is evaluated as an ensemble over 5 masks
 
 
@@ -62,20 +60,13 @@ def validate_config(config) -> None:
         problems.append(f'data.palette_size={d.palette_size} must be in [2, 65535]')
     if d.image_size < 2:
         problems.append(f'data.image_size={d.image_size} must be at least 2')
-    if m.dtype not in DTYPES:
-        problems.append(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
-    if m.attention not in IMPLEMENTATIONS:
-        problems.append(f'model.attention={m.attention!r} must be one of {IMPLEMENTATIONS}')
-    if m.remat not in REMAT_POLICIES:
-        problems.append(f'model.remat={m.remat!r} must be one of {sorted(REMAT_POLICIES)}')
     if objective(config) not in OBJECTIVES:
         problems.append(f'objective={objective(config)!r} must be one of {OBJECTIVES}')
     if not isinstance(num_classes(config), int) or num_classes(config) < -1:
         problems.append(f'model.num_classes={num_classes(config)!r} must be 0 (no classifier), '
                         '-1 (as many as the dataset has) or a positive count')
-    if problems:
-        raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
-                          + '\nFix them with --config.<key>=<value>.')
+    problems += model_problems(m)
+    raise_problems(problems)
 
 
 def validate_init_from(config) -> dict | None:
