@@ -32,6 +32,8 @@ too small for FSDP's all-gathers to hide behind compute (62 heads: use tensor=2)
 
 import ml_collections
 
+from pixelgen.parallel import DEFAULT_RULES
+
 VARIANTS = {  # num_layers, num_heads, head width
     '12b': (64, 62, 64),
     '1.3b': (24, 16, 128),
@@ -59,8 +61,7 @@ def get_config(arg=None):
     c.sample_every_steps = 10_000
     c.dvae_workdir = ''            # the dVAE that encoded data.codes_dir (decodes samples)
     c.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})
-    c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
-                        ('heads', 'tensor'), ('vocab', 'tensor'), ('kv', None), ('length', None))
+    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.codes_dir = ''          # a codes dataset (pixelgen.data.codes), e.g. gs://B/codes

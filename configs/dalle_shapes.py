@@ -13,6 +13,8 @@ so prompts with them test compositional generalisation. Variants: '' (default), 
 
 import ml_collections
 
+from pixelgen.parallel import DEFAULT_RULES
+
 # One colour/shape pair per colour, each shape at least once: never seen in training.
 HOLDOUT_PHRASES = ('red star', 'green circle', 'blue triangle', 'yellow square',
                    'purple diamond', 'orange cross', 'white star')
@@ -33,8 +35,7 @@ def get_config(arg=None):
     c.sample_every_steps = 500
     c.dvae_workdir = 'runs/dvae_shapes'  # decodes samples ('' = show codes in false colour)
     c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-    c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
-                        ('heads', 'tensor'), ('vocab', 'tensor'), ('kv', None), ('length', None))
+    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.codes_dir = 'runs/shapes_codes'  # written by the dVAE encode job (data/codes.py)

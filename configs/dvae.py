@@ -14,6 +14,8 @@ not in the paper. The dataset must be prepared in array_record format (see READM
 
 import ml_collections
 
+from pixelgen.parallel import DEFAULT_RULES
+
 
 def get_config(arg=None):
     if arg:
@@ -32,8 +34,7 @@ def get_config(arg=None):
     c.eval_examples = 2048
     c.sample_every_steps = 10000
     c.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})
-    c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
-                        ('heads', 'tensor'), ('vocab', 'tensor'), ('kv', None), ('length', None))
+    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = 'imagenet2012'

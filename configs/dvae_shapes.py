@@ -10,6 +10,8 @@ schedules are the paper's shapes, shortened to fit the run.
 
 import ml_collections
 
+from pixelgen.parallel import DEFAULT_RULES
+
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
@@ -25,8 +27,7 @@ def get_config(arg=None):
     c.eval_examples = 128          # periodic eval; the final one uses the whole test split
     c.sample_every_steps = 500
     c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-    c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
-                        ('heads', 'tensor'), ('vocab', 'tensor'), ('kv', None), ('length', None))
+    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = 'shapes'

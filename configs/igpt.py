@@ -26,6 +26,8 @@ Resolutions: 32, 48 or 64 (res=), always with the 512-colour palette.
 
 import ml_collections
 
+from pixelgen.parallel import DEFAULT_RULES
+
 SIZES = {  # layers, width, heads, image side, batch, learning rate, steps
     's': (24, 512, 8, 32, 128, 3e-3, 1_000_000),
     'm': (36, 1024, 8, 32, 128, 1e-3, 1_000_000),
@@ -83,8 +85,7 @@ def get_config(arg=None):
     c.eval_examples = 10000
     c.sample_every_steps = 50000
     c.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})
-    c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
-                        ('heads', 'tensor'), ('vocab', 'tensor'), ('kv', None), ('length', None))
+    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = opts.get('dataset', 'imagenet2012')

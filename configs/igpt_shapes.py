@@ -8,6 +8,8 @@ Variants: '' (default, about 10 minutes on 2 CPU cores), 'tiny' (for tests and s
 
 import ml_collections
 
+from pixelgen.parallel import DEFAULT_RULES
+
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
@@ -24,9 +26,7 @@ def get_config(arg=None):
     c.eval_examples = 256          # periodic eval; the final one uses the whole test split
     c.sample_every_steps = 400
     c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-    # Logical axis name -> mesh axes (see pixelgen/parallel.py).
-    c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
-                        ('heads', 'tensor'), ('vocab', 'tensor'), ('kv', None), ('length', None))
+    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = 'shapes'

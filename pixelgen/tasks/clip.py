@@ -21,6 +21,7 @@ from pixelgen.data import pipeline
 from pixelgen.data.text import TextTokenizer
 from pixelgen.models.clip import CLIP, OPENAI_MEAN, OPENAI_STD, contrastive_loss
 from pixelgen.nn.transformer import ACTIVATIONS
+from pixelgen.parallel import DEFAULT_RULES
 from pixelgen.tasks import DTYPES, model_problems, raise_problems
 
 TOKENIZER_FILE = 'tokenizer.json'
@@ -42,8 +43,7 @@ def base_config() -> ConfigDict:
     c.eval_examples = 256          # periodic eval; the final one uses the whole test split
     c.sample_every_steps = 800
     c.mesh = ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-    c.sharding_rules = (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'),
-                        ('heads', 'tensor'), ('vocab', 'tensor'), ('kv', None), ('length', None))
+    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
 
     c.data = ConfigDict()
     c.data.dataset = 'shapes'
