@@ -8,6 +8,7 @@ CPU a float32 matmul rate measured in the same process), compile time and peak m
     python -m pixelgen.bench igpt_train igpt_sample --json
     python -m pixelgen.bench dalle_attention dalle_train --json  # sparse vs dense masked
     python -m pixelgen.bench igpt_train --attention dense       # the dense reference
+    python -m pixelgen.bench igpt_train --attention auto        # splash on TPU, cuDNN on GPU
     XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \
         python -m pixelgen.bench igpt_train --profile /tmp/prof    # + where the time goes
 
@@ -43,14 +44,14 @@ from flax import nnx
 from pixelgen import flops, sampling, trainer
 from pixelgen.models.dalle import DallE
 from pixelgen.models.igpt import ImageGPT
-from pixelgen.nn.attention import MultiHeadAttention
+from pixelgen.nn.attention import IMPLEMENTATIONS, MultiHeadAttention, cudnn_unavailable
 from pixelgen.nn.block_sparse import make_plan
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_mask, dalle_mask_spec
 from pixelgen.tasks.dalle import DalleLoss
 from pixelgen.tasks.igpt import token_loss
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-ATTENTION_CHOICES = ('block_sparse', 'dense')
+ATTENTION_CHOICES = IMPLEMENTATIONS  # off TPU 'splash' is Pallas interpret mode: no speed path
 
 # The shapes of issue 8, shared with benchmarks/hf_imagegpt.py: Image GPT, 8 layers, width 256,
 # 8 heads, 32x32 = 1024 tokens, palette 512, batch 4, float32; sampling generates 256 tokens.
@@ -359,12 +360,12 @@ def dalle_attention(shape: dict[str, Any], options: Options) -> dict:
     log(f'dalle_attention: timing {options.steps} rounds of {", ".join(steps)}')
     times = interleaved_times(steps, options)
     kinds = {}
-    for name, (kind, impl) in variants.items():
+    for name, (kind, _) in variants.items():
         layer = layers[name]
         kinds[name] = report(f'dalle_attention/{name}', {**shape, 'mask': kind}, times[name],
                              shape['batch'] * shape['seq'], attention_layer_flops(shape, kind),
-                             compile_s[name], compiled_of[name], impl)
-        uses_plan = impl == 'block_sparse' and make_plan(
+                             compile_s[name], compiled_of[name], layer.attention_impl)
+        uses_plan = layer.attention_impl == 'block_sparse' and make_plan(
             layer.mask, shape['seq'], min(layer.block_size, shape['seq'])).pays_off
         kinds[name]['block_size'] = layer.block_size if uses_plan else None
         kinds[name]['density'] = (make_plan(layer.mask, shape['seq'], layer.block_size).density
@@ -505,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         attention_kwargs(args.attention)
     except ValueError as e:
         parser.error(str(e))
+    if args.attention == 'cudnn' and (reason := cudnn_unavailable(jnp.bfloat16)):
+        parser.error(f'--attention cudnn {reason}; use --attention auto or block_sparse.')
 
     peak, source = flops.peak_flops_per_device()
     log(f'peak {peak / 1e12:.3f} TFLOP/s per device ({source})')

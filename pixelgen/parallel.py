@@ -147,6 +147,11 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVATION_CONTEXT.pop()
 
 
+def activation_context() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the innermost `activation_sharding`, or None outside one."""
+    return _ACTIVATION_CONTEXT[-1] if _ACTIVATION_CONTEXT else None
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Annotates activation `x` with logical axis names (a no-op outside a mesh context)."""
     if not _ACTIVATION_CONTEXT:

@@ -5,6 +5,14 @@ projections with no biases, logits scaled by 1/sqrt(head_dim), masked logits rep
 negative number. The mask comes from a `MaskSpec`, so the same module serves causal, full and
 DALL·E's sparse row / column / conv layers: block-sparse in the forward pass, and reading only
 the text and the query's window (or column) of the KV cache when decoding.
+
+Implementations of the forward pass (`attention_impl`):
+  'block_sparse'  only the blocks the mask allows (pixelgen.nn.block_sparse); any device
+  'dense'         the reference: full [length, length] logits, masked
+  'splash'        TPU splash attention kernel (pixelgen.nn.splash); interpret mode elsewhere
+  'cudnn'         cuDNN flash attention on NVIDIA GPUs (jax.nn.dot_product_attention); causal
+                  and full masks, bfloat16 or float16 compute, head_dim a multiple of 8 <= 128
+  'auto'          per layer: splash on TPU; cudnn on GPU where it applies; else block_sparse
 """
 
 from __future__ import annotations
@@ -18,9 +26,13 @@ from flax import nnx
 
 from pixelgen.nn.block_sparse import block_sparse_attention, default_block_size, make_plan
 from pixelgen.nn.masks import MaskSpec
+from pixelgen.nn.splash import DEFAULT_BLOCK_SIZE as SPLASH_BLOCK_SIZE
+from pixelgen.nn.splash import check_block_size, splash_attention
 from pixelgen.parallel import constrain
 
-IMPLEMENTATIONS = ('block_sparse', 'dense')
+IMPLEMENTATIONS = ('block_sparse', 'dense', 'splash', 'cudnn', 'auto')
+CUDNN_KINDS = ('causal', 'full')  # the masks cuDNN's fused kernel expresses (no bias array)
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 # Logit given to masked (query, key) pairs. Finite, so a fully masked row gives a uniform
 # distribution rather than NaN; the original uses `w*b - 1e10*(1-b)`.
@@ -60,6 +72,47 @@ def dot_product_attention(
     return out.astype(q.dtype)
 
 
+def cudnn_unavailable(dtype: jnp.dtype) -> str | None:
+    """Why cuDNN attention cannot run with compute `dtype` on this machine, or None if it
+    can: the part of the check that a config alone decides."""
+    backend = jax.default_backend()
+    if backend != 'gpu':
+        return f'needs an NVIDIA GPU, but the JAX backend here is {backend!r}'
+    if jnp.dtype(dtype) not in CUDNN_DTYPES:
+        return (f'computes in bfloat16 or float16 only, not {jnp.dtype(dtype).name} (set '
+                "model.dtype='bfloat16')")
+    return None
+
+
+def _cudnn_layer_unavailable(mask: MaskSpec, dtype: jnp.dtype, head_dim: int) -> str | None:
+    if mask.kind not in CUDNN_KINDS:
+        return (f'expresses only {CUDNN_KINDS} masks, not this {mask.kind!r} layer (DALL·E\'s '
+                "sparse layers need 'splash' on TPU or 'block_sparse')")
+    if head_dim % 8 or head_dim > 128:
+        return f'needs head_dim a multiple of 8 and at most 128, not {head_dim}'
+    return cudnn_unavailable(dtype)
+
+
+def select_implementation(attention_impl: str, mask: MaskSpec, dtype: jnp.dtype,
+                          head_dim: int) -> str:
+    """The implementation a layer runs: `attention_impl`, or for 'auto' splash on TPU, cuDNN
+    on GPU where it applies (else block_sparse), block_sparse on CPU. An explicit 'cudnn'
+    that cannot run raises, naming the reason and the fix."""
+    if attention_impl not in IMPLEMENTATIONS:
+        raise ValueError(f'attention_impl={attention_impl!r}; expected one of '
+                         f'{IMPLEMENTATIONS}.')
+    cudnn_problem = _cudnn_layer_unavailable(mask, dtype, head_dim)
+    if attention_impl == 'auto':
+        if jax.default_backend() == 'tpu':
+            return 'splash'
+        return 'block_sparse' if cudnn_problem else 'cudnn'
+    if attention_impl == 'cudnn' and cudnn_problem:
+        raise ValueError(f"attention_impl='cudnn' {cudnn_problem}. Use attention_impl='auto' "
+                         "(cuDNN wherever it applies, the best other path elsewhere) or "
+                         "'block_sparse' (--config.model.attention=auto).")
+    return attention_impl
+
+
 class MultiHeadAttention(nnx.Module):
     """Bias-free multi-head self-attention with a `MaskSpec` and a KV-cache decoder."""
 
@@ -82,15 +135,13 @@ class MultiHeadAttention(nnx.Module):
           mask: which keys each query may attend to.
           num_layers: depth of the whole stack; scales the output projection's init.
           dtype: compute dtype (parameters stay float32).
-          attention_impl: 'block_sparse' (computes only the blocks the mask allows, where
-            that saves at least a quarter of the work; else dense) or 'dense' (the
-            reference: full [length, length] logits, masked).
-          block_size: query/key block size of 'block_sparse'; None: `default_block_size`.
+          attention_impl: one of IMPLEMENTATIONS (see the module docstring); 'block_sparse'
+            computes only the blocks the mask allows where that saves at least a quarter of
+            the work, else dense. 'auto' is resolved here, once, for this machine.
+          block_size: query/key block size of 'block_sparse' (None: `default_block_size`)
+            and of 'splash' (a multiple of 128; None: 128).
           rngs: parameter rngs.
         """
-        if attention_impl not in IMPLEMENTATIONS:
-            raise ValueError(f'attention_impl={attention_impl!r}; expected one of '
-                             f'{IMPLEMENTATIONS}.')
         if width % num_heads:
             raise ValueError(
                 f'num_heads={num_heads} must divide width={width}; choose a width that is a '
@@ -102,8 +153,12 @@ class MultiHeadAttention(nnx.Module):
         self.head_dim = width // num_heads
         self.mask = mask
         self.dtype = dtype
-        self.attention_impl = attention_impl
-        self.block_size = block_size or default_block_size(mask)
+        self.attention_impl = select_implementation(attention_impl, mask, dtype, self.head_dim)
+        if self.attention_impl == 'splash':
+            self.block_size = block_size or SPLASH_BLOCK_SIZE
+            check_block_size(self.block_size)
+        else:
+            self.block_size = block_size or default_block_size(mask)
         qkv_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width)),
                                 ('embed', 'heads', 'kv'))
         out_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width * num_layers)),
@@ -129,14 +184,24 @@ class MultiHeadAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [batch, length, width] -> [batch, length, width]."""
-        length = x.shape[1]
         q, k, v = (constrain(p(x), ('batch', 'length', 'heads', 'kv'))
                    for p in (self.query, self.key, self.value))  # [b, l, heads, head_dim]
+        return self.out(self._attend(q, k, v))
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """q, k, v [b, l, heads, head_dim] -> [b, l, heads, head_dim] by this layer's
+        implementation."""
+        length = q.shape[1]
+        if self.attention_impl == 'splash':
+            return splash_attention(q, k, v, self.mask, self.block_size)
+        if self.attention_impl == 'cudnn':  # same layout [b, l, heads, head_dim] and scale
+            return jax.nn.dot_product_attention(q, k, v, is_causal=self.mask.kind == 'causal',
+                                                implementation='cudnn')
         if (self.attention_impl == 'block_sparse'
                 and make_plan(self.mask, length, min(self.block_size, length)).pays_off):
-            return self.out(block_sparse_attention(q, k, v, self.mask, self.block_size))
+            return block_sparse_attention(q, k, v, self.mask, self.block_size)
         mask = jnp.asarray(self.mask.dense(length))[None, None]  # [1, 1, l, l]
-        return self.out(dot_product_attention(q, k, v, mask))
+        return dot_product_attention(q, k, v, mask)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
         """Empty KV cache: k, v [batch, heads, max_length, head_dim] in the compute dtype.

@@ -145,7 +145,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskS
     plan = make_plan(mask, n, min(block_size, n))
     transpose = _column_major(mask, n)
     if transpose:
-        q, k, v = (_transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
+        q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
     bs, nb = plan.block_size, plan.padded // plan.block_size
     if plan.padded != n:
         pad = [(0, 0), (0, plan.padded - n), (0, 0), (0, 0)]
@@ -188,7 +188,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskS
     if order != sorted(order):
         out = out[:, :, np.argsort(order)]  # back to query-block order
     out = out.reshape(b, h, plan.padded, d).transpose(0, 2, 1, 3)[:, :n]
-    return _transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
+    return transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
 
 
 def default_block_size(mask: MaskSpec) -> int:
@@ -209,7 +209,7 @@ def _column_major(mask: MaskSpec, length: int) -> bool:
     return isinstance(mask, MaskSpec) and mask.column_major(length)
 
 
-def _transpose_image(x: jax.Array, text_len: int, grid_width: int) -> jax.Array:
+def transpose_image(x: jax.Array, text_len: int, grid_width: int) -> jax.Array:
     """[b, T + W², ...]: swaps the image's rows and columns (its own inverse), text unchanged.
     A reshape and transpose, so its gradient is one too (a gather's would be a scatter)."""
     image = x[:, text_len:].reshape(x.shape[0], grid_width, grid_width, *x.shape[2:])

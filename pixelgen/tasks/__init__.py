@@ -26,7 +26,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def model_problems(m) -> list[str]:
     """What is wrong with the fields models share (dtype, attention, remat), where present."""
-    from pixelgen.nn.attention import IMPLEMENTATIONS
+    from pixelgen.nn.attention import IMPLEMENTATIONS, cudnn_unavailable
     from pixelgen.nn.transformer import REMAT_POLICIES
 
     problems = []
@@ -34,6 +34,11 @@ def model_problems(m) -> list[str]:
         problems.append(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
     if 'attention' in m and m.attention not in IMPLEMENTATIONS:
         problems.append(f'model.attention={m.attention!r} must be one of {IMPLEMENTATIONS}')
+    elif m.get('attention') == 'cudnn' and m.dtype in DTYPES:  # before any compile
+        reason = cudnn_unavailable(DTYPES[m.dtype])
+        if reason:
+            problems.append(f"model.attention='cudnn' {reason}; use model.attention='auto' "
+                            "(cuDNN where it applies) or 'block_sparse'")
     if 'remat' in m and m.remat not in REMAT_POLICIES:
         problems.append(f'model.remat={m.remat!r} must be one of {sorted(REMAT_POLICIES)}')
     return problems

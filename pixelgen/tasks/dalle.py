@@ -52,6 +52,10 @@ def validate_config(config) -> None:
                           or any(k not in DALLE_KINDS for k in m.layer_kinds)):
         problems.append(f'model.layer_kinds={tuple(m.layer_kinds)} must be () (the paper\'s '
                         f'schedule) or {m.num_layers} entries from {DALLE_KINDS}')
+    if m.get('attention') == 'cudnn' and (sparse := sorted(set(layer_kinds(config)) - {'causal'})):
+        problems.append(f"model.attention='cudnn' runs causal and full masks only, not the "
+                        f"{sparse} layers; use model.attention='auto' (splash on TPU, "
+                        "block_sparse elsewhere) or 'block_sparse'")
     if lo.text_weight < 0 or lo.image_weight < 0 or lo.text_weight + lo.image_weight <= 0:
         problems.append(f'loss.text_weight={lo.text_weight} and loss.image_weight='
                         f'{lo.image_weight} must be >= 0, not both 0')
