@@ -83,7 +83,7 @@ def get_config(arg=None):
     c.model.mlp_ratio = 4
     c.model.layer_kinds = ()       # the paper's schedule: row, column, row, row, ..., conv
     c.model.dtype = 'bfloat16'
-    c.model.attention = 'block_sparse'
+    c.model.attention = 'auto'  # splash on TPU (every mask kind), block_sparse elsewhere
     c.model.remat = 'full'
 
     c.loss = ml_collections.ConfigDict()

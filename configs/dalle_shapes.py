@@ -57,7 +57,7 @@ def get_config(arg=None):
     c.model.mlp_ratio = 4
     c.model.layer_kinds = ()       # () = the paper's schedule; or e.g. ('causal',) * 4 (dense)
     c.model.dtype = 'float32'
-    c.model.attention = 'block_sparse'  # or 'dense' (the reference)
+    c.model.attention = 'block_sparse'  # 'dense' (the reference), 'splash', 'cudnn', 'auto'
     c.model.remat = 'none'
 
     c.loss = ml_collections.ConfigDict()

@@ -49,8 +49,9 @@ def get_config(arg=None):
     c.model.num_heads = 4
     c.model.mlp_ratio = 4
     c.model.dtype = 'float32'
-    c.model.attention = 'block_sparse'  # or 'dense' (the reference)
+    c.model.attention = 'block_sparse'  # 'dense' (the reference), 'splash', 'cudnn', 'auto'
     c.model.remat = 'none'              # 'full' or 'dots': recompute blocks to save memory
+    c.model.scan_layers = False         # True: stack the layers and scan (fast compiles)
     c.model.num_classes = 0             # classifier head: 0 none, -1 from the dataset's labels
 
     # Fine-tuning (configs/igpt_finetune.py sets these): start from a pretrained workdir and

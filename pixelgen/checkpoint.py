@@ -150,6 +150,8 @@ def describe(config: ConfigDict) -> dict[str, Any]:
     # their defaults so checkpoints written before they existed keep their signature.
     if not model.get('num_classes', 1):
         del model['num_classes']
+    if not model.get('scan_layers', False):
+        model.pop('scan_layers', None)
     signature = {'task': config.task, 'model': model, 'data': data}
     if config.get('objective', 'ar') != 'ar':
         signature['objective'] = config.objective

@@ -1,12 +1,16 @@
 """python -m pixelgen.memory --config configs/igpt.py:l --devices 64 [--config.mesh.fsdp=64]
 
-Memory per device of a config's training state on a mesh of `--devices` devices, from the
-shapes and the sharding rules (exact arithmetic, nothing is allocated): parameters,
-gradients and optimizer state, each as sharded by `config.sharding_rules`.
+Memory per device of one training step of a config on a mesh of `--devices` devices, from
+the shapes and the sharding rules (exact arithmetic, nothing is allocated or compiled):
+parameters, gradients and optimizer state, each as sharded by `config.sharding_rules`, and
+for Image GPT the activations the backward pass keeps (see `activation_bytes_per_device`).
 
 With `--compile`, also compiles the train step for the devices JAX sees and prints XLA's
-memory analysis (arguments, outputs, temporaries: the activations). Simulate a pod's device
-count on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N.
+memory analysis per device: arguments (the state and batch), temporaries (activations and
+workspace) and outputs not aliased to the donated arguments. Simulate a pod's device count
+on CPU with XLA_FLAGS=--xla_force_host_platform_device_count=N. The CPU backend models
+buffer reuse across a Python loop of layers poorly; with `model.scan_layers=True` (the
+paper configs) its temporaries track the arithmetic.
 """
 
 from __future__ import annotations
@@ -56,8 +60,96 @@ def state_bytes_per_device(config, num_devices: int) -> dict[str, float]:
                                     for x in jax.tree.leaves(abstract['params'])))}
 
 
-def compiled_memory(config) -> dict[str, float]:
-    """XLA's memory analysis of the compiled train step on the devices JAX sees."""
+def layer_residual_bytes(config, rows: int, tensor_split: int,
+                         policy: str = 'none') -> float:
+    """Bytes per device that one transformer layer keeps for its backward pass under the
+    remat `policy`: JAX's saved residuals of a Block on [rows, n, width] (parameters, constants
+    and literals left out). Residuals shaped like the residual stream [rows, n, width] are
+    replicated over the tensor axis; the others (attention, MLP hidden) are split by it."""
+    import jax
+    from flax import nnx
+    from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint prints
+
+    from pixelgen.nn.masks import CAUSAL, FULL
+    from pixelgen.nn.transformer import REMAT_POLICIES, Block
+    from pixelgen.tasks import DTYPES
+    from pixelgen.tasks.igpt import objective
+
+    m = config.model
+    n, dtype = config.data.image_size ** 2, DTYPES[m.dtype]
+    block = nnx.eval_shape(lambda: Block(
+        m.width, m.num_heads, mask=FULL if objective(config) == 'bert' else CAUSAL,
+        num_layers=m.num_layers, mlp_ratio=m.mlp_ratio, dtype=dtype,
+        attention_impl=m.attention, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(block)
+
+    def layer(params, x):
+        return nnx.merge(graphdef, params)(x)
+    if REMAT_POLICIES[policy] is not None:
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[policy])
+    stream = (rows, n, m.width)
+    total = 0.0
+    for aval, source in saved_residuals(layer, params, jax.ShapeDtypeStruct(stream, dtype)):
+        if source.startswith(('from the argument params', 'from a constant', 'from a literal')):
+            continue
+        size = math.prod(aval.shape) * aval.dtype.itemsize
+        total += size if tuple(aval.shape) == stream else size / tensor_split
+    return total
+
+
+def activation_bytes_per_device(config, num_devices: int) -> dict[str, float] | None:
+    """Bytes per device of what one Image GPT training step keeps for its backward pass,
+    from the shapes alone (None for other tasks). Per device and micro-batch, with
+
+      B = batch_size / grad_accum_steps / (its split over the batch axes), n = image_size²,
+      d = width, L = num_layers, V = palette_size, s = bytes of the compute dtype, /t = split
+      over the tensor axis by config.sharding_rules ('heads' and 'mlp' alike, else 1),
+      saved(p) = `layer_residual_bytes` under remat policy p: JAX's saved residuals of one
+                 layer (what the backward reads; saved(full) = its input, B n d s),
+      head     = B n (2 (V / t_vocab) 4 + d s): float32 logits and their gradient, ln_f(h_L),
+
+    the activations are L saved(remat) + head, plus saved('none') when remat is not 'none'
+    (the backward recomputes one layer at a time and holds that layer's internals). E.g.
+    'full': L B n d s + saved('none') + head. Gradients are in `state_bytes_per_device`.
+    JAX's residuals come before XLA's fusion, which may drop or add some buffers.
+    """
+    if config.task != 'igpt':
+        return None
+    from pixelgen import parallel
+
+    m = config.model
+    mesh = types.SimpleNamespace(shape=dict(zip(
+        parallel.AXES, parallel.mesh_shape(dict(config.mesh), num_devices), strict=True)))
+
+    def split(name: str, size: int) -> int:
+        axes = parallel.logical_to_mesh((name,), (size,), mesh, config.sharding_rules)[0]
+        return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str)
+                                                 else axes or ()))
+
+    rows = config.batch_size // config.grad_accum_steps
+    b = rows // split('batch', rows)
+    heads, hidden = split('heads', m.num_heads), split('mlp', m.mlp_ratio * m.width)
+    t = heads if heads == hidden else 1
+    layer = layer_residual_bytes(config, b, t)
+    saved = layer if m.remat == 'none' else layer_residual_bytes(config, b, t, m.remat)
+    n, s = config.data.image_size ** 2, jnp_itemsize(m.dtype)
+    head = b * n * (2 * config.data.palette_size / split('vocab', config.data.palette_size)
+                    * 4 + m.width * s)
+    total = m.num_layers * saved + (layer if m.remat != 'none' else 0.0) + head
+    return {'rows_per_device': float(b), 'saved_bytes_per_layer': saved,
+            'layer_internals_bytes': layer, 'head_bytes': head, 'activation_bytes': total}
+
+
+def jnp_itemsize(dtype_name: str) -> int:
+    import jax.numpy as jnp
+
+    from pixelgen.tasks import DTYPES
+    return jnp.dtype(DTYPES[dtype_name]).itemsize
+
+
+def lower_train_step(config):
+    """The train step of `config` traced and lowered for the devices JAX sees, from shapes
+    alone (an Image GPT batch of tokens): `.compile()` it for XLA's analyses."""
     import jax
     import numpy as np
     from flax import nnx
@@ -79,12 +171,20 @@ def compiled_memory(config) -> dict[str, float]:
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          abstract, shardings)
     with parallel.activation_sharding(mesh, rules):
-        compiled = jax.jit(step, out_shardings=(shardings, parallel.replicated(mesh)),
-                           donate_argnums=0).lower(state, {'tokens': tokens}).compile()
-    analysis = compiled.memory_analysis()
-    return {k: float(getattr(analysis, k)) for k in (
+        return jax.jit(step, out_shardings=(shardings, parallel.replicated(mesh)),
+                       donate_argnums=0).lower(state, {'tokens': tokens})
+
+
+def compiled_memory(config) -> dict[str, float]:
+    """XLA's memory analysis per device of the compiled train step on the devices JAX sees."""
+    analysis = lower_train_step(config).compile().memory_analysis()
+    sizes = {k: float(getattr(analysis, k)) for k in (
         'argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes',
-        'alias_size_in_bytes') if hasattr(analysis, k)}
+        'alias_size_in_bytes')}
+    # The new state is written over the donated old one: only unaliased outputs add memory.
+    sizes['total_bytes'] = (sizes['argument_size_in_bytes'] + sizes['temp_size_in_bytes']
+                            + sizes['output_size_in_bytes'] - sizes['alias_size_in_bytes'])
+    return sizes
 
 
 def main(argv: list[str]) -> int:
@@ -100,12 +200,20 @@ def main(argv: list[str]) -> int:
     devices = args.devices or jax.device_count()
     report = state_bytes_per_device(config, devices)
     report['devices'] = devices
-    report['state_gib_per_device'] = (report['params_bytes'] + report['grads_bytes']
-                                      + report['optimizer_bytes']) / 2**30
+    state = report['params_bytes'] + report['grads_bytes'] + report['optimizer_bytes']
+    report['state_gib_per_device'] = state / 2**30
+    activations = activation_bytes_per_device(config, devices)
+    if activations is not None:
+        report['activations'] = activations
+        report['activations_gib_per_device'] = activations['activation_bytes'] / 2**30
+        report['total_gib_per_device'] = (state + activations['activation_bytes']) / 2**30
     if args.compile:
-        report['compiled'] = compiled_memory(config)
-        report['compiled_gib_per_device'] = sum(
-            v for k, v in report['compiled'].items() if k != 'alias_size_in_bytes') / 2**30
+        compiled = compiled_memory(config)
+        report['compiled'] = compiled
+        report['compiled_gib_per_device'] = {
+            'arguments': compiled['argument_size_in_bytes'] / 2**30,
+            'temporaries': compiled['temp_size_in_bytes'] / 2**30,
+            'total': compiled['total_bytes'] / 2**30}
     print(json.dumps(report, indent=2))
     return 0
 

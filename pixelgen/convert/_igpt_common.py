@@ -102,6 +102,7 @@ def make_config(params: dict[Path, np.ndarray], palette_size: int,
     config.data.palette_size = palette_size
     config.objective = objective
     config.model.num_classes = 0  # released weights carry no classifier
+    config.model.scan_layers = False  # written in the looped layout, blocks/<i>/...
     return config, label
 
 

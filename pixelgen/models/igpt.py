@@ -26,10 +26,8 @@ from flax import nnx
 
 from pixelgen.nn.attention import logical_init
 from pixelgen.nn.masks import CAUSAL, FULL
-from pixelgen.nn.transformer import LayerCache, Transformer, rms_norm
+from pixelgen.nn.transformer import Cache, Transformer, rms_norm
 from pixelgen.parallel import constrain
-
-Cache = tuple[LayerCache, ...]
 
 OBJECTIVES = ('ar', 'bert')
 BERT_MASK_RATE = 0.15  # P2 §3.2 (20% was equivalent, 25-35% worse)
@@ -59,7 +57,8 @@ class ImageGPT(nnx.Module):
     def __init__(self, *, vocab_size: int, seq_len: int, num_layers: int, width: int,
                  num_heads: int, mlp_ratio: int = 4, dtype: Any = jnp.float32,
                  attention_impl: str = 'block_sparse', remat: str = 'none',
-                 objective: str = 'ar', num_classes: int = 0, rngs: nnx.Rngs):
+                 objective: str = 'ar', num_classes: int = 0, scan_layers: bool = False,
+                 rngs: nnx.Rngs):
         """Args:
           vocab_size: palette size (512 in the paper); sos is a separate vector, not a token.
           seq_len: number of pixels, e.g. 32 * 32 = 1024.
@@ -70,6 +69,8 @@ class ImageGPT(nnx.Module):
           objective: 'ar' (causal, next pixel) or 'bert' (bidirectional, masked pixels; the
             mask token is id `vocab_size`).
           num_classes: > 0 adds the bias-free, zero-initialised classification head.
+          scan_layers: stack the blocks' parameters on a leading 'layers' axis and scan over
+            them (one layer is compiled whatever the depth; see `Transformer`).
           rngs: parameter rngs.
         """
         if objective not in OBJECTIVES:
@@ -104,8 +105,8 @@ class ImageGPT(nnx.Module):
             nnx.initializers.normal(0.02), ('embed',))(rngs.params(), (width,), jnp.float32))
         self.transformer = Transformer(num_layers=num_layers, width=width, num_heads=num_heads,
                                        mask=FULL if bert else CAUSAL, mlp_ratio=mlp_ratio,
-                                       dtype=dtype,
-                                       attention_impl=attention_impl, remat=remat, rngs=rngs)
+                                       dtype=dtype, attention_impl=attention_impl,
+                                       remat=remat, scan_layers=scan_layers, rngs=rngs)
         self.ln_f = rms_norm(width, dtype, rngs)
         self.head = nnx.Linear(
             width, vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
@@ -161,11 +162,14 @@ class ImageGPT(nnx.Module):
         """
         self._check_tokens(tokens)
         _, features = self.transformer(self._embed(tokens), return_features=True)
-        return jnp.stack([f.astype(jnp.float32).mean(axis=1) for f in features])
+        if isinstance(features, list):  # looped layers: one [b, l, width] array each
+            return jnp.stack([f.astype(jnp.float32).mean(axis=1) for f in features])
+        return features.astype(jnp.float32).mean(axis=2)  # scanned: [layers, b, l, width]
 
     def init_cache(self, batch_size: int, length: int | None = None) -> Cache:
-        """Empty KV cache for `decode_step`: per-layer k, v [batch, length, heads, head_dim];
-        `length` (default seq_len) bounds the positions that can be decoded."""
+        """Empty KV cache for `decode_step`: per-layer k, v [batch, heads, length, head_dim]
+        (with scan_layers one cache stacked on a leading [num_layers] axis); `length`
+        (default seq_len) bounds the positions that can be decoded."""
         self._check_autoregressive()
         return self.transformer.init_cache(batch_size, length or self.seq_len)
 

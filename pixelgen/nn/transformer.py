@@ -12,12 +12,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx import spmd
 
 from pixelgen.nn.attention import MultiHeadAttention, logical_init
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.parallel import constrain
 
 LayerCache = dict[str, jax.Array]
+# A Transformer's KV cache: one LayerCache per layer, or (scan_layers) one stacked on [layers].
+Cache = tuple[LayerCache, ...] | LayerCache
+
+# Stacked (scanned) layers carry this leading logical axis on every parameter.
+LAYERS_AXIS = {nnx.PARTITION_NAME: 'layers'}
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -116,17 +122,25 @@ REMAT_POLICIES = {
 
 
 class Transformer(nnx.Module):
-    """A stack of `num_layers` Blocks (no embeddings, no final norm)."""
+    """A stack of `num_layers` Blocks (no embeddings, no final norm).
+
+    With `scan_layers=True` the blocks are one Block whose parameters are stacked on a
+    leading 'layers' axis [num_layers, ...] (logical name 'layers'), and every method scans
+    over it: one layer is traced and compiled, whatever the depth. That needs the
+    same mask in every layer (not DALL·E's). The looped and scanned layouts compute the same
+    function; their checkpoints differ (`blocks/<i>/...` against stacked `blocks/...`).
+    """
 
     def __init__(self, *, num_layers: int, width: int, num_heads: int,
                  mask: MaskSpec | Sequence[MaskSpec], mlp_ratio: int = 4,
                  dtype: Any = jnp.float32, attention_impl: str = 'block_sparse',
                  remat: str = 'none', norm: str = 'rms', use_bias: bool = False,
-                 activation: str = 'quick_gelu', rngs: nnx.Rngs):
+                 activation: str = 'quick_gelu', scan_layers: bool = False, rngs: nnx.Rngs):
         """Args:
           mask: one MaskSpec for every layer, or a sequence of `num_layers` MaskSpecs.
           remat: 'none', 'full' or 'dots' (see REMAT_POLICIES): trades compute for memory.
           norm, use_bias, activation: see `Block` (defaults: Image GPT's).
+          scan_layers: stack the layers' parameters and scan over them (needs one mask).
         """
         if remat not in REMAT_POLICIES:
             raise ValueError(f'remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}.')
@@ -137,39 +151,85 @@ class Transformer(nnx.Module):
                 f'mask must be a MaskSpec or a sequence of num_layers={num_layers} MaskSpecs; '
                 f'got {mask!r}. Pass one MaskSpec per layer.'
             )
+        if scan_layers and len(set(masks)) > 1:
+            raise ValueError(
+                f'scan_layers=True runs one layer {num_layers} times, so every layer needs the '
+                f'same mask; got {len(set(masks))} different ones. Pass scan_layers=False '
+                '(a Python loop over the layers) for models with per-layer masks.'
+            )
         self.num_layers = num_layers
-        self.blocks = nnx.List([
-            Block(width, num_heads, mask=m, num_layers=num_layers, mlp_ratio=mlp_ratio,
-                  dtype=dtype, attention_impl=attention_impl, norm=norm, use_bias=use_bias,
-                  activation=activation, rngs=rngs)
-            for m in masks
-        ])
+        self.scan_layers = scan_layers
+
+        def block(m: MaskSpec, rngs: nnx.Rngs) -> Block:
+            return Block(width, num_heads, mask=m, num_layers=num_layers, mlp_ratio=mlp_ratio,
+                         dtype=dtype, attention_impl=attention_impl, norm=norm,
+                         use_bias=use_bias, activation=activation, rngs=rngs)
+
+        if scan_layers:
+            # One independent initialisation per layer, stacked on a new leading axis.
+            stacked = nnx.split_rngs(splits=num_layers)(nnx.vmap(
+                lambda rngs: block(masks[0], rngs), in_axes=0, out_axes=0,
+                transform_metadata=LAYERS_AXIS))
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List([block(m, rngs) for m in masks])
+
+    def _remat(self, fn):
+        """`fn` recomputed in the backward pass under the config's policy (or `fn` itself)."""
+        if self.remat == 'none':
+            return fn
+        if self.scan_layers:  # a plain-JAX scan body; inside a scan CSE cannot merge it away
+            return jax.checkpoint(fn, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        return nnx.remat(fn, policy=REMAT_POLICIES[self.remat])
+
+    def _scan(self, fn, carry, xs=None):
+        """fn(block, carry, x) -> (carry, y) over the stacked layers: (final carry, ys stacked
+        on [layers]). Plain `jax.lax.scan` over the split parameters rather than `nnx.scan`,
+        so that it also runs inside other JAX loops (sampling's `fori_loop`) on a model that
+        was merged outside them; the blocks hold no state that a layer could update."""
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(carry, inputs):
+            params, x = inputs  # one layer's slice; its metadata still names 'layers' first
+            params = spmd.remove_axis(params, 0, LAYERS_AXIS)
+            return fn(nnx.merge(graphdef, params), carry, x)
+        return jax.lax.scan(self._remat(layer), carry, (stacked, xs))
 
     def __call__(self, x: jax.Array, *, return_features: bool = False):
         """x [batch, length, width] -> [batch, length, width].
 
-        With `return_features=True` returns (y, features), features a list over layers of
-        norm1(input of that layer) [batch, length, width].
+        With `return_features=True` returns (y, features), features norm1(input of each
+        layer): a list over layers of [batch, length, width], or with `scan_layers` one
+        array [num_layers, batch, length, width] (iterating either gives the layers).
         """
+        if self.scan_layers:
+            def layer(block: Block, x: jax.Array, _):
+                y, h = block(x, return_features=True)
+                return y, (h if return_features else None)
+            x, features = self._scan(layer, x)
+            return (x, features) if return_features else x
         features = []
         for block in self.blocks:
             if return_features:
                 x, h = block(x, return_features=True)
                 features.append(h)
-            elif self.remat != 'none':
-                x = nnx.remat(lambda block, x: block(x), policy=REMAT_POLICIES[self.remat])(
-                    block, x)
             else:
-                x = block(x)
+                x = self._remat(lambda block, x: block(x))(block, x)
         return (x, features) if return_features else x
 
-    def init_cache(self, batch_size: int, max_length: int) -> tuple[LayerCache, ...]:
-        """A tuple of per-layer caches (see `MultiHeadAttention.init_cache`)."""
+    def init_cache(self, batch_size: int, max_length: int) -> Cache:
+        """Per-layer caches (see `MultiHeadAttention.init_cache`): a tuple of them, or with
+        `scan_layers` one cache whose arrays have a leading [num_layers] axis."""
+        if self.scan_layers:
+            one = self.blocks.init_cache(batch_size, max_length)  # shapes only, no params read
+            return jax.tree.map(lambda c: jnp.zeros((self.num_layers, *c.shape), c.dtype), one)
         return tuple(block.init_cache(batch_size, max_length) for block in self.blocks)
 
-    def decode(self, x: jax.Array, cache: Sequence[LayerCache],
-               position: jax.Array) -> tuple[jax.Array, tuple[LayerCache, ...]]:
-        """x [batch, 1, width] at `position` -> (y [batch, 1, width], new per-layer caches)."""
+    def decode(self, x: jax.Array, cache: Cache, position: jax.Array) -> tuple[jax.Array, Cache]:
+        """x [batch, 1, width] at `position` -> (y [batch, 1, width], new cache)."""
+        if self.scan_layers:
+            return self._scan(lambda block, x, layer_cache: block.decode(x, layer_cache,
+                                                                          position), x, cache)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
             x, layer_cache = block.decode(x, layer_cache, position)

@@ -84,12 +84,15 @@ def validate_init_from(config) -> dict | None:
     wanted = {'objective': objective(config), 'data.image_size': config.data.image_size,
               'data.palette_size': config.data.palette_size,
               **{f'model.{k}': config.model[k]
-                 for k in ('num_layers', 'width', 'num_heads', 'mlp_ratio')}}
+                 for k in ('num_layers', 'width', 'num_heads', 'mlp_ratio')},
+              # the parameter layout: looped blocks/<i>/... or stacked blocks/... (scanned)
+              'model.scan_layers': config.model.get('scan_layers', False)}
+    defaults = {'objective': 'ar', 'model.scan_layers': False}  # older configs lack them
     differences = []
     for key, value in wanted.items():
         node = pretrained
         for part in key.split('.'):
-            node = node.get(part, 'ar' if key == 'objective' else None)
+            node = node.get(part, defaults.get(key))
         if node != value:
             differences.append(f'{key}: {init_from} has {node!r}, this config {value!r}')
     if differences:
@@ -115,7 +118,8 @@ def build_model(config, rngs: nnx.Rngs) -> ImageGPT:
                     num_layers=m.num_layers, width=m.width, num_heads=m.num_heads,
                     mlp_ratio=m.mlp_ratio, dtype=DTYPES[m.dtype],
                     attention_impl=m.attention, remat=m.remat, objective=objective(config),
-                    num_classes=num_classes(config), rngs=rngs)
+                    num_classes=num_classes(config),
+                    scan_layers=m.get('scan_layers', False), rngs=rngs)
 
 
 def load_or_fit_palette(config, workdir: str, train_source=None) -> np.ndarray:
