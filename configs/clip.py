@@ -53,6 +53,6 @@ def get_config(arg=None):
     c.model.dtype = 'bfloat16'
     c.optimizer.learning_rate = lr
     c.optimizer.warmup_steps = 2000
-    c.optimizer.weight_decay = 0.2
+    c.optimizer.weight_decay = 0.2  # kernels and embeddings only (trainer.weight_decay_mask)
     c.optimizer.grad_clip_norm = 1.0
     return c

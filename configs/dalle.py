@@ -97,7 +97,7 @@ def get_config(arg=None):
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.96
     c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 4.5e-2
+    c.optimizer.weight_decay = 4.5e-2  # kernels and embeddings only (trainer.weight_decay_mask)
     c.optimizer.grad_clip_norm = 4.0
     c.optimizer.skip_nonfinite_updates = 5
 

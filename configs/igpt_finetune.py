@@ -7,7 +7,8 @@
 
 The arg is a configs/igpt.py arg (`size[,res=N][,dataset=NAME][,objective=ar|bert]`) or
 `shapes` / `shapes_tiny` (configs/igpt_shapes.py, the CPU demo and the tests). The model and
-data keys must equal the pretrained run's (checked against `<init_from>/config.json`).
+data keys must equal the pretrained run's (checked against `<init_from>/config.json`), except
+`model.scan_layers`: looped and scanned layers are converted into each other.
 
 What changes from pretraining, as in the paper:
   - the run starts from `init_from`'s parameters (step `init_from_step`, -1 = latest) and its

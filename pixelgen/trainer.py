@@ -24,6 +24,7 @@ from flax import nnx
 from pixelgen import checkpoint, flops, parallel, tasks
 from pixelgen.config import ConfigDict, ConfigError, format_config, save_config
 from pixelgen.metric_writer import MetricWriter, Progress
+from pixelgen.nn.transformer import LAYERS_AXIS
 
 State = dict[str, Any]
 
@@ -44,8 +45,33 @@ def validate_loop_config(config: ConfigDict) -> None:
                           + '\nFix them with --config.<key>=<value>.')
 
 
+# flax's names for norms' gains and layers' biases (attention's q/k/v biases are [heads, dim]).
+GAINS_AND_BIASES = ('scale', 'bias')
+
+
+def weight_decay_mask(params) -> Any:
+    """Which parameters AdamW's weight decay applies to (an optax mask over `params`): the
+    weights with at least two axes of their own (kernels, embedding tables) except gains and
+    biases (as nanoGPT and open_clip; the CLIP paper: "all weights except gains or biases"). So
+    norms' scales, biases, scalars (CLIP's logit scale) and vectors (iGPT's sos, CLIP's class
+    embedding) do not decay; embeddings, position embeddings included, do. A leading 'layers'
+    axis (scan_layers stacks every block parameter on it) is not a parameter's own, so both
+    layer layouts decay the same parameters."""
+    layers = LAYERS_AXIS[nnx.PARTITION_NAME]
+
+    def decays(path, spec, x) -> bool:
+        name = next((k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey)), '')
+        own_axes = x.ndim - (1 if tuple(spec)[:1] == (layers,) else 0)
+        return own_axes >= 2 and name not in GAINS_AND_BIASES
+
+    specs = nnx.get_partition_spec(params)  # logical axis names; P() where there are none
+    return jax.tree_util.tree_map_with_path(
+        decays, specs, params, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
 def make_optimizer(opt: ConfigDict, total_steps: int):
-    """AdamW (β2 = 0.95 as in iGPT), linear warm-up, cosine decay, global-norm clipping.
+    """AdamW (β2 = 0.95 as in iGPT), linear warm-up, cosine decay, global-norm clipping;
+    weight decay on kernels and embeddings only (see `weight_decay_mask`).
 
     With `opt.skip_nonfinite_updates = K > 0`, a step whose gradients hold NaN or Inf leaves
     the parameters unchanged (optax.apply_if_finite); the trainer stops after K in a row.
@@ -58,9 +84,16 @@ def make_optimizer(opt: ConfigDict, total_steps: int):
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
         decay_steps=total_steps, end_value=opt.learning_rate * opt.min_learning_rate_ratio)
+    decay = optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask)
     tx = optax.chain(
         optax.clip_by_global_norm(opt.grad_clip_norm),
-        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay))
+        # optax.adamw(..., mask=weight_decay_mask) spelled out, its masked decay made stateless:
+        # the optimizer state keeps adamw's unmasked structure, so checkpoints written before
+        # the mask still restore.
+        optax.chain(optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
+                    optax.stateless(lambda updates, params: decay.update(
+                        updates, decay.init(params), params)[0]),
+                    optax.scale_by_learning_rate(schedule)))
     if opt.get('skip_nonfinite_updates', 0):
         tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.skip_nonfinite_updates)
     return tx, schedule
@@ -92,8 +125,9 @@ def abstract_state(fresh_state) -> tuple[Any, Any, State]:
 def init_params_from(state: State, config: ConfigDict) -> State:
     """`state` with the parameters of the checkpoint in `config.init_from` (step
     `config.init_from_step`, -1 = its latest) wherever this model has the same parameter; the
-    others (a new classifier head) keep their fresh initialisation. Optimizer state and step
-    stay fresh: a fine-tuning run starts at step 0."""
+    others (a new classifier head) keep their fresh initialisation. The checkpoint's layer
+    layout may differ from this model's (model.scan_layers; see `_relayout`). Optimizer state
+    and step stay fresh: a fine-tuning run starts at step 0."""
     from pixelgen import pretrained  # pretrained imports this module
 
     step = config.get('init_from_step', -1)
@@ -102,7 +136,8 @@ def init_params_from(state: State, config: ConfigDict) -> State:
     except FileNotFoundError as e:
         raise ConfigError(f'config.init_from={config.init_from!r}: {e}') from e
     _, source_params, _ = nnx.split(source.model, nnx.Param, ...)
-    loaded = dict(jax.tree_util.tree_flatten_with_path(source_params)[0])
+    wanted = [path for path, _ in jax.tree_util.tree_flatten_with_path(state['params'])[0]]
+    loaded = _relayout(dict(jax.tree_util.tree_flatten_with_path(source_params)[0]), wanted)
     fresh, mismatched = [], []
 
     def pick(path, x):
@@ -125,6 +160,32 @@ def init_params_from(state: State, config: ConfigDict) -> State:
         print(f'[pixelgen] initialised from {config.init_from} step {source.step}; fresh: '
               f'{", ".join(fresh) or "nothing"}', flush=True)
     return {**state, 'params': params}
+
+
+def _relayout(loaded: dict, wanted_paths: list) -> dict:
+    """`loaded` (flat path -> array) plus the transformer blocks' parameters in the other layer
+    layout wherever `wanted_paths` asks for it, so released (looped) weights fine-tune a
+    scanned model and back: looped `blocks/<i>/x` are stacked in layer order into scanned
+    `blocks/x` [num_layers, ...]; a looped path `blocks/<i>/x` takes layer i of `blocks/x`."""
+    blocks = jax.tree_util.DictKey('blocks')
+    out = dict(loaded)
+    for path in wanted_paths:
+        if path in loaded or blocks not in path:
+            continue
+        after = path.index(blocks) + 1
+        layer = path[after]
+        if isinstance(layer, jax.tree_util.DictKey) and isinstance(layer.key, int):
+            stacked = loaded.get(path[:after] + path[after + 1:])  # scanned -> looped
+            if stacked is not None and stacked.shape[0] > layer.key:
+                out[path] = stacked[layer.key]
+            continue
+        layers = []  # looped -> scanned
+        while (looped := path[:after] + (jax.tree_util.DictKey(len(layers)),)
+               + path[after:]) in loaded:
+            layers.append(loaded[looped])
+        if layers:
+            out[path] = jnp.stack(layers)
+    return out
 
 
 def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 1):

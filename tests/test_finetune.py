@@ -1,5 +1,6 @@
 """Fine-tuning: a pretrained workdir initialises a classifier run (L_GEN + w * L_CLF) with a
-fresh head; augmentation; the errors of a config that cannot fine-tune (tiny shapes; CPU)."""
+fresh head, in either layer layout (looped or scanned); augmentation; the errors of a config
+that cannot fine-tune (tiny shapes; CPU)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from conftest import REPO, tiny_config
 from flax import nnx
 
 from pixelgen import pretrained, tasks, trainer
-from pixelgen.config import ConfigError, parse_config_args
+from pixelgen.config import ConfigError, load_saved_config, parse_config_args
+from pixelgen.convert import save_workdir
 from pixelgen.data import palette as palette_lib
 from pixelgen.data import pipeline
 from pixelgen.models.igpt import ImageGPT
@@ -68,6 +70,54 @@ def test_init_loads_pretrained_params_exactly_and_the_head_is_fresh(data_dir,
     assert not np.allclose(state['params']['head']['kernel'][...],
                            fresh['params']['head']['kernel'][...])
     assert int(state['step']) == 0
+
+
+def finetuned_model(config):
+    """The model that `config` fine-tunes at step 0: init_from's weights and a fresh head."""
+    model = task_lib.build_model(config, nnx.Rngs(config.seed))
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, trainer.init_params_from(fresh_state(config), config)['params'],
+                     rest)
+
+
+def with_layout(config, scan_layers: bool, init_from: str):
+    with config.unlocked():  # the igpt configs predate the keys
+        config.model.scan_layers = scan_layers
+        config.init_from = init_from
+    return config
+
+
+def test_released_looped_weights_finetune_a_scanned_model_and_back(data_dir, pretrained_workdir,
+                                                                  tmp_path):
+    source = pretrained.load(pretrained_workdir)
+    side = source.config.data.image_size
+    tokens = jax.random.randint(jax.random.key(3), (2, side * side), 0,
+                                source.config.data.palette_size, dtype=jnp.int32)
+    expected = source.model(tokens)
+
+    def finetune(init_from, scan_layers):
+        config = with_layout(finetune_config(data_dir, init_from,
+                                             f'--config.model.num_classes={SHAPES_CLASSES}'),
+                             scan_layers, init_from)
+        task_lib.validate_init_from(config)  # a layout difference alone is allowed
+        model = finetuned_model(config)
+        assert model.transformer.scan_layers == scan_layers
+        logits, class_logits = model.logits_and_class_logits(tokens)
+        np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(class_logits, 0)  # the fresh head is zero-initialised
+        return model
+
+    scanned = finetune(pretrained_workdir, True)  # looped -> scanned: stacked in layer order
+    np.testing.assert_array_equal(scanned.transformer.blocks.mlp.fc.kernel[...][1],
+                                  source.model.transformer.blocks[1].mlp.fc.kernel[...])
+
+    # scanned -> looped: a scanned workdir holding the same weights, stacked.
+    scanned_config = with_layout(load_saved_config(pretrained_workdir), True, pretrained_workdir)
+    scanned_workdir = str(tmp_path / 'scanned')
+    save_workdir(scanned_config, finetuned_model(scanned_config), scanned_workdir)
+    looped = finetune(scanned_workdir, False)
+    np.testing.assert_array_equal(looped.transformer.blocks[1].mlp.fc.kernel[...],
+                                  source.model.transformer.blocks[1].mlp.fc.kernel[...])
 
 
 def test_finetune_run_reports_accuracy_and_keeps_the_palette(data_dir, pretrained_workdir,

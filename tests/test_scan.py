@@ -16,7 +16,6 @@ from flax import nnx
 
 import pixelgen
 from pixelgen import checkpoint, trainer
-from pixelgen.config import ConfigError
 from pixelgen.models.igpt import ImageGPT
 from pixelgen.nn.masks import CAUSAL, FULL
 from pixelgen.nn.transformer import Transformer
@@ -193,13 +192,7 @@ def test_scanned_training_runs_and_resumes(scanned_run):
     assert loaded.model(np.zeros((1, side * side), np.int32)).shape[:2] == (1, side * side)
 
 
-def test_a_checkpoint_in_the_other_layout_is_refused_naming_the_key(scanned_run, data_dir,
-                                                                   tmp_path):
+def test_resuming_in_the_other_layout_is_refused_naming_the_key(scanned_run, data_dir):
     workdir = scanned_run[0]
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r'model\.scan_layers'):
         trainer.train(scan_config(data_dir, False, '--config.total_steps=24'), workdir)
-    finetune = scan_config(data_dir, False)
-    with finetune.unlocked():
-        finetune.init_from = workdir
-    with pytest.raises(ConfigError, match=r'model\.scan_layers.*True.*False'):
-        task_lib.validate_init_from(finetune)

@@ -84,10 +84,9 @@ def validate_init_from(config) -> dict | None:
     wanted = {'objective': objective(config), 'data.image_size': config.data.image_size,
               'data.palette_size': config.data.palette_size,
               **{f'model.{k}': config.model[k]
-                 for k in ('num_layers', 'width', 'num_heads', 'mlp_ratio')},
-              # the parameter layout: looped blocks/<i>/... or stacked blocks/... (scanned)
-              'model.scan_layers': config.model.get('scan_layers', False)}
-    defaults = {'objective': 'ar', 'model.scan_layers': False}  # older configs lack them
+                 for k in ('num_layers', 'width', 'num_heads', 'mlp_ratio')}}
+    # model.scan_layers may differ: trainer.init_params_from converts the layer layout.
+    defaults = {'objective': 'ar'}  # older configs lack it
     differences = []
     for key, value in wanted.items():
         node = pretrained
