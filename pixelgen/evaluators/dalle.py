@@ -33,6 +33,7 @@ from pixelgen import images
 from pixelgen.config import ConfigError
 from pixelgen.data import pipeline
 from pixelgen.data.builders import shapes
+from pixelgen.tasks.dvae import to_uint8
 
 CAPTION = re.compile(r'^a (small|large) (\w+) (\w+)$')
 FOREGROUND_DISTANCE = 60.0  # RGB units from the background median; colours are >= 110 away
@@ -83,7 +84,7 @@ class AttributeClassifier:
         return np.where(found, colours, -1), np.where(found, shape_ids, -1)
 
 
-def _parse(caption: str) -> tuple[int, int] | None:
+def parse_caption(caption: str) -> tuple[int, int] | None:
     found = CAPTION.match(caption)
     if not found or found[2] not in shapes.COLORS or found[3] not in shapes.SHAPES:
         return None
@@ -93,14 +94,11 @@ def _parse(caption: str) -> tuple[int, int] | None:
 def holdout_captions(phrases) -> list[str]:
     """Every size of each held-out 'colour shape' phrase, as a one-object caption."""
     captions = [f'a {size} {phrase}' for phrase in phrases for size in shapes.SIZES]
-    return [c for c in captions if _parse(c) is not None]
+    return [c for c in captions if parse_caption(c) is not None]
 
 
-def _to_uint8(pictures) -> np.ndarray:
-    return np.clip(np.round(np.asarray(pictures) * 255), 0, 255).astype(np.uint8)
-
-
-def _accuracies(classifier, pictures, colours, shape_ids, prefix: str) -> dict[str, float]:
+def attribute_accuracies(classifier, pictures, colours, shape_ids,
+                         prefix: str) -> dict[str, float]:
     got_colour, got_shape = classifier.predict(pictures)
     colour_ok, shape_ok = got_colour == colours, got_shape == shape_ids
     return {f'{prefix}color_accuracy': float(colour_ok.mean()),
@@ -123,7 +121,7 @@ def attribute_accuracy(ctx) -> dict[str, float]:
     test = open_codes(config.data.codes_dir, config.data.eval_split)
     test_records = [test[i] for i in range(len(test) if ctx.num_examples is None
                                            else min(ctx.num_examples, len(test)))]
-    test_records = [r for r in test_records if _parse(r['caption'])]
+    test_records = [r for r in test_records if parse_caption(r['caption'])]
     if which == 'holdout':
         captions = holdout_captions(config.data.holdout_phrases)
     elif which == 'test':
@@ -150,14 +148,14 @@ def attribute_accuracy(ctx) -> dict[str, float]:
                          top_k=int(options['top_k']) if 'top_k' in options else None,
                          top_p=float(options['top_p']) if 'top_p' in options else None)
         side = model.grid_size
-        pictures = _to_uint8(decode_codes(dvae, codes.reshape(samples, side, side)))
+        pictures = to_uint8(decode_codes(dvae, codes.reshape(samples, side, side)))
         if clip is not None:
             from pixelgen.rerank import rerank
             pictures = pictures[rerank(clip, pictures, caption, top)[0]]
         kept.append(pictures)
     pictures = np.concatenate(kept)
-    truth = np.array([_parse(c) for c in captions for _ in range(len(kept[0]))])
-    metrics = _accuracies(classifier, pictures, truth[:, 0], truth[:, 1], '')
+    truth = np.array([parse_caption(c) for c in captions for _ in range(len(kept[0]))])
+    metrics = attribute_accuracies(classifier, pictures, truth[:, 0], truth[:, 1], '')
     metrics['num_images'] = float(len(pictures))
     metrics['num_captions'] = float(len(captions))
 
@@ -165,14 +163,14 @@ def attribute_accuracy(ctx) -> dict[str, float]:
     real_source = pipeline.open_source('shapes', 'test', options.get('data_dir', ''))
     real = [real_source[i] for i in range(min(500, len(real_source)))]
     real = [r for r in real if r['num_objects'] == 1]
-    metrics.update(_accuracies(classifier, np.stack([r['image'] for r in real]),
+    metrics.update(attribute_accuracies(classifier, np.stack([r['image'] for r in real]),
                                np.array([r['color'] for r in real]),
                                np.array([r['shape'] for r in real]), 'real_images_'))
     if test_records:
-        truth = np.array([_parse(r['caption']) for r in test_records])
-        decoded = _to_uint8(decode_codes(dvae, jnp.asarray(
+        truth = np.array([parse_caption(r['caption']) for r in test_records])
+        decoded = to_uint8(decode_codes(dvae, jnp.asarray(
             np.stack([r['codes'] for r in test_records]), jnp.int32)))
-        metrics.update(_accuracies(classifier, decoded, truth[:, 0], truth[:, 1],
+        metrics.update(attribute_accuracies(classifier, decoded, truth[:, 0], truth[:, 1],
                                    'reconstructions_'))
     os.makedirs(ctx.out_dir, exist_ok=True)
     images.save_png(images.make_grid(kept), os.path.join(ctx.out_dir,
