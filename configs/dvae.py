@@ -60,6 +60,11 @@ def get_config(arg=None):
     c.loss.temperature_start = 1.0
     c.loss.temperature_end = 1 / 16
     c.loss.temperature_steps = 150_000
+    # Aids for short runs (pixelgen/tasks/dvae.py); the paper trains without them.
+    c.loss.straight_through = False
+    c.loss.code_entropy_weight = 0.0
+    c.loss.diversity_weight = 0.0
+    c.loss.laplace_scale = 0.0  # 0: learned (the decoder's ln b)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4
@@ -68,7 +73,7 @@ def get_config(arg=None):
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
     c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 1e-4
+    c.optimizer.weight_decay = 1e-4  # kernels and embeddings only (trainer.weight_decay_mask)
     c.optimizer.grad_clip_norm = 1.0
     c.optimizer.skip_nonfinite_updates = 5
 

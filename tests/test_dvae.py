@@ -114,6 +114,72 @@ def test_a_training_step_lowers_the_loss_on_a_fixed_batch():
     assert float(value_and_grad(optax.apply_updates(params, updates))[0]) < float(value)
 
 
+def _loss_parts(model, *overrides):
+    """(loss, metrics, logits) of the tiny config with `overrides`, on one fixed batch, at a
+    step past every warm-up (so each weight is at its full value)."""
+    config = tiny_config('', '--config.loss.code_entropy_weight=0.0',
+                         '--config.loss.diversity_weight=0.0', *overrides)
+    batch = {'image': np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)}
+    loss, metrics = task_lib.make_loss(config).loss(model, batch, jax.random.PRNGKey(0),
+                                                    step=jnp.int32(100))
+    return float(loss), metrics, model.logits(task_lib.to_unit(batch['image']))
+
+
+def test_short_run_aids_add_exactly_their_terms(model):
+    base, metrics, logits = _loss_parts(model)
+    k = logits.shape[-1]
+    per_latent_kl = float(metrics['kl'])
+    entropy, _, _ = _loss_parts(model, '--config.loss.code_entropy_weight=0.5')
+    assert entropy - base == pytest.approx(0.5 * (math.log(k) - per_latent_kl), rel=1e-4)
+    diversity, _, _ = _loss_parts(model, '--config.loss.diversity_weight=0.5')
+    assert diversity - base == pytest.approx(
+        0.5 * float(task_lib.kl_to_uniform_of_mean(logits)), rel=1e-4)
+
+
+def test_kl_of_the_batch_mean_posterior_is_zero_when_spread_and_log_k_when_collapsed():
+    spread = jnp.eye(8)[None] * 50.0  # 8 positions, each sure of a different code
+    collapsed = jnp.zeros((1, 8, 8)).at[..., 3].set(50.0)  # every position sure of code 3
+    assert float(task_lib.kl_to_uniform_of_mean(spread)) == pytest.approx(0.0, abs=1e-5)
+    assert float(task_lib.kl_to_uniform_of_mean(collapsed)) == pytest.approx(math.log(8),
+                                                                              abs=1e-4)
+
+
+def test_straight_through_decodes_the_one_hot_sample_and_still_has_gradients(model):
+    config = tiny_config('', '--config.loss.straight_through=True')
+    loss = task_lib.make_loss(config)
+    batch = {'image': np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)}
+    key, step = jax.random.PRNGKey(3), jnp.int32(0)
+    _, metrics = loss.loss(model, batch, key, step=step)
+    x = task_lib.to_unit(batch['image'])
+    logits = model.logits(x)
+    sample = jnp.argmax(logits + jax.random.gumbel(key, logits.shape), -1)  # Gumbel-max
+    hard_mse = jnp.mean(jnp.square(model.decode(sample) - x))
+    assert float(metrics['mse']) == pytest.approx(float(hard_mse), rel=1e-4)
+    graphdef, params = nnx.split(model, nnx.Param)
+    grads = jax.grad(lambda p: loss.loss(nnx.merge(graphdef, p), batch, key, step=step)[0])(
+        params)
+    encoder_grad = jax.tree.leaves(grads['encoder']['output'])
+    assert all(float(jnp.abs(g).sum()) > 0 for g in encoder_grad)
+
+
+def test_a_fixed_laplace_scale_ignores_the_decoders_log_scale(model):
+    config = tiny_config('', '--config.loss.laplace_scale=1.0')
+    loss = task_lib.make_loss(config)
+    batch = {'image': np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)}
+    graphdef, params = nnx.split(model, nnx.Param)
+    key = jax.random.PRNGKey(0)
+    grads = jax.grad(lambda p: loss.loss(nnx.merge(graphdef, p), batch, key)[0])(params)
+    output_kernel = grads['decoder']['output']['kernel'][...]  # [1, 1, width, 6]
+    assert float(jnp.abs(output_kernel[..., 3:]).max()) == 0.0  # ln b channels: no gradient
+    assert float(jnp.abs(output_kernel[..., :3]).max()) > 0.0
+
+
+def test_negative_loss_weights_are_refused():
+    for key in ('code_entropy_weight', 'diversity_weight', 'laplace_scale', 'kl_weight'):
+        with pytest.raises(ConfigError, match=f'loss.{key}=-1'):
+            task_lib.build_model(tiny_config('', f'--config.loss.{key}=-1.0'), nnx.Rngs(0))
+
+
 def test_an_image_size_the_encoder_cannot_downsample_is_refused():
     config = tiny_config('', '--config.data.image_size=33')
     with pytest.raises(ConfigError, match='data.image_size=33 is not divisible'):
@@ -170,3 +236,6 @@ def test_reconstruction_evaluator_reports_quality_and_usage(trained, tmp_path):
     assert scores['examples'] == 20 and 1 <= scores['codes_used'] <= 32
     assert scores['psnr'] == pytest.approx(-10 * math.log10(scores['mse']))
     assert os.path.isfile(tmp_path / 'reconstructions_0000006.png')
+    # shapes reconstructions are judged by the DALL·E attribute classifier
+    assert 0 < scores['judged_examples'] <= 20
+    assert all(0 <= scores[f'{a}_accuracy'] <= 1 for a in ('color', 'shape', 'both'))

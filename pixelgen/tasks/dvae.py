@@ -8,6 +8,22 @@ Training maximises the evidence lower bound with a Gumbel-softmax relaxation of 
 
 with a logit-Laplace likelihood of the pixels mapped into [eps, 1 - eps], eps = 0.1. Both are
 divided by the number of sub-pixels as in the paper, so KL per latent is weighted beta/f^2/3.
+
+Options for short runs (off in the paper config; on in configs/dvae_shapes.py, whose runs are
+3000x shorter than the paper's). In a short run the ELBO settles where every position spreads
+its posterior over many codes that decode alike, so the argmax codes that `encode` returns
+(as the paper does) all name one code and carry no picture:
+  loss.straight_through   the decoder sees the one-hot of the Gumbel sample; gradients flow
+                          through the relaxation (hard forward, soft backward).
+  loss.code_entropy_weight  + w mean H(q) (nats per latent), ramped like beta: rewards
+                          confident posteriors, so the argmax is the code the decoder saw.
+  loss.diversity_weight   + w KL(mean_batch q || U_K): keeps the batch using many codes, which
+                          confident posteriors alone would collapse onto a few.
+  loss.laplace_scale      > 0: a fixed logit-Laplace scale b instead of the decoder's ln b.
+                          A learned b grows where the decoder is unsure (small objects), which
+                          silences exactly the errors the codes should fix.
+With equal weights the two terms are w (log K - I(position; code)): they maximise the mutual
+information between what the encoder sees and the code it picks.
 """
 
 from __future__ import annotations
@@ -51,6 +67,11 @@ def validate_config(config) -> None:
     if not 2 <= m.codebook_size <= 65536:
         problems.append(f'model.codebook_size={m.codebook_size} must be in [2, 65536] '
                         '(codes are stored as uint16)')
+    negative = [k for k in ('kl_weight', 'code_entropy_weight', 'diversity_weight',
+                            'laplace_scale')
+                if lo.get(k, 0.0) < 0]
+    if negative:
+        problems.append(f'loss.{negative[0]}={lo[negative[0]]} must be >= 0 (0 turns it off)')
     if lo.kl_warmup_steps < 1 or lo.temperature_steps < 1:
         problems.append('loss.kl_warmup_steps and loss.temperature_steps must be at least 1')
     if not 0 < lo.temperature_end <= lo.temperature_start:
@@ -77,11 +98,16 @@ def temperature_schedule(loss_config) -> optax.Schedule:
                                        alpha=lo.temperature_end / lo.temperature_start)
 
 
+def kl_ramp(loss_config) -> optax.Schedule:
+    """Cosine from 0 up to 1 over kl_warmup_steps, then flat: beta = kl_weight * ramp."""
+    fall = optax.cosine_decay_schedule(1.0, loss_config.kl_warmup_steps, alpha=0.0)
+    return lambda step: 1.0 - fall(step)
+
+
 def kl_weight_schedule(loss_config) -> optax.Schedule:
     """beta: cosine from 0 up to kl_weight over kl_warmup_steps, then flat."""
-    lo = loss_config
-    fall = optax.cosine_decay_schedule(lo.kl_weight, lo.kl_warmup_steps, alpha=0.0)
-    return lambda step: lo.kl_weight - fall(step)
+    ramp = kl_ramp(loss_config)
+    return lambda step: loss_config.kl_weight * ramp(step)
 
 
 def logit_laplace_log_prob(x: jax.Array, mu: jax.Array, log_scale: jax.Array) -> jax.Array:
@@ -95,6 +121,14 @@ def kl_to_uniform(logits: jax.Array) -> jax.Array:
     """KL(softmax(logits) || uniform over K) per position, in nats: [..., K] -> [...]."""
     log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.sum(jnp.exp(log_q) * log_q, axis=-1) + math.log(logits.shape[-1])
+
+
+def kl_to_uniform_of_mean(logits: jax.Array) -> jax.Array:
+    """KL(mean over positions of softmax(logits) || uniform over K), in nats: 0 when the batch
+    uses every code equally, log K when every position picks the same code."""
+    q = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(-1, logits.shape[-1])
+    mean = q.mean(axis=0)
+    return jnp.sum(mean * jnp.log(jnp.maximum(mean, 1e-30))) + math.log(logits.shape[-1])
 
 
 def codebook_usage(codes: jax.Array, codebook_size: int,
@@ -128,6 +162,11 @@ class DVAELoss:
         self.codebook_size = config.model.codebook_size
         self.temperature = temperature_schedule(config.loss)
         self.kl_weight = kl_weight_schedule(config.loss)
+        self.kl_ramp = kl_ramp(config.loss)
+        self.straight_through = config.loss.get('straight_through', False)
+        self.code_entropy_weight = config.loss.get('code_entropy_weight', 0.0)
+        self.diversity_weight = config.loss.get('diversity_weight', 0.0)
+        self.laplace_scale = config.loss.get('laplace_scale', 0.0)
 
     def loss(self, model: DVAE, batch: dict, rng: jax.Array,
              step: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -138,12 +177,23 @@ class DVAELoss:
         logits = model.logits(x)  # [b, gh, gw, K]
         gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
         soft_codes = jax.nn.softmax((logits + gumbel) / tau, axis=-1)
+        if self.straight_through:  # the decoder sees the one-hot; gradients flow through soft
+            hard = jax.nn.one_hot(jnp.argmax(soft_codes, -1), self.codebook_size)
+            soft_codes = soft_codes + jax.lax.stop_gradient(hard - soft_codes)
         stats = model.decoder(soft_codes)  # [b, h, w, 6]
-        log_p = logit_laplace_log_prob(map_pixels(x), stats[..., :3], stats[..., 3:])
+        log_scale = stats[..., 3:]
+        if self.laplace_scale:  # a fixed b: every pixel's error keeps its full weight
+            log_scale = jnp.full_like(log_scale, math.log(self.laplace_scale))
+        log_p = logit_laplace_log_prob(map_pixels(x), stats[..., :3], log_scale)
         nll = -jnp.mean(log_p)  # per sub-pixel
         kl = jnp.mean(kl_to_uniform(logits))  # per latent position
         latents_per_subpixel = logits.shape[1] * logits.shape[2] / (x.shape[1] * x.shape[2] * 3)
         loss = nll + beta * kl * latents_per_subpixel
+        if self.code_entropy_weight:  # H(q) = log K - KL(q || U): confident posteriors
+            entropy = math.log(self.codebook_size) - kl
+            loss = loss + self.code_entropy_weight * self.kl_ramp(step) * entropy
+        if self.diversity_weight:  # spread the batch's average posterior over the codebook
+            loss = loss + self.diversity_weight * kl_to_uniform_of_mean(logits)
         mse = jnp.mean(jnp.square(stats_to_images(stats) - x))
         perplexity, used = codebook_usage(jnp.argmax(logits, -1), self.codebook_size)
         return loss, {'loss': loss, 'nll': nll, 'kl': kl, 'mse': mse, 'psnr': psnr(mse),
