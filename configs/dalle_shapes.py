@@ -49,7 +49,7 @@ def get_config(arg=None):
     c.model = ml_collections.ConfigDict()
     c.model.text_vocab_size = 1024  # BPE vocabulary (trained on the captions; <= this)
     c.model.text_len = 16          # shapes captions are at most 14 tokens with [SOT] and [EOT]
-    c.model.image_vocab_size = 512  # the dVAE codebook
+    c.model.image_vocab_size = 128  # the codebook of configs/dvae_shapes.py
     c.model.grid_size = 16         # 64x64 images -> 16x16 codes
     c.model.num_layers = 4         # row, column, row, conv
     c.model.width = 128

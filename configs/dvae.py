@@ -65,6 +65,8 @@ def get_config(arg=None):
     c.loss.code_entropy_weight = 0.0
     c.loss.diversity_weight = 0.0
     c.loss.laplace_scale = 0.0  # 0: learned (the decoder's ln b)
+    c.loss.likelihood = 'logit_laplace'  # or 'gaussian' (fixed std, see pixelgen/tasks/dvae.py)
+    c.loss.gaussian_scale = 0.0  # the Gaussian's std on mapped pixels
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1e-4

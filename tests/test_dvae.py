@@ -174,6 +174,35 @@ def test_a_fixed_laplace_scale_ignores_the_decoders_log_scale(model):
     assert float(jnp.abs(output_kernel[..., :3]).max()) > 0.0
 
 
+def test_gaussian_likelihood_matches_the_formula_and_leaves_ln_b_unused(model):
+    rng = np.random.default_rng(4)
+    x, mu = rng.uniform(0.1, 0.9, 50), rng.normal(size=50)
+    mean = 1 / (1 + np.exp(-mu))
+    expected = -0.5 * ((x - mean) / 0.05) ** 2 - np.log(0.05 * np.sqrt(2 * np.pi))
+    got = task_lib.gaussian_log_prob(jnp.asarray(x, jnp.float32), jnp.asarray(mu, jnp.float32),
+                                     0.05)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+    config = tiny_config('', "--config.loss.likelihood=gaussian",
+                         '--config.loss.gaussian_scale=0.05')
+    loss = task_lib.make_loss(config)
+    batch = {'image': np.random.default_rng(5).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)}
+    graphdef, params = nnx.split(model, nnx.Param)
+    key = jax.random.PRNGKey(0)
+    grads = jax.grad(lambda p: loss.loss(nnx.merge(graphdef, p), batch, key)[0])(params)
+    output_kernel = grads['decoder']['output']['kernel'][...]
+    assert float(jnp.abs(output_kernel[..., 3:]).max()) == 0.0
+    assert float(jnp.abs(output_kernel[..., :3]).max()) > 0.0
+    laplace_loss = task_lib.make_loss(tiny_config()).loss(model, batch, key)[0]
+    assert float(loss.loss(model, batch, key)[0]) != pytest.approx(float(laplace_loss))
+
+
+def test_an_unknown_likelihood_or_a_gaussian_without_scale_is_refused():
+    with pytest.raises(ConfigError, match="loss.likelihood='poisson' is not one of"):
+        task_lib.build_model(tiny_config('', '--config.loss.likelihood=poisson'), nnx.Rngs(0))
+    with pytest.raises(ConfigError, match='needs loss.gaussian_scale > 0'):
+        task_lib.build_model(tiny_config('', '--config.loss.likelihood=gaussian'), nnx.Rngs(0))
+
+
 def test_negative_loss_weights_are_refused():
     for key in ('code_entropy_weight', 'diversity_weight', 'laplace_scale', 'kl_weight'):
         with pytest.raises(ConfigError, match=f'loss.{key}=-1'):

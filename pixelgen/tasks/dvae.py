@@ -22,6 +22,12 @@ its posterior over many codes that decode alike, so the argmax codes that `encod
   loss.laplace_scale      > 0: a fixed logit-Laplace scale b instead of the decoder's ln b.
                           A learned b grows where the decoder is unsure (small objects), which
                           silences exactly the errors the codes should fix.
+  loss.likelihood         'logit_laplace' (the paper) or 'gaussian': a Gaussian of fixed
+                          std loss.gaussian_scale on the mapped pixels, its mean the sigmoid of
+                          the decoder's location channels (the ln b channels go unused). Its
+                          squared error keeps a gradient proportional to each colour error,
+                          where the Laplace's |error| gives every error the same pull; in short
+                          runs only the Gaussian made codes carry the objects' hue.
 With equal weights the two terms are w (log K - I(position; code)): they maximise the mutual
 information between what the encoder sees and the code it picks.
 """
@@ -67,6 +73,12 @@ def validate_config(config) -> None:
     if not 2 <= m.codebook_size <= 65536:
         problems.append(f'model.codebook_size={m.codebook_size} must be in [2, 65536] '
                         '(codes are stored as uint16)')
+    likelihood = lo.get('likelihood', 'logit_laplace')
+    if likelihood not in LIKELIHOODS:
+        problems.append(f'loss.likelihood={likelihood!r} is not one of {LIKELIHOODS}')
+    elif likelihood == 'gaussian' and not lo.get('gaussian_scale', 0.0) > 0:
+        problems.append(f"loss.likelihood='gaussian' needs loss.gaussian_scale > 0 (the std "
+                        f"on mapped pixels, e.g. 0.05); got {lo.get('gaussian_scale', 0.0)}")
     negative = [k for k in ('kl_weight', 'code_entropy_weight', 'diversity_weight',
                             'laplace_scale')
                 if lo.get(k, 0.0) < 0]
@@ -115,6 +127,15 @@ def logit_laplace_log_prob(x: jax.Array, mu: jax.Array, log_scale: jax.Array) ->
     (0, 1) (the mapped pixels), b = exp(log_scale)."""
     return (-jnp.abs(jax.scipy.special.logit(x) - mu) * jnp.exp(-log_scale)
             - math.log(2.0) - log_scale - jnp.log(x) - jnp.log1p(-x))
+
+
+def gaussian_log_prob(x: jax.Array, mu: jax.Array, scale: float) -> jax.Array:
+    """log N(x | sigmoid(mu), scale^2), elementwise, for x the mapped pixels in (0, 1)."""
+    return (-0.5 * jnp.square((x - jax.nn.sigmoid(mu)) / scale)
+            - math.log(scale) - 0.5 * math.log(2 * math.pi))
+
+
+LIKELIHOODS = ('logit_laplace', 'gaussian')
 
 
 def kl_to_uniform(logits: jax.Array) -> jax.Array:
@@ -167,6 +188,8 @@ class DVAELoss:
         self.code_entropy_weight = config.loss.get('code_entropy_weight', 0.0)
         self.diversity_weight = config.loss.get('diversity_weight', 0.0)
         self.laplace_scale = config.loss.get('laplace_scale', 0.0)
+        self.likelihood = config.loss.get('likelihood', 'logit_laplace')
+        self.gaussian_scale = config.loss.get('gaussian_scale', 0.0)
 
     def loss(self, model: DVAE, batch: dict, rng: jax.Array,
              step: jax.Array | None = None) -> tuple[jax.Array, dict]:
@@ -181,10 +204,13 @@ class DVAELoss:
             hard = jax.nn.one_hot(jnp.argmax(soft_codes, -1), self.codebook_size)
             soft_codes = soft_codes + jax.lax.stop_gradient(hard - soft_codes)
         stats = model.decoder(soft_codes)  # [b, h, w, 6]
-        log_scale = stats[..., 3:]
-        if self.laplace_scale:  # a fixed b: every pixel's error keeps its full weight
-            log_scale = jnp.full_like(log_scale, math.log(self.laplace_scale))
-        log_p = logit_laplace_log_prob(map_pixels(x), stats[..., :3], log_scale)
+        if self.likelihood == 'gaussian':
+            log_p = gaussian_log_prob(map_pixels(x), stats[..., :3], self.gaussian_scale)
+        else:
+            log_scale = stats[..., 3:]
+            if self.laplace_scale:  # a fixed b: every pixel's error keeps its full weight
+                log_scale = jnp.full_like(log_scale, math.log(self.laplace_scale))
+            log_p = logit_laplace_log_prob(map_pixels(x), stats[..., :3], log_scale)
         nll = -jnp.mean(log_p)  # per sub-pixel
         kl = jnp.mean(kl_to_uniform(logits))  # per latent position
         latents_per_subpixel = logits.shape[1] * logits.shape[2] / (x.shape[1] * x.shape[2] * 3)
