@@ -18,12 +18,12 @@ def reference(x, w_in, w_out, biases, activation):
 
 def inputs(use_bias: bool):
     keys = jax.random.split(jax.random.key(0), 6)
-    x = jax.random.normal(keys[0], (2, 5, 8))
+    x = jax.random.normal(keys[0], (10, 8))
     w_in, w_out = (0.3 * jax.random.normal(keys[1], (8, 32)),
                    0.3 * jax.random.normal(keys[2], (32, 8)))
     biases = (jax.random.normal(keys[3], (32,)), jax.random.normal(keys[4], (8,))) \
         if use_bias else None
-    cotangent = jax.random.normal(keys[5], (2, 5, 8))
+    cotangent = jax.random.normal(keys[5], (10, 8))
     return (x, w_in, w_out, biases), cotangent
 
 
@@ -53,6 +53,26 @@ def test_gradients_survive_rematerialisation():
         remat = jax.grad(jax.checkpoint(loss, policy=policy), argnums=(0, 1, 2))(*args[:3])
         for g, w in zip(remat, plain, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_module_on_batch_length_width_equals_the_plain_formula():
+    module = MLP(8, mlp_ratio=4, use_bias=True, activation='gelu', rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(2), (2, 5, 8))
+    biases = (module.fc.bias[...], module.proj.bias[...])
+    want = reference(x, module.fc.kernel[...], module.proj.kernel[...], biases, 'gelu')
+    np.testing.assert_allclose(module(x), want, rtol=1e-5, atol=1e-5)
+    graphdef, params = nnx.split(module, nnx.Param)
+    got = jax.grad(lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) ** 2), argnums=(0, 1))(
+        params, x)
+
+    def plain(p, x):
+        m = nnx.merge(graphdef, p)
+        return jnp.sum(reference(x, m.fc.kernel[...], m.proj.kernel[...],
+                                 (m.fc.bias[...], m.proj.bias[...]), 'gelu') ** 2)
+
+    want = jax.grad(plain, argnums=(0, 1))(params, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_module_gradients_reach_float32_parameters_in_bfloat16_compute():

@@ -73,25 +73,31 @@ class MLP(nnx.Module):
         dtype = self.fc.dtype or x.dtype
         biases = (self.fc.bias[...].astype(dtype), self.proj.bias[...].astype(dtype)) \
             if self.fc.bias is not None else None
-        return mlp(x.astype(dtype), self.fc.kernel[...].astype(dtype),
-                   self.proj.kernel[...].astype(dtype), biases, self.activation)
+        rows = x.reshape(-1, x.shape[-1]).astype(dtype)  # [batch * length, width]: see `mlp`
+        y = mlp(rows, self.fc.kernel[...].astype(dtype), self.proj.kernel[...].astype(dtype),
+                biases, self.activation)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+ROWS_MLP = ('batch', 'mlp')  # batch * length rows: sharded like the batch
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def mlp(x: jax.Array, w_in: jax.Array, w_out: jax.Array,
         biases: tuple[jax.Array, jax.Array] | None, activation: str) -> jax.Array:
-    """act(x w_in + b_in) w_out + b_out, with a hand-written backward pass.
+    """act(x w_in + b_in) w_out + b_out for x [rows, width], with a hand-written backward.
 
-    Why: differentiated automatically, XLA:CPU lays the activation gradient out transposed
-    for the weight-gradient matmul (a slow strided copy), and the MLP's forward + backward
-    ran 2x slower. This version saves x and the pre-activation, and recomputes act and its
-    slope elementwise in the backward pass."""
+    Why: on [batch, length, width] inputs, differentiated automatically, XLA:CPU lays the
+    activation gradient out transposed for the weight-gradient matmul (a slow strided copy),
+    and the MLP's forward + backward ran 2-3x slower (benchmarks/mlp_backward.py). 2-D rows
+    and this backward pass, which saves x and the pre-activation and recomputes act and its
+    slope elementwise, were fastest together."""
     return _mlp_fwd(x, w_in, w_out, biases, activation)[0]
 
 
 def _mlp_fwd(x, w_in, w_out, biases, activation):
     pre = x @ w_in + (biases[0] if biases is not None else 0)
-    pre = constrain(pre, ('batch', 'length', 'mlp'))
+    pre = constrain(pre, ROWS_MLP)
     y = ACTIVATIONS[activation](pre) @ w_out + (biases[1] if biases is not None else 0)
     return y, (x, w_in, w_out, pre, biases)
 
@@ -99,11 +105,10 @@ def _mlp_fwd(x, w_in, w_out, biases, activation):
 def _mlp_bwd(activation, residuals, dy):
     x, w_in, w_out, pre, biases = residuals
     act, slope = jax.jvp(ACTIVATIONS[activation], (pre,), (jnp.ones_like(pre),))
-    d_pre = constrain((dy @ w_out.T) * slope, ('batch', 'length', 'mlp'))
-    d_w_out = jnp.einsum('...h,...d->hd', act, dy)
-    d_w_in = jnp.einsum('...d,...h->dh', x, d_pre)
-    rows = tuple(range(dy.ndim - 1))
-    d_biases = (d_pre.sum(rows), dy.sum(rows)) if biases is not None else None
+    d_pre = constrain((dy @ w_out.T) * slope, ROWS_MLP)
+    d_w_out = act.T @ dy
+    d_w_in = x.T @ d_pre
+    d_biases = (d_pre.sum(0), dy.sum(0)) if biases is not None else None
     return d_pre @ w_in.T, d_w_in, d_w_out, d_biases
 
 
