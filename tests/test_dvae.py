@@ -206,6 +206,8 @@ def test_an_unknown_likelihood_or_a_gaussian_without_scale_is_refused():
     with pytest.raises(ConfigError, match='needs loss.gaussian_scale > 0'):
         task_lib.build_model(tiny_config('', '--config.loss.likelihood=gaussian',
                                          '--config.loss.gaussian_scale=0.0'), nnx.Rngs(0))
+    with pytest.raises(ConfigError, match='loss.laplace_scale=0.1 has no effect'):
+        task_lib.build_model(tiny_config('', '--config.loss.laplace_scale=0.1'), nnx.Rngs(0))
 
 
 def test_negative_loss_weights_are_refused():

@@ -79,6 +79,10 @@ def validate_config(config) -> None:
     elif likelihood == 'gaussian' and not lo.get('gaussian_scale', 0.0) > 0:
         problems.append(f"loss.likelihood='gaussian' needs loss.gaussian_scale > 0 (the std "
                         f"on mapped pixels, e.g. 0.05); got {lo.get('gaussian_scale', 0.0)}")
+    if likelihood == 'gaussian' and lo.get('laplace_scale', 0.0):
+        problems.append(f"loss.laplace_scale={lo.laplace_scale} has no effect with "
+                        "loss.likelihood='gaussian' (its std is loss.gaussian_scale); set "
+                        "loss.laplace_scale=0 or loss.likelihood='logit_laplace'")
     negative = [k for k in ('kl_weight', 'code_entropy_weight', 'diversity_weight',
                             'laplace_scale')
                 if lo.get(k, 0.0) < 0]
