@@ -24,9 +24,13 @@ import statistics
 import sys
 import time
 
-import torch
-import transformers
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+from pixelgen import host_memory
+
+HOST_MALLOC = host_memory.configure()  # as pixelgen's own jobs, before torch starts threads
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: E402
 
 SHAPE = dict(layers=8, width=256, heads=8, seq=1024, vocab=512, batch=4, dtype='float32')
 NEW_TOKENS = 256
@@ -51,7 +55,8 @@ def report(name: str, shape: dict, times: list[float], tokens_per_step: int) -> 
     return {'name': name, 'shape': shape, 'step_s': step_s, 'timed_steps': len(times),
             'tokens_per_s': tokens_per_step / step_s, 'torch_version': torch.__version__,
             'transformers_version': transformers.__version__,
-            'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count()}
+            'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+            'host_malloc': HOST_MALLOC}
 
 
 def igpt_train(shape: dict, steps: int) -> dict:

@@ -5,8 +5,8 @@
 The shape defaults to one DALL·E `dalle_train` layer (batch 2 x 1280 tokens, 256 -> 1024 ->
 256, quick_gelu, fp32); `--batch 4 --length 1024` is `igpt_train`'s. 'autodiff' is the
 formula on [batch, length, width] differentiated by JAX (the MLP before); 'pixelgen' is
-what `pixelgen.nn.transformer.MLP` runs now. Prints one JSON line per variant with the median milliseconds of a
-jitted gradient of sum(mlp(x) * g) with respect to x and both kernels.
+what `pixelgen.nn.transformer.MLP` runs now. Prints one JSON line per variant with the
+median milliseconds of a jitted gradient of sum(mlp(x) * g) with respect to x and both kernels.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     for name, ts in times.items():
         print(json.dumps({'name': 'mlp_backward', 'variant': name, 'batch': args.batch,
-                          'length': args.length, 'width': args.width, 'ms': round(1e3 * statistics.median(ts), 1)}))
+                          'length': args.length, 'width': args.width,
+                          'ms': round(1e3 * statistics.median(ts), 1)}))
 
 
 if __name__ == '__main__':

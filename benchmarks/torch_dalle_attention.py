@@ -26,10 +26,14 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+from pixelgen import host_memory
 
-from pixelgen.nn.masks import dalle_mask
+HOST_MALLOC = host_memory.configure()  # as pixelgen's own jobs, before torch starts threads
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pixelgen.nn.masks import dalle_mask  # noqa: E402
 
 SHAPE = dict(layers=1, width=256, heads=8, text=256, grid=32, seq=1280, batch=2,
              dtype='float32')
@@ -92,7 +96,8 @@ def dalle_attention(shape: dict, steps: int) -> dict:
                           'tokens_per_s': shape['batch'] * shape['seq'] / step_s}
     return {'name': 'dalle_attention', 'shape': shape, **variants['dense_masked'],
             'variants': variants, 'torch_version': torch.__version__,
-            'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count()}
+            'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+            'host_malloc': HOST_MALLOC}
 
 
 CASES = {'dalle_attention': dalle_attention}

@@ -41,11 +41,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pixelgen import flops, sampling, trainer
+from pixelgen import flops, host_memory, sampling, trainer
 from pixelgen.models.dalle import DallE
 from pixelgen.models.igpt import ImageGPT
 from pixelgen.nn.attention import IMPLEMENTATIONS, MultiHeadAttention, cudnn_unavailable
-from pixelgen.nn.block_sparse import make_plan
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_mask, dalle_mask_spec
 from pixelgen.tasks.dalle import DalleLoss
 from pixelgen.tasks.igpt import token_loss
@@ -328,7 +327,7 @@ def dalle_attention(shape: dict[str, Any], options: Options) -> dict:
     densely with the row mask (dense masked attention costs the same for every mask).
 
     The top-level fields describe one row, one column and one conv layer run in turn (step_s
-    is the sum of their medians); `kinds` holds each layer's own report, its plan's density
+    is the sum of their medians); `kinds` holds each layer's own report, its tiling's density
     (the fraction of the [seq, seq] logits computed) and its speed-up over the dense layer.
     `options.attention` = 'dense' computes the three kinds densely too."""
     shape = dalle_seq(shape)
@@ -365,11 +364,9 @@ def dalle_attention(shape: dict[str, Any], options: Options) -> dict:
         kinds[name] = report(f'dalle_attention/{name}', {**shape, 'mask': kind}, times[name],
                              shape['batch'] * shape['seq'], attention_layer_flops(shape, kind),
                              compile_s[name], compiled_of[name], layer.attention_impl)
-        uses_plan = layer.attention_impl == 'block_sparse' and make_plan(
-            layer.mask, shape['seq'], min(layer.block_size, shape['seq'])).pays_off
-        kinds[name]['block_size'] = layer.block_size if uses_plan else None
-        kinds[name]['density'] = (make_plan(layer.mask, shape['seq'], layer.block_size).density
-                                  if uses_plan else 1.0)
+        tiling = layer.tiling(shape['seq']) if layer.attention_impl == 'block_sparse' else None
+        kinds[name]['block_size'] = tiling.block_size if tiling else None
+        kinds[name]['density'] = tiling.density if tiling else 1.0
     dense_s = kinds['dense']['step_s']
     for name in kinds:
         kinds[name]['speedup_vs_dense'] = dense_s / kinds[name]['step_s']
@@ -497,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
                         help='also trace one step per case into DIR (jax.profiler; perfetto) '
                              'and print its top ops to stderr')
     args = parser.parse_args(argv)
+    host_malloc = host_memory.configure()  # as every pixelgen job, before JAX's CPU client
     for name in args.cases:
         if name not in CASES:
             parser.error(f'unknown case {name!r}; valid cases: {", ".join(CASES)}')
@@ -515,6 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         profile_dir = os.path.join(args.profile, name) if args.profile else None
         result = run_case(name, steps=args.steps, attention=args.attention,
                           profile_dir=profile_dir)
+        result['host_malloc'] = host_malloc
         if args.json:
             print(json.dumps(result), flush=True)
         else:

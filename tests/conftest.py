@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+from pixelgen import host_memory
+
+host_memory.configure()  # as the pixelgen jobs do: before any test starts JAX's CPU client
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'igpt_shapes.py') + ':tiny'
 

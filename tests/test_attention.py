@@ -3,7 +3,6 @@ causal, full and DALL·E's row / column / conv masks; KV-cache decoding equals t
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -15,18 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pixelgen.nn.attention import MultiHeadAttention, dot_product_attention
-from pixelgen.nn.block_sparse import block_sparse_attention, make_plan
+from pixelgen.nn.block_sparse import block_sparse_attention, make_tiling
 from pixelgen.nn.masks import CAUSAL, FULL, MaskSpec, dalle_mask_spec
-
-
-@dataclasses.dataclass(frozen=True)
-class Banded:
-    """A causal local window: exercises groups of several query blocks and key gathers."""
-    window: int
-
-    def dense(self, length: int) -> np.ndarray:
-        i, j = np.arange(length)[:, None], np.arange(length)[None]
-        return (j <= i) & (i - j < self.window)
 
 
 def _qkv(length, seed=0, b=2, h=2, d=8):
@@ -38,35 +27,36 @@ def _dense(q, k, v, mask):
     return dot_product_attention(q, k, v, jnp.asarray(mask.dense(q.shape[1]))[None, None])
 
 
-@pytest.mark.parametrize('mask', [CAUSAL, FULL, Banded(6)], ids=['causal', 'full', 'banded'])
-@pytest.mark.parametrize('length,block', [(16, 4), (37, 8), (5, 8), (24, 24)])
-def test_block_sparse_equals_dense(mask, length, block):
+# Causal trees: lengths that are and are not leaf · 2^L (padded), one leaf, and many levels.
+@pytest.mark.parametrize('length,block', [(16, 4), (37, 8), (5, 8), (24, 24), (64, 2)])
+def test_causal_tree_equals_dense(length, block):
     q, k, v = _qkv(length)
-    fast = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, mask, block))(q, k, v)
-    np.testing.assert_allclose(fast, _dense(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    fast = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, CAUSAL, block))(q, k, v)
+    np.testing.assert_allclose(fast, _dense(q, k, v, CAUSAL), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('mask', [CAUSAL, Banded(5)], ids=['causal', 'banded'])
-def test_block_sparse_gradients_equal_dense(mask):
-    q, k, v = _qkv(20, seed=1)
+@pytest.mark.parametrize('length,block', [(20, 4), (33, 8)])
+def test_causal_tree_gradients_equal_dense(length, block):
+    q, k, v = _qkv(length, seed=1)
     weights = jax.random.normal(jax.random.PRNGKey(9), q.shape)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
 
-    fast = jax.grad(loss(lambda q, k, v: block_sparse_attention(q, k, v, mask, 4)),
+    fast = jax.grad(loss(lambda q, k, v: block_sparse_attention(q, k, v, CAUSAL, block)),
                     argnums=(0, 1, 2))(q, k, v)
-    slow = jax.grad(loss(lambda q, k, v: _dense(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+    slow = jax.grad(loss(lambda q, k, v: _dense(q, k, v, CAUSAL)), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_plan_skips_masked_blocks():
-    assert make_plan(FULL, 64, 8).density == 1.0
-    assert make_plan(CAUSAL, 64, 8).density == pytest.approx((8 + 1) / (2 * 8))
-    banded = make_plan(Banded(8), 64, 8)
-    assert banded.density == pytest.approx(2 / 8 - 1 / 64)  # two blocks per row but the first
-    assert max(len(g.query_blocks) for g in banded.groups) == 7  # one batched group
+def test_causal_tree_skips_the_upper_triangle():
+    tree = make_tiling(CAUSAL, 64, 8)  # 8 leaves of 8, 3 levels of halves
+    assert (tree.padded, tree.block_size, len(tree.tiles)) == (64, 8, 4)
+    assert tree.computed == 8 * 8 * 8 + 32 * 32 + 2 * 16 * 16 + 4 * 8 * 8
+    assert tree.density == pytest.approx((64 * 64 / 2 + 64 * 8 / 2) / 64 ** 2)
+    assert make_tiling(CAUSAL, 1000, 64).padded == 1008  # 16 leaves of 63
+    assert make_tiling(FULL, 64, 8) is None               # nothing to skip
 
 
 def test_module_implementations_agree():
@@ -82,9 +72,13 @@ def test_module_implementations_agree():
 
 
 def test_block_sparse_only_where_it_pays_off():
-    assert make_plan(CAUSAL, 1024, 128).pays_off      # 56% of dense
-    assert not make_plan(CAUSAL, 400, 128).pays_off   # padding eats the saving
-    assert not make_plan(FULL, 1024, 128).pays_off    # nothing to skip
+    def layer(mask, block):
+        return MultiHeadAttention(16, 2, mask=mask, num_layers=1, block_size=block,
+                                  rngs=nnx.Rngs(0))
+    assert layer(CAUSAL, 64).tiling(1024).density < 0.54       # half, plus the leaves
+    assert layer(CAUSAL, 128).tiling(100) is None               # one leaf: no skipping
+    assert layer(FULL, 64).tiling(1024) is None                 # nothing to skip
+    assert layer(DALLE_SPECS['row'], 64).tiling(40) is None     # not T + W²: dense
 
 
 # DALL·E masks at tiny T and W: the real 11-wide conv window on an 8-wide grid, and a 3-wide
@@ -140,13 +134,16 @@ def test_no_query_sees_a_future_or_disallowed_key(name, block, query, seed):
     np.testing.assert_array_equal(attention(q, k, v)[:, query], attention(q, k2, v2)[:, query])
 
 
-def test_column_plan_uses_the_transpose_trick():
-    # In raster order the column mask touches every earlier image block; column-major, only
-    # the text and the diagonal block: at T=256, W=32 the plan is as sparse as the row one.
-    column, row = (make_plan(dalle_mask_spec(kind, 256, 32), 1280, 64) for kind in
-                   ('column', 'row'))
-    assert column.density < 0.23 and row.density < 0.27
-    causal = make_plan(dalle_mask_spec('causal', 256, 32), 1280, 64)
+def test_dalle_tilings_read_only_the_band():
+    # Column-major, a column layer's image rows read only themselves (the transpose trick);
+    # row layers read the row above too, conv layers the 5 rows above (11 x 11 window).
+    tilings = {kind: make_tiling(dalle_mask_spec(kind, 256, 32), 1280)
+               for kind in ('row', 'column', 'conv')}
+    assert [t.tiles[-1].keys.offsets for t in tilings.values()] == [
+        (0, 1), (0,), (0, 1, 2, 3, 4, 5)]
+    assert tilings['column'].density < 0.23 and tilings['row'].density < 0.25
+    assert tilings['conv'].density < 0.33
+    causal = make_tiling(dalle_mask_spec('causal', 256, 32), 1280)
     assert causal.density > 0.5
 
 

@@ -24,7 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelgen.nn.block_sparse import block_sparse_attention, default_block_size, make_plan
+from pixelgen.nn.block_sparse import (
+    DEFAULT_CAUSAL_BLOCK,
+    Tiling,
+    block_sparse_attention,
+    make_tiling,
+)
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.splash import DEFAULT_BLOCK_SIZE as SPLASH_BLOCK_SIZE
 from pixelgen.nn.splash import check_block_size, splash_attention
@@ -138,8 +143,9 @@ class MultiHeadAttention(nnx.Module):
           attention_impl: one of IMPLEMENTATIONS (see the module docstring); 'block_sparse'
             computes only the blocks the mask allows where that saves at least a quarter of
             the work, else dense. 'auto' is resolved here, once, for this machine.
-          block_size: query/key block size of 'block_sparse' (None: `default_block_size`)
-            and of 'splash' (a multiple of 128; None: 128).
+          block_size: the causal tree's leaf size for 'block_sparse' (None:
+            `DEFAULT_CAUSAL_BLOCK`; DALL·E layers tile by image rows) and the block size of
+            'splash' (a multiple of 128; None: 128).
           rngs: parameter rngs.
         """
         if width % num_heads:
@@ -158,7 +164,7 @@ class MultiHeadAttention(nnx.Module):
             self.block_size = block_size or SPLASH_BLOCK_SIZE
             check_block_size(self.block_size)
         else:
-            self.block_size = block_size or default_block_size(mask)
+            self.block_size = block_size or DEFAULT_CAUSAL_BLOCK
         qkv_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width)),
                                 ('embed', 'heads', 'kv'))
         out_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width * num_layers)),
@@ -197,11 +203,16 @@ class MultiHeadAttention(nnx.Module):
         if self.attention_impl == 'cudnn':  # same layout [b, l, heads, head_dim] and scale
             return jax.nn.dot_product_attention(q, k, v, is_causal=self.mask.kind == 'causal',
                                                 implementation='cudnn')
-        if (self.attention_impl == 'block_sparse'
-                and make_plan(self.mask, length, min(self.block_size, length)).pays_off):
+        if self.attention_impl == 'block_sparse' and self.tiling(length) is not None:
             return block_sparse_attention(q, k, v, self.mask, self.block_size)
         mask = jnp.asarray(self.mask.dense(length))[None, None]  # [1, 1, l, l]
         return dot_product_attention(q, k, v, mask)
+
+    def tiling(self, length: int) -> Tiling | None:
+        """The block-sparse tiling this layer computes at `length`, or None where it computes
+        densely (no tiling, or one that would not save enough to pay for its smaller ops)."""
+        tiling = make_tiling(self.mask, length, self.block_size)
+        return tiling if tiling is not None and tiling.pays_off else None
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
         """Empty KV cache: k, v [batch, heads, max_length, head_dim] in the compute dtype.

@@ -1,26 +1,28 @@
-"""Block-sparse attention: compute only the (query block, key block) pairs a mask allows.
+"""Block-sparse attention: the allowed logits as a few batched rectangles of equal shape.
 
-A mask [n, n] is cut into blocks of `block_size` queries × `block_size` keys. Every query
-block needs the key blocks that hold at least one allowed entry; query blocks that need the
-same number of key blocks form a group, computed by batched einsums. Causal attention then
-costs about half of dense, and DALL·E's row / column / conv layers cost O(n · (text + window))
-instead of O(n²). The plan is plain numpy, made once at trace time from the dense mask, so every
-layer kind uses the same code.
+A *tiling* covers every allowed (query, key) pair of a mask with tile sets. A tile set is G
+equal rectangles of M queries × K keys, read out of q, k, v by reshapes and slices and computed
+by one batched matmul, so the work skips the masked blocks while every op stays large:
 
-Within a group the key blocks come in parts (`KeyPart`):
-- shared: read by every query block of the group (DALL·E's text prefix, or everything when the
-  group is one query block). Their logits are one einsum of the whole group against those keys,
-  with no copies. Shared blocks that every query may fully see skip the mask altogether.
-- banded: query block i reads key block i + offset (DALL·E's local window). Each offset is one
-  slice of the key blocks; other patterns fall back to a gather.
-Slices and broadcasts keep the backward pass free of scatters, which are slow on CPU.
+- causal, n = bs · 2^L (Image GPT, CLIP's text): a binary tree. The masked diagonal blocks
+  [2^L, bs, bs] are one tile set; at level l the second half of each of the 2^l segments sees
+  the first half densely ([2^l, n/2^(l+1), n/2^(l+1)], no mask). About n²/2 + n·bs/2 logits in
+  L + 1 tile sets, where one set per query block would need 2^L of them.
+- DALL·E's row / column / conv at T + W² tokens: the text queries see the text causally
+  ([1, T, T]); the image, one tile per image row of W queries, sees all T text keys (shared,
+  no mask) and the few image rows its window reaches (row: the row above and its own; conv:
+  the 5 rows above and its own), gathered as one [W, O·W] band per row. Column layers first put
+  the image in column-major order (the paper's transpose trick), where their band is the
+  row's own W keys with a causal mask.
 
-Column layers use the paper's transpose trick: the image is put in column-major order, where
-the column mask becomes lower-triangular W × W blocks on the diagonal (`column_major_order`).
-
-Within a group each query row sees all its keys at once (one softmax over all parts: a shared
-maximum and normaliser), so an exact softmax needs no online rescaling; memory for the logits is
-the sum over groups, not n².
+Each tile set has its own softmax statistics (max m, sum l); the sets are merged per query by
+their log-sum-exps, as flash attention merges key blocks. The backward pass is written by hand
+(`jax.custom_vjp`): it keeps the exponentials of the forward pass and computes key and value
+gradients as Q^T·dS rather than dS^T·Q, so the large [.., M, K] operand is read in the layout
+it was written in. Autodiff of the same forward pass stored those transposed and summed per-
+block pieces in strided fusions, which cost XLA:CPU more than the matmuls
+(`benchmarks/README.md`). Masks without a tiling (full, DALL·E kinds at other lengths) and
+sequences too short for skipping to pay are computed densely by `attention.py`.
 """
 
 from __future__ import annotations
@@ -37,176 +39,285 @@ from pixelgen.nn.masks import MaskSpec
 
 # Finite, so a fully masked row gives a uniform average rather than NaN (as the dense path).
 MASK_VALUE = -1e10
+DEFAULT_CAUSAL_BLOCK = 64  # tree leaves; 64 and 128 ran alike at 1024 tokens on a 2-core CPU
+
+
+# Views: how a tile set reads its queries or keys out of [b, h, n, ...] and puts them back ---
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """`count` consecutive blocks of `size` positions from `start`: [b, h, count, size, ...]."""
+    start: int
+    count: int
+    size: int
+
+    def read(self, x: jax.Array) -> jax.Array:
+        part = jax.lax.slice_in_dim(x, self.start, self.start + self.count * self.size, axis=2)
+        return part.reshape(*x.shape[:2], self.count, self.size, *x.shape[3:])
+
+    def place(self, y: jax.Array, n: int, fill: float = 0.0) -> jax.Array:
+        """The adjoint of `read` (with `fill` elsewhere): [b, h, n, ...]."""
+        flat = y.reshape(*y.shape[:2], self.count * self.size, *y.shape[4:])
+        end = n - self.start - self.count * self.size
+        return jnp.pad(flat, [(0, 0), (0, 0), (self.start, end)] + [(0, 0)] * (y.ndim - 4),
+                       constant_values=fill)
 
 
 @dataclasses.dataclass(frozen=True)
-class KeyPart:
-    """Key blocks that a group of query blocks reads the same way.
+class Halves:
+    """One half (`half` 0 or 1) of each of the 2^level equal segments: [b, h, 2^level, S, ...]."""
+    level: int
+    half: int
 
-    blocks: int [s] (shared: every query block of the group reads these) or int [g, m] (query
-            block i reads row i).
-    mask:   bool [g, bq, s*bk or m*bk], the element mask over those keys; None where every
-            entry is allowed (no masking work at all).
-    """
-    blocks: np.ndarray
+    def read(self, x: jax.Array) -> jax.Array:
+        segments = 2 ** self.level
+        split = x.reshape(*x.shape[:2], segments, 2, x.shape[2] // (2 * segments), *x.shape[3:])
+        return split[:, :, :, self.half]
+
+    def place(self, y: jax.Array, n: int, fill: float = 0.0) -> jax.Array:
+        other = jnp.full_like(y, fill)
+        pair = (y, other) if self.half == 0 else (other, y)
+        return jnp.stack(pair, axis=3).reshape(*y.shape[:2], n, *y.shape[4:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+    """Keys that every tile reads (DALL·E's text prefix): [b, h, length, ...]."""
+    start: int
+    length: int
+
+    def read(self, x: jax.Array) -> jax.Array:
+        return jax.lax.slice_in_dim(x, self.start, self.start + self.length, axis=2)
+
+    def place(self, y: jax.Array, n: int) -> jax.Array:
+        end = n - self.start - self.length
+        return jnp.pad(y, [(0, 0), (0, 0), (self.start, end)] + [(0, 0)] * (y.ndim - 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """For each of `count` blocks r of `size` from `start`, blocks r - o for o in `offsets`
+    side by side (zeros before the first): [b, h, count, len(offsets) · size, ...]."""
+    start: int
+    count: int
+    size: int
+    offsets: tuple[int, ...]
+
+    def read(self, x: jax.Array) -> jax.Array:
+        blocks = Blocks(self.start, self.count, self.size).read(x)
+        reach = max(self.offsets)
+        padded = jnp.pad(blocks, [(0, 0), (0, 0), (reach, 0)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.concatenate([padded[:, :, reach - o:reach - o + self.count]
+                                for o in self.offsets], axis=3)
+
+    def place(self, y: jax.Array, n: int) -> jax.Array:
+        """Sums each block's contributions from the rows that read it (the adjoint of read)."""
+        pieces = jnp.split(y, len(self.offsets), axis=3)
+        total = 0
+        for o, piece in zip(self.offsets, pieces, strict=True):
+            shifted = piece[:, :, o:]  # row r's keys are block r - o
+            total = total + jnp.pad(shifted, [(0, 0), (0, 0), (0, o)]
+                                    + [(0, 0)] * (y.ndim - 3))
+        return Blocks(self.start, self.count, self.size).place(total, n)
+
+
+View = Blocks | Halves | Shared | Band
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TileSet:
+    """G rectangles: queries [b, h, G, M, d] × keys [b, h, G, K, d] (or [b, h, K, d] when
+    shared). mask: bool broadcastable to [G, M, K]; None where every pair is allowed."""
+    queries: Blocks | Halves
+    keys: View
     mask: np.ndarray | None
 
     @property
     def shared(self) -> bool:
-        return self.blocks.ndim == 1
+        return isinstance(self.keys, Shared)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockGroup:
-    """Query blocks (int [g]) that attend to the same number of key blocks, in parts."""
-    query_blocks: np.ndarray
-    parts: tuple[KeyPart, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockPlan:
-    length: int
-    padded: int
-    block_size: int
-    groups: tuple[BlockGroup, ...]
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tiling:
+    """The tile sets of one mask at one (padded) length, and what they cost."""
+    kind: str
+    length: int       # the sequence length asked for
+    padded: int       # what the tiles cover (causal trees pad to bs · 2^L)
+    block_size: int   # tree leaves (causal) or image rows (DALL·E)
+    tiles: tuple[TileSet, ...]
+    computed: int     # logits per (batch, head), masked ones included
 
     @property
     def density(self) -> float:
-        """Fraction of the padded [n, n] logits that the plan computes."""
-        return self.computed / (self.padded * self.padded)
-
-    @property
-    def computed(self) -> int:
-        """Logits the plan computes (padding included)."""
-        return sum(len(g.query_blocks) * self.block_size ** 2 * p.blocks.shape[-1]
-                   for g in self.groups for p in g.parts)
+        """Fraction of the [length, length] logits of dense attention that the tiles compute."""
+        return self.computed / (self.length * self.length)
 
     @property
     def pays_off(self) -> bool:
-        """Whether skipping blocks saves enough over dense [length, length] attention to beat
-        its extra gathers and smaller matmuls (short sequences and full masks do not)."""
+        """Whether skipping saves enough over dense attention to beat its extra, smaller ops
+        (short sequences, and nearly full masks, do not)."""
         return self.computed <= 0.75 * self.length * self.length
 
 
+# Tilings ------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
-def make_plan(mask: MaskSpec, length: int, block_size: int) -> BlockPlan:
-    """The block plan of `mask` at `length` (cached: every layer and step reuses it)."""
-    nb = math.ceil(length / block_size)
-    padded = nb * block_size
-    dense = np.zeros((padded, padded), bool)
-    dense[:length, :length] = mask.dense(length)
-    if _column_major(mask, length):  # the plan sees the mask in the order it is computed in
-        order = column_major_order(mask.text_len, mask.grid_width)
-        dense[:length, :length] = dense[np.ix_(order, order)]
-    blocks = dense.reshape(nb, block_size, nb, block_size)
-    needed = blocks.any(axis=(1, 3))  # [nq, nk]
-    needed[:, 0] |= ~needed.any(axis=1)  # padding query blocks still read one block
-    by_count: dict[int, list[int]] = {}
-    for qb in range(nb):
-        by_count.setdefault(int(needed[qb].sum()), []).append(qb)
-    groups = []
-    for _, query_blocks in sorted(by_count.items()):
-        query_blocks = np.asarray(query_blocks)
-        reads = needed[query_blocks]  # [g, nb]
-        shared = np.flatnonzero(reads.all(axis=0))
-        full = blocks[query_blocks][:, :, shared].all(axis=(0, 1, 3))  # [s] no mask needed
-        own = reads.copy()
-        own[:, shared] = False
-        per_block = np.stack([np.flatnonzero(row) for row in own])  # [g, m]
-        parts = [KeyPart(shared[full], None),
-                 KeyPart(shared[~full], _element_mask(blocks, query_blocks, shared[~full])),
-                 KeyPart(per_block, _element_mask(blocks, query_blocks, per_block))]
-        groups.append(BlockGroup(query_blocks, tuple(p for p in parts if p.blocks.size)))
-    return BlockPlan(length, padded, block_size, tuple(groups))
+def make_tiling(mask: MaskSpec, length: int, block_size: int = DEFAULT_CAUSAL_BLOCK
+                ) -> Tiling | None:
+    """The tiling of `mask` at `length`, or None where there is none (full masks, DALL·E kinds
+    at a length other than T + W²). `block_size` sets the causal tree's leaves (about that
+    many positions); DALL·E tiles by image rows. Cached: every layer and step reuses it."""
+    if mask.kind == 'causal':
+        return _causal_tree(length, block_size)
+    if mask.is_dalle and length == mask.sequence_length:
+        return _dalle_band(mask)
+    return None
 
 
-def _element_mask(blocks: np.ndarray, query_blocks: np.ndarray,
-                  key_blocks: np.ndarray) -> np.ndarray:
-    """bool [g, bs, m*bs]: blocks [nq, bs, nk, bs] at the key blocks ([m] or [g, m]) of each
-    query block."""
-    g, bs = len(query_blocks), blocks.shape[1]
-    keys = np.broadcast_to(key_blocks, (g, key_blocks.shape[-1]))
-    return np.stack([blocks[qb][:, keys[i]].reshape(bs, -1)
-                     for i, qb in enumerate(query_blocks)])
+def _causal_tree(length: int, block_size: int) -> Tiling:
+    levels = max(0, math.ceil(math.log2(max(length / max(block_size, 1), 1))))
+    leaf = math.ceil(length / 2 ** levels)
+    padded = leaf * 2 ** levels  # padding keys lie in every real query's future
+    tiles = [TileSet(Blocks(0, 2 ** levels, leaf), Blocks(0, 2 ** levels, leaf),
+                     np.tril(np.ones((leaf, leaf), bool)))]
+    tiles += [TileSet(Halves(level, 1), Halves(level, 0), None) for level in range(levels)]
+    half_rectangles = sum(2 ** level * (padded // 2 ** (level + 1)) ** 2
+                          for level in range(levels))
+    return Tiling('causal', length, padded, leaf, tuple(tiles),
+                  2 ** levels * leaf * leaf + half_rectangles)
 
 
+def _dalle_band(mask: MaskSpec) -> Tiling:
+    """Text causal; each image row reads all text and its band of image rows. The band's
+    offsets and masks are read off the dense mask (in column-major order for column layers),
+    and the tiles are checked to cover exactly the allowed pairs. (Tiles of 2 or 4 rows, with
+    larger matmuls but more masked logits, ran 15-40% slower at T = 256, W = 32.)"""
+    t, w = mask.text_len, mask.grid_width
+    n = mask.sequence_length
+    size, count = w, w
+    dense = mask.dense(n)
+    if mask.column_major(n):
+        order = column_major_order(t, w)
+        dense = dense[np.ix_(order, order)]
+    image = dense[t:, t:].reshape(count, size, count, size)  # [query block, query, key block, key]
+    offsets = tuple(o for o in range(count)
+                    if any(image[r, :, r - o].any() for r in range(o, count)))
+    band = np.zeros((count, size, len(offsets), size), bool)
+    for i, o in enumerate(offsets):
+        band[o:, :, i] = image[np.arange(o, count), :, np.arange(0, count - o)]
+    causal_text = np.tril(np.ones((t, t), bool))
+    if not (dense[t:, :t].all() and np.array_equal(dense[:t, :t], causal_text)
+            and not dense[:t, t:].any() and band.sum() == image.sum()):
+        raise ValueError(f'MaskSpec({mask.kind!r}) does not have the text + image band shape '
+                         "this tiling needs; use attention_impl='dense'.")
+    tiles = [TileSet(Blocks(t, count, size), Band(t, count, size, offsets),
+                     band.reshape(count, size, -1))]
+    if t:
+        tiles = [TileSet(Blocks(0, 1, t), Blocks(0, 1, t), causal_text),
+                 TileSet(Blocks(t, count, size), Shared(0, t), None), *tiles]
+    return Tiling(mask.kind, n, n, size, tuple(tiles),
+                  t * t + w * w * (t + len(offsets) * size))
+
+
+# The attention ------------------------------------------------------------------------------
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec,
-                           block_size: int = 128) -> jax.Array:
-    """Self-attention over the allowed blocks of `mask`.
+                           block_size: int = DEFAULT_CAUSAL_BLOCK) -> jax.Array:
+    """Self-attention over the tiles of `mask` (which must have a tiling, `make_tiling`).
 
     Args:
-      q, k, v: [batch, length, heads, head_dim] (self-attention: one length).
+      q, k, v: [batch, length, heads, head_dim].
       mask: the layer's mask description.
-      block_size: queries (and keys) per block; need not divide the length (it is padded).
+      block_size: the causal tree's leaf size (DALL·E layers tile by image rows).
     Returns:
       [batch, length, heads, head_dim] in q's dtype; equal to dense masked attention.
     """
     b, n, h, d = q.shape
-    plan = make_plan(mask, n, min(block_size, n))
-    transpose = _column_major(mask, n)
+    tiling = make_tiling(mask, n, block_size)
+    if tiling is None:
+        raise ValueError(f'MaskSpec({mask.kind!r}) at length {n} has no block-sparse tiling; '
+                         "compute it densely (attention_impl='dense').")
+    transpose = mask.is_dalle and mask.column_major(n)
     if transpose:
         q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
-    bs, nb = plan.block_size, plan.padded // plan.block_size
-    if plan.padded != n:
-        pad = [(0, 0), (0, plan.padded - n), (0, 0), (0, 0)]
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    # Heads first, so every tile product is a plain batched matmul over the last two axes.
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    if tiling.padded != n:
+        pad = [(0, 0), (0, 0), (0, tiling.padded - n), (0, 0)]
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    # Heads first, so every block product is a plain batched matmul over the last two axes.
-    qb, kb, vb = (x.transpose(0, 2, 1, 3).reshape(b, h, nb, bs, d) for x in (q, k, v))
-    qb = qb * jnp.asarray(1.0 / math.sqrt(d), qb.dtype)
-    outputs, order = [], []
-    for group in plan.groups:
-        g = len(group.query_blocks)
-        qg = _read_blocks(qb, group.query_blocks[:, None])[:, :, :, 0]   # [b, h, g, bs, d]
-        logits, values, specs = [], [], []
-        for part in group.parts:
-            if part.shared:  # keys [b, h, s*bs, d], one einsum for the whole group
-                keys, vals = (_read_shared(x, part.blocks) for x in (kb, vb))
-                spec = 'bhkd'
-            else:  # keys [b, h, g, m*bs, d]
-                keys, vals = (_read_blocks(x, part.blocks).reshape(b, h, g, -1, d)
-                              for x in (kb, vb))
-                spec = 'bhgkd'
-            part_logits = jnp.einsum(f'bhgqd,{spec}->bhgqk', qg, keys,
-                                     preferred_element_type=jnp.float32)
-            if part.mask is not None:  # mask [g, bs, keys] broadcasts
-                part_logits = jnp.where(part.mask, part_logits, MASK_VALUE)
-            logits.append(part_logits)
-            values.append(vals)
-            specs.append(spec)
-        # One softmax over all parts: a shared max, and the normaliser applied after the
-        # value products ([.., bs, d] rather than [.., bs, keys] divisions).
-        top = jax.lax.stop_gradient(
-            functools.reduce(jnp.maximum, [x.max(axis=-1, keepdims=True) for x in logits]))
-        weights = [jnp.exp(x - top) for x in logits]
-        total = sum(w.sum(axis=-1, keepdims=True) for w in weights)  # [b, h, g, bs, 1]
-        out = sum(jnp.einsum(f'bhgqk,{spec}->bhgqd', w.astype(v.dtype), vals,
-                             preferred_element_type=jnp.float32)
-                  for w, vals, spec in zip(weights, values, specs, strict=True))
-        outputs.append((out / total).astype(q.dtype))
-        order.extend(group.query_blocks.tolist())
-    out = jnp.concatenate(outputs, axis=2) if len(outputs) > 1 else outputs[0]
-    if order != sorted(order):
-        out = out[:, :, np.argsort(order)]  # back to query-block order
-    out = out.reshape(b, h, plan.padded, d).transpose(0, 2, 1, 3)[:, :n]
+    out = _tiled_attention(tiling, q, k, v)[:, :, :n].transpose(0, 2, 1, 3)
     return transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
 
 
-def default_block_size(mask: MaskSpec) -> int:
-    """The block size that ran fastest on a 2-core CPU (forward + backward): 128 for causal
-    Image GPT at 1024 tokens, 64 for DALL·E's row, column and conv layers at 1280 tokens
-    (T = 256, W = 32; 32 was as fast for row and conv on an idle machine, slower under load)."""
-    return 64 if mask.is_dalle else 128
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tiled_attention(tiling: Tiling, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention over `tiling`'s tiles; q (pre-scaled), k, v [b, h, padded, d]."""
+    return _forward(tiling, q, k, v)[0]
 
 
+def _spec(tiles: TileSet) -> str:
+    return 'bhkd' if tiles.shared else 'bhgkd'
+
+
+def _logits(tiles: TileSet, q: jax.Array, k: jax.Array) -> jax.Array:
+    s = jnp.einsum(f'bhgqd,{_spec(tiles)}->bhgqk', tiles.queries.read(q), tiles.keys.read(k),
+                   preferred_element_type=jnp.float32)
+    return s if tiles.mask is None else jnp.where(tiles.mask, s, MASK_VALUE)
+
+
+def _forward(tiling: Tiling, q, k, v):
+    n = q.shape[2]
+    partial, lse = [], None
+    for tiles in tiling.tiles:
+        s = _logits(tiles, q, k)                                        # [b, h, G, M, K]
+        m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
+        e = jnp.exp(s - m)
+        o = jnp.einsum(f'bhgqk,{_spec(tiles)}->bhgqd', e.astype(v.dtype), tiles.keys.read(v),
+                       preferred_element_type=jnp.float32)               # unnormalised
+        tile_lse = tiles.queries.place(m + jnp.log(e.sum(axis=-1, keepdims=True)), n,
+                                       fill=MASK_VALUE)                 # [b, h, n, 1]
+        lse = tile_lse if lse is None else jnp.logaddexp(lse, tile_lse)
+        partial.append((e, m, o))
+    out = sum(tiles.queries.place(o * jnp.exp(m - tiles.queries.read(lse)), n)
+              for tiles, (_, m, o) in zip(tiling.tiles, partial, strict=True))
+    out = out.astype(q.dtype)
+    exps = tuple((e, m) for e, m, _ in partial)
+    return out, (q, k, v, out, lse, exps)
+
+
+def _backward(tiling: Tiling, residuals, d_out):
+    q, k, v, out, lse, exps = residuals
+    n = q.shape[2]
+    d_out = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True)  # [b, h, n, 1]
+    dq = dk = dv = 0.0
+    for tiles, (e, m) in zip(tiling.tiles, exps, strict=True):
+        rows, keys, spec = tiles.queries, tiles.keys, _spec(tiles)
+        scale = jnp.exp(m - rows.read(lse))       # [b, h, G, M, 1]: P = e · scale
+        d_rows = rows.read(d_out)                 # [b, h, G, M, d]
+        dp = jnp.einsum(f'bhgqd,{spec}->bhgqk', d_rows.astype(v.dtype), keys.read(v),
+                        preferred_element_type=jnp.float32)
+        ds = e * (dp - rows.read(delta)) * scale  # dS = P ⊙ (dP − rowsum(dO ⊙ O))
+        dq = dq + rows.place(jnp.einsum(f'bhgqk,{spec}->bhgqd', ds.astype(k.dtype),
+                                        keys.read(k), preferred_element_type=jnp.float32), n)
+        # Q^T·dS, not dS^T·Q: the big [.., M, K] operand keeps the layout it was written in.
+        reduce = 'bhdk' if tiles.shared else 'bhgdk'
+        dk_tiles = jnp.einsum(f'bhgqd,bhgqk->{reduce}', rows.read(q), ds.astype(q.dtype),
+                              preferred_element_type=jnp.float32)
+        dv_tiles = jnp.einsum(f'bhgqd,bhgqk->{reduce}', (d_rows * scale).astype(v.dtype),
+                              e.astype(v.dtype), preferred_element_type=jnp.float32)
+        dk = dk + keys.place(dk_tiles.swapaxes(-1, -2), n)
+        dv = dv + keys.place(dv_tiles.swapaxes(-1, -2), n)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_tiled_attention.defvjp(_forward, _backward)
+
+
+# Column-major image order (the paper's transpose trick; splash uses it too) ----------------
 def column_major_order(text_len: int, grid_width: int) -> np.ndarray:
     """int [T + W²]: position k of the column-major sequence holds raster position order[k]
     (text first, unchanged; then the image read column by column)."""
     image = np.arange(grid_width ** 2).reshape(grid_width, grid_width).T.reshape(-1)
     return np.concatenate([np.arange(text_len), text_len + image])
-
-
-def _column_major(mask: MaskSpec, length: int) -> bool:
-    return isinstance(mask, MaskSpec) and mask.column_major(length)
 
 
 def transpose_image(x: jax.Array, text_len: int, grid_width: int) -> jax.Array:
@@ -215,30 +326,3 @@ def transpose_image(x: jax.Array, text_len: int, grid_width: int) -> jax.Array:
     image = x[:, text_len:].reshape(x.shape[0], grid_width, grid_width, *x.shape[2:])
     image = image.swapaxes(1, 2).reshape(x.shape[0], grid_width ** 2, *x.shape[2:])
     return jnp.concatenate([x[:, :text_len], image], axis=1)
-
-
-def _read_shared(x: jax.Array, blocks: np.ndarray) -> jax.Array:
-    """x [b, h, nb, bs, d], blocks int [s] -> [b, h, s*bs, d]; a slice if contiguous."""
-    b, h, _, bs, d = x.shape
-    start = int(blocks[0])
-    if np.array_equal(blocks, start + np.arange(len(blocks))):
-        picked = jax.lax.slice_in_dim(x, start, start + len(blocks), axis=2)
-    else:
-        picked = x[:, :, blocks]
-    return picked.reshape(b, h, len(blocks) * bs, d)
-
-
-def _read_blocks(x: jax.Array, blocks: np.ndarray) -> jax.Array:
-    """x [b, h, nb, bs, d], blocks int [g, m] -> [b, h, g, m, bs, d].
-
-    Column j is one slice when blocks[:, j] counts up by one (a band: query block i reads
-    i + offset), else a gather."""
-    g, _ = blocks.shape
-    columns = []
-    for column in blocks.T:
-        start = int(column[0])
-        if np.array_equal(column, start + np.arange(g)):
-            columns.append(jax.lax.slice_in_dim(x, start, start + g, axis=2))
-        else:
-            columns.append(x[:, :, column])
-    return jnp.stack(columns, axis=3)
