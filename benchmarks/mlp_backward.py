@@ -16,10 +16,14 @@ import json
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
+from pixelgen import host_memory
 
-from pixelgen.nn.transformer import ACTIVATIONS, mlp
+host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pixelgen.nn.transformer import ACTIVATIONS, mlp  # noqa: E402
 
 
 def autodiff_mlp(x, w_in, w_out):
