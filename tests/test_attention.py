@@ -50,6 +50,51 @@ def test_causal_tree_gradients_equal_dense(length, block):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_tiles_under_remat_and_scan_give_the_dense_gradients():
+    """The hand-written backward pass also serves jax.checkpoint (remat) and lax.scan (scanned
+    layer stacks): two stacked layers' gradients equal dense attention's."""
+    layers = [_qkv(40, seed=s) for s in (3, 4)]
+    stacked = [jnp.stack(xs) for xs in zip(*layers, strict=True)]  # q, k, v [2, b, n, h, d]
+
+    def loss(attend):
+        def total(q, k, v):
+            def layer(carry, qkv):
+                return carry + jnp.sum(jax.checkpoint(attend)(*qkv) ** 2), None
+            return jax.lax.scan(layer, 0.0, (q, k, v))[0]
+        return total
+
+    fast = jax.grad(loss(lambda q, k, v: block_sparse_attention(q, k, v, CAUSAL, 8)),
+                    argnums=(0, 1, 2))(*stacked)
+    slow = jax.grad(loss(lambda q, k, v: _dense(q, k, v, CAUSAL)), argnums=(0, 1, 2))(*stacked)
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('mask', [CAUSAL, MaskSpec('row', 3, 8)], ids=['causal', 'row'])
+def test_tiles_in_bfloat16_keep_the_dtype_and_stay_close(mask):
+    n = 64 if mask.kind == 'causal' else mask.sequence_length
+    q, k, v = _qkv(n, seed=5)
+    low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+
+    def loss(q, k, v):
+        return jnp.sum(block_sparse_attention(q, k, v, mask, 8).astype(jnp.float32) ** 2)
+
+    out = block_sparse_attention(*low, mask, 8)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), _dense(q, k, v, mask), atol=3e-2)
+    grads, reference = jax.grad(loss, argnums=(0, 1, 2))(*low), jax.grad(
+        lambda q, k, v: jnp.sum(_dense(q, k, v, mask) ** 2), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, reference, strict=True):
+        assert g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(g.astype(jnp.float32), r, atol=0.1, rtol=0.05)
+
+
+def test_a_mask_without_tiles_is_refused_by_name():
+    q, k, v = _qkv(16)
+    with pytest.raises(ValueError, match=r"MaskSpec\('full'\) at length 16 has no block-sparse"):
+        block_sparse_attention(q, k, v, FULL, 8)
+
+
 def test_causal_tree_skips_the_upper_triangle():
     tree = make_tiling(CAUSAL, 64, 8)  # 8 leaves of 8, 3 levels of halves
     assert (tree.padded, tree.block_size, len(tree.tiles)) == (64, 8, 4)
