@@ -90,6 +90,21 @@ for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]:
         }
 out['reference'] = {'loss': float(ref_metrics['loss']),
                     'grad_norm': float(ref_metrics['grad_norm'])}
+
+# The same with 4-position tree leaves, so the 16 tokens take the tiled attention (custom VJP).
+from pixelgen.nn import attention
+attention.DEFAULT_CAUSAL_BLOCK = 4
+probe = ImageGPT(vocab_size=16, seq_len=16, num_layers=1, width=64, num_heads=8,
+                 rngs=nnx.Rngs(0))
+out['tiled'] = {'uses_tiles': probe.transformer.blocks[0].attn.tiling(16) is not None}
+_, tiled_metrics, _, tiled_ref = step((1, 1, 1), jax.devices()[:1])
+out['tiled']['loss_vs_dense'] = abs(float(tiled_metrics['loss']) - float(ref_metrics['loss']))
+for shape in [(8, 1, 1), (2, 2, 2), (1, 1, 8)]:
+    _, _, _, grads = step(shape, jax.devices())
+    diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))
+                                            / (np.max(np.abs(np.asarray(b))) + 1e-12)),
+                         grads, tiled_ref)
+    out['tiled'][str(shape)] = max(jax.tree.leaves(diffs))
 print('RESULT' + json.dumps(out))
 '''
 
@@ -106,6 +121,14 @@ def test_every_mesh_matches_one_device(mesh_results, shape):
     assert got['loss'] == pytest.approx(ref['loss'], rel=1e-5)
     assert got['grad_norm'] == pytest.approx(ref['grad_norm'], rel=1e-4)
     assert got['max_relative_grad_diff'] < 1e-5  # per tensor, relative to its largest entry
+
+
+def test_tiled_attention_matches_one_device_on_every_mesh(mesh_results):
+    tiled = mesh_results['tiled']
+    assert tiled['uses_tiles']
+    assert tiled['loss_vs_dense'] < 1e-5  # the same model as the dense-attention run
+    for shape in ('(8, 1, 1)', '(2, 2, 2)', '(1, 1, 8)'):
+        assert tiled[shape] < 1e-5, shape
 
 
 def test_parameters_are_sharded_as_the_rules_say(mesh_results):
