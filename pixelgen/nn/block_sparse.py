@@ -4,7 +4,7 @@ A *tiling* covers every allowed (query, key) pair of a mask with tile sets. A ti
 equal rectangles of M queries × K keys, read out of q, k, v by reshapes and slices and computed
 by one batched matmul, so the work skips the masked blocks while every op stays large:
 
-- causal, n = bs · 2^L (Image GPT, CLIP's text): a binary tree. The masked diagonal blocks
+- causal, n = bs · 2^L (Image GPT): a binary tree. The masked diagonal blocks
   [2^L, bs, bs] are one tile set; at level l the second half of each of the 2^l segments sees
   the first half densely ([2^l, n/2^(l+1), n/2^(l+1)], no mask). About n²/2 + n·bs/2 logits in
   L + 1 tile sets, where one set per query block would need 2^L of them.
@@ -139,7 +139,6 @@ class TileSet:
 @dataclasses.dataclass(frozen=True, eq=False)
 class Tiling:
     """The tile sets of one mask at one (padded) length, and what they cost."""
-    kind: str
     length: int       # the sequence length asked for
     padded: int       # what the tiles cover (causal trees pad to bs · 2^L)
     block_size: int   # tree leaves (causal) or image rows (DALL·E)
@@ -181,7 +180,7 @@ def _causal_tree(length: int, block_size: int) -> Tiling:
     tiles += [TileSet(Halves(level, 1), Halves(level, 0), None) for level in range(levels)]
     half_rectangles = sum(2 ** level * (padded // 2 ** (level + 1)) ** 2
                           for level in range(levels))
-    return Tiling('causal', length, padded, leaf, tuple(tiles),
+    return Tiling(length, padded, leaf, tuple(tiles),
                   2 ** levels * leaf * leaf + half_rectangles)
 
 
@@ -189,32 +188,28 @@ def _dalle_band(mask: MaskSpec) -> Tiling:
     """Text causal; each image row reads all text and its band of image rows. The band's
     offsets and masks are read off the dense mask (in column-major order for column layers),
     and the tiles are checked to cover exactly the allowed pairs. (Tiles of 2 or 4 rows, with
-    larger matmuls but more masked logits, ran 15-40% slower at T = 256, W = 32.)"""
+    larger matmuls but more masked logits, were slower at T = 256, W = 32.)"""
     t, w = mask.text_len, mask.grid_width
     n = mask.sequence_length
-    size, count = w, w
     dense = mask.dense(n)
     if mask.column_major(n):
         order = column_major_order(t, w)
         dense = dense[np.ix_(order, order)]
-    image = dense[t:, t:].reshape(count, size, count, size)  # [query block, query, key block, key]
-    offsets = tuple(o for o in range(count)
-                    if any(image[r, :, r - o].any() for r in range(o, count)))
-    band = np.zeros((count, size, len(offsets), size), bool)
+    image = dense[t:, t:].reshape(w, w, w, w)  # [query row, query, key row, key]
+    offsets = tuple(o for o in range(w) if any(image[r, :, r - o].any() for r in range(o, w)))
+    band = np.zeros((w, w, len(offsets), w), bool)
     for i, o in enumerate(offsets):
-        band[o:, :, i] = image[np.arange(o, count), :, np.arange(0, count - o)]
+        band[o:, :, i] = image[np.arange(o, w), :, np.arange(0, w - o)]
     causal_text = np.tril(np.ones((t, t), bool))
     if not (dense[t:, :t].all() and np.array_equal(dense[:t, :t], causal_text)
             and not dense[:t, t:].any() and band.sum() == image.sum()):
         raise ValueError(f'MaskSpec({mask.kind!r}) does not have the text + image band shape '
                          "this tiling needs; use attention_impl='dense'.")
-    tiles = [TileSet(Blocks(t, count, size), Band(t, count, size, offsets),
-                     band.reshape(count, size, -1))]
+    tiles = [TileSet(Blocks(t, w, w), Band(t, w, w, offsets), band.reshape(w, w, -1))]
     if t:
         tiles = [TileSet(Blocks(0, 1, t), Blocks(0, 1, t), causal_text),
-                 TileSet(Blocks(t, count, size), Shared(0, t), None), *tiles]
-    return Tiling(mask.kind, n, n, size, tuple(tiles),
-                  t * t + w * w * (t + len(offsets) * size))
+                 TileSet(Blocks(t, w, w), Shared(0, t), None), *tiles]
+    return Tiling(n, n, w, tuple(tiles), t * t + w * w * (t + len(offsets) * w))
 
 
 # The attention ------------------------------------------------------------------------------
@@ -268,7 +263,7 @@ def _forward(tiling: Tiling, q, k, v):
     partial, lse = [], None
     for tiles in tiling.tiles:
         s = _logits(tiles, q, k)                                        # [b, h, G, M, K]
-        m = jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))
+        m = s.max(axis=-1, keepdims=True)
         e = jnp.exp(s - m)
         o = jnp.einsum(f'bhgqk,{_spec(tiles)}->bhgqd', e.astype(v.dtype), tiles.keys.read(v),
                        preferred_element_type=jnp.float32)               # unnormalised
