@@ -293,15 +293,27 @@ def _backward(tiling: Tiling, residuals, d_out):
         ds = e * (dp - rows.read(delta)) * scale  # dS = P ⊙ (dP − rowsum(dO ⊙ O))
         dq = dq + rows.place(jnp.einsum(f'bhgqk,{spec}->bhgqd', ds.astype(k.dtype),
                                         keys.read(k), preferred_element_type=jnp.float32), n)
-        # Q^T·dS, not dS^T·Q: the big [.., M, K] operand keeps the layout it was written in.
-        reduce = 'bhdk' if tiles.shared else 'bhgdk'
-        dk_tiles = jnp.einsum(f'bhgqd,bhgqk->{reduce}', rows.read(q), ds.astype(q.dtype),
-                              preferred_element_type=jnp.float32)
-        dv_tiles = jnp.einsum(f'bhgqd,bhgqk->{reduce}', (d_rows * scale).astype(v.dtype),
-                              e.astype(v.dtype), preferred_element_type=jnp.float32)
+        dk_tiles = _queries_t_times(rows.read(q), ds.astype(q.dtype), tiles.shared)
+        dv_tiles = _queries_t_times((d_rows * scale).astype(v.dtype), e.astype(v.dtype),
+                                    tiles.shared)
         dk = dk + keys.place(dk_tiles.swapaxes(-1, -2), n)
         dv = dv + keys.place(dv_tiles.swapaxes(-1, -2), n)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _queries_t_times(a: jax.Array, b: jax.Array, shared: bool) -> jax.Array:
+    """a^T · b over a tile set's queries: a [b, h, G, M, d], b [b, h, G, M, K] -> [.., d, K]
+    (summed over G when the keys are shared).
+
+    Q^T·dS, not dS^T·Q: the big [.., M, K] operand keeps the layout it was written in. The
+    small operand is transposed explicitly, and the barriers stop XLA folding that transpose,
+    or the caller's transpose of the result, back into the dot: folded, the dot contracts its
+    left operand's major axis, which XLA:CPU hands to Eigen instead of YNNPACK, at a fraction
+    of the rate (`benchmarks/README.md`)."""
+    a_t = jax.lax.optimization_barrier(a.swapaxes(-1, -2))
+    out = 'bhdk' if shared else 'bhgdk'
+    return jax.lax.optimization_barrier(
+        jnp.einsum(f'bhgdq,bhgqk->{out}', a_t, b, preferred_element_type=jnp.float32))
 
 
 _tiled_attention.defvjp(_forward, _backward)
