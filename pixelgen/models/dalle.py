@@ -28,6 +28,7 @@ from flax import nnx
 
 from pixelgen.nn.attention import logical_init
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_layer_masks, dalle_mask_spec
+from pixelgen.nn.matmul import linear_dot_general
 from pixelgen.nn.transformer import LayerCache, Transformer, rms_norm
 from pixelgen.parallel import constrain
 
@@ -94,7 +95,7 @@ class DallE(nnx.Module):
 
         def head(vocab):  # zero-initialised like Image GPT's: the first loss is log(vocab)
             return nnx.Linear(width, vocab, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                              preferred_element_type=jnp.float32,
+                              preferred_element_type=jnp.float32, dot_general=linear_dot_general,
                               kernel_init=logical_init(nnx.initializers.zeros,
                                                        ('embed', 'vocab')), rngs=rngs)
         self.text_head = head(text_vocab_size)

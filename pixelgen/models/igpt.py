@@ -26,6 +26,7 @@ from flax import nnx
 
 from pixelgen.nn.attention import logical_init
 from pixelgen.nn.masks import CAUSAL, FULL
+from pixelgen.nn.matmul import linear_dot_general
 from pixelgen.nn.transformer import Cache, Transformer, rms_norm
 from pixelgen.parallel import constrain
 
@@ -110,7 +111,7 @@ class ImageGPT(nnx.Module):
         self.ln_f = rms_norm(width, dtype, rngs)
         self.head = nnx.Linear(
             width, vocab_size, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-            preferred_element_type=jnp.float32,
+            preferred_element_type=jnp.float32, dot_general=linear_dot_general,
             kernel_init=logical_init(nnx.initializers.zeros, ('embed', 'vocab')), rngs=rngs)
         self.clf = nnx.Linear(  # zero-initialised like openai/image-gpt's wclf
             width, num_classes, use_bias=False, dtype=dtype, param_dtype=jnp.float32,

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pixelgen.nn.masks import MaskSpec
+from pixelgen.nn.matmul import rows_t_times
 
 # Finite, so a fully masked row gives a uniform average rather than NaN (as the dense path).
 MASK_VALUE = -1e10
@@ -303,17 +304,12 @@ def _backward(tiling: Tiling, residuals, d_out):
 
 def _queries_t_times(a: jax.Array, b: jax.Array, shared: bool) -> jax.Array:
     """a^T · b over a tile set's queries: a [b, h, G, M, d], b [b, h, G, M, K] -> [.., d, K]
-    (summed over G when the keys are shared).
-
-    Q^T·dS, not dS^T·Q: the big [.., M, K] operand keeps the layout it was written in. The
-    small operand is transposed explicitly, and the barriers stop XLA folding that transpose,
-    or the caller's transpose of the result, back into the dot: folded, the dot contracts its
-    left operand's major axis, which XLA:CPU hands to Eigen instead of YNNPACK, at a fraction
-    of the rate (`benchmarks/README.md`)."""
-    a_t = jax.lax.optimization_barrier(a.swapaxes(-1, -2))
-    out = 'bhdk' if shared else 'bhgdk'
-    return jax.lax.optimization_barrier(
-        jnp.einsum(f'bhgdq,bhgqk->{out}', a_t, b, preferred_element_type=jnp.float32))
+    (summed over G too when the keys are shared). Q^T·dS, not dS^T·Q: the big [.., M, K]
+    operand keeps the layout it was written in, and only the small one is transposed."""
+    if shared:
+        return rows_t_times(a.reshape(*a.shape[:2], -1, a.shape[-1]),
+                            b.reshape(*b.shape[:2], -1, b.shape[-1]), batch='bh')
+    return rows_t_times(a, b, batch='bhg')
 
 
 _tiled_attention.defvjp(_forward, _backward)

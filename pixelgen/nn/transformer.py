@@ -17,6 +17,7 @@ from flax.nnx import spmd
 
 from pixelgen.nn.attention import MultiHeadAttention, logical_init
 from pixelgen.nn.masks import MaskSpec
+from pixelgen.nn.matmul import rows_t_times
 from pixelgen.parallel import constrain
 
 LayerCache = dict[str, jax.Array]
@@ -106,8 +107,8 @@ def _mlp_bwd(activation, residuals, dy):
     x, w_in, w_out, pre, biases = residuals
     act, slope = jax.jvp(ACTIVATIONS[activation], (pre,), (jnp.ones_like(pre),))
     d_pre = constrain((dy @ w_out.T) * slope, ROWS_MLP)
-    d_w_out = act.T @ dy
-    d_w_in = x.T @ d_pre
+    d_w_out = rows_t_times(dy, act).T.astype(w_out.dtype)  # transposes the narrower dy
+    d_w_in = rows_t_times(x, d_pre).astype(w_in.dtype)
     d_biases = (d_pre.sum(0), dy.sum(0)) if biases is not None else None
     return d_pre @ w_in.T, d_w_in, d_w_out, d_biases
 

@@ -1,0 +1,66 @@
+"""a^T · b over shared leading rows, as a product XLA:CPU hands to its fast matmul library.
+
+Weight and key/value gradients contract the row (token) axis of two [.., rows, features]
+operands. Written as `a.T @ b`, XLA folds the transpose into the dot, whose left operand is
+then contracted on its major axis; XLA:CPU runs that form in Eigen, at a fraction of the rate
+of the YNNPACK matmuls it uses for the canonical [M, K] × [K, N] form
+(`benchmarks/README.md`, "Where the time goes"). Here the transpose is materialised and
+fenced with `jax.lax.optimization_barrier`, which XLA may not fold through, so the product
+stays canonical. Costs one copy of `a` (pass the smaller operand as `a`) and, when asked
+for, of the result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def rows_t_times(a: jax.Array, b: jax.Array, *, batch: str = '') -> jax.Array:
+    """a^T · b: a [*batch, rows, p], b [*batch, rows, q] -> [*batch, p, q] in float32.
+
+    `batch` names the leading axes einsum-style ('bhg'), all shared by a and b. Computed as
+    the canonical product of the explicit transpose of a and b (see the module docstring).
+    """
+    a_t = jax.lax.optimization_barrier(a.swapaxes(-1, -2))
+    product = jnp.einsum(f'{batch}pr,{batch}rq->{batch}pq', a_t, b,
+                         preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(product)
+
+
+def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+                       preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """`nnx.Linear(dot_general=linear_dot_general)`: x [..., in] · kernel [in, out], whose
+    kernel gradient is `rows_t_times` (autodiff's x^T · dy is the slow Eigen form). Any
+    other contraction, or an explicit out_sharding, goes to `jax.lax.dot_general` unchanged."""
+    (contract_lhs, contract_rhs), (batch_lhs, batch_rhs) = dimension_numbers
+    if (tuple(contract_lhs) != (lhs.ndim - 1,) or tuple(contract_rhs) != (0,) or batch_lhs
+            or batch_rhs or rhs.ndim != 2 or out_sharding is not None):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type,
+                                   out_sharding=out_sharding)
+    return _linear(lhs, rhs, precision, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _linear(x: jax.Array, kernel: jax.Array, precision, out_dtype) -> jax.Array:
+    return jnp.einsum('...i,io->...o', x, kernel, precision=precision,
+                      preferred_element_type=out_dtype)
+
+
+def _linear_fwd(x, kernel, precision, out_dtype):
+    return _linear(x, kernel, precision, out_dtype), (x, kernel)
+
+
+def _linear_bwd(precision, out_dtype, residuals, dy):
+    del out_dtype
+    x, kernel = residuals
+    dx = jnp.einsum('...o,io->...i', dy, kernel, precision=precision,
+                    preferred_element_type=jnp.float32)
+    d_kernel = rows_t_times(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+    return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
