@@ -24,8 +24,10 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
     sized to them, so each step attends over num_tokens keys, not seq_len).
 
     With prompt [batch_size, p] the first p tokens are copied from the prompt (image completion:
-    give the top half, sample the rest) and the rest are sampled. One compiled
-    `jax.lax.fori_loop` over positions with the KV cache; no full recompute per token. Position i
+    give the top half, sample the rest) and the rest are sampled. Compiled `jax.lax.fori_loop`s
+    over positions with the KV cache, no full recompute per token: up to MAX_PHASES of them,
+    each with a cache as long as its last position, so early steps read a short cache (at
+    1024 tokens, 1.4x faster on a 2-core CPU; each phase adds ~1 s of compile). Position i
     draws with `jax.random.fold_in(rng, i)`, so the samples after a prompt depend only on `rng`,
     the model and the prompt. Repeated calls with the same shapes and settings reuse one
     compiled function.
@@ -78,6 +80,30 @@ def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, position))
         return tokens, cache
 
-    tokens, _ = jax.lax.fori_loop(0, num_tokens, step,
-                                  (tokens, model.init_cache(batch_size, num_tokens)))
+    # In phases, each with a cache only as long as its positions need: the cache is a large
+    # part of each step's memory traffic, and the step is bound by memory traffic.
+    start, cache = 0, None
+    for end in _phase_ends(num_tokens):
+        cache = model.init_cache(batch_size, end) if cache is None else _grow(cache, end)
+        tokens, cache = jax.lax.fori_loop(start, end, step, (tokens, cache))
+        start = end
     return tokens
+
+
+# Phases of at least MIN_PHASE positions, at most MAX_PHASES of them (each is one more loop
+# body to compile): at 256 tokens, 4 phases read 62% of the cache a single loop reads.
+MIN_PHASE, MAX_PHASES = 64, 4
+
+
+def _phase_ends(num_tokens: int) -> list[int]:
+    """The end position of each decoding phase; the last is num_tokens."""
+    phases = max(1, min(MAX_PHASES, num_tokens // MIN_PHASE))
+    size = -(-num_tokens // phases)
+    return [min(num_tokens, size * (i + 1)) for i in range(phases)]
+
+
+def _grow(cache, length: int):
+    """The KV cache (leaves [..., positions, head_dim]) zero-padded to `length` positions."""
+    return jax.tree.map(
+        lambda c: jnp.pad(c, [(0, 0)] * (c.ndim - 2) + [(0, length - c.shape[-2]), (0, 0)]),
+        cache)
