@@ -51,18 +51,19 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
             f'got shape {prompt.shape}.')
     graphdef, state = nnx.split(model)
     return _sample_jit(graphdef, state, rng, prompt, batch_size=batch_size,
-                       temperature=float(temperature), top_k=top_k, num_tokens=num_tokens)
+                       temperature=float(temperature), top_k=top_k,
+                       phase_ends=_phase_ends(num_tokens))
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
-                                             'num_tokens'))
+                                             'phase_ends'))
 def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt: jax.Array, *,
                 batch_size: int, temperature: float, top_k: int | None,
-                num_tokens: int) -> jax.Array:
+                phase_ends: tuple[int, ...]) -> jax.Array:
     """Pure sampler; jit caches one executable per (graphdef, shapes, static settings)."""
     model: ImageGPT = nnx.merge(graphdef, state)
     prompt_len = prompt.shape[1]
-    tokens = jnp.zeros((batch_size, num_tokens), jnp.int32)
+    tokens = jnp.zeros((batch_size, phase_ends[-1]), jnp.int32)
     tokens = jax.lax.dynamic_update_slice(tokens, prompt, (0, 0))
 
     def step(position, carry):
@@ -83,7 +84,7 @@ def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt
     # In phases, each with a cache only as long as its positions need: the cache is a large
     # part of each step's memory traffic, and the step is bound by memory traffic.
     start, cache = 0, None
-    for end in _phase_ends(num_tokens):
+    for end in phase_ends:
         cache = model.init_cache(batch_size, end) if cache is None else _grow(cache, end)
         tokens, cache = jax.lax.fori_loop(start, end, step, (tokens, cache))
         start = end
@@ -95,11 +96,11 @@ def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt
 MIN_PHASE, MAX_PHASES = 64, 4
 
 
-def _phase_ends(num_tokens: int) -> list[int]:
+def _phase_ends(num_tokens: int) -> tuple[int, ...]:
     """The end position of each decoding phase; the last is num_tokens."""
     phases = max(1, min(MAX_PHASES, num_tokens // MIN_PHASE))
     size = -(-num_tokens // phases)
-    return [min(num_tokens, size * (i + 1)) for i in range(phases)]
+    return tuple(min(num_tokens, size * (i + 1)) for i in range(phases))
 
 
 def _grow(cache, length: int):
