@@ -27,9 +27,9 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
     give the top half, sample the rest) and the rest are sampled. Compiled `jax.lax.fori_loop`s
     over positions with the KV cache, no full recompute per token: up to MAX_PHASES of them,
     each with a cache as long as its last position, so early steps read a short cache (at
-    1024 tokens, 1.4x faster on a 2-core CPU; each phase adds ~1 s of compile). Position i
-    draws with `jax.random.fold_in(rng, i)`, so the samples after a prompt depend only on `rng`,
-    the model and the prompt. Repeated calls with the same shapes and settings reuse one
+    1024 tokens, 1.24x faster on a 2-core CPU, benchmarks/sample_phases.py; each phase adds
+    about 1 s of compile). Position i draws with `jax.random.fold_in(rng, i)`, so the samples
+    after a prompt depend only on `rng`, the model and the prompt. Repeated calls with the same shapes and settings reuse one
     compiled function.
     """
     if batch_size < 1:
