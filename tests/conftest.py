@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -34,3 +37,15 @@ def tiny_config(data_dir: str, *overrides: str):
                                       *overrides])
     assert not rest
     return config
+
+
+def run_python(code: str, devices: int, timeout: int = 300) -> str:
+    """Runs `code` in a fresh Python on `devices` simulated CPU devices (the device count is
+    fixed when JAX starts) from the repository root; returns its stdout, fails with its
+    output's tail."""
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+    result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout

@@ -1,28 +1,13 @@
 """Sharding on 8 simulated CPU devices (one subprocess each, since the device count is fixed
 when JAX starts): every mesh gives the single-device loss and gradients, parameters are
-sharded as the rules say, and checkpoints move between meshes of different sizes."""
+sharded as the rules say. Checkpoints moving between meshes: test_sharding_restore.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
-import numpy as np
 import pytest
-from conftest import REPO, TINY
-
-
-def run_python(code: str, devices: int, timeout: int = 300) -> str:
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-    result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
-
+from conftest import run_python
 
 MESH_EQUIVALENCE = '''
 import json, jax, jax.numpy as jnp, numpy as np, optax
@@ -139,46 +124,3 @@ def test_parameters_are_sharded_as_the_rules_say(mesh_results):
     assert specs['adam_mu_mlp_fc'] == specs['mlp_fc']                  # optimizer follows
     assert specs['norm'] == "P('fsdp',)"
     assert specs['shard_shape_mlp_fc'] == [32, 128]                    # [64/2, 256/2]
-
-
-TRAIN = '''
-from conftest import tiny_config
-from pixelgen.trainer import train
-config = tiny_config({data_dir!r}, '--config.batch_size=8', {mesh})
-train(config, {workdir!r}, stop_after={stop})
-'''
-
-
-def _train_on(devices: int, mesh: str, data_dir: str, workdir: str, stop: int | None) -> None:
-    code = 'import sys; sys.path.insert(0, "tests")\n' + TRAIN.format(
-        data_dir=data_dir, workdir=workdir, stop=stop,
-        mesh=', '.join(repr(f'--config.mesh.{k}={v}') for k, v in
-                       zip(('data', 'fsdp', 'tensor'), mesh.split('x'), strict=True)))
-    run_python(code, devices=devices)
-
-
-def _params(workdir):
-    import jax
-
-    import pixelgen
-    return [np.asarray(x) for x in jax.tree.leaves(pixelgen.load(workdir).model)]
-
-
-@pytest.fixture(scope='module')
-def one_device_run(data_dir, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp('mesh_1'))
-    _train_on(1, '1x1x1', data_dir, workdir, None)
-    return workdir
-
-
-@pytest.mark.parametrize('path', [
-    [(8, '1x8x1', 4), (2, '2x1x1', 8), (1, '1x1x1', None)],   # 8 devices -> 2 -> 1
-    [(1, '1x1x1', 4), (8, '4x1x2', 8), (8, '1x4x2', None)],   # and the way back
-], ids=['8-2-1', '1-8-8'])
-def test_checkpoint_restores_onto_another_mesh(path, one_device_run, data_dir, tmp_path):
-    workdir = str(tmp_path / 'moving')
-    for devices, mesh, stop in path:
-        _train_on(devices, mesh, data_dir, workdir, stop)
-    for a, b in zip(_params(one_device_run), _params(workdir), strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
-    assert TINY  # the same tiny config throughout
