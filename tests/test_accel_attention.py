@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_python
 from flax import nnx
 
 from pixelgen import trainer
@@ -131,11 +128,7 @@ print('ok')
 def test_splash_on_a_mesh_runs_per_device_under_shard_map():
     """XLA cannot partition a TPU kernel: on 4 devices (data 2 x tensor 2) splash runs under
     shard_map, batch rows and heads split, and still equals dense attention."""
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-           'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-    result = subprocess.run([sys.executable, '-c', textwrap.dedent(SHARDED_SPLASH)], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-5000:]
+    assert 'ok' in run_python(SHARDED_SPLASH, devices=4)
 
 
 def _selected(impl, mask=CAUSAL, dtype=jnp.bfloat16, head_dim=64):

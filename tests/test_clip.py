@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, run_python
 from flax import nnx
 
 import pixelgen
@@ -260,13 +258,8 @@ print(json.dumps({'eight': eight, 'one': one, 'per_device_mean': local}))
 
 
 def test_contrastive_logits_span_the_global_batch_on_8_devices():
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-           'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-    code = f'TINY = {TINY!r}\n' + textwrap.dedent(MULTI_DEVICE)
-    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    losses = json.loads(result.stdout.strip().splitlines()[-1])
+    stdout = run_python(f'TINY = {TINY!r}\n' + textwrap.dedent(MULTI_DEVICE), devices=8)
+    losses = json.loads(stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(losses['eight'], losses['one'], rtol=1e-5)
     # contrasting only each device's 2 rows would give a very different (smaller) loss
     assert abs(losses['per_device_mean'] - losses['one']) > 0.5
