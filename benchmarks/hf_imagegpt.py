@@ -126,13 +126,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--json', action='store_true',
                         help='one JSON line per case on stdout, nothing else')
     parser.add_argument('--steps', type=int, default=5, help='timed steps per case (>= 3)')
+    parser.add_argument('--threads', type=int, default=os.cpu_count(),
+                        help='torch intra-op threads (default: every core, %(default)s)')
     args = parser.parse_args(argv)
     for name in args.cases:
         if name not in CASES:
             parser.error(f'unknown case {name!r}; valid cases: {", ".join(CASES)}')
     if args.steps < 3:
         parser.error(f'--steps={args.steps}; the median needs at least 3 timed steps.')
-    torch.set_num_threads(os.cpu_count())
+    if args.threads < 1:
+        parser.error(f'--threads={args.threads} must be >= 1.')
+    torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     for name in args.cases:
         result = CASES[name](dict(SHAPE), args.steps)

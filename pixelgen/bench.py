@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pixelgen import flops, host_memory, sampling, trainer
+from pixelgen import cpu_decode, flops, host_memory, sampling, trainer
 from pixelgen.models.dalle import DallE
 from pixelgen.models.igpt import ImageGPT
 from pixelgen.nn.attention import IMPLEMENTATIONS, MultiHeadAttention, cudnn_unavailable
@@ -281,25 +281,41 @@ def igpt_sample(shape: dict[str, Any], options: Options) -> dict:
     model, impl = build_igpt(shape, options.attention)
     # A random head: the zero-initialised one makes every draw uniform (same cost, odd samples).
     model.head.kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), model.head.kernel.shape)
-    graphdef, params = nnx.split(model)
-    del model
+    keys = iter(jax.random.split(jax.random.key(0), options.steps + 3))
 
-    @jax.jit
-    def generate(params, rng):
-        return sampling.sample(nnx.merge(graphdef, params), rng, batch_size=shape['batch'],
-                               **sample_kwargs)
+    def generate():  # as a user calls it: on CPU, rows split over one-thread clients per core
+        return sampling.sample(model, next(keys), batch_size=shape['batch'], **sample_kwargs)
 
-    log(f'igpt_sample: compiling ({impl} attention)')
-    compiled, compile_s = compile_jit(generate, params, jax.random.key(0))
-    keys = iter(jax.random.split(jax.random.key(0), options.steps + 2))
+    log(f'igpt_sample: compiling ({impl} attention) and one run')
+    compile_s = timed(generate)  # the first call: compilation on every decode device + a run
     log('igpt_sample: warm-up run')
-    jax.block_until_ready(compiled(params, next(keys)))
+    jax.block_until_ready(generate())
     log(f'igpt_sample: timing {options.steps} runs of {shape["new_tokens"]} tokens')
-    times = time_steps(lambda: compiled(params, next(keys)), options)
+    times = time_steps(generate, options)
     model_flops = flops.igpt_forward_flops(shape['layers'], shape['width'], shape['new_tokens'],
                                            shape['vocab'], shape['batch'])
-    return report('igpt_sample', shape, times, shape['batch'] * shape['new_tokens'],
-                  model_flops, compile_s, compiled, impl)
+    result = report('igpt_sample', shape, times, shape['batch'] * shape['new_tokens'],
+                    model_flops, compile_s, _whole_batch_sampler(model, sample_kwargs, shape),
+                    impl)
+    devices = cpu_decode.decode_devices(nnx.state(model), shape['batch'])
+    result['decode'] = (f'{len(devices)} one-thread CPU clients, {shape["batch"]} rows split '
+                        'between them (pixelgen.cpu_decode)' if devices
+                        else f'on {jax.devices()[0].platform}:0 ({cpu_decode.ENV}='
+                             f'{cpu_decode.mode()})')
+    result['compile_s_source'] = 'first call: compilation on every decode device plus one run'
+    return result
+
+
+def _whole_batch_sampler(model: ImageGPT, sample_kwargs: dict, shape: dict[str, Any]):
+    """The sampler compiled for the whole batch on the default device (for its memory
+    analysis; each core's share of the rows needs less)."""
+    graphdef, state = nnx.split(model)
+    num_tokens = sample_kwargs.get('num_tokens', model.seq_len)
+    prompt = jnp.zeros((shape['batch'], 0), jnp.int32)
+    return sampling._sample_jit.lower(
+        graphdef, state, jax.random.key(0), prompt, batch_size=shape['batch'], temperature=1.0,
+        top_k=None, phase_ends=sampling._phase_ends(num_tokens),
+        rows=(0, shape['batch'])).compile()
 
 
 def dalle_seq(shape: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixelgen import cpu_decode
 from pixelgen.models.igpt import ImageGPT
 
 
@@ -50,32 +51,35 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
             f'prompt must be [batch_size={batch_size}, p] with p <= {num_tokens} tokens; '
             f'got shape {prompt.shape}.')
     graphdef, state = nnx.split(model)
-    return _sample_jit(graphdef, state, rng, prompt, batch_size=batch_size,
-                       temperature=float(temperature), top_k=top_k,
-                       phase_ends=_phase_ends(num_tokens))
+    run = functools.partial(_sample_jit, graphdef, batch_size=batch_size,
+                            temperature=float(temperature), top_k=top_k,
+                            phase_ends=_phase_ends(num_tokens))
+    # On the CPU, rows are decoded on one-thread clients, one per core (pixelgen.cpu_decode).
+    return cpu_decode.map_rows(run, state, [rng], [prompt], batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
-                                             'phase_ends'))
+                                             'phase_ends', 'rows'))
 def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt: jax.Array, *,
                 batch_size: int, temperature: float, top_k: int | None,
-                phase_ends: tuple[int, ...]) -> jax.Array:
-    """Pure sampler; jit caches one executable per (graphdef, shapes, static settings)."""
+                phase_ends: tuple[int, ...], rows: tuple[int, int]) -> jax.Array:
+    """Pure sampler of the batch's `rows` [start, stop) (prompt holds only those rows); jit
+    caches one executable per (graphdef, shapes, static settings, device)."""
     model: ImageGPT = nnx.merge(graphdef, state)
     prompt_len = prompt.shape[1]
-    tokens = jnp.zeros((batch_size, phase_ends[-1]), jnp.int32)
+    tokens = jnp.zeros((rows[1] - rows[0], phase_ends[-1]), jnp.int32)
     tokens = jax.lax.dynamic_update_slice(tokens, prompt, (0, 0))
 
-    def step(position, carry):
+    def step(position, carry, noise):
         tokens, cache = carry
         prev = jax.lax.dynamic_index_in_dim(tokens, jnp.maximum(position - 1, 0), axis=1,
-                                            keepdims=False)  # [b]
-        logits, cache = model.decode_step(prev, position, cache)  # [b, vocab]
+                                            keepdims=False)  # [rows]
+        logits, cache = model.decode_step(prev, position, cache)  # [rows, vocab]
         logits = logits / temperature
         if top_k is not None:
-            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [b, 1]
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [rows, 1]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
-        drawn = jax.random.categorical(jax.random.fold_in(rng, position), logits, axis=-1)
+        drawn = jnp.argmax(logits + noise(position), axis=-1)  # jax.random.categorical's draw
         forced = jax.lax.dynamic_index_in_dim(tokens, position, axis=1, keepdims=False)
         token = jnp.where(position < prompt_len, forced, drawn.astype(jnp.int32))
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, position))
@@ -85,8 +89,11 @@ def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt
     # part of each step's memory traffic, and the step is bound by memory traffic.
     start, cache = 0, None
     for end in phase_ends:
-        cache = model.init_cache(batch_size, end) if cache is None else _grow(cache, end)
-        tokens, cache = jax.lax.fori_loop(start, end, step, (tokens, cache))
+        cache = (model.init_cache(rows[1] - rows[0], end) if cache is None
+                 else _grow(cache, end))
+        noise = cpu_decode.gumbel_rows(rng, start, end, batch_size, rows, model.vocab_size)
+        tokens, cache = jax.lax.fori_loop(start, end, functools.partial(step, noise=noise),
+                                          (tokens, cache))
         start = end
     return tokens
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixelgen import cpu_decode
 from pixelgen.nn.attention import logical_init
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_layer_masks, dalle_mask_spec
 from pixelgen.nn.matmul import linear_dot_general
@@ -208,15 +209,21 @@ def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f'top_p={top_p} must be in (0, 1] (or None).')
     graphdef, state = nnx.split(model)
-    return _generate_jit(graphdef, state, rng, text, image_prompt, temperature=float(temperature),
-                         top_k=top_k, top_p=top_p)
+    run = functools.partial(_generate_jit, graphdef, batch_size=batch,
+                            temperature=float(temperature), top_k=top_k, top_p=top_p)
+    # On the CPU, rows are decoded on one-thread clients, one per core (pixelgen.cpu_decode).
+    return cpu_decode.map_rows(run, state, [rng], [text, image_prompt], batch)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'temperature', 'top_k', 'top_p'))
-def _generate_jit(graphdef, state, rng, text, image_prompt, *, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
+                                             'top_p', 'rows'))
+def _generate_jit(graphdef, state, rng, text, image_prompt, *, batch_size, temperature, top_k,
+                  top_p, rows):
+    """The codes of the batch's `rows` [start, stop) (text and image_prompt hold only those)."""
     model: DallE = nnx.merge(graphdef, state)
     batch, t, n = text.shape[0], model.text_len, model.num_image_tokens
     prompt_len = image_prompt.shape[1]
+    noise = cpu_decode.gumbel_rows(rng, 0, t + n - 1, batch_size, rows, model.image_vocab_size)
     sequence = jnp.zeros((batch, t + n), jnp.int32)
     sequence = jax.lax.dynamic_update_slice(sequence, text, (0, 0))
     sequence = jax.lax.dynamic_update_slice(sequence, image_prompt, (0, t))
@@ -226,7 +233,7 @@ def _generate_jit(graphdef, state, rng, text, image_prompt, *, temperature, top_
         token = jax.lax.dynamic_index_in_dim(sequence, position, axis=1, keepdims=False)
         logits, cache = model.decode_step(token, position, cache)  # next image code
         logits = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        drawn = jax.random.categorical(jax.random.fold_in(rng, position), logits, axis=-1)
+        drawn = jnp.argmax(logits + noise(position), axis=-1)  # jax.random.categorical's
         target = position + 1
         kept = jax.lax.dynamic_index_in_dim(sequence, target, axis=1, keepdims=False)
         code = jnp.where(target < t + prompt_len, kept, drawn.astype(jnp.int32))  # prompts stay

@@ -1,0 +1,169 @@
+"""Token-by-token decoding on the CPU: a one-thread XLA client per core, the batch's rows split
+between them.
+
+Why: a decoding step of a small model is a hundred or so tiny ops (4-row matmuls, a softmax over
+the KV cache). XLA:CPU hands each op to its intra-op thread pool, and on the 2-core VM this
+project is measured on those hand-offs cost more than the ops: `python -m pixelgen.bench
+igpt_sample` ran 1.8x faster under `taskset -c 0` than on both cores (benchmarks/README.md).
+JAX's CPU client sizes its pool by the CPU affinity of the thread that makes it, so a client
+made while that thread is pinned to one core runs each op on the calling thread, with no
+hand-offs. Rows of a sampled batch are independent, so one such client per core decodes its
+share of the rows, all at once, and the two cores are used after all.
+
+`map_rows` is how the samplers (`pixelgen.sampling.sample`, `pixelgen.models.dalle.generate`)
+run: on the core clients where their parameters sit on one CPU device (not sharded over a mesh,
+not traced inside another jit) and weigh at most MAX_PARAM_BYTES (larger models have ops big
+enough for the shared pool); elsewhere, and on GPU and TPU, where the parameters are.
+PIXELGEN_CPU_DECODE=shared turns it off.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ENV = 'PIXELGEN_CPU_DECODE'
+CHOICES = ('cores', 'shared')
+MAX_CORES = 8  # one client (one copy of the parameters) per core, at most this many
+MAX_PARAM_BYTES = 512 * 2 ** 20
+
+Rows = tuple[int, int]  # [start, stop) of the batch
+
+
+def mode() -> str:
+    """'cores' (the default: decode on one-thread clients, one per core) or 'shared' (on the
+    device the parameters are on, with its shared thread pool)."""
+    choice = os.environ.get(ENV, 'cores')
+    if choice not in CHOICES:
+        raise ValueError(f'{ENV}={choice!r}; expected cores (the default: decode on a one-thread '
+                         'CPU client per core) or shared (on the parameters\' own device).')
+    return choice
+
+
+@functools.cache
+def core_devices() -> tuple[jax.Device, ...]:
+    """One device per core of this process's CPU affinity (at most MAX_CORES), each the only
+    device of its own one-thread CPU client; () with fewer than 2 cores (the main client is then
+    one-threaded already) or where such clients cannot be made."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS): decode on the main client
+        return ()
+    if len(cores) < 2:
+        return ()
+    return one_thread_devices(cores[:MAX_CORES])
+
+
+def one_thread_devices(cores: list[int]) -> tuple[jax.Device, ...]:
+    """The device of a new one-thread CPU client pinned to each of `cores` (repeats allowed);
+    () where such clients cannot be made (a warning says why)."""
+    from jaxlib import xla_client  # the constructor behind jax's own CPU backend
+
+    restore = os.sched_getaffinity(0)
+    devices = []
+    try:
+        for core in cores:
+            os.sched_setaffinity(0, {core})  # this thread only; the client's pool inherits it
+            devices.append(xla_client.make_cpu_client().devices()[0])
+    except Exception as error:  # noqa: BLE001 (any failure: decode on the main client)
+        logging.warning('pixelgen.cpu_decode: could not make one-thread CPU clients (%s); '
+                        'decoding on the main CPU client instead.', error)
+        return ()
+    finally:
+        os.sched_setaffinity(0, restore)
+    return tuple(devices)
+
+
+def decode_devices(params: Any, batch_size: int) -> tuple[jax.Device, ...]:
+    """The core devices `map_rows` splits a batch over for these parameters: () where it runs
+    on the parameters' own device instead (see the module docstring)."""
+    leaves = jax.tree.leaves(params)
+    if mode() == 'shared' or not leaves or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return ()
+    if not all(isinstance(x, jax.Array) for x in leaves):
+        return ()
+    device_sets = {frozenset(x.sharding.device_set) for x in leaves}
+    if len(device_sets) != 1:
+        return ()
+    (device_set,) = device_sets
+    if len(device_set) != 1 or next(iter(device_set)).platform != 'cpu':
+        return ()
+    if sum(x.nbytes for x in leaves) > MAX_PARAM_BYTES:
+        return ()
+    return core_devices()[:batch_size]
+
+
+def split(batch_size: int, parts: int) -> list[Rows]:
+    """`parts` contiguous row ranges covering [0, batch_size), sizes differing by at most 1."""
+    bounds = np.linspace(0, batch_size, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def map_rows(run: Callable[..., jax.Array], params: Any, shared: Sequence[Any],
+             per_row: Sequence[Any], batch_size: int) -> jax.Array:
+    """`run(params, *shared, *per_row, rows=(0, batch_size))`, computed as row ranges on the
+    core devices where that applies (`decode_devices`), concatenated on the parameters' device.
+
+    Args:
+      run: a jitted function of (params, *shared, *per_row arrays [rows, ...], rows=(start,
+        stop) static) -> [stop - start, ...]. Row r of its result must depend only on row r
+        of `per_row`, on `params` and on `shared` (the samplers draw each row's noise as the
+        whole batch does).
+      params: the model's parameters (they decide where it runs).
+      shared: what every range reads as well, e.g. the rng key.
+      per_row: arrays [batch_size, ...].
+      batch_size: the number of rows.
+    """
+    devices = decode_devices(params, batch_size)
+    if not devices or any(isinstance(x, jax.core.Tracer)
+                          for x in jax.tree.leaves((shared, per_row))):
+        return run(params, *shared, *per_row, rows=(0, batch_size))
+    home = next(iter(jax.tree.leaves(params)[0].sharding.device_set))
+
+    def on(device: jax.Device, rows: Rows) -> np.ndarray:
+        start, stop = rows
+        local = [jax.device_put(np.asarray(x)[start:stop], device) for x in per_row]
+        return np.asarray(run(*jax.device_put((params, *shared), device), *local, rows=rows))
+
+    ranges = split(batch_size, len(devices))
+    if len(devices) == 1:
+        parts = [on(devices[0], ranges[0])]
+    else:
+        parts = list(_pool(len(devices)).map(on, devices, ranges))
+    return jax.device_put(np.concatenate(parts), home)
+
+
+# The noise of a loop's positions is drawn before the loop where it takes at most this many
+# bytes: one vectorised draw instead of a threefry loop per token (about 10% of a small model's
+# decoding step on the CPU); larger, it is drawn token by token.
+MAX_NOISE_BYTES = 32 * 2 ** 20
+
+
+def gumbel_rows(rng: jax.Array, start: int, end: int, batch_size: int, rows: Rows,
+                vocab: int) -> Callable[[jax.Array], jax.Array]:
+    """For a decoding loop over positions [start, end): position -> the Gumbel noise
+    [rows, vocab] that `jax.random.categorical(fold_in(rng, position), logits)` adds to these
+    rows of logits [batch_size, vocab] (it draws argmax(logits + noise)). So a batch decoded in
+    row ranges draws exactly what it draws whole."""
+    def at(position):
+        noise = jax.random.gumbel(jax.random.fold_in(rng, position), (batch_size, vocab))
+        return noise[rows[0]:rows[1]]
+    if (end - start) * batch_size * vocab * 4 > MAX_NOISE_BYTES:
+        return at
+    drawn = jax.vmap(at)(jnp.arange(start, end))  # [end - start, rows, vocab]
+    return lambda position: jax.lax.dynamic_index_in_dim(drawn, position - start, axis=0,
+                                                         keepdims=False)
+
+
+@functools.cache
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that call the core clients at once (each call releases the GIL while it runs)."""
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='pixelgen-decode')

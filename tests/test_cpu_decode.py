@@ -1,0 +1,125 @@
+"""Decoding on one-thread CPU clients, the batch's rows split between them (pixelgen.cpu_decode):
+it must draw token for token what decoding the whole batch on the main client draws."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pixelgen import cpu_decode
+from pixelgen.models.dalle import DallE, generate
+from pixelgen.models.igpt import ImageGPT
+from pixelgen.sampling import sample
+
+
+@pytest.fixture(scope='module')
+def two_devices() -> tuple[jax.Device, ...]:
+    """Two one-thread clients' devices: one per core, or both on this process's only core
+    (a 1-core machine still tests the split)."""
+    devices = cpu_decode.core_devices()
+    if len(devices) >= 2:
+        return devices[:2]
+    core = sorted(os.sched_getaffinity(0))[0]
+    return cpu_decode.one_thread_devices([core, core])
+
+
+@pytest.fixture
+def on_two_devices(monkeypatch, two_devices):
+    monkeypatch.setattr(cpu_decode, 'core_devices', lambda: two_devices)
+    return two_devices
+
+
+@pytest.fixture(scope='module')
+def igpt() -> ImageGPT:
+    model = ImageGPT(vocab_size=16, seq_len=16, num_layers=2, width=32, num_heads=4,
+                     rngs=nnx.Rngs(0))
+    model.head.kernel[...] = jax.random.normal(jax.random.key(1), model.head.kernel.shape)
+    return model
+
+
+def shared_and_split(monkeypatch, draw):
+    """draw() on the main client (PIXELGEN_CPU_DECODE=shared), then split over the cores."""
+    monkeypatch.setenv(cpu_decode.ENV, 'shared')
+    whole = np.asarray(draw())
+    monkeypatch.setenv(cpu_decode.ENV, 'cores')
+    return whole, draw()
+
+
+def test_one_thread_clients_are_separate_single_devices(two_devices):
+    assert len({d.client for d in two_devices}) == 2
+    assert all(d.platform == 'cpu' and d not in jax.devices() for d in two_devices)
+
+
+@pytest.mark.parametrize('batch', [1, 3, 4])
+def test_split_covers_the_rows_in_order(batch):
+    for parts in range(1, batch + 1):
+        ranges = cpu_decode.split(batch, parts)
+        assert ranges[0][0] == 0 and ranges[-1][1] == batch
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        sizes = [stop - start for start, stop in ranges]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize('kwargs', [{}, {'top_k': 3, 'temperature': 0.7}],
+                         ids=['plain', 'top_k'])
+def test_igpt_rows_split_over_cores_sample_what_the_whole_batch_samples(
+        monkeypatch, on_two_devices, igpt, kwargs):
+    prompt = np.random.default_rng(0).integers(0, 16, (3, 5), np.int32)
+    assert cpu_decode.decode_devices(nnx.state(igpt), 3) == on_two_devices
+
+    def draw():
+        return sample(igpt, jax.random.key(7), batch_size=3, prompt=prompt, **kwargs)
+    whole, split = shared_and_split(monkeypatch, draw)
+    np.testing.assert_array_equal(split, whole)
+    np.testing.assert_array_equal(whole[:, :5], prompt)
+    assert split.devices() == set(jax.devices()[:1])  # back on the parameters' device
+
+
+def test_dalle_rows_split_over_cores_generate_what_the_whole_batch_generates(
+        monkeypatch, on_two_devices):
+    model = DallE(text_vocab_size=20, image_vocab_size=12, text_len=4, grid_size=3,
+                  num_layers=2, width=16, num_heads=2, rngs=nnx.Rngs(0))
+    model.image_head.kernel[...] = jax.random.normal(jax.random.key(2),
+                                                     model.image_head.kernel.shape)
+    text = np.random.default_rng(1).integers(0, 20, (3, 4), np.int32)
+    prompt = np.random.default_rng(2).integers(0, 12, (3, 2), np.int32)
+
+    def draw():
+        return generate(model, jax.random.key(3), text, image_prompt=prompt)
+    whole, split = shared_and_split(monkeypatch, draw)
+    np.testing.assert_array_equal(split, whole)
+    np.testing.assert_array_equal(whole[:, :2], prompt)
+
+
+@pytest.mark.parametrize('drawn_first', [True, False], ids=['before_the_loop', 'per_token'])
+def test_gumbel_rows_add_what_jax_random_categorical_adds(monkeypatch, drawn_first):
+    if not drawn_first:
+        monkeypatch.setattr(cpu_decode, 'MAX_NOISE_BYTES', 0)
+    rng, rows, batch, vocab = jax.random.key(4), (1, 3), 4, 10
+    logits = jax.random.normal(jax.random.key(5), (batch, vocab))
+    noise = jax.jit(lambda position: cpu_decode.gumbel_rows(rng, 2, 6, batch, rows, vocab)(
+        position))(jnp.int32(4))  # [rows, vocab] at position 4, traced as in a loop
+    expected = jax.random.categorical(jax.random.fold_in(rng, 4), logits)[rows[0]:rows[1]]
+    drawn = jnp.argmax(logits[rows[0]:rows[1]] + noise, axis=-1)
+    np.testing.assert_array_equal(drawn, expected)
+
+
+def test_params_traced_sharded_or_large_decode_where_they_are(monkeypatch, two_devices, igpt):
+    monkeypatch.setattr(cpu_decode, 'core_devices', lambda: two_devices)
+    state = nnx.state(igpt)
+    assert cpu_decode.decode_devices(state, 1) == two_devices[:1]
+    assert jax.jit(lambda s: len(cpu_decode.decode_devices(s, 2)))(state) == 0
+    leaves = jax.tree.leaves(state)
+    spread = [jax.device_put(leaves[0], two_devices[0]), *leaves[1:]]
+    assert cpu_decode.decode_devices(spread, 2) == ()
+    monkeypatch.setattr(cpu_decode, 'MAX_PARAM_BYTES', 0)
+    assert cpu_decode.decode_devices(state, 2) == ()
+
+
+def test_a_bad_mode_names_the_choices(monkeypatch, igpt):
+    monkeypatch.setenv(cpu_decode.ENV, 'both')
+    with pytest.raises(ValueError, match='PIXELGEN_CPU_DECODE=.both.*cores.*shared'):
+        sample(igpt, jax.random.key(0), batch_size=2)
