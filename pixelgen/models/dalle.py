@@ -188,7 +188,9 @@ def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
 
     With image_prompt [b, P] the first P codes (e.g. the top rows of an image) are kept and
     the rest completed (the paper's image-to-image translation). One `lax.fori_loop` over
-    the T + N - 1 positions with the KV cache; position i draws with fold_in(rng, i).
+    the T + N - 1 positions with the KV cache; position i draws with fold_in(rng, i), the
+    same however the rows are split (on a multi-core CPU, over one-thread clients, one per
+    core: `pixelgen.cpu_decode`).
     The paper samples at temperature 1 without top-k or top-p (the defaults).
     """
     text = jnp.asarray(text, jnp.int32)
