@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -12,6 +13,14 @@ import pytest
 from pixelgen import host_memory
 
 host_memory.configure()  # as the pixelgen jobs do: before any test starts JAX's CPU client
+# Samplers decode on the main client here (and in the jobs tests start), compiling once: the
+# per-core clients compile once per core, seconds per tiny model that these tests do not need.
+# tests/test_cpu_decode.py turns them on and checks them against this path.
+os.environ.setdefault('PIXELGEN_CPU_DECODE', 'shared')
+# One JAX compilation cache for the whole session, subprocess jobs included (they inherit the
+# environment, and pytest-xdist's workers that of the process that collected them): the
+# tiny configs' train steps are compiled by many jobs; each compiles once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='pixelgen-jax-cache-'))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'igpt_shapes.py') + ':tiny'

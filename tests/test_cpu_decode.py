@@ -15,6 +15,12 @@ from pixelgen.models.igpt import ImageGPT
 from pixelgen.sampling import sample
 
 
+@pytest.fixture(autouse=True)
+def cores_mode(monkeypatch):
+    """The default mode (conftest sets 'shared' for the other tests)."""
+    monkeypatch.setenv(cpu_decode.ENV, 'cores')
+
+
 @pytest.fixture(scope='module')
 def two_devices() -> tuple[jax.Device, ...]:
     """Two one-thread clients' devices: one per core, or both on this process's only core
