@@ -1,0 +1,68 @@
+"""Decoding on a one-thread CPU client per core against the shared thread pool, in one process.
+
+    python benchmarks/decode_clients.py [--tokens 256] [--batch 4] [--repeats 7]
+
+`pixelgen.sampling.sample` decodes the batch's rows on one-thread CPU clients, one per core
+(`pixelgen.cpu_decode`, PIXELGEN_CPU_DECODE=cores, the default). This times it against
+PIXELGEN_CPU_DECODE=shared (the whole batch on JAX's main CPU client and its intra-op thread
+pool) on `igpt_sample`'s model (8 layers, width 256, 256 new tokens from the start token),
+interleaved, checks that both draw the same tokens, and prints one JSON line per mode: the
+compile-and-first-call seconds, the median seconds of the later calls and tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from pixelgen import host_memory
+
+host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pixelgen import bench, cpu_decode, sampling  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--tokens', type=int, default=256)
+    parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--repeats', type=int, default=7)
+    args = parser.parse_args()
+    shape = dict(bench.IGPT_SAMPLE_SHAPE, new_tokens=args.tokens, batch=args.batch)
+    model, _ = bench.build_igpt(shape, None)
+    model.head.kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), model.head.kernel.shape)
+
+    def draw(mode: str, seed: int) -> tuple[float, np.ndarray]:
+        os.environ[cpu_decode.ENV] = mode  # read at every call; each mode keeps its compiles
+        start = time.perf_counter()
+        tokens = np.asarray(sampling.sample(model, jax.random.key(seed), batch_size=args.batch,
+                                            num_tokens=args.tokens))
+        return time.perf_counter() - start, tokens
+
+    modes = cpu_decode.CHOICES
+    first = {mode: draw(mode, 0) for mode in modes}
+    if not all(np.array_equal(first[mode][1], first[modes[0]][1]) for mode in modes):
+        raise SystemExit('the modes drew different tokens')
+    times = {mode: [] for mode in modes}
+    for seed in range(1, args.repeats + 1):  # interleaved, so load changes hit both alike
+        for mode in modes:
+            times[mode].append(draw(mode, seed)[0])
+    devices = len(cpu_decode.core_devices())
+    for mode, ts in times.items():
+        seconds = statistics.median(ts)
+        print(json.dumps({
+            'name': 'decode_clients', 'mode': mode, 'clients': devices if mode == 'cores' else 1,
+            'tokens': args.tokens, 'batch': args.batch, 'first_call_s': round(first[mode][0], 2),
+            's': round(seconds, 3), 'all_s': [round(t, 3) for t in ts],
+            'tokens_per_s': round(args.batch * args.tokens / seconds, 1)}))
+
+
+if __name__ == '__main__':
+    main()
