@@ -36,8 +36,7 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=7)
     args = parser.parse_args()
     shape = dict(bench.IGPT_SAMPLE_SHAPE, new_tokens=args.tokens, batch=args.batch)
-    model, _ = bench.build_igpt(shape, None)
-    model.head.kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), model.head.kernel.shape)
+    model, _ = bench.build_sampling_igpt(shape)
 
     def draw(mode: str, seed: int) -> tuple[float, np.ndarray]:
         os.environ[cpu_decode.ENV] = mode  # read at every call; each mode keeps its compiles

@@ -32,8 +32,7 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args()
     shape = dict(bench.IGPT_SAMPLE_SHAPE, new_tokens=args.tokens)
-    model, _ = bench.build_igpt(shape, None)
-    model.head.kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), model.head.kernel.shape)
+    model, _ = bench.build_sampling_igpt(shape)
     variants = {'phased': sampling.MAX_PHASES, 'one_loop': 1}
 
     def draw(variant: str, seed: int) -> float:

@@ -114,6 +114,15 @@ def build_igpt(shape: dict[str, Any], attention: str | None, seed: int = 0
     return model, impl
 
 
+def build_sampling_igpt(shape: dict[str, Any], attention: str | None = None
+                        ) -> tuple[ImageGPT, str]:
+    """`build_igpt` with a random head: the zero-initialised one makes every draw uniform
+    (the same cost, odd samples)."""
+    model, impl = build_igpt(shape, attention)
+    model.head.kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), model.head.kernel.shape)
+    return model, impl
+
+
 def random_tokens(shape: dict[str, Any], seed: int = 0) -> jax.Array:
     """Seeded uniform palette indices [batch, seq] int32."""
     rng = np.random.default_rng(seed)
@@ -278,9 +287,7 @@ def igpt_sample(shape: dict[str, Any], options: Options) -> dict:
     else:
         sample_kwargs = {}
         shape = {**shape, 'new_tokens': shape['seq']}
-    model, impl = build_igpt(shape, options.attention)
-    # A random head: the zero-initialised one makes every draw uniform (same cost, odd samples).
-    model.head.kernel[...] = 0.02 * jax.random.normal(jax.random.key(1), model.head.kernel.shape)
+    model, impl = build_sampling_igpt(shape, options.attention)
     keys = iter(jax.random.split(jax.random.key(0), options.steps + 3))
 
     def generate():  # as a user calls it: on CPU, rows split over one-thread clients per core
