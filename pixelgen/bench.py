@@ -322,7 +322,7 @@ def _whole_batch_sampler(model: ImageGPT, sample_kwargs: dict, shape: dict[str, 
     return sampling._sample_jit.lower(
         graphdef, state, jax.random.key(0), prompt, batch_size=shape['batch'], temperature=1.0,
         top_k=None, phase_ends=sampling._phase_ends(num_tokens),
-        rows=(0, shape['batch'])).compile()
+        row_start=np.int32(0), row_count=shape['batch']).compile()
 
 
 def dalle_seq(shape: dict[str, Any]) -> dict[str, Any]:

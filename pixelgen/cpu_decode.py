@@ -19,16 +19,19 @@ PIXELGEN_CPU_DECODE=shared turns it off.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import serialize_executable
 
 ENV = 'PIXELGEN_CPU_DECODE'
 CHOICES = ('cores', 'shared')
@@ -109,14 +112,17 @@ def split(batch_size: int, parts: int) -> list[Rows]:
 
 def map_rows(run: Callable[..., jax.Array], params: Any, shared: Sequence[Any],
              per_row: Sequence[Any], batch_size: int) -> jax.Array:
-    """`run(params, *shared, *per_row, rows=(0, batch_size))`, computed as row ranges on the
-    core devices where that applies (`decode_devices`), concatenated on the parameters' device.
+    """`run(params, *shared, *per_row, row_start=0, row_count=batch_size)`, computed as row
+    ranges on the core devices where that applies (`decode_devices`), concatenated on the
+    parameters' device.
 
     Args:
-      run: a jitted function of (params, *shared, *per_row arrays [rows, ...], rows=(start,
-        stop) static) -> [stop - start, ...]. Row r of its result must depend only on row r
-        of `per_row`, on `params` and on `shared` (the samplers draw each row's noise as the
-        whole batch does).
+      run: a jitted function, or a functools.partial of one, of (params, *shared, *per_row
+        arrays [row_count, ...], row_start=int32 scalar, row_count=int static) ->
+        [row_count, ...]: the rows [row_start, row_start + row_count) of the batch. Row r of
+        its result must depend only on row r of `per_row`, on `params` and on `shared` (the
+        samplers draw each row's noise as the whole batch does). The start is traced, so the
+        ranges of one size share one executable (`_executable`).
       params: the model's parameters (they decide where it runs).
       shared: what every range reads as well, e.g. the rng key.
       per_row: arrays [batch_size, ...].
@@ -125,20 +131,69 @@ def map_rows(run: Callable[..., jax.Array], params: Any, shared: Sequence[Any],
     devices = decode_devices(params, batch_size)
     if not devices or any(isinstance(x, jax.core.Tracer)
                           for x in jax.tree.leaves((shared, per_row))):
-        return run(params, *shared, *per_row, rows=(0, batch_size))
+        return run(params, *shared, *per_row, row_start=np.int32(0), row_count=batch_size)
     home = next(iter(jax.tree.leaves(params)[0].sharding.device_set))
 
-    def on(device: jax.Device, rows: Rows) -> np.ndarray:
-        start, stop = rows
+    calls = []
+    for device, (start, stop) in zip(devices, split(batch_size, len(devices)), strict=True):
         local = [jax.device_put(np.asarray(x)[start:stop], device) for x in per_row]
-        return np.asarray(run(*jax.device_put((params, *shared), device), *local, rows=rows))
+        *common, row_start = jax.device_put((params, *shared, np.int32(start)), device)
+        args = (*common, *local)
+        calls.append((_executable(run, device, args, stop - start), args, row_start))
 
-    ranges = split(batch_size, len(devices))
-    if len(devices) == 1:
-        parts = [on(devices[0], ranges[0])]
+    def call(executable, args, row_start) -> np.ndarray:
+        return np.asarray(executable(*args, row_start=row_start))
+
+    if len(calls) == 1:
+        parts = [call(*calls[0])]
     else:
-        parts = list(_pool(len(devices)).map(on, devices, ranges))
+        parts = list(_pool(len(calls)).map(lambda c: call(*c), calls))
     return jax.device_put(np.concatenate(parts), home)
+
+
+# Executables compiled for the core devices, least recently used last out. A range's
+# executable is compiled once, on the first core device that needs it, and loaded on the others
+# from its serialized form: the clients are alike, and loading takes about 0.5 s where
+# compiling a sampler takes several.
+MAX_EXECUTABLES = 32
+_executables: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
+_executables_lock = threading.Lock()
+
+
+def _executable(run: Callable[..., jax.Array], device: jax.Device, args: tuple,
+                row_count: int) -> Callable[..., jax.Array]:
+    """`run` at `args` (on `device`) and `row_count`, compiled: called with (*args,
+    row_start=...). Where the executable cannot be serialized, it is compiled per device."""
+    func, fixed, keywords = ((run.func, run.args, run.keywords)
+                             if isinstance(run, functools.partial) else (run, (), {}))
+    leaves, tree = jax.tree.flatten(args)
+    key = (func, fixed, tuple(sorted(keywords.items())), row_count, tree,
+           tuple((x.shape, str(x.dtype)) for x in leaves))
+    with _executables_lock:
+        entry = _executables.setdefault(key, {'devices': {}, 'serialized': None})
+        _executables.move_to_end(key)
+        while len(_executables) > MAX_EXECUTABLES:
+            _executables.popitem(last=False)
+        if device in entry['devices']:
+            return entry['devices'][device]
+        row_start = jax.device_put(np.int32(0), device)
+        if entry['serialized'] is None:
+            compiled = func.lower(*fixed, *args, **keywords, row_start=row_start,
+                                  row_count=row_count).compile()
+            try:
+                entry['serialized'] = serialize_executable.serialize(compiled)
+            except (ValueError, NotImplementedError) as error:
+                logging.warning('pixelgen.cpu_decode: the executable cannot be serialized (%s); '
+                                'compiling it on every core client.', error)
+                entry['serialized'] = False
+        elif entry['serialized']:
+            compiled = serialize_executable.deserialize_and_load(
+                *entry['serialized'], backend=device.client, execution_devices=[device])
+        else:
+            compiled = func.lower(*fixed, *args, **keywords, row_start=row_start,
+                                  row_count=row_count).compile()
+        entry['devices'][device] = compiled
+        return compiled
 
 
 # The noise of a loop's positions is drawn before the loop where it takes at most this many
@@ -147,15 +202,16 @@ def map_rows(run: Callable[..., jax.Array], params: Any, shared: Sequence[Any],
 MAX_NOISE_BYTES = 32 * 2 ** 20
 
 
-def gumbel_rows(rng: jax.Array, start: int, end: int, batch_size: int, rows: Rows,
-                vocab: int) -> Callable[[jax.Array], jax.Array]:
+def gumbel_rows(rng: jax.Array, start: int, end: int, batch_size: int, row_start: jax.Array,
+                row_count: int, vocab: int) -> Callable[[jax.Array], jax.Array]:
     """For a decoding loop over positions [start, end): position -> the Gumbel noise
-    [rows, vocab] that `jax.random.categorical(fold_in(rng, position), logits)` adds to these
-    rows of logits [batch_size, vocab] (it draws argmax(logits + noise)). So a batch decoded in
-    row ranges draws exactly what it draws whole."""
+    [row_count, vocab] that `jax.random.categorical(fold_in(rng, position), logits)` adds to
+    rows [row_start, row_start + row_count) of logits [batch_size, vocab] (it draws
+    argmax(logits + noise)). So a batch decoded in row ranges draws exactly what it draws
+    whole."""
     def at(position):
         noise = jax.random.gumbel(jax.random.fold_in(rng, position), (batch_size, vocab))
-        return noise[rows[0]:rows[1]]
+        return jax.lax.dynamic_slice_in_dim(noise, row_start, row_count, axis=0)
     if (end - start) * batch_size * vocab * 4 > MAX_NOISE_BYTES:
         return at
     drawn = jax.vmap(at)(jnp.arange(start, end))  # [end - start, rows, vocab]

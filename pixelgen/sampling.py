@@ -61,15 +61,15 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
-                                             'phase_ends', 'rows'))
+                                             'phase_ends', 'row_count'))
 def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt: jax.Array, *,
                 batch_size: int, temperature: float, top_k: int | None,
-                phase_ends: tuple[int, ...], rows: tuple[int, int]) -> jax.Array:
-    """Pure sampler of the batch's `rows` [start, stop) (prompt holds only those rows); jit
-    caches one executable per (graphdef, shapes, static settings, device)."""
+                phase_ends: tuple[int, ...], row_start: jax.Array, row_count: int) -> jax.Array:
+    """Pure sampler of the batch's rows [row_start, row_start + row_count) (prompt holds only
+    those rows); jit caches one executable per (graphdef, shapes, static settings, device)."""
     model: ImageGPT = nnx.merge(graphdef, state)
     prompt_len = prompt.shape[1]
-    tokens = jnp.zeros((rows[1] - rows[0], phase_ends[-1]), jnp.int32)
+    tokens = jnp.zeros((row_count, phase_ends[-1]), jnp.int32)
     tokens = jax.lax.dynamic_update_slice(tokens, prompt, (0, 0))
 
     def step(position, carry, noise):
@@ -91,9 +91,10 @@ def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt
     # part of each step's memory traffic, and the step is bound by memory traffic.
     start, cache = 0, None
     for end in phase_ends:
-        cache = (model.init_cache(rows[1] - rows[0], end) if cache is None
+        cache = (model.init_cache(row_count, end) if cache is None
                  else _grow(cache, end))
-        noise = cpu_decode.gumbel_rows(rng, start, end, batch_size, rows, model.vocab_size)
+        noise = cpu_decode.gumbel_rows(rng, start, end, batch_size, row_start, row_count,
+                                         model.vocab_size)
         tokens, cache = jax.lax.fori_loop(start, end, functools.partial(step, noise=noise),
                                           (tokens, cache))
         start = end

@@ -1,6 +1,7 @@
 """Decoding on one-thread CPU clients, the batch's rows split between them (pixelgen.cpu_decode):
 it must draw token for token what decoding the whole batch on the main client draws."""
 
+import functools
 import os
 
 import jax
@@ -106,8 +107,9 @@ def test_gumbel_rows_add_what_jax_random_categorical_adds(monkeypatch, drawn_fir
         monkeypatch.setattr(cpu_decode, 'MAX_NOISE_BYTES', 0)
     rng, rows, batch, vocab = jax.random.key(4), (1, 3), 4, 10
     logits = jax.random.normal(jax.random.key(5), (batch, vocab))
-    noise = jax.jit(lambda position: cpu_decode.gumbel_rows(rng, 2, 6, batch, rows, vocab)(
-        position))(jnp.int32(4))  # [rows, vocab] at position 4, traced as in a loop
+    noise = jax.jit(lambda position, start: cpu_decode.gumbel_rows(
+        rng, 2, 6, batch, start, rows[1] - rows[0], vocab)(position))(
+            jnp.int32(4), jnp.int32(rows[0]))  # [rows, vocab] at position 4, traced as in a loop
     expected = jax.random.categorical(jax.random.fold_in(rng, 4), logits)[rows[0]:rows[1]]
     drawn = jnp.argmax(logits[rows[0]:rows[1]] + noise, axis=-1)
     np.testing.assert_array_equal(drawn, expected)
@@ -129,3 +131,26 @@ def test_a_bad_mode_names_the_choices(monkeypatch, igpt):
     monkeypatch.setenv(cpu_decode.ENV, 'both')
     with pytest.raises(ValueError, match='PIXELGEN_CPU_DECODE=.both.*cores.*shared'):
         sample(igpt, jax.random.key(0), batch_size=2)
+
+
+def test_ranges_of_one_size_compile_once_and_load_on_the_other_clients(monkeypatch,
+                                                                       on_two_devices):
+    loads, load = [], cpu_decode.serialize_executable.deserialize_and_load
+
+    def counted_load(*args, **kwargs):
+        loads.append(kwargs['execution_devices'])
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_decode.serialize_executable, 'deserialize_and_load', counted_load)
+
+    @functools.partial(jax.jit, static_argnames='row_count')
+    def scaled_plus_start(params, x, *, row_start, row_count):
+        assert x.shape[0] == row_count
+        return x * params + row_start
+
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    expected = x * 2 + np.array([[0], [0], [2], [2]], np.float32)  # each range's own start
+    for _ in range(2):  # the second call reuses both executables
+        out = cpu_decode.map_rows(scaled_plus_start, jnp.float32(2), [], [x], 4)
+        np.testing.assert_array_equal(out, expected)
+    assert loads == [[on_two_devices[1]]]

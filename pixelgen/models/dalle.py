@@ -218,14 +218,16 @@ def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
-                                             'top_p', 'rows'))
+                                             'top_p', 'row_count'))
 def _generate_jit(graphdef, state, rng, text, image_prompt, *, batch_size, temperature, top_k,
-                  top_p, rows):
-    """The codes of the batch's `rows` [start, stop) (text and image_prompt hold only those)."""
+                  top_p, row_start, row_count):
+    """The codes of the batch's rows [row_start, row_start + row_count) (text and image_prompt
+    hold only those)."""
     model: DallE = nnx.merge(graphdef, state)
     batch, t, n = text.shape[0], model.text_len, model.num_image_tokens
     prompt_len = image_prompt.shape[1]
-    noise = cpu_decode.gumbel_rows(rng, 0, t + n - 1, batch_size, rows, model.image_vocab_size)
+    noise = cpu_decode.gumbel_rows(rng, 0, t + n - 1, batch_size, row_start, row_count,
+                                   model.image_vocab_size)
     sequence = jnp.zeros((batch, t + n), jnp.int32)
     sequence = jax.lax.dynamic_update_slice(sequence, text, (0, 0))
     sequence = jax.lax.dynamic_update_slice(sequence, image_prompt, (0, t))
