@@ -1,78 +1,192 @@
 """The floor of `igpt_sample` on this machine: only the matmuls of one token step.
 
-    python benchmarks/decode_floor.py [--parts 1 2]
+    python benchmarks/decode_floor.py [--parts 1 2] [--layers 8 4] [--split one tensor pipeline]
 
-Runs the 8 layers' projections and MLP matmuls (width 256, batch 4, fp32; no attention, norms
+Runs the layers' projections and MLP matmuls (width 256, batch 4, fp32; no attention, norms
 or cache) for 256 steps in one `jax.lax.fori_loop`, as the sampler does, and prints ms per
 step and tokens/s. If this is as slow as `python -m pixelgen.bench igpt_sample`, the sampler
-is bound by XLA:CPU's small matmuls, not by its attention or cache. `--parts 2` splits the
-batch into independent chains, which XLA could run on two cores at once.
+is bound by XLA:CPU's small matmuls, not by its attention or cache.
+
+- `--parts 2` splits the batch into independent chains, which XLA could run on two cores.
+- `--layers 8 4 2` runs the floor with fewer layers: each layer's weights are 3 MiB, so this
+  shows where they stop fitting in a core's caches (time per layer jumps there).
+- `--split tensor pipeline` shares the weights of the 8 layers between two CPU devices of one
+  client (`--xla_force_host_platform_device_count=2`, set here): `tensor` gives each device
+  half the heads and half the MLP hidden units (two `psum`s per layer), `pipeline` half the
+  layers, with the batch's two halves in flight (one `ppermute` per half step). Each device
+  then reads half the weights per step; the collectives are the price. Every variant's
+  result is checked against the same chain computed on one device (`rel_err`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
-from pixelgen import host_memory
-
-host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-LAYERS, WIDTH, BATCH, STEPS = 8, 256, 4, 256
+WIDTH, BATCH, STEPS = 256, 4, 256
+SPLITS = ('one', 'tensor', 'pipeline')
 
 
-def weights() -> list[dict[str, jax.Array]]:
-    """One dict per layer, separate arrays as the (unscanned) model holds them: slices of one
-    stacked [layers, ...] array were copied every step and ran about 30% slower."""
-    shapes = {'qkv': (WIDTH, 3 * WIDTH), 'out': (WIDTH, WIDTH), 'fc1': (WIDTH, 4 * WIDTH),
-              'fc2': (4 * WIDTH, WIDTH)}
-    keys = jax.random.split(jax.random.key(0), LAYERS * len(shapes))
-    return [{name: 0.02 * jax.random.normal(keys[layer * len(shapes) + i], shape)
-             for i, (name, shape) in enumerate(shapes.items())} for layer in range(LAYERS)]
-
-
-def token_step(w: list[dict[str, jax.Array]], h: jax.Array) -> jax.Array:
-    for layer in w:
-        h = h + (h @ layer['qkv'])[:, :WIDTH] @ layer['out']
-        h = h + jax.nn.gelu(h @ layer['fc1']) @ layer['fc2']
-    return h
-
-
-def make_run(parts: int):
-    @jax.jit
-    def run(w):
-        start = tuple(jnp.ones((BATCH // parts, WIDTH)) for _ in range(parts))
-        return jax.lax.fori_loop(0, STEPS, lambda i, hs: tuple(token_step(w, h) for h in hs),
-                                 start)
-    return run
-
-
-def main() -> None:
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--parts', type=int, nargs='+', default=[1], choices=[1, 2, 4])
+    parser.add_argument('--layers', type=int, nargs='+', default=[8])
+    parser.add_argument('--split', nargs='+', default=['one'], choices=SPLITS)
+    parser.add_argument('--steps', type=int, default=STEPS)
+    parser.add_argument('--width', type=int, default=WIDTH)
     parser.add_argument('--repeats', type=int, default=5)
-    args = parser.parse_args()
-    w = weights()
-    runs = {parts: make_run(parts) for parts in args.parts}
-    for run in runs.values():
-        jax.block_until_ready(run(w))  # compile
-    times = {parts: [] for parts in runs}
+    args = parser.parse_args(argv)
+    if any(layers < 1 for layers in args.layers):
+        parser.error('--layers must be at least 1')
+    if set(args.split) - {'one'}:
+        if args.parts != [1]:
+            parser.error('--split tensor/pipeline runs the whole batch; leave --parts at 1')
+        if any(layers % 2 for layers in args.layers):
+            parser.error('--split pipeline/tensor needs an even number of --layers')
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    if set(args.split) - {'one'}:  # two CPU devices, before JAX starts
+        os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                                   + ' --xla_force_host_platform_device_count=2')
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+    from pixelgen import host_memory
+    host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    width, steps = args.width, args.steps
+
+    def weights(layers: int) -> list[dict[str, jax.Array]]:
+        """One dict per layer, separate arrays as the (unscanned) model holds them: slices of
+        one stacked [layers, ...] array were copied every step and ran about 30% slower."""
+        shapes = {'qkv': (width, 3 * width), 'out': (width, width),
+                  'fc1': (width, 4 * width), 'fc2': (4 * width, width)}
+        keys = jax.random.split(jax.random.key(0), layers * len(shapes))
+        return [{name: 0.02 * jax.random.normal(keys[layer * len(shapes) + i], shape)
+                 for i, (name, shape) in enumerate(shapes.items())} for layer in range(layers)]
+
+    def normed(h):  # keeps 256 steps of residual growth finite, as the model's norms do
+        return h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)
+
+    def token_step(w, h):
+        for layer in w:
+            h = h + (h @ layer['qkv'])[:, :width] @ layer['out']
+            h = normed(h + jax.nn.gelu(h @ layer['fc1']) @ layer['fc2'])
+        return h
+
+    def start(rows: int) -> jax.Array:
+        return jax.random.normal(jax.random.key(1), (rows, width))
+
+    def one(w, parts: int):
+        @jax.jit
+        def run(w):
+            chains = tuple(jnp.split(start(BATCH), parts))
+            return jnp.concatenate(jax.lax.fori_loop(
+                0, steps, lambda i, hs: tuple(token_step(w, h) for h in hs), chains))
+        return run, (w,)
+
+    def tensor(w):
+        mesh = Mesh(np.array(jax.devices()[:2]), ('x',))
+        half = width // 2  # device i: heads [i·half, (i+1)·half), hidden [i·2W, (i+1)·2W)
+        def heads(qkv, i):  # this device's q, k and v columns, side by side
+            return jnp.concatenate([qkv[:, j * width + i * half:j * width + (i + 1) * half]
+                                    for j in range(3)], axis=1)
+        split = [dict(qkv=jnp.stack([heads(layer['qkv'], i) for i in range(2)]),
+                      out=jnp.stack(jnp.split(layer['out'], 2, axis=0)),
+                      fc1=jnp.stack(jnp.split(layer['fc1'], 2, axis=1)),
+                      fc2=jnp.stack(jnp.split(layer['fc2'], 2, axis=0)))
+                 for layer in w]
+        split = jax.device_put(split, NamedSharding(mesh, P('x')))
+
+        def local(w, h):
+            def body(i, h):
+                for layer in w:
+                    q = (h @ layer['qkv'][0])[:, :half]
+                    h = h + jax.lax.psum(q @ layer['out'][0], 'x')
+                    h = normed(h + jax.lax.psum(
+                        jax.nn.gelu(h @ layer['fc1'][0]) @ layer['fc2'][0], 'x'))
+                return h
+            return jax.lax.fori_loop(0, steps, body, h)
+        run = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P('x'), P()), out_specs=P(),
+                                    check_vma=False))
+        return run, (split, start(BATCH))
+
+    def pipeline(w):
+        mesh = Mesh(np.array(jax.devices()[:2]), ('x',))
+        stages = len(w) // 2  # device 0: layers [0, L/2), device 1: [L/2, L)
+        split = [jax.tree.map(lambda a, b: jnp.stack([a, b]), w[i], w[stages + i])
+                 for i in range(stages)]
+        split = jax.device_put(split, NamedSharding(mesh, P('x')))
+
+        def local(w, h):  # h: this device's half of the batch
+            stage = [jax.tree.map(lambda a: a[0], layer) for layer in w]
+
+            def body(i, h):  # stage 0's output goes on to stage 1, stage 1's back to stage 0
+                return jax.lax.ppermute(token_step(stage, h), 'x', [(0, 1), (1, 0)])
+            return jax.lax.fori_loop(0, 2 * steps, body, h)
+        run = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P('x'), P('x')),
+                                    out_specs=P('x'), check_vma=False))
+        return run, (split, jax.device_put(start(BATCH), NamedSharding(mesh, P('x'))))
+
+    def reference(w, split: str) -> np.ndarray:
+        """The same chain on one device. In the pipeline the second half of the batch starts
+        on stage 1, so it runs (stage 0 after stage 1) `steps` times."""
+        h = np.asarray(start(BATCH), np.float64)
+        w = [{k: np.asarray(v, np.float64) for k, v in layer.items()} for layer in w]
+
+        def layers(part, h):
+            for layer in part:
+                h = h + (h @ layer['qkv'])[:, :width] @ layer['out']
+                pre = h @ layer['fc1']
+                gelu = 0.5 * pre * (1 + np.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre ** 3)))
+                h = h + gelu @ layer['fc2']
+                h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + 1e-6)
+            return h
+        top, bottom = h[:BATCH // 2], h[BATCH // 2:]
+        first, second = w[:len(w) // 2], w[len(w) // 2:]
+        for _ in range(steps):
+            top = layers(w, top)
+            bottom = layers(first, layers(second, bottom)) if split == 'pipeline' else layers(
+                w, bottom)
+        return np.concatenate([top, bottom])
+
+    variants = {}
+    for layers in args.layers:
+        w = weights(layers)
+        for split in args.split:
+            for parts in (args.parts if split == 'one' else [1]):
+                run, inputs = (one(w, parts) if split == 'one'
+                               else tensor(w) if split == 'tensor' else pipeline(w))
+                out = np.asarray(jax.block_until_ready(run(*inputs)))  # compile, and check
+                ref = reference(w, split)
+                rel = float(np.abs(out - ref).max() / np.abs(ref).max())
+                variants[(layers, split, parts)] = (run, inputs, rel)
+    times = {key: [] for key in variants}
     for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
-        for parts, run in runs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(run(w))
-            times[parts].append(time.perf_counter() - start)
-    for parts, ts in times.items():
+        for key, (run, inputs, _) in variants.items():
+            begin = time.perf_counter()
+            jax.block_until_ready(run(*inputs))
+            times[key].append(time.perf_counter() - begin)
+    for (layers, split, parts), ts in times.items():
         seconds = statistics.median(ts)
-        print(json.dumps({'name': 'decode_floor', 'parts': parts,
-                          'ms_per_step': round(1e3 * seconds / STEPS, 3),
-                          'tokens_per_s': round(BATCH * STEPS / seconds, 1)}))
+        print(json.dumps({'name': 'decode_floor', 'layers': layers, 'split': split,
+                          'parts': parts, 'weights_mib': round(layers * 12 * width ** 2 * 4
+                                                               / 2 ** 20, 1),
+                          'ms_per_step': round(1e3 * seconds / steps, 3),
+                          'tokens_per_s': round(BATCH * steps / seconds, 1),
+                          'rel_err': variants[(layers, split, parts)][2]}), flush=True)
 
 
 if __name__ == '__main__':
