@@ -1,6 +1,7 @@
 """The floor of `igpt_sample` on this machine: only the matmuls of one token step.
 
-    python benchmarks/decode_floor.py [--parts 1 2] [--layers 8 4] [--split one tensor pipeline]
+    python benchmarks/decode_floor.py [--parts 1 2] [--layers 8 4]
+                                      [--split one tensor pipeline clients]
 
 Runs the layers' projections and MLP matmuls (width 256, batch 4, fp32; no attention, norms
 or cache) for 256 steps in one `jax.lax.fori_loop`, as the sampler does, and prints ms per
@@ -13,14 +14,17 @@ is bound by XLA:CPU's small matmuls, not by its attention or cache.
 - `--split tensor pipeline` shares the weights of the 8 layers between two CPU devices of one
   client (`--xla_force_host_platform_device_count=2`, set here): `tensor` gives each device
   half the heads and half the MLP hidden units (two `psum`s per layer), `pipeline` half the
-  layers, with the batch's two halves in flight (one `ppermute` per half step). Each device
-  then reads half the weights per step; the collectives are the price. Every variant's
-  result is checked against the same chain computed on one device (`rel_err`).
+  layers, with the batch's two halves in flight (one `ppermute` per half step); `clients` is
+  that pipeline on two one-thread clients, one per core (`pixelgen.cpu_decode`), swapping
+  through an `io_callback`. Each device then holds half the weights, so they can stay in its
+  caches; the collectives or callbacks are the price. Every variant's result is checked
+  against the same chain computed on one device (`rel_err`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -28,7 +32,7 @@ import sys
 import time
 
 WIDTH, BATCH, STEPS = 256, 4, 256
-SPLITS = ('one', 'tensor', 'pipeline')
+SPLITS = ('one', 'tensor', 'pipeline', 'clients')
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -53,7 +57,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    if set(args.split) - {'one'}:  # two CPU devices, before JAX starts
+    if set(args.split) & {'tensor', 'pipeline'}:  # two CPU devices, before JAX starts
         os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                                    + ' --xla_force_host_platform_device_count=2')
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
@@ -140,6 +144,44 @@ def main(argv=None) -> None:
                                     out_specs=P('x'), check_vma=False))
         return run, (split, jax.device_put(start(BATCH), NamedSharding(mesh, P('x'))))
 
+    def clients(w):
+        """The pipeline on two one-thread clients, one per core (`pixelgen.cpu_decode`), which
+        swap their stage's output through an `io_callback` after every half step."""
+        import queue
+
+        from jax.experimental import io_callback
+
+        from pixelgen import cpu_decode
+        devices = cpu_decode.core_devices()[:2]
+        if len(devices) < 2:
+            raise SystemExit('--split clients needs two cores')
+        inbox = (queue.Queue(1), queue.Queue(1))  # what each stage receives
+
+        def swap(me: int, h: np.ndarray) -> np.ndarray:
+            inbox[1 - me].put(np.asarray(h))
+            return inbox[me].get(timeout=60)
+
+        stages = len(w) // 2
+        executables, inputs = [], []
+        for me, device in enumerate(devices):
+            def local(w, h, me=me):
+                def body(i, h):
+                    out = token_step(w, h)
+                    return io_callback(functools.partial(swap, me),
+                                       jax.ShapeDtypeStruct(out.shape, out.dtype), out)
+                return jax.lax.fori_loop(0, 2 * steps, body, h)
+            rows = np.split(np.asarray(start(BATCH)), 2)[me]
+            args = jax.device_put((w[me * stages:(me + 1) * stages], rows), device)
+            executables.append(jax.jit(local).lower(*args).compile())
+            inputs.append(args)
+        pool = cpu_decode._pool(2)
+
+        def run():
+            calls = [pool.submit(lambda i=i: np.asarray(executables[i](*inputs[i])))
+                     for i in range(2)]
+            return np.concatenate([call.result() for call in calls])
+        return run, ()
+
     def reference(w, split: str) -> np.ndarray:
         """The same chain on one device. In the pipeline the second half of the batch starts
         on stage 1, so it runs (stage 0 after stage 1) `steps` times."""
@@ -158,8 +200,8 @@ def main(argv=None) -> None:
         first, second = w[:len(w) // 2], w[len(w) // 2:]
         for _ in range(steps):
             top = layers(w, top)
-            bottom = layers(first, layers(second, bottom)) if split == 'pipeline' else layers(
-                w, bottom)
+            bottom = (layers(first, layers(second, bottom)) if split in ('pipeline', 'clients')
+                      else layers(w, bottom))
         return np.concatenate([top, bottom])
 
     variants = {}
@@ -168,7 +210,8 @@ def main(argv=None) -> None:
         for split in args.split:
             for parts in (args.parts if split == 'one' else [1]):
                 run, inputs = (one(w, parts) if split == 'one'
-                               else tensor(w) if split == 'tensor' else pipeline(w))
+                               else {'tensor': tensor, 'pipeline': pipeline,
+                                     'clients': clients}[split](w))
                 out = np.asarray(jax.block_until_ready(run(*inputs)))  # compile, and check
                 ref = reference(w, split)
                 rel = float(np.abs(out - ref).max() / np.abs(ref).max())
