@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pixelgen import cpu_decode, flops, host_memory, sampling, trainer
+from pixelgen import core_split, cpu_decode, flops, host_memory, sampling, trainer
 from pixelgen.models.dalle import DallE
 from pixelgen.models.igpt import ImageGPT
 from pixelgen.nn.attention import IMPLEMENTATIONS, MultiHeadAttention, cudnn_unavailable
@@ -305,8 +305,10 @@ def igpt_sample(shape: dict[str, Any], options: Options) -> dict:
                     model_flops, compile_s, _whole_batch_sampler(model, sample_kwargs, shape),
                     impl)
     devices = cpu_decode.decode_devices(nnx.state(model), shape['batch'])
-    result['decode'] = (f'{len(devices)} one-thread CPU clients, {shape["batch"]} rows split '
-                        'between them (pixelgen.cpu_decode)' if devices
+    result['decode'] = ('2 one-thread CPU clients, half the heads and MLP units on each '
+                        '(pixelgen.core_split)' if core_split.applies(nnx.state(model))
+                        else f'{len(devices)} one-thread CPU clients, {shape["batch"]} rows '
+                             'split between them (pixelgen.cpu_decode)' if devices
                         else f'on {jax.devices()[0].platform}:0 ({cpu_decode.ENV}='
                              f'{cpu_decode.mode()})')
     result['compile_s_source'] = 'first call: compilation on every decode device plus one run'

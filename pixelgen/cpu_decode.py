@@ -34,7 +34,7 @@ import numpy as np
 from jax.experimental import serialize_executable
 
 ENV = 'PIXELGEN_CPU_DECODE'
-CHOICES = ('cores', 'shared')
+CHOICES = ('cores', 'rows', 'shared')
 MAX_CORES = 8  # one client (one copy of the parameters) per core, at most this many
 MAX_PARAM_BYTES = 512 * 2 ** 20
 
@@ -42,12 +42,14 @@ Rows = tuple[int, int]  # [start, stop) of the batch
 
 
 def mode() -> str:
-    """'cores' (the default: decode on one-thread clients, one per core) or 'shared' (on the
-    device the parameters are on, with its shared thread pool)."""
+    """'cores' (the default: decode on one-thread clients, one per core, with the weights split
+    between two cores where `pixelgen.core_split` applies, else the rows), 'rows' (the rows
+    split, always) or 'shared' (on the device the parameters are on, with its shared pool)."""
     choice = os.environ.get(ENV, 'cores')
     if choice not in CHOICES:
         raise ValueError(f'{ENV}={choice!r}; expected cores (the default: decode on a one-thread '
-                         'CPU client per core) or shared (on the parameters\' own device).')
+                         'CPU client per core), rows (split the rows between those clients, '
+                         'never the weights) or shared (on the parameters\' own device).')
     return choice
 
 

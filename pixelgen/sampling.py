@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelgen import cpu_decode
+from pixelgen import core_split, cpu_decode
 from pixelgen.models.igpt import ImageGPT
+from pixelgen.nn import partial_sums
 
 
 def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Array | None = None,
@@ -56,18 +57,35 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
     run = functools.partial(_sample_jit, graphdef, batch_size=batch_size,
                             temperature=float(temperature), top_k=top_k,
                             phase_ends=_phase_ends(num_tokens))
-    # On the CPU, rows are decoded on one-thread clients, one per core (pixelgen.cpu_decode).
+    # On a 2-core CPU the weights are split between the cores (pixelgen.core_split); on other
+    # CPUs the rows are decoded on one-thread clients, one per core (pixelgen.cpu_decode).
+    if core_split.applies(state):
+        return core_split.map_halves(run, state, [rng], [prompt], batch_size)
     return cpu_decode.map_rows(run, state, [rng], [prompt], batch_size)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
-                                             'phase_ends', 'row_count'))
+                                             'phase_ends', 'row_count', 'party'))
 def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt: jax.Array, *,
                 batch_size: int, temperature: float, top_k: int | None,
-                phase_ends: tuple[int, ...], row_start: jax.Array, row_count: int) -> jax.Array:
+                phase_ends: tuple[int, ...], row_start: jax.Array, row_count: int,
+                party: int | None = None) -> jax.Array:
     """Pure sampler of the batch's rows [row_start, row_start + row_count) (prompt holds only
-    those rows); jit caches one executable per (graphdef, shapes, static settings, device)."""
+    those rows); jit caches one executable per (graphdef, shapes, static settings, device).
+    With `party` (0 or 1), `state` is that party's half of the weights
+    (`core_split.map_halves`), summed with the other half after each attention and MLP."""
     model: ImageGPT = nnx.merge(graphdef, state)
+    if party is None:
+        return _decode(model, rng, prompt, batch_size, temperature, top_k, phase_ends,
+                       row_start, row_count)
+    core_split.use_half(model)
+    with partial_sums.combining(functools.partial(core_split.pair_sum, party=party)):
+        return _decode(model, rng, prompt, batch_size, temperature, top_k, phase_ends,
+                       row_start, row_count)
+
+
+def _decode(model: ImageGPT, rng, prompt, batch_size, temperature, top_k, phase_ends,
+            row_start, row_count) -> jax.Array:
     prompt_len = prompt.shape[1]
     tokens = jnp.zeros((row_count, phase_ends[-1]), jnp.int32)
     tokens = jax.lax.dynamic_update_slice(tokens, prompt, (0, 0))

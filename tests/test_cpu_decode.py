@@ -48,10 +48,11 @@ def igpt() -> ImageGPT:
 
 
 def shared_and_split(monkeypatch, draw):
-    """draw() on the main client (PIXELGEN_CPU_DECODE=shared), then split over the cores."""
+    """draw() on the main client (PIXELGEN_CPU_DECODE=shared), then with the rows split over
+    the cores (=rows: never the weights, which tests/test_core_split.py covers)."""
     monkeypatch.setenv(cpu_decode.ENV, 'shared')
     whole = np.asarray(draw())
-    monkeypatch.setenv(cpu_decode.ENV, 'cores')
+    monkeypatch.setenv(cpu_decode.ENV, 'rows')
     return whole, draw()
 
 
@@ -129,7 +130,7 @@ def test_params_traced_sharded_or_large_decode_where_they_are(monkeypatch, two_d
 
 def test_a_bad_mode_names_the_choices(monkeypatch, igpt):
     monkeypatch.setenv(cpu_decode.ENV, 'both')
-    with pytest.raises(ValueError, match='PIXELGEN_CPU_DECODE=.both.*cores.*shared'):
+    with pytest.raises(ValueError, match='PIXELGEN_CPU_DECODE=.both.*cores.*rows.*shared'):
         sample(igpt, jax.random.key(0), batch_size=2)
 
 

@@ -18,6 +18,7 @@ from flax.nnx import spmd
 from pixelgen.nn.attention import MultiHeadAttention, logical_init
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.matmul import rows_t_times
+from pixelgen.nn.partial_sums import combined
 from pixelgen.parallel import constrain
 
 LayerCache = dict[str, jax.Array]
@@ -151,8 +152,8 @@ class Block(nnx.Module):
                position: jax.Array) -> tuple[jax.Array, LayerCache]:
         """x [batch, 1, width] at `position` -> (y [batch, 1, width], new cache)."""
         a, cache = self.attn.decode(self.norm1(x), cache, position)
-        x = x + a
-        x = x + self.mlp(self.norm2(x))
+        x = x + combined(a)  # the halves of split weights summed (pixelgen.core_split)
+        x = x + combined(self.mlp(self.norm2(x)))
         return x, cache
 
 

@@ -1,0 +1,201 @@
+"""Decoding with a model's weights split between two cores: half the heads and half the MLP
+units on each core's client, their partial sums combined after every attention and MLP.
+
+Why: a decoding step of a small model streams every weight once. Image GPT's `igpt_sample`
+model holds 24 MiB of them, more than a core's caches keep between steps, so each step reads
+them from memory again; 12 MiB stay cached (`taskset -c 0 python benchmarks/decode_floor.py
+--layers 8 4`: 0.91 against 0.19 ms per step on a 2-core AMD VM). With half the weights on
+each core, as tensor parallelism splits them, each core's half stays in its caches. The
+price is two sums of the halves per layer. XLA's in-process collectives and Python callbacks
+cost as much as that saves (`decode_floor.py --split tensor clients`), so the sum is a small
+XLA FFI custom call (`pixelgen/native/pair_sum.cc`) through which the two clients meet in
+shared memory. It is built with the C++ compiler the first time it is needed (about 5 s; `CXX`
+names the compiler, PIXELGEN_NATIVE_DIR where the library is kept) against the headers jaxlib
+ships.
+
+Where it applies (`applies`): a CPU process with exactly two cores, the samplers' one-thread
+core clients in use (`pixelgen.cpu_decode`), and a model whose attention and MLP weights split
+in two along their 'heads' and 'mlp' axes, with no biases after those sums (Image GPT). Both
+halves decode every row, combine bitwise-equal sums, and so draw the same tokens; on more
+cores, or where the library cannot be built (a warning says why), the rows are split instead.
+PIXELGEN_CPU_DECODE=rows chooses the row split, =shared neither.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pixelgen import cpu_decode
+
+SOURCE = os.path.join(os.path.dirname(__file__), 'native', 'pair_sum.cc')
+TARGET = 'pixelgen_pair_sum'
+SPLIT_AXES = ('heads', 'mlp')  # logical axes whose halves go to the two cores
+TIMEOUT_MS = 60_000  # how long a party waits for the other before the call fails
+PARTIES = 2
+
+
+def _library_path() -> str:
+    """Where the library for this source and jaxlib lives (built once per pair)."""
+    import jaxlib
+    with open(SOURCE, 'rb') as f:
+        key = hashlib.sha256(f.read() + jaxlib.__version__.encode()).hexdigest()[:16]
+    folder = os.environ.get('PIXELGEN_NATIVE_DIR') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'pixelgen', 'native')
+    return os.path.join(folder, f'pair_sum-{key}.so')
+
+
+def build(path: str, compiler: str | None = None) -> str | None:
+    """Compiles the pair_sum library to `path` (atomically); None, with the reason logged, where
+    that fails (no compiler, no jaxlib headers)."""
+    compiler = compiler or os.environ.get('CXX', 'g++')
+    folder = os.path.dirname(path)
+    partial = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix='.so.partial', delete=False) as tmp:
+            partial = tmp.name
+        done = subprocess.run([compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+                               '-I', jax.ffi.include_dir(), SOURCE, '-o', partial],
+                              capture_output=True, text=True, check=False, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f'{compiler} failed: {done.stderr.strip()[-1000:]}')
+        os.replace(partial, path)  # whole or not at all, if another process builds it too
+        return path
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logging.warning('pixelgen.core_split: could not build %s (%s); decoding splits the '
+                        'rows between the cores instead.', SOURCE, error)
+        return None
+    finally:
+        if partial and os.path.exists(partial):
+            os.unlink(partial)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The pair_sum library, built if needed, loaded, and registered with XLA as TARGET; None
+    where it cannot be (see `build`)."""
+    path = _library_path()
+    if not os.path.exists(path) and build(path) is None:
+        return None
+    try:
+        lib = ctypes.cdll.LoadLibrary(path)
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PixelgenPairSum),
+                                    platform='cpu')
+    except (OSError, AttributeError, ValueError) as error:
+        logging.warning('pixelgen.core_split: could not load %s (%s); decoding splits the rows '
+                        'between the cores instead.', path, error)
+        return None
+    lib.pixelgen_pair_sum_reset.argtypes = [ctypes.c_int64]
+    return lib
+
+
+def pair_sum(x: jax.Array, party: int) -> jax.Array:
+    """x plus the other party's x, in the same order on both (so bitwise equal)."""
+    total = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+        x.astype(jnp.float32), party=np.int64(party))
+    return total.astype(x.dtype)
+
+
+def _split_axis(spec: jax.sharding.PartitionSpec) -> int | None:
+    axes = [i for i, name in enumerate(tuple(spec)) if name in SPLIT_AXES]
+    return axes[0] if axes else None
+
+
+def splits(state: nnx.State) -> bool:
+    """Whether `state` splits into two halves this way: every 'heads' and 'mlp' axis even,
+    no stacked 'layers' axis (scanned models) and no biases (which both halves would add)."""
+    specs = nnx.get_partition_spec(state)
+    found = False
+    for path, spec in jax.tree_util.tree_leaves_with_path(
+            specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
+        names = tuple(spec)
+        if 'layers' in names or any(getattr(k, 'key', None) == 'bias' for k in path):
+            return False
+        axis = _split_axis(spec)
+        if axis is not None:
+            found = True
+    if not found:
+        return False
+    return all(x.shape[_split_axis(spec)] % PARTIES == 0 for spec, x in zip(
+        jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+        jax.tree.leaves(state), strict=True) if _split_axis(spec) is not None)
+
+
+def half(state: nnx.State, party: int) -> nnx.State:
+    """`party`'s half of every parameter along its 'heads' or 'mlp' axis; the rest whole."""
+    def take(spec, x):
+        axis = _split_axis(spec)
+        if axis is None:
+            return x
+        size = x.shape[axis] // PARTIES
+        return jax.lax.slice_in_dim(x, party * size, (party + 1) * size, axis=axis)
+    return jax.tree.map(take, nnx.get_partition_spec(state), state,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def use_half(model: nnx.Module) -> None:
+    """Makes a model merged from `half(...)` parameters decode with its share of the heads
+    (the attention modules size their KV cache by `num_heads`)."""
+    from pixelgen.nn.attention import MultiHeadAttention
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, MultiHeadAttention):
+            module.num_heads = module.query.kernel.shape[1]
+
+
+def applies(state: nnx.State) -> bool:
+    """Whether `map_halves` decodes these parameters (see the module docstring)."""
+    if cpu_decode.mode() != 'cores' or len(cpu_decode.core_devices()) != PARTIES:
+        return False
+    if len(cpu_decode.decode_devices(state, PARTIES)) != PARTIES or not splits(state):
+        return False
+    return library() is not None
+
+
+_lock = threading.Lock()  # the library's two parties serve one pair of loops at a time
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The two parties' threads, apart from cpu_decode's: neither may wait behind other work."""
+    return concurrent.futures.ThreadPoolExecutor(PARTIES, thread_name_prefix='pixelgen-half')
+
+
+def map_halves(run: Callable[..., jax.Array], state: nnx.State, shared: Sequence[Any],
+               per_row: Sequence[Any], batch_size: int) -> jax.Array:
+    """`run(half(state, p), *shared, *per_row, row_start=0, row_count=batch_size, party=p)` on
+    core client p, for p = 0 and 1 at once; party 0's result, on the parameters' device.
+
+    `run` is a functools.partial of a jitted function that merges its half of the parameters,
+    calls `use_half`, and traces under `partial_sums.combining(pair_sum(., party))`, so that
+    both parties compute the same rows (`applies` says where this is used)."""
+    devices = cpu_decode.core_devices()[:PARTIES]
+    home = next(iter(jax.tree.leaves(state)[0].sharding.device_set))
+    lib = library()
+    calls = []
+    for party, device in enumerate(devices):
+        args = jax.device_put((half(state, party), *shared,
+                               *(np.asarray(x) for x in per_row)), device)
+        row_start = jax.device_put(np.int32(0), device)
+        executable = cpu_decode._executable(functools.partial(run, party=party), device, args,
+                                            batch_size)
+        calls.append((executable, args, row_start))
+    with _lock:
+        lib.pixelgen_pair_sum_reset(TIMEOUT_MS)
+        results = list(_pool().map(
+            lambda call: np.asarray(call[0](*call[1], row_start=call[2])), calls))
+    return jax.device_put(results[0], home)

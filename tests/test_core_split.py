@@ -1,0 +1,129 @@
+"""pixelgen.core_split: decoding with the weights split between two core clients."""
+
+import concurrent.futures
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pixelgen import core_split, cpu_decode, sampling
+from pixelgen.models.igpt import ImageGPT
+from pixelgen.nn import partial_sums
+
+
+@pytest.fixture(scope='module')
+def two_clients():
+    """Two one-thread clients (on two cores where there are two)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return cpu_decode.one_thread_devices((cores * 2)[:2])
+
+
+@pytest.fixture(scope='module')
+def model():
+    return ImageGPT(vocab_size=16, seq_len=32, num_layers=2, width=32, num_heads=4,
+                    rngs=nnx.Rngs(0))
+
+
+def test_the_library_builds_and_both_parties_get_the_same_sum(two_clients):
+    assert core_split.library() is not None, 'g++ and the jaxlib headers build pair_sum.cc'
+    halves = [np.arange(6, dtype=np.float32).reshape(2, 3) * (p + 1) + 0.1 for p in (0, 1)]
+
+    def party_sums(x, party):
+        def body(i, x):
+            return core_split.pair_sum(x, party) * 0.5  # 0.5 (a + b) of the previous round
+        return jax.lax.fori_loop(0, 5, body, x)
+
+    runs = [jax.jit(functools.partial(party_sums, party=p)).lower(
+        jax.device_put(halves[p], d)).compile() for p, d in enumerate(two_clients)]
+    core_split.library().pixelgen_pair_sum_reset(core_split.TIMEOUT_MS)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        out = list(pool.map(lambda p: np.asarray(runs[p](jax.device_put(halves[p],
+                                                                        two_clients[p]))),
+                            (0, 1)))
+    expected = (halves[0] + halves[1]) * 0.5  # round 1 sums both; then each sums equal values
+    for _ in range(4):
+        expected = (expected + expected) * 0.5
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_allclose(out[0], expected, rtol=1e-6)
+
+
+def test_a_party_alone_times_out_with_a_clear_error(two_clients):
+    lib = core_split.library()
+    run = jax.jit(functools.partial(core_split.pair_sum, party=0)).lower(
+        jax.device_put(np.ones(3, np.float32), two_clients[0])).compile()
+    lib.pixelgen_pair_sum_reset(200)  # ms
+    try:
+        with pytest.raises(Exception, match='other party did not arrive'):
+            np.asarray(run(jax.device_put(np.ones(3, np.float32), two_clients[0])))
+    finally:
+        lib.pixelgen_pair_sum_reset(core_split.TIMEOUT_MS)
+
+
+def test_halves_split_heads_and_mlp_units_and_rejoin(model):
+    state = nnx.split(model)[1]
+    assert core_split.splits(state)
+    parts = [core_split.half(state, p) for p in (0, 1)]
+    attn, mlp = model.transformer.blocks[0].attn, model.transformer.blocks[0].mlp
+    half_attn = parts[1]['transformer']['blocks'][0]['attn']
+    assert half_attn['query']['kernel'].shape == (32, 2, 8)  # [width, heads / 2, head_dim]
+    assert half_attn['out']['kernel'].shape == (2, 8, 32)
+    np.testing.assert_array_equal(
+        np.concatenate([p['transformer']['blocks'][0]['mlp']['fc']['kernel'][...]
+                        for p in parts], axis=1), mlp.fc.kernel[...])
+    np.testing.assert_array_equal(half_attn['key']['kernel'][...], attn.key.kernel[...][:, 2:])
+    np.testing.assert_array_equal(parts[0]['wte']['embedding'][...],
+                                  model.wte.embedding[...])  # not split
+
+
+def test_models_that_do_not_split_in_two_are_refused():
+    odd = ImageGPT(vocab_size=16, seq_len=8, num_layers=1, width=24, num_heads=3,
+                   mlp_ratio=1, rngs=nnx.Rngs(0))
+    assert not core_split.splits(nnx.split(odd)[1])  # 3 heads
+    scanned = ImageGPT(vocab_size=16, seq_len=8, num_layers=2, width=16, num_heads=2,
+                       scan_layers=True, rngs=nnx.Rngs(0))
+    assert not core_split.splits(nnx.split(scanned)[1])  # stacked layers
+
+
+@pytest.mark.parametrize('prompt_len', [0, 5])
+def test_split_weights_draw_the_tokens_of_one_device(model, monkeypatch, prompt_len):
+    prompt = jax.random.randint(jax.random.key(7), (3, prompt_len), 0, 16)
+    draws = {}
+    for mode in ('cores', 'rows', 'shared'):
+        monkeypatch.setenv(cpu_decode.ENV, mode)
+        draws[mode] = np.asarray(sampling.sample(model, jax.random.key(3), batch_size=3,
+                                                 prompt=prompt, num_tokens=20, top_k=8))
+    np.testing.assert_array_equal(draws['cores'], draws['shared'])
+    np.testing.assert_array_equal(draws['rows'], draws['shared'])
+    np.testing.assert_array_equal(draws['cores'][:, :prompt_len], prompt)
+
+
+def test_sampling_takes_the_split_path_on_two_cores(model, monkeypatch):
+    calls = []
+    original = core_split.map_halves
+    monkeypatch.setattr(core_split, 'map_halves',
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setenv(cpu_decode.ENV, 'cores')
+    sampling.sample(model, jax.random.key(0), batch_size=1, num_tokens=4)
+    assert calls == ([1] if len(cpu_decode.core_devices()) == 2 else [])
+    monkeypatch.setenv(cpu_decode.ENV, 'rows')
+    sampling.sample(model, jax.random.key(0), batch_size=1, num_tokens=4)
+    assert len(calls) <= 1
+
+
+def test_combining_applies_only_inside_its_trace():
+    def f(x):
+        return partial_sums.combined(x)
+    with partial_sums.combining(lambda x: x * 2):
+        assert float(jax.jit(f)(jnp.float32(1.0))) == 2.0
+    assert float(jax.jit(lambda x: partial_sums.combined(x) + 0)(jnp.float32(1.0))) == 1.0
+
+
+def test_a_missing_compiler_falls_back_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert core_split.build(str(tmp_path / 'x.so'), compiler='no-such-compiler') is None
+    assert 'could not build' in caplog.text and not list(tmp_path.iterdir())
