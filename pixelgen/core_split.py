@@ -194,8 +194,20 @@ def map_halves(run: Callable[..., jax.Array], state: nnx.State, shared: Sequence
         executable = cpu_decode._executable(functools.partial(run, party=party), device, args,
                                             batch_size)
         calls.append((executable, args, row_start))
+    cores = sorted(os.sched_getaffinity(0))[:PARTIES]  # core_devices' cores, in order
+
+    def call(party: int) -> np.ndarray:
+        # Each party's thread on its own core: one that the scheduler moved next to the
+        # other would make both wait at every sum.
+        restore = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cores[party]})
+        try:
+            executable, args, row_start = calls[party]
+            return np.asarray(executable(*args, row_start=row_start))
+        finally:
+            os.sched_setaffinity(0, restore)
+
     with _lock:
         lib.pixelgen_pair_sum_reset(TIMEOUT_MS)
-        results = list(_pool().map(
-            lambda call: np.asarray(call[0](*call[1], row_start=call[2])), calls))
+        results = list(_pool().map(call, range(PARTIES)))
     return jax.device_put(results[0], home)

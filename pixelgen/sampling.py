@@ -132,7 +132,10 @@ def _phase_ends(num_tokens: int) -> tuple[int, ...]:
 
 
 def _grow(cache, length: int):
-    """The KV cache (leaves [..., positions, head_dim]) zero-padded to `length` positions."""
-    return jax.tree.map(
-        lambda c: jnp.pad(c, [(0, 0)] * (c.ndim - 2) + [(0, length - c.shape[-2]), (0, 0)]),
-        cache)
+    """The KV cache's keys and values ([..., positions, head_dim]) zero-padded to `length`
+    positions; what else the cache holds (fused kernels) unchanged."""
+    def grow(path, c):
+        if getattr(path[-1], 'key', None) not in ('k', 'v'):
+            return c
+        return jnp.pad(c, [(0, 0)] * (c.ndim - 2) + [(0, length - c.shape[-2]), (0, 0)])
+    return jax.tree_util.tree_map_with_path(grow, cache)

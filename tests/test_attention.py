@@ -13,6 +13,7 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pixelgen.nn import attention
 from pixelgen.nn.attention import MultiHeadAttention, dot_product_attention
 from pixelgen.nn.block_sparse import block_sparse_attention, make_tiling
 from pixelgen.nn.masks import CAUSAL, FULL, MaskSpec, dalle_mask_spec
@@ -220,3 +221,19 @@ def test_dalle_module_block_sparse_equals_dense_and_decoding(name, dalle_modules
     for position in range(x.shape[1]):
         out, cache = step(state, x[:, position:position + 1], cache, jnp.int32(position))
         np.testing.assert_allclose(out[:, 0], y[:, position], atol=1e-5)
+
+
+def test_small_layers_decode_with_one_fused_qkv_matmul(dalle_modules, monkeypatch):
+    module, x, y = dalle_modules['row']
+    cache = module.init_cache(2, x.shape[1])
+    assert cache['qkv'].shape == (module.width, 3 * module.width)  # made once, outside loops
+    monkeypatch.setattr(attention, 'FUSED_QKV_MAX_BYTES', 0)
+    plain = module.init_cache(2, x.shape[1])
+    assert set(plain) == {'k', 'v'}
+    for position in range(3):
+        token = x[:, position:position + 1]
+        fused_out, cache = module.decode(token, cache, jnp.int32(position))
+        plain_out, plain = module.decode(token, plain, jnp.int32(position))
+        np.testing.assert_allclose(fused_out, plain_out, atol=1e-6)
+        np.testing.assert_allclose(fused_out[:, 0], y[:, position], atol=1e-5)
+    np.testing.assert_allclose(cache['k'], plain['k'], atol=1e-6)

@@ -44,6 +44,7 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # Logit given to masked (query, key) pairs. Finite, so a fully masked row gives a uniform
 # distribution rather than NaN; the original uses `w*b - 1e10*(1-b)`.
 MASK_VALUE = -1e10
+FUSED_QKV_MAX_BYTES = 16 * 2 ** 20  # per layer; larger layers' decoding ops are not op-bound
 
 
 def logical_init(initializer: nnx.Initializer, names: Sequence[str | None]) -> nnx.Initializer:
@@ -220,9 +221,17 @@ class MultiHeadAttention(nnx.Module):
         """Empty KV cache: k, v [batch, heads, max_length, head_dim] in the compute dtype.
 
         Heads-major, so each decoding step reads the cache as it lies; a length-major cache
-        would be transposed whole at every step."""
+        would be transposed whole at every step. For small bias-free layers it also holds
+        `qkv`, the query, key and value kernels side by side as one matrix [width, 3 · heads ·
+        head_dim], made once here, outside the decoding loop: a small model's decoding step is
+        bound by its number of ops, and one matmul instead of three saves two per layer."""
         shape = (batch_size, self.num_heads, max_length, self.head_dim)
-        return dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype))
+        cache = dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype))
+        kernels = [p.kernel[...] for p in (self.query, self.key, self.value)]
+        if (self.query.bias is None and kernels[0].ndim == 3
+                and 3 * kernels[0].nbytes <= FUSED_QKV_MAX_BYTES):
+            cache['qkv'] = jnp.stack(kernels, axis=1).reshape(kernels[0].shape[0], -1)
+        return cache
 
     def decode(
         self, x: jax.Array, cache: dict[str, jax.Array], position: jax.Array
@@ -245,9 +254,15 @@ class MultiHeadAttention(nnx.Module):
         def heads_major(t):  # [b, 1, heads, head_dim] -> [b, heads, 1, head_dim]
             return t.transpose(0, 2, 1, 3).astype(cache['k'].dtype)
 
-        q = self.query(x)  # [b, 1, heads, head_dim]
-        k = jax.lax.dynamic_update_slice(cache['k'], heads_major(self.key(x)), start)
-        v = jax.lax.dynamic_update_slice(cache['v'], heads_major(self.value(x)), start)
+        if 'qkv' in cache:  # one [b, width] x [width, 3 · heads · head_dim] matmul
+            qkv = x[:, 0].astype(self.dtype) @ cache['qkv'].astype(self.dtype)
+            heads = cache['k'].shape[1]
+            q, k_new, v_new = (part.reshape(-1, 1, heads, self.head_dim)
+                               for part in jnp.split(qkv, 3, axis=-1))
+        else:
+            q, k_new, v_new = self.query(x), self.key(x), self.value(x)  # [b, 1, heads, hd]
+        k = jax.lax.dynamic_update_slice(cache['k'], heads_major(k_new), start)
+        v = jax.lax.dynamic_update_slice(cache['v'], heads_major(v_new), start)
         sparse = self.mask.decode_keys(position, max_length)
         if sparse is None:  # read the whole cache
             keys, values = k, v
@@ -260,7 +275,7 @@ class MultiHeadAttention(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
         out = jnp.einsum('bhqk,bhkd->bqhd', probs, values, preferred_element_type=jnp.float32)
         y = self.out(out.astype(q.dtype))
-        return y, dict(k=k, v=v)
+        return y, {**cache, 'k': k, 'v': v}
 
 
 def _read_keys(cache: jax.Array, mask: MaskSpec, indices: jax.Array) -> jax.Array:
