@@ -127,3 +127,15 @@ def test_a_missing_compiler_falls_back_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert core_split.build(str(tmp_path / 'x.so'), compiler='no-such-compiler') is None
     assert 'could not build' in caplog.text and not list(tmp_path.iterdir())
+
+
+def test_halves_are_placed_once_per_set_of_parameters(model, two_clients):
+    first = core_split._halves_on(nnx.split(model)[1], two_clients)
+    assert core_split._halves_on(nnx.split(model)[1], two_clients) is first  # same arrays
+    state = nnx.split(model)[1]
+    changed = jax.tree.map(lambda x: x * 2, state)
+    second = core_split._halves_on(changed, two_clients)
+    assert second is not first
+    np.testing.assert_array_equal(second[0]['wte']['embedding'][...],
+                                  2 * np.asarray(model.wte.embedding[...]))
+    assert second[1]['wte']['embedding'][...].devices() == {two_clients[1]}
