@@ -1,13 +1,15 @@
-"""Decoding on a one-thread CPU client per core against the shared thread pool, in one process.
+"""The samplers' decoding modes against each other, in one process.
 
     python benchmarks/decode_clients.py [--tokens 256] [--batch 4] [--repeats 7]
 
-`pixelgen.sampling.sample` decodes the batch's rows on one-thread CPU clients, one per core
-(`pixelgen.cpu_decode`, PIXELGEN_CPU_DECODE=cores, the default). This times it against
-PIXELGEN_CPU_DECODE=shared (the whole batch on JAX's main CPU client and its intra-op thread
-pool) on `igpt_sample`'s model (8 layers, width 256, 256 new tokens from the start token),
-interleaved, checks that both draw the same tokens, and prints one JSON line per mode: the
-compile-and-first-call seconds, the median seconds of the later calls and tokens/s.
+`pixelgen.sampling.sample` decodes on one-thread CPU clients, one per core: with the weights
+split between two cores where `pixelgen.core_split` applies (PIXELGEN_CPU_DECODE=cores, the
+default), or with the batch's rows split between the clients (=rows, `pixelgen.cpu_decode`).
+This times both against =shared (the whole batch on JAX's main CPU client and its intra-op
+thread pool) on `igpt_sample`'s model (8 layers, width 256, 256 new tokens from the start
+token), interleaved, checks that all draw the same tokens, and prints one JSON line per mode:
+how it decoded, the compile-and-first-call seconds, the median seconds of the later calls and
+tokens/s.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from pixelgen import bench, cpu_decode, sampling  # noqa: E402
+from pixelgen import bench, core_split, cpu_decode, sampling  # noqa: E402
 
 
 def main() -> None:
@@ -50,14 +53,19 @@ def main() -> None:
     if not all(np.array_equal(first[mode][1], first[modes[0]][1]) for mode in modes):
         raise SystemExit('the modes drew different tokens')
     times = {mode: [] for mode in modes}
-    for seed in range(1, args.repeats + 1):  # interleaved, so load changes hit both alike
+    for seed in range(1, args.repeats + 1):  # interleaved, so load changes hit all alike
         for mode in modes:
             times[mode].append(draw(mode, seed)[0])
     devices = len(cpu_decode.core_devices())
+    os.environ[cpu_decode.ENV] = 'cores'
+    split = core_split.applies(nnx.state(model))
+    how = {'cores': 'weights split' if split else 'rows split', 'rows': 'rows split',
+           'shared': 'main client'}
     for mode, ts in times.items():
         seconds = statistics.median(ts)
         print(json.dumps({
-            'name': 'decode_clients', 'mode': mode, 'clients': devices if mode == 'cores' else 1,
+            'name': 'decode_clients', 'mode': mode, 'decodes': how[mode],
+            'clients': devices if mode != 'shared' else 1,
             'tokens': args.tokens, 'batch': args.batch, 'first_call_s': round(first[mode][0], 2),
             's': round(seconds, 3), 'all_s': [round(t, 3) for t in ts],
             'tokens_per_s': round(args.batch * args.tokens / seconds, 1)}))
