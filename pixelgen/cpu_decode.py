@@ -13,8 +13,10 @@ share of the rows, all at once, and the two cores are used after all.
 `map_rows` is how the samplers (`pixelgen.sampling.sample`, `pixelgen.models.dalle.generate`)
 run: on the core clients where their parameters sit on one CPU device (not sharded over a mesh,
 not traced inside another jit) and weigh at most MAX_PARAM_BYTES (larger models have ops big
-enough for the shared pool); elsewhere, and on GPU and TPU, where the parameters are.
-PIXELGEN_CPU_DECODE=shared turns it off.
+enough for the shared pool); elsewhere, and on GPU and TPU, where the parameters are. On a
+2-core CPU, Image GPT's sampler splits the weights between the two clients instead of the
+rows (`pixelgen.core_split`). PIXELGEN_CPU_DECODE=rows keeps the row split, =shared turns
+both off.
 """
 
 from __future__ import annotations

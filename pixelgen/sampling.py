@@ -31,8 +31,9 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
     each with a cache as long as its last position, so early steps read a short cache (at
     1024 tokens, 1.24x faster on a 2-core CPU, benchmarks/sample_phases.py; each phase adds
     about 1 s of compile). Position i draws with `jax.random.fold_in(rng, i)`, so the samples
-    after a prompt depend only on `rng`, the model and the prompt, however the rows are split:
-    on a multi-core CPU they are decoded on one-thread clients, one per core
+    after a prompt depend only on `rng`, the model and the prompt, however the work is split:
+    on a 2-core CPU each core's one-thread client holds half the heads and MLP units
+    (`pixelgen.core_split`), on other multi-core CPUs each decodes a share of the rows
     (`pixelgen.cpu_decode`). Repeated calls with the same shapes and settings reuse the
     compiled functions (one per decode device).
     """
