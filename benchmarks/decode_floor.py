@@ -1,7 +1,7 @@
 """The floor of `igpt_sample` on this machine: only the matmuls of one token step.
 
     python benchmarks/decode_floor.py [--parts 1 2] [--layers 8 4]
-                                      [--split one tensor pipeline clients]
+                                      [--split one tensor pipeline clients halves]
 
 Runs the layers' projections and MLP matmuls (width 256, batch 4, fp32; no attention, norms
 or cache) for 256 steps in one `jax.lax.fori_loop`, as the sampler does, and prints ms per
@@ -17,13 +17,15 @@ is bound by XLA:CPU's small matmuls, not by its attention or cache.
   layers, with the batch's two halves in flight (one `ppermute` per half step); `clients` is
   that pipeline on two one-thread clients, one per core (`pixelgen.cpu_decode`), swapping
   through an `io_callback`. Each device then holds half the weights, so they can stay in its
-  caches; the collectives or callbacks are the price. Every variant's result is checked
-  against the same chain computed on one device (`rel_err`).
+  caches; the collectives or callbacks are the price. `halves` is the tensor split on those
+  two clients with the sum the sampler uses (`pixelgen.core_split`, a C++ custom call). Every
+  variant's result is checked against the same chain computed on one device (`rel_err`).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
 import json
 import os
@@ -32,7 +34,7 @@ import sys
 import time
 
 WIDTH, BATCH, STEPS = 256, 4, 256
-SPLITS = ('one', 'tensor', 'pipeline', 'clients')
+SPLITS = ('one', 'tensor', 'pipeline', 'clients', 'halves')
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -182,6 +184,46 @@ def main(argv=None) -> None:
             return np.concatenate([call.result() for call in calls])
         return run, ()
 
+    def halves(w):
+        """The tensor split on the two per-core clients, the halves summed by the custom call
+        the sampler uses (`pixelgen.core_split.pair_sum`)."""
+        from pixelgen import core_split, cpu_decode
+        devices = cpu_decode.core_devices()[:2]
+        if len(devices) < 2 or core_split.library() is None:
+            raise SystemExit('--split halves needs two cores and the pair_sum library')
+        half = width // 2
+        executables, inputs = [], []
+        for me, device in enumerate(devices):
+            def local(w, h, me=me):
+                def body(i, h):
+                    for layer in w:
+                        q = (h @ layer['qkv'])[:, :half]
+                        h = h + core_split.pair_sum(q @ layer['out'], me)
+                        h = normed(h + core_split.pair_sum(
+                            jax.nn.gelu(h @ layer['fc1']) @ layer['fc2'], me))
+                    return h
+                return jax.lax.fori_loop(0, steps, body, h)
+            mine = [dict(qkv=jnp.concatenate([layer['qkv'][:, j * width + me * half:
+                                                            j * width + (me + 1) * half]
+                                              for j in range(3)], axis=1),
+                         out=layer['out'][me * half:(me + 1) * half],
+                         fc1=layer['fc1'][:, me * 2 * width:(me + 1) * 2 * width],
+                         fc2=layer['fc2'][me * 2 * width:(me + 1) * 2 * width]) for layer in w]
+            args = jax.device_put((mine, start(BATCH)), device)
+            executables.append(jax.jit(local).lower(*args).compile())
+            inputs.append(args)
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        cores = sorted(os.sched_getaffinity(0))[:2]
+
+        def call(me):
+            os.sched_setaffinity(0, {cores[me]})
+            return np.asarray(executables[me](*inputs[me]))
+
+        def run():
+            core_split.library().pixelgen_pair_sum_reset(core_split.TIMEOUT_MS)
+            return list(pool.map(call, range(2)))[0]
+        return run, ()
+
     def reference(w, split: str) -> np.ndarray:
         """The same chain on one device. In the pipeline the second half of the batch starts
         on stage 1, so it runs (stage 0 after stage 1) `steps` times."""
@@ -211,7 +253,7 @@ def main(argv=None) -> None:
             for parts in (args.parts if split == 'one' else [1]):
                 run, inputs = (one(w, parts) if split == 'one'
                                else {'tensor': tensor, 'pipeline': pipeline,
-                                     'clients': clients}[split](w))
+                                     'clients': clients, 'halves': halves}[split](w))
                 out = np.asarray(jax.block_until_ready(run(*inputs)))  # compile, and check
                 ref = reference(w, split)
                 rel = float(np.abs(out - ref).max() / np.abs(ref).max())
