@@ -15,7 +15,8 @@ ships.
 
 Where it applies (`applies`): a CPU process with exactly two cores, the samplers' one-thread
 core clients in use (`pixelgen.cpu_decode`), and a model whose attention and MLP weights split
-in two along their 'heads' and 'mlp' axes, with no biases after those sums (Image GPT). Both
+in two along their 'heads' and 'mlp' axes, with no biases after those sums (Image GPT's and
+DALL·E's samplers). Both
 halves decode every row, combine bitwise-equal sums, and so draw the same tokens; on more
 cores, or where the library cannot be built (a warning says why), the rows are split instead.
 PIXELGEN_CPU_DECODE=rows chooses the row split, =shared neither.
@@ -24,6 +25,7 @@ PIXELGEN_CPU_DECODE=rows chooses the row split, =shared neither.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -33,7 +35,7 @@ import subprocess
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -42,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from pixelgen import cpu_decode
+from pixelgen.nn import partial_sums
 
 SOURCE = os.path.join(os.path.dirname(__file__), 'native', 'pair_sum.cc')
 TARGET = 'pixelgen_pair_sum'
@@ -149,13 +152,21 @@ def half(state: nnx.State, party: int) -> nnx.State:
                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
-def use_half(model: nnx.Module) -> None:
-    """Makes a model merged from `half(...)` parameters decode with its share of the heads
-    (the attention modules size their KV cache by `num_heads`)."""
+@contextlib.contextmanager
+def as_party(model: nnx.Module, party: int | None) -> Iterator[None]:
+    """For tracing a sampler's loop inside its jitted function: with `party` (0 or 1), `model`
+    (merged from `half(state, party)`) decodes with its share of the heads, and each block's
+    attention and MLP outputs are summed with the other party's (`partial_sums`); with None,
+    nothing changes."""
+    if party is None:
+        yield
+        return
     from pixelgen.nn.attention import MultiHeadAttention
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, MultiHeadAttention):
+        if isinstance(module, MultiHeadAttention):  # the KV cache is sized by num_heads
             module.num_heads = module.query.kernel.shape[1]
+    with partial_sums.combining(functools.partial(pair_sum, party=party)):
+        yield
 
 
 def applies(state: nnx.State) -> bool:
@@ -198,9 +209,9 @@ def map_halves(run: Callable[..., jax.Array], state: nnx.State, shared: Sequence
     """`run(half(state, p), *shared, *per_row, row_start=0, row_count=batch_size, party=p)` on
     core client p, for p = 0 and 1 at once; party 0's result, on the parameters' device.
 
-    `run` is a functools.partial of a jitted function that merges its half of the parameters,
-    calls `use_half`, and traces under `partial_sums.combining(pair_sum(., party))`, so that
-    both parties compute the same rows (`applies` says where this is used)."""
+    `run` is a functools.partial of a jitted function that merges its half of the parameters
+    and traces its loop under `as_party(model, party)`, so that both parties compute the same
+    rows (`applies` says where this is used)."""
     devices = cpu_decode.core_devices()[:PARTIES]
     home = next(iter(jax.tree.leaves(state)[0].sharding.device_set))
     lib = library()

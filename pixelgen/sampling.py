@@ -14,7 +14,6 @@ from flax import nnx
 
 from pixelgen import core_split, cpu_decode
 from pixelgen.models.igpt import ImageGPT
-from pixelgen.nn import partial_sums
 
 
 def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Array | None = None,
@@ -76,11 +75,7 @@ def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt
     With `party` (0 or 1), `state` is that party's half of the weights
     (`core_split.map_halves`), summed with the other half after each attention and MLP."""
     model: ImageGPT = nnx.merge(graphdef, state)
-    if party is None:
-        return _decode(model, rng, prompt, batch_size, temperature, top_k, phase_ends,
-                       row_start, row_count)
-    core_split.use_half(model)
-    with partial_sums.combining(functools.partial(core_split.pair_sum, party=party)):
+    with core_split.as_party(model, party):
         return _decode(model, rng, prompt, batch_size, temperature, top_k, phase_ends,
                        row_start, row_count)
 

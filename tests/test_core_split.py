@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from pixelgen import core_split, cpu_decode, sampling
+from pixelgen.models.dalle import DallE, generate
 from pixelgen.models.igpt import ImageGPT
 from pixelgen.nn import partial_sums
 
@@ -139,3 +140,22 @@ def test_halves_are_placed_once_per_set_of_parameters(model, two_clients):
     np.testing.assert_array_equal(second[0]['wte']['embedding'][...],
                                   2 * np.asarray(model.wte.embedding[...]))
     assert second[1]['wte']['embedding'][...].devices() == {two_clients[1]}
+
+
+def test_dalle_generates_the_same_codes_with_split_weights(monkeypatch):
+    model = DallE(text_vocab_size=20, image_vocab_size=12, text_len=4, grid_size=3,
+                  num_layers=2, width=16, num_heads=2, rngs=nnx.Rngs(0))
+    model.image_head.kernel[...] = jax.random.normal(jax.random.key(2),
+                                                     model.image_head.kernel.shape)
+    assert core_split.splits(nnx.split(model)[1])
+    text = np.random.default_rng(1).integers(0, 20, (3, 4), np.int32)
+    prompt = np.random.default_rng(2).integers(0, 12, (3, 2), np.int32)
+    calls, original = [], core_split.map_halves
+    monkeypatch.setattr(core_split, 'map_halves',
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    codes = {}
+    for mode in ('cores', 'shared'):
+        monkeypatch.setenv(cpu_decode.ENV, mode)
+        codes[mode] = np.asarray(generate(model, jax.random.key(3), text, image_prompt=prompt))
+    np.testing.assert_array_equal(codes['cores'], codes['shared'])
+    assert calls == ([1] if len(cpu_decode.core_devices()) == 2 else [])

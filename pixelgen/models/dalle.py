@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelgen import cpu_decode
+from pixelgen import core_split, cpu_decode
 from pixelgen.nn.attention import logical_init
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_layer_masks, dalle_mask_spec
 from pixelgen.nn.matmul import linear_dot_general
@@ -189,8 +189,8 @@ def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
     With image_prompt [b, P] the first P codes (e.g. the top rows of an image) are kept and
     the rest completed (the paper's image-to-image translation). One `lax.fori_loop` over
     the T + N - 1 positions with the KV cache; position i draws with fold_in(rng, i), the
-    same however the rows are split (on a multi-core CPU, over one-thread clients, one per
-    core: `pixelgen.cpu_decode`).
+    same however the work is split (on a multi-core CPU, over one-thread clients, one per
+    core: the weights on 2 cores, `pixelgen.core_split`, else the rows, `pixelgen.cpu_decode`).
     The paper samples at temperature 1 without top-k or top-p (the defaults).
     """
     text = jnp.asarray(text, jnp.int32)
@@ -213,17 +213,28 @@ def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
     graphdef, state = nnx.split(model)
     run = functools.partial(_generate_jit, graphdef, batch_size=batch,
                             temperature=float(temperature), top_k=top_k, top_p=top_p)
-    # On the CPU, rows are decoded on one-thread clients, one per core (pixelgen.cpu_decode).
+    # On a 2-core CPU the weights are split between the cores (pixelgen.core_split); on other
+    # CPUs the rows are decoded on one-thread clients, one per core (pixelgen.cpu_decode).
+    if core_split.applies(state):
+        return core_split.map_halves(run, state, [rng], [text, image_prompt], batch)
     return cpu_decode.map_rows(run, state, [rng], [text, image_prompt], batch)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
-                                             'top_p', 'row_count'))
+                                             'top_p', 'row_count', 'party'))
 def _generate_jit(graphdef, state, rng, text, image_prompt, *, batch_size, temperature, top_k,
-                  top_p, row_start, row_count):
+                  top_p, row_start, row_count, party=None):
     """The codes of the batch's rows [row_start, row_start + row_count) (text and image_prompt
-    hold only those)."""
+    hold only those); with `party`, from that party's half of the weights
+    (`core_split.map_halves`)."""
     model: DallE = nnx.merge(graphdef, state)
+    with core_split.as_party(model, party):
+        return _generate_codes(model, rng, text, image_prompt, batch_size, temperature, top_k,
+                               top_p, row_start, row_count)
+
+
+def _generate_codes(model, rng, text, image_prompt, batch_size, temperature, top_k, top_p,
+                    row_start, row_count):
     batch, t, n = text.shape[0], model.text_len, model.num_image_tokens
     prompt_len = image_prompt.shape[1]
     noise = cpu_decode.gumbel_rows(rng, 0, t + n - 1, batch_size, row_start, row_count,
