@@ -16,9 +16,9 @@ ships.
 Where it applies (`applies`): a CPU process with exactly two cores, the samplers' one-thread
 core clients in use (`pixelgen.cpu_decode`), and a model whose attention and MLP weights split
 in two along their 'heads' and 'mlp' axes, with no biases after those sums (Image GPT's and
-DALL·E's samplers). Both
-halves decode every row, combine bitwise-equal sums, and so draw the same tokens; on more
-cores, or where the library cannot be built (a warning says why), the rows are split instead.
+DALL·E's samplers). Both halves decode every row, combine bitwise-equal sums, and so draw the
+same tokens; on more cores, or where the library cannot be built (a warning says why), the
+rows are split instead.
 PIXELGEN_CPU_DECODE=rows chooses the row split, =shared neither.
 """
 
@@ -121,23 +121,21 @@ def _split_axis(spec: jax.sharding.PartitionSpec) -> int | None:
 
 
 def splits(state: nnx.State) -> bool:
-    """Whether `state` splits into two halves this way: every 'heads' and 'mlp' axis even,
-    no stacked 'layers' axis (scanned models) and no biases (which both halves would add)."""
-    specs = nnx.get_partition_spec(state)
+    """Whether `state` splits into two halves this way: some 'heads' or 'mlp' axis, each of
+    even size; no stacked 'layers' axis (scanned models) and no biases (both halves would add
+    them)."""
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    specs = jax.tree_util.tree_leaves_with_path(nnx.get_partition_spec(state), is_leaf=is_spec)
     found = False
-    for path, spec in jax.tree_util.tree_leaves_with_path(
-            specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
-        names = tuple(spec)
-        if 'layers' in names or any(getattr(k, 'key', None) == 'bias' for k in path):
+    for (path, spec), x in zip(specs, jax.tree.leaves(state), strict=True):
+        if 'layers' in tuple(spec) or any(getattr(k, 'key', None) == 'bias' for k in path):
             return False
         axis = _split_axis(spec)
         if axis is not None:
+            if x.shape[axis] % PARTIES:
+                return False
             found = True
-    if not found:
-        return False
-    return all(x.shape[_split_axis(spec)] % PARTIES == 0 for spec, x in zip(
-        jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
-        jax.tree.leaves(state), strict=True) if _split_axis(spec) is not None)
+    return found
 
 
 def half(state: nnx.State, party: int) -> nnx.State:

@@ -14,8 +14,8 @@ share of the rows, all at once, and the two cores are used after all.
 run: on the core clients where their parameters sit on one CPU device (not sharded over a mesh,
 not traced inside another jit) and weigh at most MAX_PARAM_BYTES (larger models have ops big
 enough for the shared pool); elsewhere, and on GPU and TPU, where the parameters are. On a
-2-core CPU, Image GPT's sampler splits the weights between the two clients instead of the
-rows (`pixelgen.core_split`). PIXELGEN_CPU_DECODE=rows keeps the row split, =shared turns
+2-core CPU, the samplers split the weights between the two clients instead of the rows
+(`pixelgen.core_split`). PIXELGEN_CPU_DECODE=rows keeps the row split, =shared turns
 both off.
 """
 
