@@ -103,28 +103,35 @@ def main(argv=None) -> None:
                 0, steps, lambda i, hs: tuple(token_step(w, h) for h in hs), chains))
         return run, (w,)
 
+    def party_half(w, me: int):
+        """Party `me`'s heads [me·W/2, (me+1)·W/2) (its q, k, v columns side by side) and MLP
+        units [me·2W, (me+1)·2W), per layer."""
+        half = width // 2
+        return [dict(qkv=jnp.concatenate([layer['qkv'][:, j * width + me * half:
+                                                        j * width + (me + 1) * half]
+                                          for j in range(3)], axis=1),
+                     out=layer['out'][me * half:(me + 1) * half],
+                     fc1=layer['fc1'][:, me * 2 * width:(me + 1) * 2 * width],
+                     fc2=layer['fc2'][me * 2 * width:(me + 1) * 2 * width]) for layer in w]
+
+    def half_steps(w, h, total):
+        """`steps` token steps on one party's half, `total` summing the halves."""
+        def body(i, h):
+            for layer in w:
+                q = (h @ layer['qkv'])[:, :width // 2]
+                h = h + total(q @ layer['out'])
+                h = normed(h + total(jax.nn.gelu(h @ layer['fc1']) @ layer['fc2']))
+            return h
+        return jax.lax.fori_loop(0, steps, body, h)
+
     def tensor(w):
         mesh = Mesh(np.array(jax.devices()[:2]), ('x',))
-        half = width // 2  # device i: heads [i·half, (i+1)·half), hidden [i·2W, (i+1)·2W)
-        def heads(qkv, i):  # this device's q, k and v columns, side by side
-            return jnp.concatenate([qkv[:, j * width + i * half:j * width + (i + 1) * half]
-                                    for j in range(3)], axis=1)
-        split = [dict(qkv=jnp.stack([heads(layer['qkv'], i) for i in range(2)]),
-                      out=jnp.stack(jnp.split(layer['out'], 2, axis=0)),
-                      fc1=jnp.stack(jnp.split(layer['fc1'], 2, axis=1)),
-                      fc2=jnp.stack(jnp.split(layer['fc2'], 2, axis=0)))
-                 for layer in w]
+        split = jax.tree.map(lambda a, b: jnp.stack([a, b]), party_half(w, 0), party_half(w, 1))
         split = jax.device_put(split, NamedSharding(mesh, P('x')))
 
         def local(w, h):
-            def body(i, h):
-                for layer in w:
-                    q = (h @ layer['qkv'][0])[:, :half]
-                    h = h + jax.lax.psum(q @ layer['out'][0], 'x')
-                    h = normed(h + jax.lax.psum(
-                        jax.nn.gelu(h @ layer['fc1'][0]) @ layer['fc2'][0], 'x'))
-                return h
-            return jax.lax.fori_loop(0, steps, body, h)
+            return half_steps(jax.tree.map(lambda a: a[0], w), h,
+                              lambda x: jax.lax.psum(x, 'x'))
         run = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P('x'), P()), out_specs=P(),
                                     check_vma=False))
         return run, (split, start(BATCH))
@@ -191,25 +198,11 @@ def main(argv=None) -> None:
         devices = cpu_decode.core_devices()[:2]
         if len(devices) < 2 or core_split.library() is None:
             raise SystemExit('--split halves needs two cores and the pair_sum library')
-        half = width // 2
         executables, inputs = [], []
         for me, device in enumerate(devices):
             def local(w, h, me=me):
-                def body(i, h):
-                    for layer in w:
-                        q = (h @ layer['qkv'])[:, :half]
-                        h = h + core_split.pair_sum(q @ layer['out'], me)
-                        h = normed(h + core_split.pair_sum(
-                            jax.nn.gelu(h @ layer['fc1']) @ layer['fc2'], me))
-                    return h
-                return jax.lax.fori_loop(0, steps, body, h)
-            mine = [dict(qkv=jnp.concatenate([layer['qkv'][:, j * width + me * half:
-                                                            j * width + (me + 1) * half]
-                                              for j in range(3)], axis=1),
-                         out=layer['out'][me * half:(me + 1) * half],
-                         fc1=layer['fc1'][:, me * 2 * width:(me + 1) * 2 * width],
-                         fc2=layer['fc2'][me * 2 * width:(me + 1) * 2 * width]) for layer in w]
-            args = jax.device_put((mine, start(BATCH)), device)
+                return half_steps(w, h, lambda x: core_split.pair_sum(x, me))
+            args = jax.device_put((party_half(w, me), start(BATCH)), device)
             executables.append(jax.jit(local).lower(*args).compile())
             inputs.append(args)
         pool = concurrent.futures.ThreadPoolExecutor(2)
