@@ -27,6 +27,7 @@ def get_config(arg=None):
     c.total_steps = 1000
     c.batch_size = 16
     c.grad_accum_steps = 1
+    c.concurrent_microbatches = 1  # passes per micro-batch run side by side (2 on a CPU)
     c.checkpoint_every_steps = 250
     c.keep_checkpoints = 2
     c.log_every_steps = 50

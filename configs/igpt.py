@@ -78,6 +78,7 @@ def get_config(arg=None):
     c.total_steps = steps
     c.batch_size = batch
     c.grad_accum_steps = 1
+    c.concurrent_microbatches = 1  # passes per micro-batch run side by side (2 on a CPU)
     c.checkpoint_every_steps = 5000
     c.keep_checkpoints = 3
     c.log_every_steps = 100

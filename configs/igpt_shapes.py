@@ -19,6 +19,7 @@ def get_config(arg=None):
     c.total_steps = 1200
     c.batch_size = 8
     c.grad_accum_steps = 1         # micro-batches per step (batch_size is the whole step's)
+    c.concurrent_microbatches = 1  # passes per micro-batch run side by side (2 on a CPU)
     c.checkpoint_every_steps = 200
     c.keep_checkpoints = 3
     c.log_every_steps = 50

@@ -62,6 +62,7 @@ DALLE_ATTENTION_SHAPE = dict(layers=1, width=256, heads=8, text=256, grid=32, se
                              batch=2, dtype='float32')
 DALLE_TRAIN_SHAPE = dict(DALLE_ATTENTION_SHAPE, layers=8, text_vocab=16384, image_vocab=8192)
 DALLE_SPARSE_KINDS = ('row', 'column', 'conv')
+TRAIN_CASES = ('igpt_train', 'dalle_train')  # the cases with a train step
 
 # AdamW with iGPT's beta2 = 0.95 (and torch.optim.AdamW's default weight decay, as the peer).
 OPTIMIZER = ml_collections.ConfigDict(dict(
@@ -73,10 +74,24 @@ OPTIMIZER = ml_collections.ConfigDict(dict(
 class Options:
     """How to run a case. steps: timed steps after compilation and one warm-up step (>= 3);
     attention: ImageGPT attention_impl (None = the model's default); profile_dir: where to
-    write a jax.profiler trace of one extra step (None = no trace)."""
+    write a jax.profiler trace of one extra step (None = no trace); concurrent_microbatches:
+    the train steps' passes run side by side (`trainer.make_train_step`)."""
     steps: int = 5
     attention: str | None = None
     profile_dir: str | None = None
+    concurrent_microbatches: int = 1
+
+
+def default_concurrent_microbatches(case: str, batch: int) -> int:
+    """igpt_train: 2 on a CPU with two or more cores for this process (and an even batch),
+    else 1. XLA:CPU runs
+    each op on one thread, and one pass leaves a core idle a third of the step; a second,
+    independent pass keeps it busy (`benchmarks/README.md`). dalle_train: 1. Its sparse step
+    gained nothing from two passes (1.10 against 1.07 s) while its dense twin slowed (4.10
+    against 3.01 s), which would flatter the ratio."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    cpu_pair = jax.default_backend() == 'cpu' and (cores or 1) >= 2
+    return 2 if case == 'igpt_train' and cpu_pair and batch % 2 == 0 else 1
 
 
 def log(message: str) -> None:
@@ -253,10 +268,12 @@ def igpt_train(shape: dict[str, Any], options: Options) -> dict:
     tx, schedule = trainer.make_optimizer(OPTIMIZER, total_steps=1000)
     graphdef, rest, state = trainer.init_state(model, tx, seed=0)
     del model
-    train_step = jax.jit(trainer.make_train_step(NextTokenTask(), graphdef, rest, tx, schedule),
+    passes = options.concurrent_microbatches
+    train_step = jax.jit(trainer.make_train_step(NextTokenTask(), graphdef, rest, tx, schedule,
+                                                 concurrent_microbatches=passes),
                          donate_argnums=0)
     batch = {'tokens': random_tokens(shape)}
-    log(f'igpt_train: compiling ({impl} attention)')
+    log(f'igpt_train: compiling ({impl} attention, {passes} concurrent pass(es))')
     compiled, compile_s = compile_jit(train_step, state, batch)
 
     def step():
@@ -272,8 +289,8 @@ def igpt_train(shape: dict[str, Any], options: Options) -> dict:
     times = time_steps(step, options)
     model_flops = flops.igpt_flops_per_step(shape['layers'], shape['width'], shape['seq'],
                                             shape['vocab'], shape['batch'])
-    return report('igpt_train', shape, times, shape['batch'] * shape['seq'], model_flops,
-                  compile_s, compiled, impl)
+    return {**report('igpt_train', shape, times, shape['batch'] * shape['seq'], model_flops,
+                     compile_s, compiled, impl), 'concurrent_microbatches': passes}
 
 
 def igpt_sample(shape: dict[str, Any], options: Options) -> dict:
@@ -448,8 +465,9 @@ def dalle_train(shape: dict[str, Any], options: Options) -> dict:
                       attention_impl=impl, rngs=nnx.Rngs(0))
         graphdef, rest, states[name] = trainer.init_state(model, tx, seed=0)
         del model
-        train_step = jax.jit(trainer.make_train_step(loss, graphdef, rest, tx, schedule),
-                             donate_argnums=0)
+        train_step = jax.jit(trainer.make_train_step(
+            loss, graphdef, rest, tx, schedule,
+            concurrent_microbatches=options.concurrent_microbatches), donate_argnums=0)
         log(f'dalle_train: compiling ({name}: {impl} attention)')
         compiled_of[name], compile_s[name] = compile_jit(train_step, states[name], batch)
 
@@ -470,6 +488,7 @@ def dalle_train(shape: dict[str, Any], options: Options) -> dict:
                for name, impl in variants.items()}
     result = results['block_sparse']
     result.update(layer_kinds=list(dalle_layer_kinds(shape['layers'])), dense=results['dense'],
+                  concurrent_microbatches=options.concurrent_microbatches,
                   speedup_vs_dense=results['dense']['step_s'] / result['step_s'])
     return result
 
@@ -505,9 +524,12 @@ def check_case(name: str) -> None:
 
 
 def run_case(name: str, *, overrides: dict[str, Any] | None = None, steps: int = 5,
-             attention: str | None = None, profile_dir: str | None = None) -> dict:
+             attention: str | None = None, profile_dir: str | None = None,
+             concurrent_microbatches: int | None = None) -> dict:
     """Runs case `name` at its shape with `overrides` (e.g. dict(layers=1, seq=16)); returns
-    its report. `steps` timed steps (>= 3) follow compilation and one warm-up step."""
+    its report. `steps` timed steps (>= 3) follow compilation and one warm-up step; the
+    train cases run `concurrent_microbatches` passes side by side (None: the case's default
+    on this machine, `default_concurrent_microbatches`)."""
     check_case(name)
     if steps < 3:
         raise ValueError(f'steps={steps}; the median needs at least 3 timed steps.')
@@ -517,7 +539,12 @@ def run_case(name: str, *, overrides: dict[str, Any] | None = None, steps: int =
         raise ValueError(f'Unknown shape overrides {sorted(unknown)} for case {name!r}; '
                          f'expected keys among {sorted(shape)}.')
     shape.update(overrides or {})
-    return CASES[name](shape, Options(steps, attention, profile_dir))
+    if concurrent_microbatches is None:
+        concurrent_microbatches = default_concurrent_microbatches(name, shape['batch'])
+    if name in TRAIN_CASES and shape['batch'] % concurrent_microbatches:
+        raise ValueError(f'batch={shape["batch"]} does not split into {concurrent_microbatches} '
+                         'concurrent micro-batches; choose a count that divides the batch.')
+    return CASES[name](shape, Options(steps, attention, profile_dir, concurrent_microbatches))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -530,6 +557,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--steps', type=int, default=5, help='timed steps per case (>= 3)')
     parser.add_argument('--attention', choices=ATTENTION_CHOICES, default=None,
                         help="attention implementation (default: the model's default)")
+    parser.add_argument('--concurrent-microbatches', type=int, default=None, metavar='N',
+                        help='independent passes per train step, run side by side (default: '
+                             'igpt_train 2 on a CPU with 2+ cores, else 1; 1 = one pass)')
     parser.add_argument('--profile', metavar='DIR', default=None,
                         help='also trace one step per case into DIR (jax.profiler; perfetto) '
                              'and print its top ops to stderr')
@@ -544,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
         attention_kwargs(args.attention)
     except ValueError as e:
         parser.error(str(e))
+    if args.concurrent_microbatches is not None and args.concurrent_microbatches < 1:
+        parser.error(f'--concurrent-microbatches={args.concurrent_microbatches}; use 1 or more.')
     if args.attention == 'cudnn' and (reason := cudnn_unavailable(jnp.bfloat16)):
         parser.error(f'--attention cudnn {reason}; use --attention auto or block_sparse.')
 
@@ -552,7 +584,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.cases:
         profile_dir = os.path.join(args.profile, name) if args.profile else None
         result = run_case(name, steps=args.steps, attention=args.attention,
-                          profile_dir=profile_dir)
+                          profile_dir=profile_dir,
+                          concurrent_microbatches=args.concurrent_microbatches)
         result['host_malloc'] = host_malloc
         if args.json:
             print(json.dumps(result), flush=True)

@@ -165,7 +165,8 @@ def lower_train_step(config):
     rules = tuple(config.sharding_rules)
     shardings = parallel.state_shardings(abstract, mesh, rules)
     task = tasks.make_loss_only(config)
-    step = make_train_step(task, graphdef, rest, tx, schedule, config.grad_accum_steps)
+    step = make_train_step(task, graphdef, rest, tx, schedule, config.grad_accum_steps,
+                           config.concurrent_microbatches)
     tokens = jax.ShapeDtypeStruct((config.batch_size, config.data.image_size ** 2), np.int32,
                                   sharding=parallel.batch_sharding(mesh))
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

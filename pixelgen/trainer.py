@@ -36,8 +36,8 @@ class NonFiniteLossError(FloatingPointError):
 def validate_loop_config(config: ConfigDict) -> None:
     """The loop's own settings; each task checks its model and data (its validate_config)."""
     problems = [f'{key}={config[key]} must be at least 1' for key in (
-        'batch_size', 'grad_accum_steps', 'log_every_steps', 'checkpoint_every_steps',
-        'keep_checkpoints') if config[key] < 1]
+        'batch_size', 'grad_accum_steps', 'concurrent_microbatches', 'log_every_steps',
+        'checkpoint_every_steps', 'keep_checkpoints') if config[key] < 1]
     problems += [f'{key}={config[key]} must be 0 (off) or positive'
                  for key in ('eval_every_steps', 'sample_every_steps') if config[key] < 0]
     if problems:
@@ -188,37 +188,56 @@ def _relayout(loaded: dict, wanted_paths: list) -> dict:
     return out
 
 
-def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 1):
+def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 1,
+                    concurrent_microbatches: int = 1):
     """One optimizer step; with `grad_accum_steps` > 1 the batch is cut into that many
-    micro-batches whose gradients and metrics are averaged (same result, less memory)."""
+    micro-batches, run one after the other, whose gradients and metrics are averaged (same
+    result, less memory). `concurrent_microbatches` > 1 cuts each of those again into
+    passes that share nothing but the parameters, so XLA may run them side by side: on a
+    CPU it runs each op on one thread, and one pass alone leaves a core idle a third of the
+    time (`benchmarks/README.md`). Same memory, same averaged result."""
     def grads_and_metrics(params, batch, rng, step):
         def loss_fn(params):  # `step` drives in-loss schedules (the dVAE's tau and beta)
             return task.loss(nnx.merge(graphdef, params, rest), batch, rng, step=step)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, metrics
 
+    def summed_passes(params, passes, rng, step):
+        """The summed gradients and metrics of the concurrent passes [C, rows, ...]."""
+        outs = [grads_and_metrics(params, jax.tree.map(lambda x, c=c: x[c], passes),
+                                  rng if concurrent_microbatches == 1
+                                  else jax.random.fold_in(rng, c), step)
+                for c in range(concurrent_microbatches)]
+        return jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *outs)
+
     def train_step(state: State, batch: dict) -> tuple[State, dict]:
         rng = jax.random.fold_in(state['rng'], state['step'])  # a fresh key per step, resumable
-        if grad_accum_steps == 1:
+        micro_batches = grad_accum_steps * concurrent_microbatches
+        if micro_batches == 1:
             grads, metrics = grads_and_metrics(state['params'], batch, rng, state['step'])
         else:
-            # Micro-batch i takes rows i, i + A, i + 2A, ...: every device keeps its share.
-            micro = jax.tree.map(lambda x: jnp.swapaxes(
-                x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]),
-                0, 1), batch)
+            # Micro-batch i takes rows i, i + A·C, i + 2·A·C, ...: every device keeps its
+            # share. [A, C, rows, ...]: A sequential steps of C concurrent passes.
+            micro = jax.tree.map(lambda x: jnp.moveaxis(
+                x.reshape(x.shape[0] // micro_batches, grad_accum_steps,
+                          concurrent_microbatches, *x.shape[1:]), 0, 2), batch)
 
             def accumulate(carry, inputs):
-                i, micro_batch = inputs
-                out = grads_and_metrics(state['params'], micro_batch, jax.random.fold_in(rng, i),
-                                        state['step'])
+                i, passes = inputs
+                out = summed_passes(state['params'], passes, jax.random.fold_in(rng, i),
+                                    state['step'])
                 return jax.tree.map(jnp.add, carry, out), None
 
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-                grads_and_metrics, state['params'], jax.tree.map(lambda x: x[0], micro), rng,
-                state['step']))
-            total, _ = jax.lax.scan(accumulate, zeros,
-                                    (jnp.arange(grad_accum_steps), micro))
-            grads, metrics = jax.tree.map(lambda x: x / grad_accum_steps, total)
+            if grad_accum_steps == 1:
+                total = summed_passes(state['params'], jax.tree.map(lambda x: x[0], micro),
+                                      rng, state['step'])
+            else:
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+                    summed_passes, state['params'], jax.tree.map(lambda x: x[0], micro), rng,
+                    state['step']))
+                total, _ = jax.lax.scan(accumulate, zeros,
+                                        (jnp.arange(grad_accum_steps), micro))
+            grads, metrics = jax.tree.map(lambda x: x / micro_batches, total)
         updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
         params = optax.apply_updates(state['params'], updates)
         metrics = {**metrics, 'grad_norm': optax.tree.norm(grads),
@@ -291,11 +310,13 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     except ValueError as e:
         raise ConfigError(f'{e} (config.mesh; {jax.device_count()} devices here)') from e
     hosts, dp = jax.process_count(), parallel.batch_parallelism(mesh)
-    if config.batch_size % (dp * config.grad_accum_steps) or config.batch_size % hosts:
+    micro_batches = config.grad_accum_steps * config.concurrent_microbatches
+    if config.batch_size % (dp * micro_batches) or config.batch_size % hosts:
         raise ConfigError(
             f'config.batch_size={config.batch_size} must divide by the data-parallel size {dp} '
-            f'times grad_accum_steps={config.grad_accum_steps}, and by the number of hosts '
-            f'{hosts}. Change --config.batch_size or --config.mesh.')
+            f'times grad_accum_steps={config.grad_accum_steps} times concurrent_microbatches='
+            f'{config.concurrent_microbatches}, and by the number of hosts {hosts}. Change '
+            '--config.batch_size, --config.mesh or those two.')
     per_host_batch = config.batch_size // hosts
     if jax.process_index() == 0:
         print(f'[pixelgen] workdir {workdir}\n[pixelgen] config:\n{format_config(config)}',
@@ -333,7 +354,8 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
         save_config(config, workdir)
 
     train_step = jax.jit(make_train_step(task, graphdef, rest, tx, schedule,
-                                         config.grad_accum_steps),
+                                         config.grad_accum_steps,
+                                         config.concurrent_microbatches),
                          in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                          out_shardings=(state_sharding, parallel.replicated(mesh)),
                          donate_argnums=0)

@@ -76,6 +76,9 @@ def test_case_reports_every_field_with_sane_values(tiny_result):
     assert r['peak_memory_bytes'] > 0
     assert r['attention_impl'] in bench.ATTENTION_CHOICES
     assert r['device']['platform'] == jax.devices()[0].platform
+    if r['name'] == 'igpt_train':  # 2 passes on a multi-core CPU, one elsewhere
+        assert r['concurrent_microbatches'] == bench.default_concurrent_microbatches(
+            'igpt_train', r['shape']['batch'])
 
 
 def test_sample_case_generates_new_tokens_of_a_longer_model(tiny_result):
@@ -102,6 +105,14 @@ def test_unknown_case_names_the_valid_ones(capsys):
 def test_unknown_shape_override_is_refused():
     with pytest.raises(ValueError, match='depth'):
         bench.run_case('igpt_train', overrides=dict(depth=2))
+
+
+def test_concurrent_passes_must_divide_the_batch():
+    with pytest.raises(ValueError, match='batch=2 does not split into 3'):
+        bench.run_case('igpt_train', overrides=TINY_OVERRIDES['igpt_train'], steps=3,
+                       concurrent_microbatches=3)
+    assert bench.default_concurrent_microbatches('igpt_train', 3) == 1  # odd batch: one pass
+    assert bench.default_concurrent_microbatches('dalle_train', 4) == 1
 
 
 def test_json_flag_prints_one_line_per_case_and_nothing_else(monkeypatch, capsys):

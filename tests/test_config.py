@@ -82,6 +82,7 @@ def test_cli_reports_unknown_key_without_traceback(tmp_path):
     ('--config.model.attention=flash', r'model\.attention'),
     ('--config.mesh.data=3', r'config\.mesh'),
     ('--config.grad_accum_steps=3', r'batch_size=4 must divide.*grad_accum_steps=3'),
+    ('--config.concurrent_microbatches=3', r'batch_size=4 must divide.*concurrent_microbatches=3'),
 ])
 def test_bad_values_fail_before_any_work(override, message, data_dir, tmp_path):
     from conftest import tiny_config

@@ -13,6 +13,7 @@ from pixelgen.trainer import train
     ('--config.log_every_steps=0', r'log_every_steps=0 must be at least 1'),
     ('--config.checkpoint_every_steps=0', r'checkpoint_every_steps=0 must be at least 1'),
     ('--config.grad_accum_steps=0', r'grad_accum_steps=0 must be at least 1'),
+    ('--config.concurrent_microbatches=0', r'concurrent_microbatches=0 must be at least 1'),
     ('--config.keep_checkpoints=0', r'keep_checkpoints=0 must be at least 1'),
     ('--config.eval_every_steps=-1', r'eval_every_steps=-1 must be 0 \(off\) or positive'),
 ])

@@ -253,9 +253,21 @@ def _spec(tiles: TileSet) -> str:
     return 'bhkd' if tiles.shared else 'bhgkd'
 
 
+def _tile_einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """jnp.einsum(spec) in float32 over tile sets, whose g axis (the rectangles) is third.
+    A set of one rectangle drops its g axis around the product: XLA:CPU otherwise lays the
+    product out with the unit axis outermost and copies it back (at the causal tree's top
+    level, 32 MiB per copy, three per layer of `igpt_train`)."""
+    if x.shape[2] != 1:
+        return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+    x_axes, y_axes = spec.split('->')[0].split(',')
+    x, y = (a.squeeze(2) if 'g' in axes else a for a, axes in ((x, x_axes), (y, y_axes)))
+    product = jnp.einsum(spec.replace('g', ''), x, y, preferred_element_type=jnp.float32)
+    return jnp.expand_dims(product, 2)
+
+
 def _logits(tiles: TileSet, q: jax.Array, k: jax.Array) -> jax.Array:
-    s = jnp.einsum(f'bhgqd,{_spec(tiles)}->bhgqk', tiles.queries.read(q), tiles.keys.read(k),
-                   preferred_element_type=jnp.float32)
+    s = _tile_einsum(f'bhgqd,{_spec(tiles)}->bhgqk', tiles.queries.read(q), tiles.keys.read(k))
     return s if tiles.mask is None else jnp.where(tiles.mask, s, MASK_VALUE)
 
 
@@ -266,8 +278,8 @@ def _forward(tiling: Tiling, q, k, v):
         s = _logits(tiles, q, k)                                        # [b, h, G, M, K]
         m = s.max(axis=-1, keepdims=True)
         e = jnp.exp(s - m)
-        o = jnp.einsum(f'bhgqk,{_spec(tiles)}->bhgqd', e.astype(v.dtype), tiles.keys.read(v),
-                       preferred_element_type=jnp.float32)               # unnormalised
+        o = _tile_einsum(f'bhgqk,{_spec(tiles)}->bhgqd', e.astype(v.dtype),
+                         tiles.keys.read(v))                            # unnormalised
         tile_lse = tiles.queries.place(m + jnp.log(e.sum(axis=-1, keepdims=True)), n,
                                        fill=MASK_VALUE)                 # [b, h, n, 1]
         lse = tile_lse if lse is None else jnp.logaddexp(lse, tile_lse)
@@ -289,11 +301,10 @@ def _backward(tiling: Tiling, residuals, d_out):
         rows, keys, spec = tiles.queries, tiles.keys, _spec(tiles)
         scale = jnp.exp(m - rows.read(lse))       # [b, h, G, M, 1]: P = e · scale
         d_rows = rows.read(d_out)                 # [b, h, G, M, d]
-        dp = jnp.einsum(f'bhgqd,{spec}->bhgqk', d_rows.astype(v.dtype), keys.read(v),
-                        preferred_element_type=jnp.float32)
+        dp = _tile_einsum(f'bhgqd,{spec}->bhgqk', d_rows.astype(v.dtype), keys.read(v))
         ds = e * (dp - rows.read(delta)) * scale  # dS = P ⊙ (dP − rowsum(dO ⊙ O))
-        dq = dq + rows.place(jnp.einsum(f'bhgqk,{spec}->bhgqd', ds.astype(k.dtype),
-                                        keys.read(k), preferred_element_type=jnp.float32), n)
+        dq = dq + rows.place(_tile_einsum(f'bhgqk,{spec}->bhgqd', ds.astype(k.dtype),
+                                          keys.read(k)), n)
         dk_tiles = _queries_t_times(rows.read(q), ds.astype(q.dtype), tiles.shared)
         dv_tiles = _queries_t_times((d_rows * scale).astype(v.dtype), e.astype(v.dtype),
                                     tiles.shared)
@@ -306,9 +317,10 @@ def _queries_t_times(a: jax.Array, b: jax.Array, shared: bool) -> jax.Array:
     """a^T · b over a tile set's queries: a [b, h, G, M, d], b [b, h, G, M, K] -> [.., d, K]
     (summed over G too when the keys are shared). Q^T·dS, not dS^T·Q: the big [.., M, K]
     operand keeps the layout it was written in, and only the small one is transposed."""
-    if shared:
-        return rows_t_times(a.reshape(*a.shape[:2], -1, a.shape[-1]),
-                            b.reshape(*b.shape[:2], -1, b.shape[-1]), batch='bh')
+    if shared or a.shape[2] == 1:  # one rectangle: no g axis (see `_tile_einsum`)
+        product = rows_t_times(a.reshape(*a.shape[:2], -1, a.shape[-1]),
+                               b.reshape(*b.shape[:2], -1, b.shape[-1]), batch='bh')
+        return product if shared else jnp.expand_dims(product, 2)
     return rows_t_times(a, b, batch='bhg')
 
 

@@ -36,6 +36,7 @@ def base_config() -> ConfigDict:
     c.total_steps = 800
     c.batch_size = 64              # the contrastive softmax spans the whole global batch
     c.grad_accum_steps = 1         # note: accumulation contrasts within each micro-batch
+    c.concurrent_microbatches = 1  # so do concurrent passes (they are micro-batches too)
     c.checkpoint_every_steps = 400
     c.keep_checkpoints = 3
     c.log_every_steps = 50
