@@ -1,4 +1,4 @@
-"""rows_t_times and nnx.Linear's linear_dot_general equal the plain formulas and their autodiff,
+"""rows_t_times, nnx.Linear's linear_dot_general and nnx.Einsum's projection_einsum equal the plain formulas and their autodiff,
 and their products reach XLA:CPU in the canonical (non-Eigen) form."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pixelgen.nn.matmul import linear_dot_general, rows_t_times
+from pixelgen.nn.matmul import linear_dot_general, projection_einsum, rows_t_times
 
 
 def test_rows_t_times_equals_transpose_product():
@@ -63,3 +63,26 @@ def test_other_contractions_fall_through():
     numbers = (((2,), (1,)), ((0,), (0,)))
     np.testing.assert_allclose(linear_dot_general(a, b, numbers),
                                jax.lax.dot_general(a, b, numbers), rtol=1e-6)
+
+
+@pytest.mark.parametrize('spec,x_shape,kernel_shape', [
+    ('bld,dhk->blhk', (2, 5, 8), (8, 2, 4)),      # attention's q, k, v
+    ('blhk,hkd->bld', (2, 5, 2, 4), (2, 4, 8)),   # and its output
+    ('bld,hdk->blhk', (2, 5, 8), (2, 8, 4)),      # not a flat projection: plain einsum
+])
+def test_projection_einsum_values_and_gradients_equal_einsum(spec, x_shape, kernel_shape):
+    x = jax.random.normal(jax.random.key(6), x_shape)
+    kernel = jax.random.normal(jax.random.key(7), kernel_shape)
+    cotangent = jax.random.normal(jax.random.key(8), jnp.einsum(spec, x, kernel).shape)
+
+    def loss(einsum, x, kernel):
+        return jnp.sum(einsum(spec, x, kernel) * cotangent)
+
+    got = jax.grad(lambda *a: loss(projection_einsum, *a), argnums=(0, 1))(x, kernel)
+    want = jax.grad(lambda *a: loss(jnp.einsum, *a), argnums=(0, 1))(x, kernel)
+    np.testing.assert_allclose(projection_einsum(spec, x, kernel), jnp.einsum(spec, x, kernel),
+                               rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+

@@ -33,6 +33,7 @@ from pixelgen.nn.block_sparse import (
     make_tiling,
 )
 from pixelgen.nn.masks import MaskSpec
+from pixelgen.nn.matmul import projection_einsum
 from pixelgen.nn.splash import DEFAULT_BLOCK_SIZE as SPLASH_BLOCK_SIZE
 from pixelgen.nn.splash import check_block_size, splash_attention
 from pixelgen.parallel import constrain
@@ -181,7 +182,8 @@ class MultiHeadAttention(nnx.Module):
             return nnx.Einsum('bld,dhk->blhk', qkv_shape,
                               (num_heads, self.head_dim) if use_bias else None, dtype=dtype,
                               param_dtype=jnp.float32, kernel_init=qkv_init,
-                              bias_init=logical_init(zeros, ('heads', 'kv')), rngs=rngs)
+                              bias_init=logical_init(zeros, ('heads', 'kv')),
+                              einsum_op=projection_einsum, rngs=rngs)
 
         self.query = qkv()
         self.key = qkv()
@@ -189,7 +191,8 @@ class MultiHeadAttention(nnx.Module):
         self.out = nnx.Einsum('blhk,hkd->bld', (num_heads, self.head_dim, width),
                               (width,) if use_bias else None, dtype=dtype,
                               param_dtype=jnp.float32, kernel_init=out_init,
-                              bias_init=logical_init(zeros, ('embed',)), rngs=rngs)
+                              bias_init=logical_init(zeros, ('embed',)),
+                              einsum_op=projection_einsum, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [batch, length, width] -> [batch, length, width]."""

@@ -13,6 +13,7 @@ for, of the result.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,29 @@ def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precis
                                    preferred_element_type=preferred_element_type,
                                    out_sharding=out_sharding)
     return _linear(lhs, rhs, precision, preferred_element_type)
+
+
+def projection_einsum(spec: str, x: jax.Array, kernel: jax.Array, precision=None,
+                      preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """`nnx.Einsum(einsum_op=projection_einsum)`: a projection whose kernel's leading axes
+    contract x's trailing ones ('bld,dhk->blhk', 'blhk,hkd->bld') as the flat matmul of
+    `linear_dot_general`, whose kernel gradient is `rows_t_times` (autodiff of the einsum
+    transposes its [rows, features] output gradient instead, in the fusion that assembles
+    it, at several times the cost of a plain copy). Any other einsum, or an explicit
+    out_sharding, goes to `jnp.einsum` unchanged."""
+    inputs, out_axes = spec.replace(' ', '').split('->')
+    x_axes, k_axes = inputs.split(',')
+    shared = len(x_axes) - len(x_axes.rstrip(k_axes))  # x's trailing axes found in kernel
+    batch, contracted = x_axes[:len(x_axes) - shared], x_axes[len(x_axes) - shared:]
+    if (out_sharding is not None or not shared or not k_axes.startswith(contracted)
+            or out_axes != batch + k_axes[shared:] or set(batch) & set(k_axes)):
+        return jnp.einsum(spec, x, kernel, precision=precision,
+                          preferred_element_type=preferred_element_type,
+                          out_sharding=out_sharding)
+    rows, features = x.shape[:len(batch)], kernel.shape[shared:]
+    flat = _linear(x.reshape(*rows, -1), kernel.reshape(-1, math.prod(features)), precision,
+                   preferred_element_type)
+    return flat.reshape(*rows, *features)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
