@@ -1,5 +1,6 @@
-"""rows_t_times, nnx.Linear's linear_dot_general and nnx.Einsum's projection_einsum equal the plain formulas and their autodiff,
-and their products reach XLA:CPU in the canonical (non-Eigen) form."""
+"""rows_t_times, nnx.Linear's linear_dot_general and nnx.Einsum's projection_einsum equal the
+plain formulas and their autodiff, and their products reach XLA:CPU in the canonical
+(non-Eigen) form."""
 
 from __future__ import annotations
 
