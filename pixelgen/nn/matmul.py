@@ -48,8 +48,8 @@ def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precis
 def projection_einsum(spec: str, x: jax.Array, kernel: jax.Array, precision=None,
                       preferred_element_type=None, out_sharding=None) -> jax.Array:
     """`nnx.Einsum(einsum_op=projection_einsum)`: a projection whose kernel's leading axes
-    contract x's trailing ones ('bld,dhk->blhk', 'blhk,hkd->bld') as the flat matmul of
-    `linear_dot_general`, whose kernel gradient is `rows_t_times` (autodiff of the einsum
+    contract x's trailing ones ('bld,dhk->blhk', 'blhk,hkd->bld') as one flat matmul whose
+    kernel gradient is `rows_t_times`, as `linear_dot_general`'s (autodiff of the einsum
     transposes its [rows, features] output gradient instead, in the fusion that assembles
     it, at several times the cost of a plain copy). Any other einsum, or an explicit
     out_sharding, goes to `jnp.einsum` unchanged."""
@@ -62,10 +62,36 @@ def projection_einsum(spec: str, x: jax.Array, kernel: jax.Array, precision=None
         return jnp.einsum(spec, x, kernel, precision=precision,
                           preferred_element_type=preferred_element_type,
                           out_sharding=out_sharding)
-    rows, features = x.shape[:len(batch)], kernel.shape[shared:]
-    flat = _linear(x.reshape(*rows, -1), kernel.reshape(-1, math.prod(features)), precision,
-                   preferred_element_type)
+    return _projection(x, kernel, shared, precision, preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _projection(x: jax.Array, kernel: jax.Array, shared: int, precision, out_dtype):
+    """x [*rows, *contracted] · kernel [*contracted, *features] -> [*rows, *features]."""
+    rows, features = x.shape[:x.ndim - shared], kernel.shape[shared:]
+    flat = jnp.einsum('...i,io->...o', x.reshape(*rows, -1),
+                      kernel.reshape(-1, math.prod(features)), precision=precision,
+                      preferred_element_type=out_dtype)
     return flat.reshape(*rows, *features)
+
+
+def _projection_fwd(x, kernel, shared, precision, out_dtype):
+    # The residuals are x and kernel as given, as autodiff of the einsum keeps them.
+    return _projection(x, kernel, shared, precision, out_dtype), (x, kernel)
+
+
+def _projection_bwd(shared, precision, out_dtype, residuals, dy):
+    del out_dtype
+    x, kernel = residuals
+    contracted = math.prod(kernel.shape[:shared])
+    dy = dy.reshape(-1, math.prod(kernel.shape[shared:]))
+    dx = jnp.einsum('ro,io->ri', dy, kernel.reshape(contracted, -1), precision=precision,
+                    preferred_element_type=jnp.float32)
+    d_kernel = rows_t_times(x.reshape(-1, contracted), dy)
+    return dx.reshape(x.shape).astype(x.dtype), d_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_projection.defvjp(_projection_fwd, _projection_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
