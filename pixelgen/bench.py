@@ -84,9 +84,9 @@ class Options:
 
 def default_concurrent_microbatches(case: str, batch: int) -> int:
     """igpt_train: 2 on a CPU with two or more cores for this process (and an even batch),
-    else 1. XLA:CPU runs
-    each op on one thread, and one pass leaves a core idle a third of the step; a second,
-    independent pass keeps it busy (`benchmarks/README.md`). dalle_train: 1. Its sparse step
+    else 1. XLA:CPU runs each op on one thread, and one pass leaves a core idle a third of
+    the step; a second, independent pass keeps it busy (`benchmarks/README.md`).
+    dalle_train: 1. Its sparse step
     gained nothing from two passes (1.10 against 1.07 s) while its dense twin slowed (4.10
     against 3.01 s), which would flatter the ratio."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()

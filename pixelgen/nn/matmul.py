@@ -42,7 +42,7 @@ def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precis
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type,
                                    out_sharding=out_sharding)
-    return _linear(lhs, rhs, precision, preferred_element_type)
+    return _projection(lhs, rhs, 1, precision, preferred_element_type)
 
 
 def projection_einsum(spec: str, x: jax.Array, kernel: jax.Array, precision=None,
@@ -67,7 +67,9 @@ def projection_einsum(spec: str, x: jax.Array, kernel: jax.Array, precision=None
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _projection(x: jax.Array, kernel: jax.Array, shared: int, precision, out_dtype):
-    """x [*rows, *contracted] · kernel [*contracted, *features] -> [*rows, *features]."""
+    """x [*rows, *contracted] · kernel [*contracted, *features] -> [*rows, *features], the
+    `shared` contracted axes flattened into one matmul; its kernel gradient is `rows_t_times`
+    over the rows (autodiff's x^T · dy is the slow Eigen form, or a transposing fusion)."""
     rows, features = x.shape[:x.ndim - shared], kernel.shape[shared:]
     flat = jnp.einsum('...i,io->...o', x.reshape(*rows, -1),
                       kernel.reshape(-1, math.prod(features)), precision=precision,
@@ -92,25 +94,3 @@ def _projection_bwd(shared, precision, out_dtype, residuals, dy):
 
 
 _projection.defvjp(_projection_fwd, _projection_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _linear(x: jax.Array, kernel: jax.Array, precision, out_dtype) -> jax.Array:
-    return jnp.einsum('...i,io->...o', x, kernel, precision=precision,
-                      preferred_element_type=out_dtype)
-
-
-def _linear_fwd(x, kernel, precision, out_dtype):
-    return _linear(x, kernel, precision, out_dtype), (x, kernel)
-
-
-def _linear_bwd(precision, out_dtype, residuals, dy):
-    del out_dtype
-    x, kernel = residuals
-    dx = jnp.einsum('...o,io->...i', dy, kernel, precision=precision,
-                    preferred_element_type=jnp.float32)
-    d_kernel = rows_t_times(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
-    return dx.astype(x.dtype), d_kernel.astype(kernel.dtype)
-
-
-_linear.defvjp(_linear_fwd, _linear_bwd)
