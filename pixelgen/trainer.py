@@ -195,7 +195,8 @@ def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 
     result, less memory). `concurrent_microbatches` > 1 cuts each of those again into
     passes that share nothing but the parameters, so XLA may run them side by side: on a
     CPU it runs each op on one thread, and one pass alone leaves a core idle a third of the
-    time (`benchmarks/README.md`). Same memory, same averaged result."""
+    time (`benchmarks/README.md`). Same memory; the same result wherever the loss is a mean
+    over rows (not where it couples them: CLIP contrasts within each pass)."""
     def grads_and_metrics(params, batch, rng, step):
         def loss_fn(params):  # `step` drives in-loss schedules (the dVAE's tau and beta)
             return task.loss(nnx.merge(graphdef, params, rest), batch, rng, step=step)
