@@ -44,28 +44,45 @@ import numpy as np
 from flax import nnx
 
 from pixelgen import cpu_decode
-from pixelgen.nn import partial_sums
+from pixelgen.nn import packed_matmul, partial_sums
 
-SOURCE = os.path.join(os.path.dirname(__file__), 'native', 'pair_sum.cc')
+# One library of both native kernels: the sum of the halves and the decoding matmul
+# (`pixelgen.nn.packed_matmul`).
+SOURCES = tuple(os.path.join(os.path.dirname(__file__), 'native', name)
+                for name in ('pair_sum.cc', 'packed_matmul.cc'))
 TARGET = 'pixelgen_pair_sum'
 SPLIT_AXES = ('heads', 'mlp')  # logical axes whose halves go to the two cores
 TIMEOUT_MS = 60_000  # how long a party waits for the other before the call fails
 PARTIES = 2
 
 
+def _cpu_flags() -> bytes:
+    """This CPU's feature flags (the library is built for them, -march=native): a home folder
+    shared by machines of different CPUs keeps one build per kind."""
+    try:
+        with open('/proc/cpuinfo', 'rb') as f:
+            return next((line for line in f if line.startswith((b'flags', b'Features'))), b'')
+    except OSError:
+        return b''
+
+
 def _library_path() -> str:
-    """Where the library for this source and jaxlib lives (built once per pair)."""
+    """Where the library for these sources, jaxlib and CPU lives (built once per triple)."""
     import jaxlib
-    with open(SOURCE, 'rb') as f:
-        key = hashlib.sha256(f.read() + jaxlib.__version__.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(jaxlib.__version__.encode() + _cpu_flags())
+    for source in SOURCES:
+        with open(source, 'rb') as f:
+            digest.update(f.read())
+    key = digest.hexdigest()[:16]
     folder = os.environ.get('PIXELGEN_NATIVE_DIR') or os.path.join(
         os.path.expanduser('~'), '.cache', 'pixelgen', 'native')
     return os.path.join(folder, f'pair_sum-{key}.so')
 
 
 def build(path: str, compiler: str | None = None) -> str | None:
-    """Compiles the pair_sum library to `path` (atomically); None, with the reason logged, where
-    that fails (no compiler, no jaxlib headers)."""
+    """Compiles the native library to `path` (atomically), for this CPU where the compiler
+    can (-march=native); None, with the reason logged, where that fails (no compiler, no
+    jaxlib headers)."""
     compiler = compiler or os.environ.get('CXX', 'g++')
     folder = os.path.dirname(path)
     partial = None
@@ -73,16 +90,20 @@ def build(path: str, compiler: str | None = None) -> str | None:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, suffix='.so.partial', delete=False) as tmp:
             partial = tmp.name
-        done = subprocess.run([compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
-                               '-I', jax.ffi.include_dir(), SOURCE, '-o', partial],
+        command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-w',
+                   '-I', jax.ffi.include_dir(), *SOURCES, '-o', partial]
+        done = subprocess.run([*command[:2], '-march=native', *command[2:]],
                               capture_output=True, text=True, check=False, timeout=300)
+        if done.returncode != 0:  # a compiler without -march=native: portable code
+            done = subprocess.run(command, capture_output=True, text=True, check=False,
+                                  timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f'{compiler} failed: {done.stderr.strip()[-1000:]}')
         os.replace(partial, path)  # whole or not at all, if another process builds it too
         return path
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         logging.warning('pixelgen.core_split: could not build %s (%s); decoding splits the '
-                        'rows between the cores instead.', SOURCE, error)
+                        'rows between the cores instead.', ' '.join(SOURCES), error)
         return None
     finally:
         if partial and os.path.exists(partial):
@@ -91,8 +112,8 @@ def build(path: str, compiler: str | None = None) -> str | None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The pair_sum library, built if needed, loaded, and registered with XLA as TARGET; None
-    where it cannot be (see `build`)."""
+    """The native library, built if needed, loaded, and its kernels registered with XLA
+    (TARGET, packed_matmul.TARGET); None where it cannot be (see `build`)."""
     path = _library_path()
     if not os.path.exists(path) and build(path) is None:
         return None
@@ -100,11 +121,14 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.cdll.LoadLibrary(path)
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PixelgenPairSum),
                                     platform='cpu')
+        jax.ffi.register_ffi_target(packed_matmul.TARGET,
+                                    jax.ffi.pycapsule(lib.PixelgenPackedMatmul), platform='cpu')
     except (OSError, AttributeError, ValueError) as error:
         logging.warning('pixelgen.core_split: could not load %s (%s); decoding splits the rows '
                         'between the cores instead.', path, error)
         return None
     lib.pixelgen_pair_sum_reset.argtypes = [ctypes.c_int64]
+    lib.pixelgen_packed_matmul_panel.restype = ctypes.c_int64
     return lib
 
 
@@ -163,7 +187,9 @@ def as_party(model: nnx.Module, party: int | None) -> Iterator[None]:
     for _, module in nnx.iter_modules(model):
         if isinstance(module, MultiHeadAttention):  # the KV cache is sized by num_heads
             module.num_heads = module.query.kernel.shape[1]
-    with partial_sums.combining(functools.partial(pair_sum, party=party)):
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))  # the arrays its layers read
+    with (partial_sums.combining(functools.partial(pair_sum, party=party)),
+          packed_matmul.packing(params, library().pixelgen_packed_matmul_panel())):
         yield
 
 

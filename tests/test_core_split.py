@@ -14,7 +14,7 @@ from flax import nnx
 from pixelgen import core_split, cpu_decode, sampling
 from pixelgen.models.dalle import DallE, generate
 from pixelgen.models.igpt import ImageGPT
-from pixelgen.nn import partial_sums
+from pixelgen.nn import packed_matmul, partial_sums
 
 
 @pytest.fixture(scope='module')
@@ -159,3 +159,56 @@ def test_dalle_generates_the_same_codes_with_split_weights(monkeypatch):
         codes[mode] = np.asarray(generate(model, jax.random.key(3), text, image_prompt=prompt))
     np.testing.assert_array_equal(codes['cores'], codes['shared'])
     assert calls == ([1] if len(cpu_decode.core_devices()) == 2 else [])
+
+
+@pytest.mark.parametrize('rows, k, n', [(4, 64, 128), (1, 7, 5), (6, 33, 200), (9, 256, 384)])
+def test_packed_matmul_equals_the_product(rows, k, n):
+    lib = core_split.library()
+    panel = lib.pixelgen_packed_matmul_panel()
+    x = jax.random.normal(jax.random.key(0), (rows, k))
+    kernel = jax.random.normal(jax.random.key(1), (k, n))
+    packed = packed_matmul.pack(kernel, 1, panel)
+    assert packed.shape == (-(-n // panel), k, panel)
+
+    @jax.jit
+    def native(x, kernel):
+        with packed_matmul.packing([kernel], panel):
+            return packed_matmul.matmul(x, kernel, 1, fallback=lambda: None)
+    np.testing.assert_allclose(native(x, kernel), x @ kernel, rtol=2e-5, atol=2e-5 * k)
+
+
+def test_packed_matmul_contracts_leading_axes_and_falls_back_elsewhere():
+    panel = core_split.library().pixelgen_packed_matmul_panel()
+    x = jax.random.normal(jax.random.key(0), (3, 1, 4, 8))  # [b, 1, heads, head_dim]
+    kernel = jax.random.normal(jax.random.key(1), (4, 8, 16))  # [heads, head_dim, width]
+    other = kernel + 1
+    expected = jnp.einsum('blhk,hkd->bld', x, kernel)
+
+    @jax.jit
+    def f(x, kernel, other):
+        with packed_matmul.packing([kernel], panel):
+            assert packed_matmul.active()
+            packed = packed_matmul.matmul(x, kernel, 2, fallback=lambda: 'not packed')
+            unpacked = packed_matmul.matmul(x, other, 2, fallback=lambda: jnp.zeros(3))
+        assert not packed_matmul.active()
+        return packed, unpacked, packed_matmul.matmul(x, kernel, 2, lambda: jnp.ones(2))
+    packed, unpacked, outside = f(x, kernel, other)
+    np.testing.assert_allclose(packed, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(unpacked, np.zeros(3))
+    np.testing.assert_array_equal(outside, np.ones(2))
+
+
+def test_split_decoding_runs_every_matmul_on_packed_weights(model):
+    graphdef, state = nnx.split(model)
+    assert core_split.library() is not None  # registers the kernel
+    device = jax.devices()[0]
+    half = jax.device_put(core_split.half(state, 0), device)
+    prompt = jax.device_put(np.zeros((2, 0), np.int32), device)
+    lowered = sampling._sample_jit.lower(
+        graphdef, half, jax.random.key(0), prompt, batch_size=2, temperature=1.0, top_k=None,
+        phase_ends=(8,), row_start=jax.device_put(np.int32(0), device), row_count=2, party=0)
+    text = lowered.as_text()
+    # Per layer q, k, v, out, fc and proj, then the head; the only other products are the
+    # attention's two over the KV cache, per layer.
+    assert text.count(f'custom_call @{packed_matmul.TARGET}') == 6 * 2 + 1
+    assert text.count('stablehlo.dot_general') == 2 * 2

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixelgen.nn import packed_matmul
 from pixelgen.nn.attention import logical_init
 from pixelgen.nn.masks import CAUSAL, FULL
 from pixelgen.nn.matmul import linear_dot_general
@@ -184,7 +185,7 @@ class ImageGPT(nnx.Module):
         tok = self.wte(prev_tokens).astype(jnp.float32)  # [b, width]
         h = jnp.where(position == 0, self.sos[...][None], tok) + self.wpe[position]
         h, cache = self.transformer.decode(h[:, None, :].astype(self.dtype), cache, position)
-        logits = self.head(self.ln_f(h))[:, 0]  # [b, vocab]
+        logits = packed_matmul.project(self.head, self.ln_f(h))[:, 0]  # [b, vocab]
         return logits.astype(jnp.float32), cache
 
     def _check_autoregressive(self) -> None:

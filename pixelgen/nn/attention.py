@@ -32,6 +32,7 @@ from pixelgen.nn.block_sparse import (
     block_sparse_attention,
     make_tiling,
 )
+from pixelgen.nn import packed_matmul
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.matmul import projection_einsum
 from pixelgen.nn.splash import DEFAULT_BLOCK_SIZE as SPLASH_BLOCK_SIZE
@@ -231,7 +232,7 @@ class MultiHeadAttention(nnx.Module):
         shape = (batch_size, self.num_heads, max_length, self.head_dim)
         cache = dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype))
         kernels = [p.kernel[...] for p in (self.query, self.key, self.value)]
-        if (self.query.bias is None and kernels[0].ndim == 3
+        if (self.query.bias is None and kernels[0].ndim == 3 and not packed_matmul.active()
                 and 3 * kernels[0].nbytes <= FUSED_QKV_MAX_BYTES):
             cache['qkv'] = jnp.stack(kernels, axis=1).reshape(kernels[0].shape[0], -1)
         return cache
@@ -263,7 +264,8 @@ class MultiHeadAttention(nnx.Module):
             q, k_new, v_new = (part.reshape(-1, 1, heads, self.head_dim)
                                for part in jnp.split(qkv, 3, axis=-1))
         else:
-            q, k_new, v_new = self.query(x), self.key(x), self.value(x)  # [b, 1, heads, hd]
+            q, k_new, v_new = (packed_matmul.project(p, x)  # [b, 1, heads, head_dim]
+                               for p in (self.query, self.key, self.value))
         k = jax.lax.dynamic_update_slice(cache['k'], heads_major(k_new), start)
         v = jax.lax.dynamic_update_slice(cache['v'], heads_major(v_new), start)
         sparse = self.mask.decode_keys(position, max_length)
@@ -277,7 +279,7 @@ class MultiHeadAttention(nnx.Module):
         logits = jnp.where(allowed, logits / math.sqrt(self.head_dim), MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
         out = jnp.einsum('bhqk,bhkd->bqhd', probs, values, preferred_element_type=jnp.float32)
-        y = self.out(out.astype(q.dtype))
+        y = packed_matmul.project(self.out, out.astype(q.dtype), contracted=2)
         return y, {**cache, 'k': k, 'v': v}
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import spmd
 
+from pixelgen.nn import packed_matmul
 from pixelgen.nn.attention import MultiHeadAttention, logical_init
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.matmul import rows_t_times
@@ -76,8 +77,12 @@ class MLP(nnx.Module):
         biases = (self.fc.bias[...].astype(dtype), self.proj.bias[...].astype(dtype)) \
             if self.fc.bias is not None else None
         rows = x.reshape(-1, x.shape[-1]).astype(dtype)  # [batch * length, width]: see `mlp`
-        y = mlp(rows, self.fc.kernel[...].astype(dtype), self.proj.kernel[...].astype(dtype),
-                biases, self.activation)
+        if biases is None and packed_matmul.active():  # a decoding step's few rows
+            hidden = ACTIVATIONS[self.activation](packed_matmul.project(self.fc, rows))
+            y = packed_matmul.project(self.proj, hidden)
+        else:
+            y = mlp(rows, self.fc.kernel[...].astype(dtype),
+                    self.proj.kernel[...].astype(dtype), biases, self.activation)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
