@@ -1,7 +1,7 @@
 """The floor of `igpt_sample` on this machine: only the matmuls of one token step.
 
     python benchmarks/decode_floor.py [--parts 1 2] [--layers 8 4]
-                                      [--split one tensor pipeline clients halves]
+                                      [--split one tensor pipeline clients halves packed]
 
 Runs the layers' projections and MLP matmuls (width 256, batch 4, fp32; no attention, norms
 or cache) for 256 steps in one `jax.lax.fori_loop`, as the sampler does, and prints ms per
@@ -18,8 +18,10 @@ is bound by XLA:CPU's small matmuls, not by its attention or cache.
   that pipeline on two one-thread clients, one per core (`pixelgen.cpu_decode`), swapping
   through an `io_callback`. Each device then holds half the weights, so they can stay in its
   caches; the collectives or callbacks are the price. `halves` is the tensor split on those
-  two clients with the sum the sampler uses (`pixelgen.core_split`, a C++ custom call). Every
-  variant's result is checked against the same chain computed on one device (`rel_err`).
+  two clients with the sum the sampler uses (`pixelgen.core_split`, a C++ custom call), and
+  `packed` that split with the sampler's matmuls: each weight packed once before the loop and
+  streamed by a native kernel (`pixelgen.nn.packed_matmul`). Every variant's result is checked
+  against the same chain computed on one device (`rel_err`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import sys
 import time
 
 WIDTH, BATCH, STEPS = 256, 4, 256
-SPLITS = ('one', 'tensor', 'pipeline', 'clients', 'halves')
+SPLITS = ('one', 'tensor', 'pipeline', 'clients', 'halves', 'packed')
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -114,13 +116,15 @@ def main(argv=None) -> None:
                      fc1=layer['fc1'][:, me * 2 * width:(me + 1) * 2 * width],
                      fc2=layer['fc2'][me * 2 * width:(me + 1) * 2 * width]) for layer in w]
 
-    def half_steps(w, h, total):
-        """`steps` token steps on one party's half, `total` summing the halves."""
+    def half_steps(w, h, total, times=jnp.matmul):
+        """`steps` token steps on one party's half, `total` summing the halves, `times(h,
+        weight)` multiplying."""
         def body(i, h):
             for layer in w:
-                q = (h @ layer['qkv'])[:, :width // 2]
-                h = h + total(q @ layer['out'])
-                h = normed(h + total(jax.nn.gelu(h @ layer['fc1']) @ layer['fc2']))
+                q = times(h, layer['qkv'])[:, :width // 2]
+                h = h + total(times(q, layer['out']))
+                h = normed(h + total(times(jax.nn.gelu(times(h, layer['fc1'])),
+                                           layer['fc2'])))
             return h
         return jax.lax.fori_loop(0, steps, body, h)
 
@@ -191,17 +195,27 @@ def main(argv=None) -> None:
             return np.concatenate([call.result() for call in calls])
         return run, ()
 
-    def halves(w):
+    def halves(w, packed: bool = False):
         """The tensor split on the two per-core clients, the halves summed by the custom call
-        the sampler uses (`pixelgen.core_split.pair_sum`)."""
-        from pixelgen import core_split, cpu_decode
+        the sampler uses (`pixelgen.core_split.pair_sum`); with `packed`, the matmuls by the
+        sampler's native kernel over weights packed before the loop
+        (`pixelgen.nn.packed_matmul`)."""
+        from pixelgen import core_split, cpu_decode, native
+        from pixelgen.nn import packed_matmul
         devices = cpu_decode.core_devices()[:2]
-        if len(devices) < 2 or core_split.library() is None:
-            raise SystemExit('--split halves needs two cores and the pair_sum library')
+        if len(devices) < 2 or native.library() is None:
+            raise SystemExit('--split halves/packed needs two cores and the native library')
         executables, inputs = [], []
         for me, device in enumerate(devices):
             def local(w, h, me=me):
-                return half_steps(w, h, lambda x: core_split.pair_sum(x, me))
+                total = functools.partial(core_split.pair_sum, party=me)
+                if not packed:
+                    return half_steps(w, h, total)
+                panel = native.panel()
+                w = [{name: (packed_matmul.pack(a, 1, panel), a.shape[1])
+                      for name, a in layer.items()} for layer in w]
+                return half_steps(w, h, total,
+                                  lambda x, weight: packed_matmul.product(x, *weight))
             args = jax.device_put((party_half(w, me), start(BATCH)), device)
             executables.append(jax.jit(local).lower(*args).compile())
             inputs.append(args)
@@ -213,7 +227,7 @@ def main(argv=None) -> None:
             return np.asarray(executables[me](*inputs[me]))
 
         def run():
-            core_split.library().pixelgen_pair_sum_reset(core_split.TIMEOUT_MS)
+            native.library().pixelgen_pair_sum_reset(core_split.TIMEOUT_MS)
             return list(pool.map(call, range(2)))[0]
         return run, ()
 
@@ -246,7 +260,8 @@ def main(argv=None) -> None:
             for parts in (args.parts if split == 'one' else [1]):
                 run, inputs = (one(w, parts) if split == 'one'
                                else {'tensor': tensor, 'pipeline': pipeline,
-                                     'clients': clients, 'halves': halves}[split](w))
+                                     'clients': clients, 'halves': halves,
+                                     'packed': functools.partial(halves, packed=True)}[split](w))
                 out = np.asarray(jax.block_until_ready(run(*inputs)))  # compile, and check
                 ref = reference(w, split)
                 rel = float(np.abs(out - ref).max() / np.abs(ref).max())

@@ -9,9 +9,8 @@ each core, as tensor parallelism splits them, each core's half stays in its cach
 price is two sums of the halves per layer. XLA's in-process collectives and Python callbacks
 cost as much as that saves (`decode_floor.py --split tensor clients`), so the sum is a small
 XLA FFI custom call (`pixelgen/native/pair_sum.cc`) through which the two clients meet in
-shared memory. It is built with the C++ compiler the first time it is needed (about 5 s; `CXX`
-names the compiler, PIXELGEN_NATIVE_DIR where the library is kept) against the headers jaxlib
-ships.
+shared memory, built the first time it is needed (`pixelgen.native`). Each party's matmuls
+stream its half of the weights packed (`pixelgen.nn.packed_matmul`).
 
 Where it applies (`applies`): a CPU process with exactly two cores, the samplers' one-thread
 core clients in use (`pixelgen.cpu_decode`), and a model whose attention and MLP weights split
@@ -26,13 +25,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import functools
-import hashlib
-import logging
 import os
-import subprocess
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -43,93 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelgen import cpu_decode
-from pixelgen.nn import packed_matmul, partial_sums
+from pixelgen import cpu_decode, native
+from pixelgen.nn import partial_sums
 
-# One library of both native kernels: the sum of the halves and the decoding matmul
-# (`pixelgen.nn.packed_matmul`).
-SOURCES = tuple(os.path.join(os.path.dirname(__file__), 'native', name)
-                for name in ('pair_sum.cc', 'packed_matmul.cc'))
-TARGET = 'pixelgen_pair_sum'
+TARGET = native.PAIR_SUM
 SPLIT_AXES = ('heads', 'mlp')  # logical axes whose halves go to the two cores
 TIMEOUT_MS = 60_000  # how long a party waits for the other before the call fails
 PARTIES = 2
-
-
-def _cpu_flags() -> bytes:
-    """This CPU's feature flags (the library is built for them, -march=native): a home folder
-    shared by machines of different CPUs keeps one build per kind."""
-    try:
-        with open('/proc/cpuinfo', 'rb') as f:
-            return next((line for line in f if line.startswith((b'flags', b'Features'))), b'')
-    except OSError:
-        return b''
-
-
-def _library_path() -> str:
-    """Where the library for these sources, jaxlib and CPU lives (built once per triple)."""
-    import jaxlib
-    digest = hashlib.sha256(jaxlib.__version__.encode() + _cpu_flags())
-    for source in SOURCES:
-        with open(source, 'rb') as f:
-            digest.update(f.read())
-    key = digest.hexdigest()[:16]
-    folder = os.environ.get('PIXELGEN_NATIVE_DIR') or os.path.join(
-        os.path.expanduser('~'), '.cache', 'pixelgen', 'native')
-    return os.path.join(folder, f'pair_sum-{key}.so')
-
-
-def build(path: str, compiler: str | None = None) -> str | None:
-    """Compiles the native library to `path` (atomically), for this CPU where the compiler
-    can (-march=native); None, with the reason logged, where that fails (no compiler, no
-    jaxlib headers)."""
-    compiler = compiler or os.environ.get('CXX', 'g++')
-    folder = os.path.dirname(path)
-    partial = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, suffix='.so.partial', delete=False) as tmp:
-            partial = tmp.name
-        command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-w',
-                   '-I', jax.ffi.include_dir(), *SOURCES, '-o', partial]
-        done = subprocess.run([*command[:2], '-march=native', *command[2:]],
-                              capture_output=True, text=True, check=False, timeout=300)
-        if done.returncode != 0:  # a compiler without -march=native: portable code
-            done = subprocess.run(command, capture_output=True, text=True, check=False,
-                                  timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f'{compiler} failed: {done.stderr.strip()[-1000:]}')
-        os.replace(partial, path)  # whole or not at all, if another process builds it too
-        return path
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logging.warning('pixelgen.core_split: could not build %s (%s); decoding splits the '
-                        'rows between the cores instead.', ' '.join(SOURCES), error)
-        return None
-    finally:
-        if partial and os.path.exists(partial):
-            os.unlink(partial)
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The native library, built if needed, loaded, and its kernels registered with XLA
-    (TARGET, packed_matmul.TARGET); None where it cannot be (see `build`)."""
-    path = _library_path()
-    if not os.path.exists(path) and build(path) is None:
-        return None
-    try:
-        lib = ctypes.cdll.LoadLibrary(path)
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PixelgenPairSum),
-                                    platform='cpu')
-        jax.ffi.register_ffi_target(packed_matmul.TARGET,
-                                    jax.ffi.pycapsule(lib.PixelgenPackedMatmul), platform='cpu')
-    except (OSError, AttributeError, ValueError) as error:
-        logging.warning('pixelgen.core_split: could not load %s (%s); decoding splits the rows '
-                        'between the cores instead.', path, error)
-        return None
-    lib.pixelgen_pair_sum_reset.argtypes = [ctypes.c_int64]
-    lib.pixelgen_packed_matmul_panel.restype = ctypes.c_int64
-    return lib
 
 
 def pair_sum(x: jax.Array, party: int) -> jax.Array:
@@ -187,9 +101,7 @@ def as_party(model: nnx.Module, party: int | None) -> Iterator[None]:
     for _, module in nnx.iter_modules(model):
         if isinstance(module, MultiHeadAttention):  # the KV cache is sized by num_heads
             module.num_heads = module.query.kernel.shape[1]
-    params = jax.tree.leaves(nnx.state(model, nnx.Param))  # the arrays its layers read
-    with (partial_sums.combining(functools.partial(pair_sum, party=party)),
-          packed_matmul.packing(params, library().pixelgen_packed_matmul_panel())):
+    with partial_sums.combining(functools.partial(pair_sum, party=party)):
         yield
 
 
@@ -199,7 +111,7 @@ def applies(state: nnx.State) -> bool:
         return False
     if len(cpu_decode.decode_devices(state, PARTIES)) != PARTIES or not splits(state):
         return False
-    return library() is not None
+    return native.library() is not None
 
 
 _lock = threading.Lock()  # the library's two parties serve one pair of loops at a time
@@ -238,14 +150,14 @@ def map_halves(run: Callable[..., jax.Array], state: nnx.State, shared: Sequence
     rows (`applies` says where this is used)."""
     devices = cpu_decode.core_devices()[:PARTIES]
     home = next(iter(jax.tree.leaves(state)[0].sharding.device_set))
-    lib = library()
+    lib = native.library()
     calls = []
     for party, (device, params) in enumerate(zip(devices, _halves_on(state, devices),
                                                  strict=True)):
         args = (params, *jax.device_put((*shared, *(np.asarray(x) for x in per_row)), device))
         row_start = jax.device_put(np.int32(0), device)
-        executable = cpu_decode._executable(functools.partial(run, party=party), device, args,
-                                            batch_size)
+        executable = cpu_decode._executable(functools.partial(run, party=party, packed=True),
+                                            device, args, batch_size)
         calls.append((executable, args, row_start))
     cores = sorted(os.sched_getaffinity(0))[:PARTIES]  # core_devices' cores, in order
 

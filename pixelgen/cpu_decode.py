@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import serialize_executable
 
+from pixelgen import native
+
 ENV = 'PIXELGEN_CPU_DECODE'
 CHOICES = ('cores', 'rows', 'shared')
 MAX_CORES = 8  # one client (one copy of the parameters) per core, at most this many
@@ -115,7 +117,7 @@ def split(batch_size: int, parts: int) -> list[Rows]:
 
 
 def map_rows(run: Callable[..., jax.Array], params: Any, shared: Sequence[Any],
-             per_row: Sequence[Any], batch_size: int) -> jax.Array:
+             per_row: Sequence[Any], batch_size: int, pack: bool = False) -> jax.Array:
     """`run(params, *shared, *per_row, row_start=0, row_count=batch_size)`, computed as row
     ranges on the core devices where that applies (`decode_devices`), concatenated on the
     parameters' device.
@@ -131,12 +133,17 @@ def map_rows(run: Callable[..., jax.Array], params: Any, shared: Sequence[Any],
       shared: what every range reads as well, e.g. the rng key.
       per_row: arrays [batch_size, ...].
       batch_size: the number of rows.
+      pack: `run` takes a static `packed`, set True on the core devices where the native
+        library loads (the samplers' matmuls then stream packed weights,
+        `pixelgen.nn.packed_matmul`).
     """
     devices = decode_devices(params, batch_size)
     if not devices or any(isinstance(x, jax.core.Tracer)
                           for x in jax.tree.leaves((shared, per_row))):
         return run(params, *shared, *per_row, row_start=np.int32(0), row_count=batch_size)
     home = next(iter(jax.tree.leaves(params)[0].sharding.device_set))
+    if pack and native.library() is not None:
+        run = functools.partial(run, packed=True)
 
     calls = []
     for device, (start, stop) in zip(devices, split(batch_size, len(devices)), strict=True):

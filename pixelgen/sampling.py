@@ -14,6 +14,7 @@ from flax import nnx
 
 from pixelgen import core_split, cpu_decode
 from pixelgen.models.igpt import ImageGPT
+from pixelgen.nn import packed_matmul
 
 
 def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Array | None = None,
@@ -61,21 +62,23 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
     # CPUs the rows are decoded on one-thread clients, one per core (pixelgen.cpu_decode).
     if core_split.applies(state):
         return core_split.map_halves(run, state, [rng], [prompt], batch_size)
-    return cpu_decode.map_rows(run, state, [rng], [prompt], batch_size)
+    return cpu_decode.map_rows(run, state, [rng], [prompt], batch_size, pack=True)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
-                                             'phase_ends', 'row_count', 'party'))
+                                             'phase_ends', 'row_count', 'party', 'packed'))
 def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt: jax.Array, *,
                 batch_size: int, temperature: float, top_k: int | None,
                 phase_ends: tuple[int, ...], row_start: jax.Array, row_count: int,
-                party: int | None = None) -> jax.Array:
+                party: int | None = None, packed: bool = False) -> jax.Array:
     """Pure sampler of the batch's rows [row_start, row_start + row_count) (prompt holds only
     those rows); jit caches one executable per (graphdef, shapes, static settings, device).
     With `party` (0 or 1), `state` is that party's half of the weights
-    (`core_split.map_halves`), summed with the other half after each attention and MLP."""
+    (`core_split.map_halves`), summed with the other half after each attention and MLP.
+    With `packed` (on the one-thread core clients), the matmuls stream packed weights
+    (`pixelgen.nn.packed_matmul`)."""
     model: ImageGPT = nnx.merge(graphdef, state)
-    with core_split.as_party(model, party):
+    with core_split.as_party(model, party), packed_matmul.packing(model if packed else None):
         return _decode(model, rng, prompt, batch_size, temperature, top_k, phase_ends,
                        row_start, row_count)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pixelgen import core_split, cpu_decode, sampling
+from pixelgen import core_split, cpu_decode, native, sampling
 from pixelgen.models.dalle import DallE, generate
 from pixelgen.models.igpt import ImageGPT
 from pixelgen.nn import packed_matmul, partial_sums
@@ -31,7 +31,7 @@ def model():
 
 
 def test_the_library_builds_and_both_parties_get_the_same_sum(two_clients):
-    assert core_split.library() is not None, 'g++ and the jaxlib headers build pair_sum.cc'
+    assert native.library() is not None, 'g++ and the jaxlib headers build pair_sum.cc'
     halves = [np.arange(6, dtype=np.float32).reshape(2, 3) * (p + 1) + 0.1 for p in (0, 1)]
 
     def party_sums(x, party):
@@ -41,7 +41,7 @@ def test_the_library_builds_and_both_parties_get_the_same_sum(two_clients):
 
     runs = [jax.jit(functools.partial(party_sums, party=p)).lower(
         jax.device_put(halves[p], d)).compile() for p, d in enumerate(two_clients)]
-    core_split.library().pixelgen_pair_sum_reset(core_split.TIMEOUT_MS)
+    native.library().pixelgen_pair_sum_reset(core_split.TIMEOUT_MS)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         out = list(pool.map(lambda p: np.asarray(runs[p](jax.device_put(halves[p],
                                                                         two_clients[p]))),
@@ -54,7 +54,7 @@ def test_the_library_builds_and_both_parties_get_the_same_sum(two_clients):
 
 
 def test_a_party_alone_times_out_with_a_clear_error(two_clients):
-    lib = core_split.library()
+    lib = native.library()
     run = jax.jit(functools.partial(core_split.pair_sum, party=0)).lower(
         jax.device_put(np.ones(3, np.float32), two_clients[0])).compile()
     lib.pixelgen_pair_sum_reset(200)  # ms
@@ -126,7 +126,7 @@ def test_combining_applies_only_inside_its_trace():
 
 def test_a_missing_compiler_falls_back_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        assert core_split.build(str(tmp_path / 'x.so'), compiler='no-such-compiler') is None
+        assert native.build(str(tmp_path / 'x.so'), compiler='no-such-compiler') is None
     assert 'could not build' in caplog.text and not list(tmp_path.iterdir())
 
 
@@ -161,52 +161,59 @@ def test_dalle_generates_the_same_codes_with_split_weights(monkeypatch):
     assert calls == ([1] if len(cpu_decode.core_devices()) == 2 else [])
 
 
+class _Kernel(nnx.Module):
+    def __init__(self, kernel):
+        self.kernel = nnx.Param(kernel)
+
+
 @pytest.mark.parametrize('rows, k, n', [(4, 64, 128), (1, 7, 5), (6, 33, 200), (9, 256, 384)])
 def test_packed_matmul_equals_the_product(rows, k, n):
-    lib = core_split.library()
-    panel = lib.pixelgen_packed_matmul_panel()
+    panel = native.panel()
     x = jax.random.normal(jax.random.key(0), (rows, k))
     kernel = jax.random.normal(jax.random.key(1), (k, n))
-    packed = packed_matmul.pack(kernel, 1, panel)
-    assert packed.shape == (-(-n // panel), k, panel)
+    assert packed_matmul.pack(kernel, 1, panel).shape == (-(-n // panel), k, panel)
 
     @jax.jit
-    def native(x, kernel):
-        with packed_matmul.packing([kernel], panel):
-            return packed_matmul.matmul(x, kernel, 1, fallback=lambda: None)
-    np.testing.assert_allclose(native(x, kernel), x @ kernel, rtol=2e-5, atol=2e-5 * k)
+    def product(x, kernel):
+        module = _Kernel(kernel)
+        with packed_matmul.packing(module):
+            return packed_matmul.matmul(x, module.kernel[...], 1, fallback=lambda: None)
+    np.testing.assert_allclose(product(x, kernel), x @ kernel, rtol=2e-5, atol=2e-5 * k)
 
 
 def test_packed_matmul_contracts_leading_axes_and_falls_back_elsewhere():
-    panel = core_split.library().pixelgen_packed_matmul_panel()
     x = jax.random.normal(jax.random.key(0), (3, 1, 4, 8))  # [b, 1, heads, head_dim]
     kernel = jax.random.normal(jax.random.key(1), (4, 8, 16))  # [heads, head_dim, width]
-    other = kernel + 1
     expected = jnp.einsum('blhk,hkd->bld', x, kernel)
 
     @jax.jit
-    def f(x, kernel, other):
-        with packed_matmul.packing([kernel], panel):
+    def f(x, kernel):
+        module = _Kernel(kernel)
+        with packed_matmul.packing(module):
             assert packed_matmul.active()
-            packed = packed_matmul.matmul(x, kernel, 2, fallback=lambda: 'not packed')
-            unpacked = packed_matmul.matmul(x, other, 2, fallback=lambda: jnp.zeros(3))
-        assert not packed_matmul.active()
+            packed = packed_matmul.matmul(x, module.kernel[...], 2, lambda: 'not packed')
+            unpacked = packed_matmul.matmul(x, kernel + 1, 2, lambda: jnp.zeros(3))
+        with packed_matmul.packing(None):
+            assert not packed_matmul.active()
         return packed, unpacked, packed_matmul.matmul(x, kernel, 2, lambda: jnp.ones(2))
-    packed, unpacked, outside = f(x, kernel, other)
+    packed, unpacked, outside = f(x, kernel)
     np.testing.assert_allclose(packed, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(unpacked, np.zeros(3))
+    np.testing.assert_array_equal(unpacked, np.zeros(3))  # an array made inside: not packed
     np.testing.assert_array_equal(outside, np.ones(2))
 
 
-def test_split_decoding_runs_every_matmul_on_packed_weights(model):
+@pytest.mark.parametrize('party', [0, None])  # the weight split, the row split
+def test_decoding_on_core_clients_runs_every_matmul_on_packed_weights(model, party):
     graphdef, state = nnx.split(model)
-    assert core_split.library() is not None  # registers the kernel
+    assert native.library() is not None  # registers the kernels
     device = jax.devices()[0]
-    half = jax.device_put(core_split.half(state, 0), device)
+    params = core_split.half(state, party) if party is not None else state
     prompt = jax.device_put(np.zeros((2, 0), np.int32), device)
     lowered = sampling._sample_jit.lower(
-        graphdef, half, jax.random.key(0), prompt, batch_size=2, temperature=1.0, top_k=None,
-        phase_ends=(8,), row_start=jax.device_put(np.int32(0), device), row_count=2, party=0)
+        graphdef, jax.device_put(params, device), jax.random.key(0), prompt, batch_size=2,
+        temperature=1.0, top_k=None, phase_ends=(8,), row_start=jax.device_put(np.int32(0),
+                                                                               device),
+        row_count=2, party=party, packed=True)
     text = lowered.as_text()
     # Per layer q, k, v, out, fc and proj, then the head; the only other products are the
     # attention's two over the KV cache, per layer.

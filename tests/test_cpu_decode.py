@@ -155,3 +155,14 @@ def test_ranges_of_one_size_compile_once_and_load_on_the_other_clients(monkeypat
         out = cpu_decode.map_rows(scaled_plus_start, jnp.float32(2), [], [x], 4)
         np.testing.assert_array_equal(out, expected)
     assert loads == [[on_two_devices[1]]]
+
+
+def test_rows_on_the_core_clients_decode_on_packed_weights(monkeypatch, on_two_devices, igpt):
+    monkeypatch.setenv(cpu_decode.ENV, 'rows')
+    seen = []
+    original = cpu_decode._executable
+    monkeypatch.setattr(cpu_decode, '_executable',
+                        lambda run, *a: seen.append(run.keywords.get('packed')) or
+                        original(run, *a))
+    sample(igpt, jax.random.key(7), batch_size=2, num_tokens=4)
+    assert seen == [True, True]  # one row range per core client, both packed

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pixelgen import core_split, cpu_decode
+from pixelgen.nn import packed_matmul
 from pixelgen.nn.attention import logical_init
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_layer_masks, dalle_mask_spec
 from pixelgen.nn.matmul import linear_dot_general
@@ -159,7 +160,7 @@ class DallE(nnx.Module):
                    + self.row_embed[p // self.grid_size] + self.col_embed[p % self.grid_size])
         h = jnp.where(position < t, h_text, h_image)[:, None, :].astype(self.dtype)
         h, cache = self.transformer.decode(h, cache, position)
-        logits = self.image_head(self.ln_f(h))[:, 0]
+        logits = packed_matmul.project(self.image_head, self.ln_f(h))[:, 0]
         return logits.astype(jnp.float32), cache
 
 
@@ -217,18 +218,18 @@ def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
     # CPUs the rows are decoded on one-thread clients, one per core (pixelgen.cpu_decode).
     if core_split.applies(state):
         return core_split.map_halves(run, state, [rng], [text, image_prompt], batch)
-    return cpu_decode.map_rows(run, state, [rng], [text, image_prompt], batch)
+    return cpu_decode.map_rows(run, state, [rng], [text, image_prompt], batch, pack=True)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
-                                             'top_p', 'row_count', 'party'))
+                                             'top_p', 'row_count', 'party', 'packed'))
 def _generate_jit(graphdef, state, rng, text, image_prompt, *, batch_size, temperature, top_k,
-                  top_p, row_start, row_count, party=None):
+                  top_p, row_start, row_count, party=None, packed=False):
     """The codes of the batch's rows [row_start, row_start + row_count) (text and image_prompt
     hold only those); with `party`, from that party's half of the weights
-    (`core_split.map_halves`)."""
+    (`core_split.map_halves`); with `packed`, on packed weights (`pixelgen.nn.packed_matmul`)."""
     model: DallE = nnx.merge(graphdef, state)
-    with core_split.as_party(model, party):
+    with core_split.as_party(model, party), packed_matmul.packing(model if packed else None):
         return _generate_codes(model, rng, text, image_prompt, batch_size, temperature, top_k,
                                top_p, row_start, row_count)
 

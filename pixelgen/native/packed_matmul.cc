@@ -3,11 +3,10 @@
 //
 // Why: a decoding step multiplies 1-8 rows by every weight matrix of the model once, so it
 // is bound by how fast the weights stream in. XLA:CPU's library reads a row-major [k, n]
-// matrix in column tiles, a strided walk that ran at 6-7 GB/s per core on a 2-core AMD VM
-// (benchmarks/decode_floor.py); the same core streams a contiguous array at 60-80 GB/s.
-// Packed, each panel of kPanel columns is one contiguous run of k · kPanel floats, and this
-// kernel walks it in order: per k, one panel row (4 vectors) times a broadcast of each x row,
-// into 4 · rows accumulators held in registers.
+// matrix in column tiles, a strided walk; packed, each panel of kPanel columns is one
+// contiguous run of k · kPanel floats, and this kernel walks it in order: per k, one panel
+// row (4 vectors) times a broadcast of each x row, into 4 · rows accumulators held in
+// registers. `python benchmarks/decode_floor.py --split halves packed` compares the two.
 //
 // Sums run over k in order, one fp32 FMA chain per output (no reassociation), so the result
 // is deterministic: both decoding parties (pixelgen.core_split) get the same bits from the

@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pixelgen.nn import packed_matmul
 from pixelgen.nn.block_sparse import (
     DEFAULT_CAUSAL_BLOCK,
     Tiling,
     block_sparse_attention,
     make_tiling,
 )
-from pixelgen.nn import packed_matmul
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.matmul import projection_einsum
 from pixelgen.nn.splash import DEFAULT_BLOCK_SIZE as SPLASH_BLOCK_SIZE

@@ -2,18 +2,19 @@
 
 Why: a decoding step multiplies a few rows by every weight matrix once, so its speed is the
 speed at which the weights stream in. XLA:CPU's matmul library walks a row-major [k, n]
-kernel in column tiles, and on the 2-core AMD VM this project is measured on that ran at 6-7
-GB/s per core, where one contiguous stream runs at 60-80 (`benchmarks/decode_floor.py
---split halves packed`). Packed as [n / panel, k, panel] (each panel of columns contiguous),
-the kernel in `pixelgen/native/packed_matmul.cc` reads every weight once, in order.
+kernel in column tiles, a strided read; packed as [n / panel, k, panel], each panel of columns
+is one contiguous run, which the kernel in `pixelgen/native/packed_matmul.cc` reads once, in
+order. On the 2-core AMD VM this project is measured on, `python benchmarks/decode_floor.py
+--split halves packed` (the 8 layers' matmuls of `igpt_sample`, weights split between the
+cores) took 2.45 ms per step with XLA's matmuls and 1.0 ms packed.
 
-How: the samplers on the one-thread CPU core clients trace their loops under `packing(arrays,
-panel)` (`pixelgen.core_split.as_party`), which packs every float32 array of two or more axes,
-at every split of its axes into contracted and kept ones, before the loop; XLA drops the
-packs no matmul uses. Inside the loop, `matmul(x, kernel, contracted, fallback)` finds the
-packed copy of `kernel` (the very array, by identity) and calls the kernel, and anything not
-packed (another dtype, an array made inside the loop) runs `fallback`, the layer's own op.
-Outside `packing` it is always `fallback`.
+How: the samplers, where they run on the one-thread CPU core clients (`pixelgen.cpu_decode`,
+`pixelgen.core_split`), trace their loops under `packing(model)`, which packs every float32
+parameter of two or more axes, at every split of its axes into contracted and kept ones,
+before the loop; XLA drops the packs no matmul uses. Inside the loop, `matmul(x, kernel,
+contracted, fallback)` finds the packed copy of `kernel` (the very array, by identity) and
+calls the kernel; anything not packed (another dtype, an array made inside the loop) runs
+`fallback`, the layer's own op. Outside `packing` it is always `fallback`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-TARGET = 'pixelgen_packed_matmul'
+from pixelgen import native
+
+TARGET = native.PACKED_MATMUL
 
 # (id(array), contracted) -> (array, packed copy), while tracing under `packing`.
 _packed: contextvars.ContextVar[dict | None] = contextvars.ContextVar('pixelgen_packed',
@@ -44,11 +48,16 @@ def pack(kernel: jax.Array, contracted: int, panel: int) -> jax.Array:
 
 
 @contextlib.contextmanager
-def packing(arrays: Iterable[jax.Array], panel: int) -> Iterator[None]:
-    """For tracing a decoding loop: `arrays` (the model's parameters) packed here, once, for
-    `matmul` inside the loop. Only float32 arrays are packed (the kernel computes in float32)."""
+def packing(model: nnx.Module | None) -> Iterator[None]:
+    """For tracing a decoding loop: the float32 parameters of `model` packed here, once, for
+    `matmul` inside the loop (the kernel computes in float32). With None, or without the
+    native library, nothing is packed and `matmul` runs its fallback."""
+    panel = None if model is None else native.panel()
+    if panel is None:
+        yield
+        return
     table = {}
-    for array in arrays:
+    for array in jax.tree.leaves(nnx.state(model, nnx.Param)):
         if array.dtype == jnp.float32 and array.ndim >= 2:
             for contracted in range(1, array.ndim):
                 table[id(array), contracted] = (array, pack(array, contracted, panel))
@@ -75,9 +84,14 @@ def matmul(x: jax.Array, kernel: jax.Array, contracted: int,
     rows = x.shape[:x.ndim - contracted]
     n_axes = kernel.shape[contracted:]
     x2d = x.reshape(math.prod(rows), math.prod(kernel.shape[:contracted]))
-    y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x2d.shape[0], math.prod(n_axes)),
-                                                      jnp.float32))(x2d, entry[1])
-    return y.reshape(*rows, *n_axes)
+    return product(x2d, entry[1], math.prod(n_axes)).reshape(*rows, *n_axes)
+
+
+def product(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
+    """x [m, k] float32 · the [k, n] kernel that `pack` made `packed` from: [m, n], by the
+    native kernel (`pixelgen.native.library()` must have registered it)."""
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))(
+        x, packed)
 
 
 def project(layer, x: jax.Array, contracted: int = 1) -> jax.Array:
