@@ -5,8 +5,8 @@
 // is bound by how fast the weights stream in. XLA:CPU's library reads a row-major [k, n]
 // matrix in column tiles, a strided walk; packed, each panel of kPanel columns is one
 // contiguous run of k · kPanel floats, and this kernel walks it in order: per k, one panel
-// row (4 vectors) times a broadcast of each x row, into 4 · rows accumulators held in
-// registers. `python benchmarks/decode_floor.py --split halves packed` compares the two.
+// row (kVectors vectors) times a broadcast of each x row, into kVectors · rows accumulators
+// held in registers. `python benchmarks/decode_floor.py --split halves packed` compares the two.
 //
 // Sums run over k in order, one fp32 FMA chain per output (no reassociation), so the result
 // is deterministic: both decoding parties (pixelgen.core_split) get the same bits from the
@@ -20,12 +20,15 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// Vectors of 16 floats with AVX-512 (32 registers: 16 accumulators, 4 panel vectors), else of
+// 8 (AVX2's 16 registers, or pairs of NEON's): 8 accumulators, 2 panel vectors.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;  // AVX2, NEON pairs, or plain loops: 16 accumulators fit their registers
-#endif
 constexpr int kVectors = 4;
+#else
+constexpr int kLanes = 8;
+constexpr int kVectors = 2;
+#endif
 constexpr int kPanel = kLanes * kVectors;  // columns per panel
 constexpr int kRows = 4;                   // rows per pass over a panel
 

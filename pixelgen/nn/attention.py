@@ -228,7 +228,9 @@ class MultiHeadAttention(nnx.Module):
         would be transposed whole at every step. For small bias-free layers it also holds
         `qkv`, the query, key and value kernels side by side as one matrix [width, 3 · heads ·
         head_dim], made once here, outside the decoding loop: a small model's decoding step is
-        bound by its number of ops, and one matmul instead of three saves two per layer."""
+        bound by its number of ops, and one matmul instead of three saves two per layer. Not
+        where the loop's matmuls stream packed weights (`pixelgen.nn.packed_matmul`), which
+        pack q, k and v as they are."""
         shape = (batch_size, self.num_heads, max_length, self.head_dim)
         cache = dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype))
         kernels = [p.kernel[...] for p in (self.query, self.key, self.value)]
