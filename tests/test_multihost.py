@@ -26,6 +26,37 @@ def _launch(tiny_config_args, workdir):
                             text=True, start_new_session=True)
 
 
+def _session_processes(session: int) -> list[int]:
+    """The live (not zombie) processes of `session`."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                stat = f.read()
+        except OSError:  # gone already
+            continue
+        fields = stat[stat.rindex(')') + 2:].split()  # state, ppid, pgrp, session, ...
+        if int(fields[3]) == session and fields[0] != 'Z':
+            found.append(int(entry))
+    return found
+
+
+def _kill_job(launcher: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every trainer it started, at once, like a lost machine. The
+    trainers run in process groups of their own (the script's `set -m`), so killing the
+    launcher's group would leave them running; they stay in its session, so kill that."""
+    for pid in _session_processes(launcher.pid):  # start_new_session: it leads a session
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while _session_processes(launcher.pid):
+        assert time.monotonic() < deadline, 'the killed job\'s processes are still running'
+        time.sleep(0.05)
+
+
 def _losses(workdir):
     records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
     return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
@@ -62,8 +93,7 @@ def test_killed_two_process_job_resumes(one_process, tiny_config_args, tmp_path)
         assert proc.poll() is None, proc.stdout.read()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job dies at once, like a lost machine
-    proc.wait()
+    _kill_job(proc)
     rerun = _launch(tiny_config_args, workdir)
     output, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, output
