@@ -9,6 +9,7 @@ CPU a float32 matmul rate measured in the same process), compile time and peak m
     python -m pixelgen.bench dalle_attention dalle_train --json  # sparse vs dense masked
     python -m pixelgen.bench igpt_train --attention dense       # the dense reference
     python -m pixelgen.bench igpt_train --attention auto        # splash on TPU, cuDNN on GPU
+    PIXELGEN_NATIVE_ATTENTION=0 python -m pixelgen.bench dalle_attention  # XLA's tiles on CPU
     XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \
         python -m pixelgen.bench igpt_train --profile /tmp/prof    # + where the time goes
 
@@ -44,7 +45,9 @@ from flax import nnx
 from pixelgen import core_split, cpu_decode, flops, host_memory, sampling, trainer
 from pixelgen.models.dalle import DallE
 from pixelgen.models.igpt import ImageGPT
+from pixelgen.nn import native_attention
 from pixelgen.nn.attention import IMPLEMENTATIONS, MultiHeadAttention, cudnn_unavailable
+from pixelgen.nn.block_sparse import native_plan
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_mask, dalle_mask_spec
 from pixelgen.tasks.dalle import DalleLoss
 from pixelgen.tasks.igpt import token_loss
@@ -244,9 +247,15 @@ def report(name: str, shape: dict[str, Any], times: list[float], tokens_per_step
         'achieved_tflops': achieved / 1e12, 'mfu': achieved / peak,
         'peak_tflops': peak / 1e12, 'peak_source': peak_source, 'compile_s': compile_s,
         'peak_memory_bytes': memory, 'memory_source': memory_source,
-        'attention_impl': attention_impl, 'jax_version': jax.__version__,
-        'device': device_info(),
+        'attention_impl': attention_impl, 'native_attention': native_attention_ran(compiled),
+        'jax_version': jax.__version__, 'device': device_info(),
     }
+
+
+def native_attention_ran(compiled) -> bool:
+    """Whether the compiled step computes attention with the fused native CPU kernel
+    (`pixelgen.nn.native_attention`; PIXELGEN_NATIVE_ATTENTION=0 keeps XLA's tiles)."""
+    return native_attention.FORWARD_TARGET in compiled.as_text()
 
 
 # Cases ---------------------------------------------------------------------------------------
@@ -385,7 +394,8 @@ def dalle_attention(shape: dict[str, Any], options: Options) -> dict:
 
     The top-level fields describe one row, one column and one conv layer run in turn (step_s
     is the sum of their medians); `kinds` holds each layer's own report, its tiling's density
-    (the fraction of the [seq, seq] logits computed) and its speed-up over the dense layer.
+    (the fraction of the [seq, seq] logits computed: the native kernel's 32 × 32 block pairs,
+    or XLA's tiles) and its speed-up over the dense layer.
     `options.attention` = 'dense' computes the three kinds densely too."""
     shape = dalle_seq(shape)
     dtype = DTYPES[shape['dtype']]
@@ -422,8 +432,10 @@ def dalle_attention(shape: dict[str, Any], options: Options) -> dict:
                              shape['batch'] * shape['seq'], attention_layer_flops(shape, kind),
                              compile_s[name], compiled_of[name], layer.attention_impl)
         tiling = layer.tiling(shape['seq']) if layer.attention_impl == 'block_sparse' else None
-        kinds[name]['block_size'] = tiling.block_size if tiling else None
-        kinds[name]['density'] = tiling.density if tiling else 1.0
+        plan = native_plan(layer.mask, shape['seq']) if kinds[name]['native_attention'] else None
+        kinds[name]['block_size'] = (native_attention.BLOCK if plan else
+                                     tiling.block_size if tiling else None)
+        kinds[name]['density'] = plan.density if plan else tiling.density if tiling else 1.0
     dense_s = kinds['dense']['step_s']
     for name in kinds:
         kinds[name]['speedup_vs_dense'] = dense_s / kinds[name]['step_s']

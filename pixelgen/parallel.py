@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -150,6 +150,22 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
 def activation_context() -> tuple[Mesh, Rules] | None:
     """The (mesh, rules) of the innermost `activation_sharding`, or None outside one."""
     return _ACTIVATION_CONTEXT[-1] if _ACTIVATION_CONTEXT else None
+
+
+def per_device_heads(attend: Callable[..., jax.Array], q: jax.Array, k: jax.Array,
+                     v: jax.Array) -> jax.Array:
+    """attend(q, k, v), q, k, v [batch, length, heads, head_dim], for an attention kernel XLA
+    cannot partition (splash, the native CPU kernel): inside `activation_sharding` on a mesh
+    of several devices, each device attends its own batch rows and heads (as the rules shard
+    them) over the whole sequence, under `jax.shard_map`; elsewhere it is called as is."""
+    context = activation_context()
+    if context is None or context[0].size == 1:
+        return attend(q, k, v)
+    mesh, rules = context
+    # Batch rows and heads are independent; a kernel needs every key of its rows.
+    spec = logical_to_mesh(('batch', None, 'heads', None), q.shape, mesh, rules)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q, k, v)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

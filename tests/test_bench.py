@@ -13,7 +13,7 @@ TINY = dict(layers=1, width=32, heads=2, seq=16, vocab=16, batch=2)
 TINY_OVERRIDES = {'igpt_train': TINY, 'igpt_sample': dict(TINY, new_tokens=8)}
 FIELDS = ('name', 'shape', 'step_s', 'tokens_per_s', 'model_flops_per_step', 'achieved_tflops',
           'mfu', 'peak_source', 'compile_s', 'peak_memory_bytes', 'memory_source',
-          'attention_impl', 'jax_version', 'device')
+          'attention_impl', 'native_attention', 'jax_version', 'device')
 
 
 def test_matmul_params_equal_the_matmul_weights_of_a_real_image_gpt():
@@ -125,15 +125,18 @@ def test_json_flag_prints_one_line_per_case_and_nothing_else(monkeypatch, capsys
 
 
 def test_dalle_attention_reports_each_kind_against_dense():
-    r = bench.run_case('dalle_attention', overrides=dict(text=16, grid=16, width=32, heads=2),
+    # head_dim 32 and 32 + 16² = 9 · 32 tokens: the sparse kinds run the native CPU kernel.
+    r = bench.run_case('dalle_attention', overrides=dict(text=32, grid=16, width=64, heads=2),
                        steps=3)
-    assert set(FIELDS) <= set(r) and r['shape']['seq'] == 16 + 16 * 16
+    assert set(FIELDS) <= set(r) and r['shape']['seq'] == 32 + 16 * 16
     assert set(r['kinds']) == {'row', 'column', 'conv', 'dense'}
     for name, kind in r['kinds'].items():
         assert set(FIELDS) <= set(kind) and kind['step_s'] > 0
         assert kind['speedup_vs_dense'] == pytest.approx(
             r['kinds']['dense']['step_s'] / kind['step_s'])
         assert 0 < kind['density'] <= 1 and (name != 'dense' or kind['density'] == 1)
+        assert kind['native_attention'] == (name != 'dense')
+        assert kind['block_size'] == (32 if name != 'dense' else None)
     assert r['step_s'] == pytest.approx(sum(r['kinds'][k]['step_s']
                                             for k in ('row', 'column', 'conv')))
     json.dumps(r)

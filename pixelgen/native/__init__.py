@@ -1,16 +1,19 @@
 """The project's native CPU kernels, built from the C++ sources beside this file on first use.
 
-Two XLA FFI custom calls for decoding on the one-thread CPU core clients (`pixelgen.cpu_decode`):
+XLA FFI custom calls for decoding on the one-thread CPU core clients (`pixelgen.cpu_decode`):
 - `pair_sum.cc` (PAIR_SUM): the sum of two clients' halves of a layer's output
   (`pixelgen.core_split`);
 - `packed_matmul.cc` (PACKED_MATMUL): a decoding step's few rows times a weight matrix packed
-  panel by panel (`pixelgen.nn.packed_matmul`).
+  panel by panel (`pixelgen.nn.packed_matmul`);
+and for training and scoring:
+- `block_attention.cc` (BLOCK_ATTENTION_FORWARD, _BACKWARD): block-sparse attention fused into
+  one kernel per direction (`pixelgen.nn.native_attention`).
 
 They are one library, compiled with the C++ compiler (`CXX`, default g++; about 10 s) against
 the headers jaxlib ships, for this CPU (-march=native where the compiler has it), and kept in
 PIXELGEN_NATIVE_DIR (default ~/.cache/pixelgen/native) under a name that hashes the sources,
 the jaxlib version and the CPU's flags. Where it cannot be built or loaded, `library()` is None
-with a warning, and decoding runs on XLA's own ops.
+with a warning, and decoding and attention run on XLA's own ops.
 """
 
 from __future__ import annotations
@@ -26,9 +29,14 @@ import tempfile
 import jax
 
 SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
-                for name in ('pair_sum.cc', 'packed_matmul.cc'))
+                for name in ('pair_sum.cc', 'packed_matmul.cc', 'block_attention.cc'))
 PAIR_SUM = 'pixelgen_pair_sum'
 PACKED_MATMUL = 'pixelgen_packed_matmul'
+BLOCK_ATTENTION_FORWARD = 'pixelgen_block_attention_forward'
+BLOCK_ATTENTION_BACKWARD = 'pixelgen_block_attention_backward'
+_TARGETS = {PAIR_SUM: 'PixelgenPairSum', PACKED_MATMUL: 'PixelgenPackedMatmul',
+            BLOCK_ATTENTION_FORWARD: 'PixelgenBlockAttentionForward',
+            BLOCK_ATTENTION_BACKWARD: 'PixelgenBlockAttentionBackward'}
 
 
 def _cpu_flags() -> bytes:
@@ -76,8 +84,9 @@ def build(path: str, compiler: str | None = None) -> str | None:
         os.replace(partial, path)  # whole or not at all, if another process builds it too
         return path
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logging.warning('pixelgen.native: could not build %s (%s); decoding runs on XLA\'s own '
-                        'ops instead (the rows, not the weights, split between the cores).',
+        logging.warning('pixelgen.native: could not build %s (%s); decoding and attention run '
+                        'on XLA\'s own ops instead (when decoding, the rows, not the weights, '
+                        'split between the cores).',
                         ' '.join(SOURCES), error)
         return None
     finally:
@@ -87,20 +96,19 @@ def build(path: str, compiler: str | None = None) -> str | None:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The library, built if needed, loaded, and its kernels registered with XLA (PAIR_SUM,
-    PACKED_MATMUL); None where it cannot be (see `build`)."""
+    """The library, built if needed, loaded, and its kernels registered with XLA (`_TARGETS`);
+    None where it cannot be (see `build`)."""
     path = _library_path()
     if not os.path.exists(path) and build(path) is None:
         return None
     try:
         lib = ctypes.cdll.LoadLibrary(path)
-        jax.ffi.register_ffi_target(PAIR_SUM, jax.ffi.pycapsule(lib.PixelgenPairSum),
-                                    platform='cpu')
-        jax.ffi.register_ffi_target(PACKED_MATMUL, jax.ffi.pycapsule(lib.PixelgenPackedMatmul),
-                                    platform='cpu')
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform='cpu')
     except (OSError, AttributeError, ValueError) as error:
-        logging.warning('pixelgen.native: could not load %s (%s); decoding runs on XLA\'s own '
-                        'ops instead.', path, error)
+        logging.warning('pixelgen.native: could not load %s (%s); decoding and attention run '
+                        'on XLA\'s own ops instead.', path, error)
         return None
     lib.pixelgen_pair_sum_reset.argtypes = [ctypes.c_int64]
     lib.pixelgen_packed_matmul_panel.restype = ctypes.c_int64

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixelgen.nn import native_attention
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.matmul import rows_t_times
 
@@ -192,10 +193,7 @@ def _dalle_band(mask: MaskSpec) -> Tiling:
     larger matmuls but more masked logits, were slower at T = 256, W = 32.)"""
     t, w = mask.text_len, mask.grid_width
     n = mask.sequence_length
-    dense = mask.dense(n)
-    if mask.column_major(n):
-        order = column_major_order(t, w)
-        dense = dense[np.ix_(order, order)]
+    dense = _dense_in_tile_order(mask, n)
     image = dense[t:, t:].reshape(w, w, w, w)  # [query row, query, key row, key]
     offsets = tuple(o for o in range(w) if any(image[r, :, r - o].any() for r in range(o, w)))
     band = np.zeros((w, w, len(offsets), w), bool)
@@ -215,13 +213,16 @@ def _dalle_band(mask: MaskSpec) -> Tiling:
 
 # The attention ------------------------------------------------------------------------------
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec,
-                           block_size: int = DEFAULT_CAUSAL_BLOCK) -> jax.Array:
+                           block_size: int = DEFAULT_CAUSAL_BLOCK,
+                           native: bool | None = None) -> jax.Array:
     """Self-attention over the tiles of `mask` (which must have a tiling, `make_tiling`).
 
     Args:
       q, k, v: [batch, length, heads, head_dim].
       mask: the layer's mask description.
       block_size: the causal tree's leaf size (DALL·E layers tile by image rows).
+      native: compute it with the fused native CPU kernel (`native_attention`) rather than
+        XLA's tiles; None: wherever `native_attention.available` and the length has a plan.
     Returns:
       [batch, length, heads, head_dim] in q's dtype; equal to dense masked attention.
     """
@@ -233,14 +234,40 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskS
     transpose = mask.is_dalle and mask.column_major(n)
     if transpose:
         q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
-    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    # Heads first, so every tile product is a plain batched matmul over the last two axes.
-    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-    if tiling.padded != n:
-        pad = [(0, 0), (0, 0), (0, tiling.padded - n), (0, 0)]
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    out = _tiled_attention(tiling, q, k, v)[:, :, :n].transpose(0, 2, 1, 3)
+    plan = native_plan(mask, n) if native is not False else None
+    if native and (plan is None or not native_attention.available(q)):
+        raise ValueError(f'native=True, but the native attention kernel cannot run this layer '
+                         f'(float32 on the CPU, length {n} and head_dim {d} multiples of '
+                         f'{native_attention.BLOCK}, the library built; PIXELGEN_NATIVE_ATTENTION '
+                         'not 0). Leave native=None to use it only where it can.')
+    if plan is not None and native_attention.available(q):
+        out = native_attention.attention(q, k, v, plan)
+    else:
+        q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+        # Heads first, so every tile product is a plain batched matmul over the last two axes.
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+        if tiling.padded != n:
+            pad = [(0, 0), (0, 0), (0, tiling.padded - n), (0, 0)]
+            q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        out = _tiled_attention(tiling, q, k, v)[:, :, :n].transpose(0, 2, 1, 3)
     return transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
+
+
+@functools.lru_cache(maxsize=64)
+def native_plan(mask: MaskSpec, length: int) -> native_attention.BlockPlan | None:
+    """The native kernel's block plan of `mask` at `length` (in column-major image order for
+    column layers, as the tiles), or None where it has none. Cached."""
+    return native_attention.plan_from_dense(_dense_in_tile_order(mask, length))
+
+
+def _dense_in_tile_order(mask: MaskSpec, length: int) -> np.ndarray:
+    """mask.dense(length), rows and columns in column-major image order where the tiles put
+    the image so (column layers)."""
+    dense = mask.dense(length)
+    if mask.is_dalle and mask.column_major(length):
+        order = column_major_order(mask.text_len, mask.grid_width)
+        dense = dense[np.ix_(order, order)]
+    return dense
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -15,7 +15,8 @@ is padded. Off TPU the kernel runs in Pallas interpret mode: exact but slow, for
 
 XLA cannot partition a Pallas TPU kernel, so inside `parallel.activation_sharding` on a mesh
 of several devices the kernel runs under `jax.shard_map`: each device attends its own batch
-rows and heads (as the logical rules shard them), over the whole sequence.
+rows and heads (as the logical rules shard them), over the whole sequence
+(`parallel.per_device_heads`).
 """
 
 from __future__ import annotations
@@ -101,14 +102,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec,
     if interpret is None:
         interpret = jax.default_backend() != 'tpu'
     attend = functools.partial(_attend, mask=mask, block_size=block_size, interpret=interpret)
-    context = parallel.activation_context()  # the mesh and rules `constrain` uses
-    if context is None or context[0].size == 1:
-        return attend(q, k, v)
-    mesh, rules = context
-    # Batch rows and heads are independent; the kernel needs every key of its rows.
-    spec = parallel.logical_to_mesh(('batch', None, 'heads', None), q.shape, mesh, rules)
-    return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)(q, k, v)
+    return parallel.per_device_heads(attend, q, k, v)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: MaskSpec, block_size: int,

@@ -1,0 +1,130 @@
+"""Block-sparse attention as one fused native kernel on the CPU.
+
+XLA:CPU runs `block_sparse`'s tiles as batched matmuls with a 32-wide contraction and a dozen
+element-wise ops between them, each reading and writing the [.., 32, K] logits through memory.
+`pixelgen/native/block_attention.cc` instead walks a `BlockPlan`, the (query block, key block)
+pairs of 32 × 32 that hold an allowed logit, and computes each pair's logits, softmax and
+products while they sit in the core's caches (flash attention's online softmax; the backward
+pass recomputes the probabilities from the forward's log-sum-exp). Every pair with an allowed
+logit is computed, so it is equal to dense masked attention (tested).
+
+`block_sparse.block_sparse_attention` calls it on the CPU for float32 layers whose length
+and head_dim are multiples of 32, where the library builds (`pixelgen.native`);
+PIXELGEN_NATIVE_ATTENTION=0 keeps XLA's tiles. On a mesh of several devices each device runs
+the kernel on its own batch rows and heads (`parallel.per_device_heads`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pixelgen import native, parallel
+
+BLOCK = 32  # queries and keys per block (block_attention.cc's kBlock)
+ENV = 'PIXELGEN_NATIVE_ATTENTION'
+FORWARD_TARGET = native.BLOCK_ATTENTION_FORWARD
+BACKWARD_TARGET = native.BLOCK_ATTENTION_BACKWARD
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockPlan:
+    """The 32 × 32 block pairs of a mask at one length that hold an allowed logit: query block
+    i's key blocks are key_block[row_start[i]:row_start[i + 1]], each with mask
+    masks[mask_id] (0/1, [key, query]: transposed, as the kernel computes the pair) or -1
+    where every logit of the pair is allowed."""
+    length: int
+    row_start: np.ndarray  # int32 [length / 32 + 1]
+    key_block: np.ndarray  # int32 [pairs]
+    mask_id: np.ndarray    # int32 [pairs]
+    masks: np.ndarray      # float32 [count, 32, 32]
+
+    @property
+    def density(self) -> float:
+        """Fraction of the [length, length] logits the kernel computes."""
+        return len(self.key_block) * BLOCK * BLOCK / self.length ** 2
+
+
+def plan_from_dense(dense: np.ndarray) -> BlockPlan | None:
+    """The plan of bool mask `dense` [length (query), length (key)]; None where the length
+    is not a multiple of 32, or a query has no allowed key (the kernel would give it zeros,
+    dense attention a uniform average)."""
+    length = dense.shape[0]
+    if length % BLOCK or not dense.any(axis=1).all():
+        return None
+    blocks = length // BLOCK
+    grid = dense.reshape(blocks, BLOCK, blocks, BLOCK).transpose(0, 2, 3, 1)  # [i, j, key, q]
+    present, full = grid.any(axis=(2, 3)), grid.all(axis=(2, 3))
+    rows, keys = np.nonzero(present)  # row-major: each query block's key blocks in order
+    masks: dict[bytes, int] = {}
+    ids = []
+    for i, j in zip(rows, keys, strict=True):
+        if full[i, j]:
+            ids.append(-1)
+        else:
+            ids.append(masks.setdefault(grid[i, j].tobytes(), len(masks)))
+    table = np.stack([np.frombuffer(m, bool).reshape(BLOCK, BLOCK) for m in masks]
+                     or [np.zeros((BLOCK, BLOCK), bool)]).astype(np.float32)
+    row_start = np.concatenate([[0], np.cumsum(present.sum(axis=1))]).astype(np.int32)
+    return BlockPlan(length, row_start, keys.astype(np.int32), np.asarray(ids, np.int32),
+                     table)
+
+
+def available(q: jax.Array) -> bool:
+    """Whether the kernel can run q's layer here: float32 on the CPU, head_dim a multiple of
+    32, not turned off (PIXELGEN_NATIVE_ATTENTION=0), and the library built."""
+    return (os.environ.get(ENV, '1') != '0' and q.dtype == jnp.float32
+            and q.shape[-1] % BLOCK == 0 and jax.default_backend() == 'cpu'
+            and native.library() is not None)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: BlockPlan) -> jax.Array:
+    """Softmax attention over `plan`'s block pairs (logits scaled by 1/sqrt(head_dim)).
+
+    Args:
+      q, k, v: float32 [batch, length, heads, head_dim], length = plan.length.
+    Returns:
+      float32 [batch, length, heads, head_dim].
+    """
+    return parallel.per_device_heads(functools.partial(_attention, plan=plan), q, k, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: BlockPlan) -> jax.Array:
+    return _forward(q, k, v, plan)[0]
+
+
+def _plan_operands(plan: BlockPlan) -> tuple[np.ndarray, ...]:
+    return plan.row_start, plan.key_block, plan.mask_id, plan.masks
+
+
+def _scale(q: jax.Array) -> np.float32:
+    return np.float32(1.0 / math.sqrt(q.shape[-1]))
+
+
+def _forward(q, k, v, plan):
+    *batch, length, heads, _ = q.shape
+    out, lse = jax.ffi.ffi_call(
+        FORWARD_TARGET,
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+         jax.ShapeDtypeStruct((*batch, heads, length), jnp.float32)),
+        vmap_method='sequential')(q, k, v, *_plan_operands(plan), scale=_scale(q))
+    return out, (q, k, v, out, lse)
+
+
+def _backward(plan, residuals, d_out):
+    q, k, v, out, lse = residuals
+    shape = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return tuple(jax.ffi.ffi_call(
+        BACKWARD_TARGET, (shape, shape, shape), vmap_method='sequential')(
+            q, k, v, out, lse, d_out.astype(jnp.float32), *_plan_operands(plan),
+            scale=_scale(q)))
+
+
+_attention.defvjp(_forward, _backward)
