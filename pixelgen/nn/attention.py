@@ -7,9 +7,11 @@ DALL·E's sparse row / column / conv layers: block-sparse in the forward pass, a
 the text and the query's window (or column) of the KV cache when decoding.
 
 Implementations of the forward pass (`attention_impl`):
-  'block_sparse'  only the blocks the mask allows, as a few batched tiles with a hand-written
-                  backward pass (pixelgen.nn.block_sparse); any device. Masks without a
-                  tiling (full) and short sequences are computed densely
+  'block_sparse'  only the blocks the mask allows: on the CPU, for float32 layers whose length
+                  and head_dim are multiples of 32, one fused native kernel per direction
+                  (pixelgen.nn.native_attention); elsewhere as a few batched tiles with a
+                  hand-written backward pass (pixelgen.nn.block_sparse); any device. Masks
+                  without a tiling (full) and short sequences are computed densely
   'dense'         the reference: full [length, length] logits, masked
   'splash'        TPU splash attention kernel (pixelgen.nn.splash); interpret mode elsewhere
   'cudnn'         cuDNN flash attention on NVIDIA GPUs (jax.nn.dot_product_attention); causal

@@ -23,6 +23,11 @@ it was written in. Autodiff of the same forward pass stored those transposed and
 block pieces in strided fusions, which cost XLA:CPU more than the matmuls
 (`benchmarks/README.md`). Masks without a tiling (full, DALL·E kinds at other lengths) and
 sequences too short for skipping to pay are computed densely by `attention.py`.
+
+On the CPU, `block_sparse_attention` hands float32 layers whose length and head_dim are
+multiples of 32 to one fused native kernel (`native_attention`), which walks the mask's 32 × 32
+block pairs with the logits in the core's caches; these tiles stay the path on every other
+device and dtype, and with PIXELGEN_NATIVE_ATTENTION=0.
 """
 
 from __future__ import annotations
