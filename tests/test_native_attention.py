@@ -21,7 +21,8 @@ from pixelgen.nn.masks import CAUSAL, MaskSpec, dalle_mask_spec
 # Small masks whose length is a whole number of 32-blocks: T + W² = 32 + 64, and 28 + 36 for
 # a 3-wide conv window; the real 11-wide one on the 8-wide grid.
 MASKS = {'causal': CAUSAL, 'row': MaskSpec('row', 32, 8), 'column': MaskSpec('column', 32, 8),
-         'conv': MaskSpec('conv', 32, 8), 'conv3': MaskSpec('conv', 28, 6, conv_window=3)}
+         'conv': MaskSpec('conv', 32, 8), 'conv3': MaskSpec('conv', 28, 6, conv_window=3),
+         'conv_odd': MaskSpec('conv', 4, 6)}  # 40 tokens: padded to 64
 
 
 def _length(mask: MaskSpec) -> int:
@@ -47,8 +48,9 @@ def _value_and_grads(attend, weights):
 
 
 def _plan_as_dense(plan: native_attention.BlockPlan) -> np.ndarray:
+    """[padded, padded]: the logits the plan allows."""
     b = native_attention.BLOCK
-    dense = np.zeros((plan.length, plan.length), bool)
+    dense = np.zeros((plan.padded, plan.padded), bool)
     for i in range(len(plan.row_start) - 1):
         for e in range(plan.row_start[i], plan.row_start[i + 1]):
             j, mask_id = plan.key_block[e], plan.mask_id[e]
@@ -76,18 +78,24 @@ def test_plans_cover_exactly_the_allowed_logits(kind):
     assert {'row': 0.25, 'column': 0.21, 'conv': 0.30, 'causal': 0.55}[kind] > plan.density
 
 
-def test_plans_refuse_what_the_kernel_cannot_serve():
-    assert block_sparse.native_plan(CAUSAL, 100) is None  # not a whole number of blocks
+def test_plans_pad_odd_lengths_and_refuse_queries_without_keys():
+    plan = block_sparse.native_plan(CAUSAL, 100)
+    assert (plan.length, plan.padded) == (100, 128)
+    padded = _plan_as_dense(plan)
+    np.testing.assert_array_equal(padded[:100, :100], CAUSAL.dense(100))
+    assert not padded[:100, 100:].any()  # no real query sees a padding key
+    assert padded[100:, 0].all() and not padded[100:, 1:].any()  # padding queries: key 0
     lonely = np.tril(np.ones((64, 64), bool))
     lonely[5] = False  # a query with no allowed key: dense attention averages all values
     assert native_attention.plan_from_dense(lonely) is None
 
 
-@pytest.mark.parametrize('name, d', [('causal', 32), ('causal', 64), ('row', 32),
-                                     ('column', 32), ('conv', 32), ('conv3', 32)])
-def test_native_kernel_equals_dense_values_and_gradients(name, d):
+@pytest.mark.parametrize('name, d, length', [
+    ('causal', 32, 128), ('causal', 64, 128), ('causal', 32, 100), ('row', 32, None),
+    ('column', 32, None), ('conv', 32, None), ('conv3', 32, None), ('conv_odd', 32, None)])
+def test_native_kernel_equals_dense_values_and_gradients(name, d, length):
     mask = MASKS[name]
-    q, k, v = _qkv(_length(mask), seed=1, d=d)
+    q, k, v = _qkv(length or _length(mask), seed=1, d=d)
     weights = jax.random.normal(jax.random.PRNGKey(7), q.shape)
     native_fn = _value_and_grads(_native(mask), weights)
     assert native_attention.FORWARD_TARGET in native_fn.lower(q, k, v).as_text()
@@ -151,7 +159,8 @@ def test_the_kernel_runs_only_where_it_applies(monkeypatch):
     assert native_attention.FORWARD_TARGET not in jax.jit(
         lambda *a: block_sparse.block_sparse_attention(*a, mask)).lower(*small).as_text()
     assert native_attention.FORWARD_TARGET not in lowered(q, native=False)
-    with pytest.raises(ValueError, match='native attention kernel cannot run this layer'):
+    with pytest.raises(ValueError, match=r'native attention kernel cannot run this layer.*'
+                                         r'head_dim a multiple of 32 \(here 8\)'):
         block_sparse.block_sparse_attention(*small, mask, native=True)
     monkeypatch.setenv(native_attention.ENV, '0')
     assert native_attention.FORWARD_TARGET not in lowered(q)

@@ -7,8 +7,8 @@ DALL·E's sparse row / column / conv layers: block-sparse in the forward pass, a
 the text and the query's window (or column) of the KV cache when decoding.
 
 Implementations of the forward pass (`attention_impl`):
-  'block_sparse'  only the blocks the mask allows: on the CPU, for float32 layers whose length
-                  and head_dim are multiples of 32, one fused native kernel per direction
+  'block_sparse'  only the blocks the mask allows: on the CPU, for float32 layers whose
+                  head_dim is a multiple of 32, one fused native kernel per direction
                   (pixelgen.nn.native_attention); elsewhere as a few batched tiles with a
                   hand-written backward pass (pixelgen.nn.block_sparse); any device. Masks
                   without a tiling (full) and short sequences are computed densely

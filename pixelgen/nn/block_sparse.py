@@ -24,9 +24,9 @@ block pieces in strided fusions, which cost XLA:CPU more than the matmuls
 (`benchmarks/README.md`). Masks without a tiling (full, DALL·E kinds at other lengths) and
 sequences too short for skipping to pay are computed densely by `attention.py`.
 
-On the CPU, `block_sparse_attention` hands float32 layers whose length and head_dim are
-multiples of 32 to one fused native kernel (`native_attention`), which walks the mask's 32 × 32
-block pairs with the logits in the core's caches; these tiles stay the path on every other
+On the CPU, `block_sparse_attention` hands float32 layers whose head_dim is a multiple of 32
+to one fused native kernel (`native_attention`), which walks the mask's 32 × 32 block pairs
+with the logits in the core's caches; these tiles stay the path on every other
 device and dtype, and with PIXELGEN_NATIVE_ATTENTION=0.
 """
 
@@ -239,13 +239,16 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskS
     transpose = mask.is_dalle and mask.column_major(n)
     if transpose:
         q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
-    plan = native_plan(mask, n) if native is not False else None
-    if native and (plan is None or not native_attention.available(q)):
-        raise ValueError(f'native=True, but the native attention kernel cannot run this layer '
-                         f'(float32 on the CPU, length {n} and head_dim {d} multiples of '
-                         f'{native_attention.BLOCK}, the library built; PIXELGEN_NATIVE_ATTENTION '
-                         'not 0). Leave native=None to use it only where it can.')
-    if plan is not None and native_attention.available(q):
+    runs_native = native is not False and native_attention.available(q)
+    plan = native_plan(mask, n) if runs_native else None
+    if native and plan is None:
+        raise ValueError(
+            'native=True, but the native attention kernel cannot run this layer: it needs '
+            f'float32 (here {q.dtype.name}) on the CPU (here {jax.default_backend()}), head_dim a '
+            f'multiple of {native_attention.BLOCK} (here {d}), the library built '
+            '(pixelgen.native), PIXELGEN_NATIVE_ATTENTION not 0, and every query an allowed '
+            'key. Leave native=None to use it only where it can.')
+    if plan is not None:
         out = native_attention.attention(q, k, v, plan)
     else:
         q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)

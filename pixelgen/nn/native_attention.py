@@ -8,8 +8,8 @@ products while they sit in the core's caches (flash attention's online softmax; 
 pass recomputes the probabilities from the forward's log-sum-exp). Every pair with an allowed
 logit is computed, so it is equal to dense masked attention (tested).
 
-`block_sparse.block_sparse_attention` calls it on the CPU for float32 layers whose length
-and head_dim are multiples of 32, where the library builds (`pixelgen.native`);
+`block_sparse.block_sparse_attention` calls it on the CPU for float32 layers whose head_dim is
+a multiple of 32 (lengths are padded to one), where the library builds (`pixelgen.native`);
 PIXELGEN_NATIVE_ATTENTION=0 keeps XLA's tiles. On a mesh of several devices each device runs
 the kernel on its own batch rows and heads (`parallel.per_device_heads`).
 """
@@ -38,47 +38,51 @@ class BlockPlan:
     """The 32 × 32 block pairs of a mask at one length that hold an allowed logit: query block
     i's key blocks are key_block[row_start[i]:row_start[i + 1]], each with mask
     masks[mask_id] (0/1, [key, query]: transposed, as the kernel computes the pair) or -1
-    where every logit of the pair is allowed."""
+    where every logit of the pair is allowed. A length that is not a multiple of 32 is padded
+    to `padded`: no real query sees a padding key, and each padding query sees key 0 only
+    (its output is dropped, and its gradient is zero)."""
     length: int
-    row_start: np.ndarray  # int32 [length / 32 + 1]
+    padded: int
+    row_start: np.ndarray  # int32 [padded / 32 + 1]
     key_block: np.ndarray  # int32 [pairs]
     mask_id: np.ndarray    # int32 [pairs]
     masks: np.ndarray      # float32 [count, 32, 32]
 
     @property
     def density(self) -> float:
-        """Fraction of the [length, length] logits the kernel computes."""
+        """Logits the kernel computes, as a fraction of the [length, length] of dense
+        attention."""
         return len(self.key_block) * BLOCK * BLOCK / self.length ** 2
 
 
 def plan_from_dense(dense: np.ndarray) -> BlockPlan | None:
-    """The plan of bool mask `dense` [length (query), length (key)]; None where the length
-    is not a multiple of 32, or a query has no allowed key (the kernel would give it zeros,
-    dense attention a uniform average)."""
+    """The plan of bool mask `dense` [length (query), length (key)]; None where a query has
+    no allowed key (the kernel would give it zeros, dense attention a uniform average)."""
     length = dense.shape[0]
-    if length % BLOCK or not dense.any(axis=1).all():
+    if not dense.any(axis=1).all():
         return None
-    blocks = length // BLOCK
-    grid = dense.reshape(blocks, BLOCK, blocks, BLOCK).transpose(0, 2, 3, 1)  # [i, j, key, q]
-    present, full = grid.any(axis=(2, 3)), grid.all(axis=(2, 3))
+    padded = -(-length // BLOCK) * BLOCK
+    full = np.zeros((padded, padded), bool)
+    full[:length, :length] = dense
+    full[length:, 0] = True
+    blocks = padded // BLOCK
+    grid = full.reshape(blocks, BLOCK, blocks, BLOCK).transpose(0, 2, 3, 1)  # [i, j, key, q]
+    present, every = grid.any(axis=(2, 3)), grid.all(axis=(2, 3))
     rows, keys = np.nonzero(present)  # row-major: each query block's key blocks in order
     masks: dict[bytes, int] = {}
-    ids = []
-    for i, j in zip(rows, keys, strict=True):
-        if full[i, j]:
-            ids.append(-1)
-        else:
-            ids.append(masks.setdefault(grid[i, j].tobytes(), len(masks)))
+    ids = [-1 if every[i, j] else masks.setdefault(grid[i, j].tobytes(), len(masks))
+           for i, j in zip(rows, keys, strict=True)]
     table = np.stack([np.frombuffer(m, bool).reshape(BLOCK, BLOCK) for m in masks]
                      or [np.zeros((BLOCK, BLOCK), bool)]).astype(np.float32)
     row_start = np.concatenate([[0], np.cumsum(present.sum(axis=1))]).astype(np.int32)
-    return BlockPlan(length, row_start, keys.astype(np.int32), np.asarray(ids, np.int32),
-                     table)
+    return BlockPlan(length, padded, row_start, keys.astype(np.int32),
+                     np.asarray(ids, np.int32), table)
 
 
 def available(q: jax.Array) -> bool:
     """Whether the kernel can run q's layer here: float32 on the CPU, head_dim a multiple of
-    32, not turned off (PIXELGEN_NATIVE_ATTENTION=0), and the library built."""
+    32, not turned off (PIXELGEN_NATIVE_ATTENTION=0, read when a function is traced), and
+    the library built."""
     return (os.environ.get(ENV, '1') != '0' and q.dtype == jnp.float32
             and q.shape[-1] % BLOCK == 0 and jax.default_backend() == 'cpu'
             and native.library() is not None)
@@ -92,7 +96,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: BlockPlan) -> jax.
     Returns:
       float32 [batch, length, heads, head_dim].
     """
-    return parallel.per_device_heads(functools.partial(_attention, plan=plan), q, k, v)
+    if plan.padded != plan.length:
+        pad = [(0, 0), (0, plan.padded - plan.length), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    out = parallel.per_device_heads(functools.partial(_attention, plan=plan), q, k, v)
+    return out[:, :plan.length]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
