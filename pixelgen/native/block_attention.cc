@@ -238,8 +238,151 @@ std::unique_ptr<float[]> Scratch(int64_t floats) { return std::unique_ptr<float[
 // A block pair's logits are computed transposed, [32 keys, 32 queries]: each query's softmax
 // statistics are then vectors over queries, and its max and sum run down the key rows.
 
-// Forward: out [.., length, heads, dim], lse [.., heads, length] (the log-sum-exp of each
-// query's allowed logits, q scaled by `scale`).
+// Forward of (batch row, head) slice s: out [.., length, heads, dim], lse [.., heads, length]
+// (the log-sum-exp of each query's allowed logits, q scaled by `scale`).
+void ForwardSlice(const Plan& p, int64_t s, float scale, const float* qs, const float* ks,
+                  const float* vs, float* outs, float* lses) {
+  const int64_t n = p.length, d = p.dim;
+  auto buffer = Scratch(4 * n * d + kPairs + kBlock * d);
+  float* qr = buffer.get();       // q · scale, rows; then the output rows
+  float* qp = qr + n * d;         // q · scale, panels
+  float* kr = qp + n * d;         // key rows
+  float* vr = kr + n * d;         // value rows
+  float* probs = vr + n * d;      // [32 keys, 32 queries]: logits, then probabilities
+  float* acc = probs + kPairs;    // [32 queries, d]
+  ReadRows(qs, p, s, scale, qr);
+  MakePanels(qr, p, qp);
+  ReadRows(ks, p, s, 1.0f, kr);
+  ReadRows(vs, p, s, 1.0f, vr);
+  float* slice_lse = lses + s * n;
+  for (int64_t i = 0; i < p.blocks; ++i) {
+    Vec m[kVecs], l[kVecs];
+    for (int v = 0; v < kVecs; ++v) m[v] = Splat(kMasked), l[v] = Vec{};
+    std::memset(acc, 0, kBlock * d * sizeof(float));
+    for (int32_t e = p.row_start[i]; e < p.row_start[i + 1]; ++e) {
+      const int64_t j = p.key_block[e];
+      const float* mask = p.mask_id[e] < 0 ? nullptr : p.masks + p.mask_id[e] * kPairs;
+      Vec top[kVecs], correction[kVecs], sum[kVecs];
+      Logits(d, kr + j * kBlock * d, qp + i * d * kBlock, mask, probs, top);
+      bool moved = false;
+      for (int v = 0; v < kVecs; ++v) {
+        const Vec new_m = top[v] > m[v] ? top[v] : m[v];
+        correction[v] = Exp(m[v] - new_m);
+        for (int lane = 0; lane < kLanes; ++lane) moved |= new_m[lane] != m[v][lane];
+        m[v] = new_m;
+        sum[v] = Vec{};
+      }
+      for (int key = 0; key < kBlock; ++key)
+        for (int v = 0; v < kVecs; ++v) {
+          const int at = key * kBlock + v * kLanes;
+          const Vec x = Exp(Load(probs + at) - m[v]);
+          Store(probs + at, x);
+          sum[v] += x;
+        }
+      float scale_rows[kBlock];
+      for (int v = 0; v < kVecs; ++v) {
+        l[v] = l[v] * correction[v] + sum[v];
+        Store(scale_rows + v * kLanes, correction[v]);
+      }
+      if (moved)  // a query's max rose: rescale what it has summed so far
+        for (int r = 0; r < kBlock; ++r)
+          for (int64_t c = 0; c < d; c += kLanes)
+            Store(acc + r * d + c, Load(acc + r * d + c) * scale_rows[r]);
+      // acc[query] += sum over keys of P[query, key] · v[key]: probs read transposed.
+      Product(kBlock, d, probs, 1, kBlock, vr + j * kBlock * d, d, acc, d, true);
+    }
+    float m_rows[kBlock], l_rows[kBlock];
+    for (int v = 0; v < kVecs; ++v) {
+      Store(m_rows + v * kLanes, m[v]);
+      Store(l_rows + v * kLanes, l[v]);
+    }
+    for (int r = 0; r < kBlock; ++r) {
+      const float inverse = l_rows[r] > 0.0f ? 1.0f / l_rows[r] : 0.0f;
+      for (int64_t c = 0; c < d; c += kLanes)
+        Store(qr + (i * kBlock + r) * d + c, Load(acc + r * d + c) * inverse);
+      // A query with no allowed key: lse so large that every recomputed probability is 0.
+      slice_lse[i * kBlock + r] = l_rows[r] > 0.0f ? m_rows[r] + std::log(l_rows[r])
+                                                   : -kMasked;
+    }
+  }
+  WriteRows(qr, p, s, outs);  // the query rows of block i are not read after block i
+}
+
+// Backward of slice s: dq, dk, dv from q, k, v, out, lse and d_out; each block's
+// probabilities are recomputed from lse (FlashAttention-2).
+void BackwardSlice(const Plan& p, int64_t s, float scale, const float* qs, const float* ks,
+                   const float* vs, const float* outs, const float* lses, const float* dos,
+                   float* dqs, float* dks, float* dvs) {
+  const int64_t n = p.length, d = p.dim;
+  auto buffer = Scratch(9 * n * d + n + 2 * kPairs + kBlock * d);
+  float* qr = buffer.get();       // q · scale, rows
+  float* qp = qr + n * d;         // q · scale, panels
+  float* kr = qp + n * d;         // key rows
+  float* vr = kr + n * d;         // value rows
+  float* dor = vr + n * d;        // d_out rows
+  float* dop = dor + n * d;       // d_out panels
+  float* work = dop + n * d;      // out rows (for delta), then dq rows
+  float* dkr = work + n * d;      // dk rows, accumulated
+  float* dvr = dkr + n * d;       // dv rows, accumulated
+  float* delta = dvr + n * d;     // [n]: rowsum(d_out ⊙ out)
+  float* probs = delta + n;       // [32 keys, 32 queries]: logits, then P
+  float* dlogits = probs + kPairs;  // [32 keys, 32 queries]: dP, then dS
+  float* dq_acc = dlogits + kPairs; // [32 queries, d]
+  ReadRows(qs, p, s, scale, qr);
+  MakePanels(qr, p, qp);
+  ReadRows(ks, p, s, 1.0f, kr);
+  ReadRows(vs, p, s, 1.0f, vr);
+  ReadRows(dos, p, s, 1.0f, dor);
+  MakePanels(dor, p, dop);
+  ReadRows(outs, p, s, 1.0f, work);
+  for (int64_t t = 0; t < n; ++t) {
+    Vec total = Vec{};
+    for (int64_t c = 0; c < d; c += kLanes)
+      total += Load(dor + t * d + c) * Load(work + t * d + c);
+    float sum = 0.0f;
+    for (int lane = 0; lane < kLanes; ++lane) sum += total[lane];
+    delta[t] = sum;
+  }
+  std::memset(dkr, 0, 2 * n * d * sizeof(float));  // dk and dv
+  const float* slice_lse = lses + s * n;
+  for (int64_t i = 0; i < p.blocks; ++i) {
+    Vec row_lse[kVecs], row_delta[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      row_lse[v] = Load(slice_lse + i * kBlock + v * kLanes);
+      row_delta[v] = Load(delta + i * kBlock + v * kLanes);
+    }
+    std::memset(dq_acc, 0, kBlock * d * sizeof(float));
+    for (int32_t e = p.row_start[i]; e < p.row_start[i + 1]; ++e) {
+      const int64_t j = p.key_block[e];
+      const float* mask = p.mask_id[e] < 0 ? nullptr : p.masks + p.mask_id[e] * kPairs;
+      const float* k_block = kr + j * kBlock * d;
+      Logits(d, k_block, qp + i * d * kBlock, mask, probs);
+      Product(d, kBlock, vr + j * kBlock * d, d, 1, dop + i * d * kBlock, kBlock, dlogits,
+              kBlock, false);
+      for (int key = 0; key < kBlock; ++key)
+        for (int v = 0; v < kVecs; ++v) {
+          const int at = key * kBlock + v * kLanes;
+          const Vec pr = Exp(Load(probs + at) - row_lse[v]);  // masked: 0
+          Store(probs + at, pr);
+          Store(dlogits + at, pr * (Load(dlogits + at) - row_delta[v]));  // dS
+        }
+      // dq_i += dS · k_j (dS read transposed); dk_j += dS^T · (q_i · scale); dv_j += P^T · d_out_i.
+      Product(kBlock, d, dlogits, 1, kBlock, k_block, d, dq_acc, d, true);
+      Product(kBlock, d, dlogits, kBlock, 1, qr + i * kBlock * d, d, dkr + j * kBlock * d, d,
+              true);
+      Product(kBlock, d, probs, kBlock, 1, dor + i * kBlock * d, d, dvr + j * kBlock * d, d,
+              true);
+    }
+    for (int r = 0; r < kBlock; ++r)
+      for (int64_t c = 0; c < d; c += kLanes)
+        Store(work + (i * kBlock + r) * d + c, Load(dq_acc + r * d + c) * scale);
+  }
+  WriteRows(work, p, s, dqs);
+  WriteRows(dkr, p, s, dks);
+  WriteRows(dvr, p, s, dvs);
+}
+
+// The handlers: check the call, then run every slice on XLA's intra-op thread pool.
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> row_start,
                        ffi::Buffer<ffi::S32> key_block, ffi::Buffer<ffi::S32> mask_id,
@@ -250,79 +393,13 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
       error.failure()) {
     return error;
   }
-  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data();
-  float *outs = out->typed_data(), *lses = lse->typed_data();
-  const int64_t n = p.length, d = p.dim;
   ParallelFor(pool, p.slices, [&](int64_t s) {
-    auto buffer = Scratch(4 * n * d + kPairs + kBlock * d);
-    float* qr = buffer.get();       // q · scale, rows; then the output rows
-    float* qp = qr + n * d;         // q · scale, panels
-    float* kr = qp + n * d;         // key rows
-    float* vr = kr + n * d;         // value rows
-    float* probs = vr + n * d;      // [32 keys, 32 queries]: logits, then probabilities
-    float* acc = probs + kPairs;    // [32 queries, d]
-    ReadRows(qs, p, s, scale, qr);
-    MakePanels(qr, p, qp);
-    ReadRows(ks, p, s, 1.0f, kr);
-    ReadRows(vs, p, s, 1.0f, vr);
-    float* slice_lse = lses + s * n;
-    for (int64_t i = 0; i < p.blocks; ++i) {
-      Vec m[kVecs], l[kVecs];
-      for (int v = 0; v < kVecs; ++v) m[v] = Splat(kMasked), l[v] = Vec{};
-      std::memset(acc, 0, kBlock * d * sizeof(float));
-      for (int32_t e = p.row_start[i]; e < p.row_start[i + 1]; ++e) {
-        const int64_t j = p.key_block[e];
-        const float* mask = p.mask_id[e] < 0 ? nullptr : p.masks + p.mask_id[e] * kPairs;
-        Vec top[kVecs], correction[kVecs], sum[kVecs];
-        Logits(d, kr + j * kBlock * d, qp + i * d * kBlock, mask, probs, top);
-        bool moved = false;
-        for (int v = 0; v < kVecs; ++v) {
-          const Vec new_m = top[v] > m[v] ? top[v] : m[v];
-          correction[v] = Exp(m[v] - new_m);
-          for (int lane = 0; lane < kLanes; ++lane) moved |= new_m[lane] != m[v][lane];
-          m[v] = new_m;
-          sum[v] = Vec{};
-        }
-        for (int key = 0; key < kBlock; ++key)
-          for (int v = 0; v < kVecs; ++v) {
-            const int at = key * kBlock + v * kLanes;
-            const Vec x = Exp(Load(probs + at) - m[v]);
-            Store(probs + at, x);
-            sum[v] += x;
-          }
-        float scale_rows[kBlock];
-        for (int v = 0; v < kVecs; ++v) {
-          l[v] = l[v] * correction[v] + sum[v];
-          Store(scale_rows + v * kLanes, correction[v]);
-        }
-        if (moved)  // a query's max rose: rescale what it has summed so far
-          for (int r = 0; r < kBlock; ++r)
-            for (int64_t c = 0; c < d; c += kLanes)
-              Store(acc + r * d + c, Load(acc + r * d + c) * scale_rows[r]);
-        // acc[query] += sum over keys of P[query, key] · v[key]: probs read transposed.
-        Product(kBlock, d, probs, 1, kBlock, vr + j * kBlock * d, d, acc, d, true);
-      }
-      float m_rows[kBlock], l_rows[kBlock];
-      for (int v = 0; v < kVecs; ++v) {
-        Store(m_rows + v * kLanes, m[v]);
-        Store(l_rows + v * kLanes, l[v]);
-      }
-      for (int r = 0; r < kBlock; ++r) {
-        const float inverse = l_rows[r] > 0.0f ? 1.0f / l_rows[r] : 0.0f;
-        for (int64_t c = 0; c < d; c += kLanes)
-          Store(qr + (i * kBlock + r) * d + c, Load(acc + r * d + c) * inverse);
-        // A query with no allowed key: lse so large that every recomputed probability is 0.
-        slice_lse[i * kBlock + r] = l_rows[r] > 0.0f ? m_rows[r] + std::log(l_rows[r])
-                                                     : -kMasked;
-      }
-    }
-    WriteRows(qr, p, s, outs);  // the query rows of block i are not read after block i
+    ForwardSlice(p, s, scale, q.typed_data(), k.typed_data(), v.typed_data(),
+                 out->typed_data(), lse->typed_data());
   });
   return ffi::Error::Success();
 }
 
-// Backward: dq, dk, dv from q, k, v, out, lse and d_out; each block's probabilities are
-// recomputed from lse (FlashAttention-2).
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
                         ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
@@ -335,77 +412,10 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
       error.failure()) {
     return error;
   }
-  const float *qs = q.typed_data(), *ks = k.typed_data(), *vs = v.typed_data(),
-              *outs = out.typed_data(), *lses = lse.typed_data(), *dos = d_out.typed_data();
-  float *dqs = dq->typed_data(), *dks = dk->typed_data(), *dvs = dv->typed_data();
-  const int64_t n = p.length, d = p.dim;
   ParallelFor(pool, p.slices, [&](int64_t s) {
-    auto buffer = Scratch(9 * n * d + n + 2 * kPairs + kBlock * d);
-    float* qr = buffer.get();       // q · scale, rows
-    float* qp = qr + n * d;         // q · scale, panels
-    float* kr = qp + n * d;         // key rows
-    float* vr = kr + n * d;         // value rows
-    float* dor = vr + n * d;        // d_out rows
-    float* dop = dor + n * d;       // d_out panels
-    float* work = dop + n * d;      // out rows (for delta), then dq rows
-    float* dkr = work + n * d;      // dk rows, accumulated
-    float* dvr = dkr + n * d;       // dv rows, accumulated
-    float* delta = dvr + n * d;     // [n]: rowsum(d_out ⊙ out)
-    float* probs = delta + n;       // [32 keys, 32 queries]: logits, then P
-    float* dlogits = probs + kPairs;  // [32 keys, 32 queries]: dP, then dS
-    float* dq_acc = dlogits + kPairs; // [32 queries, d]
-    ReadRows(qs, p, s, scale, qr);
-    MakePanels(qr, p, qp);
-    ReadRows(ks, p, s, 1.0f, kr);
-    ReadRows(vs, p, s, 1.0f, vr);
-    ReadRows(dos, p, s, 1.0f, dor);
-    MakePanels(dor, p, dop);
-    ReadRows(outs, p, s, 1.0f, work);
-    for (int64_t t = 0; t < n; ++t) {
-      Vec total = Vec{};
-      for (int64_t c = 0; c < d; c += kLanes)
-        total += Load(dor + t * d + c) * Load(work + t * d + c);
-      float sum = 0.0f;
-      for (int lane = 0; lane < kLanes; ++lane) sum += total[lane];
-      delta[t] = sum;
-    }
-    std::memset(dkr, 0, 2 * n * d * sizeof(float));  // dk and dv
-    const float* slice_lse = lses + s * n;
-    for (int64_t i = 0; i < p.blocks; ++i) {
-      Vec row_lse[kVecs], row_delta[kVecs];
-      for (int v = 0; v < kVecs; ++v) {
-        row_lse[v] = Load(slice_lse + i * kBlock + v * kLanes);
-        row_delta[v] = Load(delta + i * kBlock + v * kLanes);
-      }
-      std::memset(dq_acc, 0, kBlock * d * sizeof(float));
-      for (int32_t e = p.row_start[i]; e < p.row_start[i + 1]; ++e) {
-        const int64_t j = p.key_block[e];
-        const float* mask = p.mask_id[e] < 0 ? nullptr : p.masks + p.mask_id[e] * kPairs;
-        const float* k_block = kr + j * kBlock * d;
-        Logits(d, k_block, qp + i * d * kBlock, mask, probs);
-        Product(d, kBlock, vr + j * kBlock * d, d, 1, dop + i * d * kBlock, kBlock, dlogits,
-                kBlock, false);
-        for (int key = 0; key < kBlock; ++key)
-          for (int v = 0; v < kVecs; ++v) {
-            const int at = key * kBlock + v * kLanes;
-            const Vec pr = Exp(Load(probs + at) - row_lse[v]);  // masked: 0
-            Store(probs + at, pr);
-            Store(dlogits + at, pr * (Load(dlogits + at) - row_delta[v]));  // dS
-          }
-        // dq_i += dS · k_j (dS read transposed); dk_j += dS^T · (q_i · scale); dv_j += P^T · d_out_i.
-        Product(kBlock, d, dlogits, 1, kBlock, k_block, d, dq_acc, d, true);
-        Product(kBlock, d, dlogits, kBlock, 1, qr + i * kBlock * d, d, dkr + j * kBlock * d, d,
-                true);
-        Product(kBlock, d, probs, kBlock, 1, dor + i * kBlock * d, d, dvr + j * kBlock * d, d,
-                true);
-      }
-      for (int r = 0; r < kBlock; ++r)
-        for (int64_t c = 0; c < d; c += kLanes)
-          Store(work + (i * kBlock + r) * d + c, Load(dq_acc + r * d + c) * scale);
-    }
-    WriteRows(work, p, s, dqs);
-    WriteRows(dkr, p, s, dks);
-    WriteRows(dvr, p, s, dvs);
+    BackwardSlice(p, s, scale, q.typed_data(), k.typed_data(), v.typed_data(),
+                  out.typed_data(), lse.typed_data(), d_out.typed_data(), dq->typed_data(),
+                  dk->typed_data(), dv->typed_data());
   });
   return ffi::Error::Success();
 }
