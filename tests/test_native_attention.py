@@ -6,6 +6,8 @@ are multiples of 32), XLA's tiles elsewhere."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 
@@ -19,13 +21,14 @@ from flax import nnx
 from pixelgen import native
 from pixelgen.nn import block_sparse, native_attention
 from pixelgen.nn.attention import MultiHeadAttention, dot_product_attention
-from pixelgen.nn.masks import CAUSAL, MaskSpec, dalle_mask_spec
+from pixelgen.nn.masks import CAUSAL, FULL, MaskSpec, dalle_mask_spec
 
 # Small masks whose length is a whole number of 32-blocks: T + W² = 32 + 64, and 28 + 36 for
 # a 3-wide conv window; the real 11-wide one on the 8-wide grid.
 MASKS = {'causal': CAUSAL, 'row': MaskSpec('row', 32, 8), 'column': MaskSpec('column', 32, 8),
          'conv': MaskSpec('conv', 32, 8), 'conv3': MaskSpec('conv', 28, 6, conv_window=3),
-         'conv_odd': MaskSpec('conv', 4, 6)}  # 40 tokens: padded to 64
+         'conv_odd': MaskSpec('conv', 4, 6),  # 40 tokens: padded to 64
+         'full': FULL, 'row_other_length': MaskSpec('row', 4, 6)}  # (no XLA tiling for these)
 
 
 def _length(mask: MaskSpec) -> int:
@@ -95,7 +98,8 @@ def test_plans_pad_odd_lengths_and_refuse_queries_without_keys():
 
 @pytest.mark.parametrize('name, d, length', [
     ('causal', 32, 128), ('causal', 64, 128), ('causal', 32, 100), ('row', 32, None),
-    ('column', 32, None), ('conv', 32, None), ('conv3', 32, None), ('conv_odd', 32, None)])
+    ('column', 32, None), ('conv', 32, None), ('conv3', 32, None), ('conv_odd', 32, None),
+    ('full', 32, 70), ('row_other_length', 32, 50)])
 def test_native_kernel_equals_dense_values_and_gradients(name, d, length):
     mask = MASKS[name]
     q, k, v = _qkv(length or _length(mask), seed=1, d=d)
@@ -169,9 +173,11 @@ def test_the_kernel_runs_only_where_it_applies(monkeypatch):
     assert native_attention.FORWARD_TARGET not in lowered(q)
 
 
-def test_attention_module_uses_the_kernel_and_equals_dense():
+@pytest.mark.parametrize('name', ['conv', 'full'])
+def test_attention_module_uses_the_kernel_and_equals_dense(name):
+    # Full masks have no XLA tiling (they would be dense), but the kernel serves every mask.
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 96, 64))
-    layers = {impl: MultiHeadAttention(64, 2, mask=MASKS['conv'], num_layers=1,
+    layers = {impl: MultiHeadAttention(64, 2, mask=MASKS[name], num_layers=1,
                                        attention_impl=impl, rngs=nnx.Rngs(0))
               for impl in ('block_sparse', 'dense')}
     assert native_attention.FORWARD_TARGET in jax.jit(
@@ -183,7 +189,7 @@ def test_the_kernel_refuses_a_plan_for_another_length():
     q, k, v = _qkv(128)
     plan = block_sparse.native_plan(CAUSAL, 64)
     with pytest.raises(Exception, match='the plan does not match the sequence length'):
-        jax.block_until_ready(native_attention._attention(q, k, v, plan))
+        jax.block_until_ready(native_attention.attention(q, k, v, plan))
 
 
 SHARDED = '''
@@ -237,3 +243,22 @@ def test_kernel_slices_are_exact_and_in_bounds_under_sanitizers(tmp_path):
     ran = subprocess.run([binary], capture_output=True, text=True, timeout=300,
                          env={**os.environ, 'ASAN_OPTIONS': 'detect_leaks=1'})
     assert ran.returncode == 0 and ran.stdout.strip() == 'ok', ran.stdout + ran.stderr[-3000:]
+
+
+def test_attention_kernels_benchmark_times_each_variant(monkeypatch, capsys):
+    """benchmarks/attention_kernels.py at a tiny shape: every variant timed, the speed-ups
+    are ratios of the medians, and tiles appear only for masks that have them."""
+    path = os.path.join(os.path.dirname(__file__), '..', 'benchmarks', 'attention_kernels.py')
+    spec = importlib.util.spec_from_file_location('attention_kernels', path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, 'CASES', {'conv': ((1, 96, 1, 32), MASKS['conv']),
+                                          'full': ((1, 64, 1, 32), FULL)})
+    script.main(['--rounds', '3'])
+    conv, full = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert set(conv['median_ms']) == {'native', 'tiles', 'dense'}
+    assert set(full['median_ms']) == {'native', 'dense'}  # a full mask has no tiling
+    assert conv['native_speedup']['dense'] == pytest.approx(
+        conv['median_ms']['dense'] / conv['median_ms']['native'])
+    with pytest.raises(SystemExit):
+        script.main(['no_such_case'])

@@ -8,10 +8,10 @@ the text and the query's window (or column) of the KV cache when decoding.
 
 Implementations of the forward pass (`attention_impl`):
   'block_sparse'  only the blocks the mask allows: on the CPU, for float32 layers whose
-                  head_dim is a multiple of 32, one fused native kernel per direction
-                  (pixelgen.nn.native_attention); elsewhere as a few batched tiles with a
-                  hand-written backward pass (pixelgen.nn.block_sparse); any device. Masks
-                  without a tiling (full) and short sequences are computed densely
+                  head_dim is a multiple of 32, one fused native kernel per direction, for
+                  every mask (pixelgen.nn.native_attention); elsewhere as a few batched tiles
+                  with a hand-written backward pass (pixelgen.nn.block_sparse), any device,
+                  where masks without a tiling (full) and short sequences are computed densely
   'dense'         the reference: full [length, length] logits, masked
   'splash'        TPU splash attention kernel (pixelgen.nn.splash); interpret mode elsewhere
   'cudnn'         cuDNN flash attention on NVIDIA GPUs (jax.nn.dot_product_attention); causal
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelgen.nn import packed_matmul
+from pixelgen.nn import native_attention, packed_matmul
 from pixelgen.nn.block_sparse import (
     DEFAULT_CAUSAL_BLOCK,
     Tiling,
@@ -212,14 +212,16 @@ class MultiHeadAttention(nnx.Module):
         if self.attention_impl == 'cudnn':  # same layout [b, l, heads, head_dim] and scale
             return jax.nn.dot_product_attention(q, k, v, is_causal=self.mask.kind == 'causal',
                                                 implementation='cudnn')
-        if self.attention_impl == 'block_sparse' and self.tiling(length) is not None:
+        if self.attention_impl == 'block_sparse' and (
+                self.tiling(length) is not None or native_attention.available(q)):
             return block_sparse_attention(q, k, v, self.mask, self.block_size)
         mask = jnp.asarray(self.mask.dense(length))[None, None]  # [1, 1, l, l]
         return dot_product_attention(q, k, v, mask)
 
     def tiling(self, length: int) -> Tiling | None:
-        """The block-sparse tiling this layer computes at `length`, or None where it computes
-        densely (no tiling, or one that would not save enough to pay for its smaller ops)."""
+        """The XLA tiling this layer computes at `length` where the native CPU kernel does not
+        run, or None where it then computes densely (no tiling, or one that would not save
+        enough to pay for its smaller ops)."""
         tiling = make_tiling(self.mask, length, self.block_size)
         return tiling if tiling is not None and tiling.pays_off else None
 

@@ -220,27 +220,21 @@ def _dalle_band(mask: MaskSpec) -> Tiling:
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec,
                            block_size: int = DEFAULT_CAUSAL_BLOCK,
                            native: bool | None = None) -> jax.Array:
-    """Self-attention over the tiles of `mask` (which must have a tiling, `make_tiling`).
+    """Self-attention over the allowed blocks of `mask`: by the fused native CPU kernel
+    (`native_attention`, any mask), or by XLA's tiles (masks with a tiling, `make_tiling`).
 
     Args:
       q, k, v: [batch, length, heads, head_dim].
       mask: the layer's mask description.
       block_size: the causal tree's leaf size (DALL·E layers tile by image rows).
-      native: compute it with the fused native CPU kernel (`native_attention`) rather than
-        XLA's tiles; None: wherever `native_attention.available` and the length has a plan.
+      native: compute it with the native kernel rather than XLA's tiles; None: wherever
+        `native_attention.available`.
     Returns:
       [batch, length, heads, head_dim] in q's dtype; equal to dense masked attention.
     """
     b, n, h, d = q.shape
     tiling = make_tiling(mask, n, block_size)
-    if tiling is None:
-        raise ValueError(f'MaskSpec({mask.kind!r}) at length {n} has no block-sparse tiling; '
-                         "compute it densely (attention_impl='dense').")
-    transpose = mask.is_dalle and mask.column_major(n)
-    if transpose:
-        q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
-    runs_native = native is not False and native_attention.available(q)
-    plan = native_plan(mask, n) if runs_native else None
+    plan = native_plan(mask, n) if native is not False and native_attention.available(q) else None
     if native and plan is None:
         raise ValueError(
             'native=True, but the native attention kernel cannot run this layer: it needs '
@@ -248,6 +242,13 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskS
             f'multiple of {native_attention.BLOCK} (here {d}), the library built '
             '(pixelgen.native), PIXELGEN_NATIVE_ATTENTION not 0, and every query an allowed '
             'key. Leave native=None to use it only where it can.')
+    if plan is None and tiling is None:
+        raise ValueError(f'MaskSpec({mask.kind!r}) at length {n} has no block-sparse tiling, and '
+                         'the native CPU kernel does not run here; compute it densely '
+                         "(attention_impl='dense').")
+    transpose = mask.is_dalle and mask.column_major(n)
+    if transpose:
+        q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
     if plan is not None:
         out = native_attention.attention(q, k, v, plan)
     else:

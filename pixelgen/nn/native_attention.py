@@ -96,6 +96,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: BlockPlan) -> jax.
     Returns:
       float32 [batch, length, heads, head_dim].
     """
+    if native.library() is None:  # also registers the kernels with XLA
+        raise RuntimeError('The native attention kernel is not available: pixelgen.native could '
+                           'not build or load its library (the warning above says why). '
+                           'Install a C++ compiler (g++) or run XLA\'s tiles instead '
+                           '(block_sparse_attention(..., native=False)).')
     if plan.padded != plan.length:
         pad = [(0, 0), (0, plan.padded - plan.length), (0, 0), (0, 0)]
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))

@@ -1,0 +1,105 @@
+"""Attention alone, forward + backward: the native CPU kernel, XLA's tiles and dense attention.
+
+    python benchmarks/attention_kernels.py [CASE ...] [--rounds 7] [--forward]
+    taskset -c 0 python benchmarks/attention_kernels.py dalle_conv   # one core
+
+q, k, v [batch, length, heads, head_dim] -> out, and the gradients of sum(out · r) for a fixed
+random r (or the forward alone, --forward), timed in interleaved rounds in one process:
+`native` (`pixelgen.nn.native_attention`), `tiles` (XLA's tiles, `block_sparse` with
+native=False; only for masks that have a tiling) and `dense` (dense masked attention). Prints
+one JSON line per case: the shape, each variant's median and fastest milliseconds, and the
+native kernel's speed-up over the others. The projections of a layer are not included (the
+bench's `dalle_attention` has them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+
+from pixelgen import host_memory
+
+host_memory.configure()  # as the pixelgen jobs, before JAX's CPU client
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from pixelgen.nn import native_attention  # noqa: E402
+from pixelgen.nn.attention import dot_product_attention  # noqa: E402
+from pixelgen.nn.block_sparse import block_sparse_attention, make_tiling  # noqa: E402
+from pixelgen.nn.masks import CAUSAL, FULL, dalle_mask_spec  # noqa: E402
+
+# name -> ((batch, length, heads, head_dim), mask): the bench's DALL·E and Image GPT layers,
+# an Image GPT BERT layer, a ViT-B/16 layer (197 tokens) and CLIP's text layer (77 tokens).
+CASES = {
+    'dalle_row': ((2, 1280, 8, 32), dalle_mask_spec('row', 256, 32)),
+    'dalle_column': ((2, 1280, 8, 32), dalle_mask_spec('column', 256, 32)),
+    'dalle_conv': ((2, 1280, 8, 32), dalle_mask_spec('conv', 256, 32)),
+    'igpt_causal': ((4, 1024, 8, 32), CAUSAL),
+    'bert_full': ((4, 1024, 8, 32), FULL),
+    'vit_full': ((8, 197, 12, 64), FULL),
+    'clip_text': ((32, 77, 8, 64), CAUSAL),
+}
+
+
+def variants(mask, length: int) -> dict:
+    dense_mask = jnp.asarray(mask.dense(length))[None, None]
+    found = {'native': functools.partial(block_sparse_attention, mask=mask, native=True),
+             'dense': lambda q, k, v: dot_product_attention(q, k, v, dense_mask)}
+    if make_tiling(mask, length) is not None:
+        found['tiles'] = functools.partial(block_sparse_attention, mask=mask, native=False)
+    return found
+
+
+def run(name: str, rounds: int, forward: bool) -> dict:
+    shape, mask = CASES[name]
+    q, k, v, weights = (jax.random.normal(jax.random.key(i), shape) for i in range(4))
+    steps = {}
+    for variant, attend in variants(mask, shape[1]).items():
+        if forward:
+            fn = jax.jit(attend)
+        else:
+            fn = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v) * weights),
+                                  argnums=(0, 1, 2)))
+        steps[variant] = functools.partial(fn, q, k, v)
+        jax.block_until_ready(steps[variant]())  # compile and warm up
+    times = {variant: [] for variant in steps}
+    for _ in range(rounds):
+        for variant, step in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step())
+            times[variant].append(time.perf_counter() - start)
+    median = {variant: 1e3 * statistics.median(t) for variant, t in times.items()}
+    axes = ('batch', 'length', 'heads', 'head_dim')
+    return {'name': name, 'shape': dict(zip(axes, shape, strict=True)),
+            'mask': mask.kind, 'pass': 'forward' if forward else 'forward+backward',
+            'median_ms': median,
+            'min_ms': {variant: 1e3 * min(t) for variant, t in times.items()},
+            'native_speedup': {variant: median[variant] / median['native']
+                               for variant in median if variant != 'native'}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('cases', nargs='*', default=list(CASES), metavar='CASE',
+                        help=f'any of {", ".join(CASES)} (default: all)')
+    parser.add_argument('--rounds', type=int, default=7, help='timed rounds (median reported)')
+    parser.add_argument('--forward', action='store_true', help='time the forward pass alone')
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        parser.error(f'unknown case(s) {unknown}; valid: {", ".join(CASES)}')
+    if not native_attention.available(jnp.zeros((1, 32, 1, 32))):
+        sys.exit('The native attention kernel does not run here (it needs the CPU and the '
+                 'library pixelgen.native builds; PIXELGEN_NATIVE_ATTENTION must not be 0).')
+    for name in args.cases:
+        print(json.dumps(run(name, args.rounds, args.forward)), flush=True)
+
+
+if __name__ == '__main__':
+    main()
