@@ -1,7 +1,9 @@
 """Attention alone, forward + backward: the native CPU kernel, XLA's tiles and dense attention.
 
-    python benchmarks/attention_kernels.py [CASE ...] [--rounds 7] [--forward]
+    python benchmarks/attention_kernels.py [CASE ...] [--rounds 7] [--forward] [--profile DIR]
     taskset -c 0 python benchmarks/attention_kernels.py dalle_conv   # one core
+    XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \
+        python benchmarks/attention_kernels.py dalle_conv --profile /tmp/prof  # XLA's top ops
 
 q, k, v [batch, length, heads, head_dim] -> out, and the gradients of sum(out · r) for a fixed
 random r (or the forward alone, --forward), timed in interleaved rounds in one process:
@@ -9,7 +11,9 @@ random r (or the forward alone, --forward), timed in interleaved rounds in one p
 native=False; only for masks that have a tiling) and `dense` (dense masked attention). Prints
 one JSON line per case: the shape, each variant's median and fastest milliseconds, and the
 native kernel's speed-up over the others. The projections of a layer are not included (the
-bench's `dalle_attention` has them).
+bench's `dalle_attention` has them). With --profile, one more call of each variant is traced
+into DIR/CASE/VARIANT and its top XLA ops go to stderr (`pixelgen.bench.format_top_ops`; the
+native kernel is one op there, `ffi_call`, whose helper threads the trace does not show).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,6 +33,7 @@ host_memory.configure()  # as the pixelgen jobs, before JAX's CPU client
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from pixelgen.bench import format_top_ops  # noqa: E402
 from pixelgen.nn import native_attention  # noqa: E402
 from pixelgen.nn.attention import dot_product_attention  # noqa: E402
 from pixelgen.nn.block_sparse import block_sparse_attention, make_tiling  # noqa: E402
@@ -55,7 +61,7 @@ def variants(mask, length: int) -> dict:
     return found
 
 
-def run(name: str, rounds: int, forward: bool) -> dict:
+def run(name: str, rounds: int, forward: bool, profile_dir: str | None = None) -> dict:
     shape, mask = CASES[name]
     q, k, v, weights = (jax.random.normal(jax.random.key(i), shape) for i in range(4))
     steps = {}
@@ -73,6 +79,12 @@ def run(name: str, rounds: int, forward: bool) -> dict:
             start = time.perf_counter()
             jax.block_until_ready(step())
             times[variant].append(time.perf_counter() - start)
+    for variant, step in steps.items() if profile_dir else ():
+        folder = os.path.join(profile_dir, name, variant)
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            jax.block_until_ready(step())
+        print(f'[attention_kernels] {name} {variant}: top ops\n{format_top_ops(folder)}',
+              file=sys.stderr, flush=True)
     median = {variant: 1e3 * statistics.median(t) for variant, t in times.items()}
     axes = ('batch', 'length', 'heads', 'head_dim')
     return {'name': name, 'shape': dict(zip(axes, shape, strict=True)),
@@ -90,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f'any of {", ".join(CASES)} (default: all)')
     parser.add_argument('--rounds', type=int, default=7, help='timed rounds (median reported)')
     parser.add_argument('--forward', action='store_true', help='time the forward pass alone')
+    parser.add_argument('--profile', metavar='DIR', default=None,
+                        help='also trace each variant once into DIR and print its top ops')
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
@@ -98,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit('The native attention kernel does not run here (it needs the CPU and the '
                  'library pixelgen.native builds; PIXELGEN_NATIVE_ATTENTION must not be 0).')
     for name in args.cases:
-        print(json.dumps(run(name, args.rounds, args.forward)), flush=True)
+        print(json.dumps(run(name, args.rounds, args.forward, args.profile)), flush=True)
 
 
 if __name__ == '__main__':
