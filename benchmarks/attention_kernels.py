@@ -7,8 +7,10 @@
 
 q, k, v [batch, length, heads, head_dim] -> out, and the gradients of sum(out · r) for a fixed
 random r (or the forward alone, --forward), timed in interleaved rounds in one process:
-`native` (`pixelgen.nn.native_attention`), `tiles` (XLA's tiles, `block_sparse` with
-native=False; only for masks that have a tiling) and `dense` (dense masked attention). Prints
+`native` (`pixelgen.nn.native_attention`), `native_every_pair` (the same kernel over every
+block pair, masked ones too: dense masked attention, fused), `tiles` (XLA's tiles,
+`block_sparse` with native=False; only for masks that have a tiling) and `dense` (dense masked
+attention in XLA). Prints
 one JSON line per case: the shape, each variant's median and fastest milliseconds, and the
 native kernel's speed-up over the others. The projections of a layer are not included (the
 bench's `dalle_attention` has them). With --profile, one more call of each variant is traced
@@ -36,7 +38,12 @@ import jax.numpy as jnp  # noqa: E402
 from pixelgen.bench import format_top_ops  # noqa: E402
 from pixelgen.nn import native_attention  # noqa: E402
 from pixelgen.nn.attention import dot_product_attention  # noqa: E402
-from pixelgen.nn.block_sparse import block_sparse_attention, make_tiling  # noqa: E402
+from pixelgen.nn.block_sparse import (  # noqa: E402
+    _dense_in_tile_order,
+    block_sparse_attention,
+    make_tiling,
+    transpose_image,
+)
 from pixelgen.nn.masks import CAUSAL, FULL, dalle_mask_spec  # noqa: E402
 
 # name -> ((batch, length, heads, head_dim), mask): the bench's DALL·E and Image GPT layers,
@@ -54,7 +61,17 @@ CASES = {
 
 def variants(mask, length: int) -> dict:
     dense_mask = jnp.asarray(mask.dense(length))[None, None]
+    every_pair = native_attention.plan_from_dense(_dense_in_tile_order(mask, length), skip=False)
+    transpose = mask.is_dalle and mask.column_major(length)
+
+    def native_every_pair(q, k, v):  # no block skipped: what the fusion alone gives
+        if transpose:
+            q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
+        out = native_attention.attention(q, k, v, every_pair)
+        return transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
+
     found = {'native': functools.partial(block_sparse_attention, mask=mask, native=True),
+             'native_every_pair': native_every_pair,
              'dense': lambda q, k, v: dot_product_attention(q, k, v, dense_mask)}
     if make_tiling(mask, length) is not None:
         found['tiles'] = functools.partial(block_sparse_attention, mask=mask, native=False)

@@ -53,15 +53,17 @@ def _value_and_grads(attend, weights):
                                       argnums=(0, 1, 2)))
 
 
-def _plan_as_dense(plan: native_attention.BlockPlan) -> np.ndarray:
-    """[padded, padded]: the logits the plan allows."""
+def _plan_as_dense(plan: native_attention.BlockPlan, every_pair_allows: bool = True
+                   ) -> np.ndarray:
+    """[padded, padded]: the logits the plan allows; with every_pair_allows, checks that no
+    pair it lists is wholly masked (what skipping means)."""
     b = native_attention.BLOCK
     dense = np.zeros((plan.padded, plan.padded), bool)
     for i in range(len(plan.row_start) - 1):
         for e in range(plan.row_start[i], plan.row_start[i + 1]):
             j, mask_id = plan.key_block[e], plan.mask_id[e]
             block = np.ones((b, b), bool) if mask_id < 0 else plan.masks[mask_id].T > 0.5
-            assert block.any()  # no pair without an allowed logit
+            assert block.any() or not every_pair_allows
             dense[i * b:(i + 1) * b, j * b:(j + 1) * b] = block
     return dense
 
@@ -82,6 +84,17 @@ def test_plans_cover_exactly_the_allowed_logits(kind):
     if kind != 'causal':
         assert plan.density < block_sparse.make_tiling(spec, 1280).density
     assert {'row': 0.25, 'column': 0.21, 'conv': 0.30, 'causal': 0.55}[kind] > plan.density
+
+
+def test_a_plan_without_skipping_keeps_every_pair_and_still_equals_dense():
+    mask = MASKS['conv']
+    n = _length(mask)
+    plan = native_attention.plan_from_dense(mask.dense(n), skip=False)
+    assert len(plan.key_block) == (n // 32) ** 2
+    np.testing.assert_array_equal(_plan_as_dense(plan, every_pair_allows=False), mask.dense(n))
+    q, k, v = _qkv(n, seed=5)
+    np.testing.assert_allclose(native_attention.attention(q, k, v, plan), _dense(q, k, v, mask),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_plans_pad_odd_lengths_and_refuse_queries_without_keys():
@@ -256,8 +269,8 @@ def test_attention_kernels_benchmark_times_each_variant(monkeypatch, capsys):
                                           'full': ((1, 64, 1, 32), FULL)})
     script.main(['--rounds', '3'])
     conv, full = (json.loads(line) for line in capsys.readouterr().out.splitlines())
-    assert set(conv['median_ms']) == {'native', 'tiles', 'dense'}
-    assert set(full['median_ms']) == {'native', 'dense'}  # a full mask has no tiling
+    assert set(conv['median_ms']) == {'native', 'native_every_pair', 'tiles', 'dense'}
+    assert set(full['median_ms']) == {'native', 'native_every_pair', 'dense'}  # no tiling
     assert conv['native_speedup']['dense'] == pytest.approx(
         conv['median_ms']['dense'] / conv['median_ms']['native'])
     with pytest.raises(SystemExit):

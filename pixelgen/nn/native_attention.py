@@ -55,9 +55,11 @@ class BlockPlan:
         return len(self.key_block) * BLOCK * BLOCK / self.length ** 2
 
 
-def plan_from_dense(dense: np.ndarray) -> BlockPlan | None:
+def plan_from_dense(dense: np.ndarray, skip: bool = True) -> BlockPlan | None:
     """The plan of bool mask `dense` [length (query), length (key)]; None where a query has
-    no allowed key (the kernel would give it zeros, dense attention a uniform average)."""
+    no allowed key (the kernel would give it zeros, dense attention a uniform average).
+    skip=False keeps every block pair, masked ones too: dense masked attention in the same
+    kernel (`benchmarks/attention_kernels.py` times the skipping apart from the fusion)."""
     length = dense.shape[0]
     if not dense.any(axis=1).all():
         return None
@@ -67,7 +69,7 @@ def plan_from_dense(dense: np.ndarray) -> BlockPlan | None:
     full[length:, 0] = True
     blocks = padded // BLOCK
     grid = full.reshape(blocks, BLOCK, blocks, BLOCK).transpose(0, 2, 3, 1)  # [i, j, key, q]
-    present, every = grid.any(axis=(2, 3)), grid.all(axis=(2, 3))
+    present, every = grid.any(axis=(2, 3)) | (not skip), grid.all(axis=(2, 3))
     rows, keys = np.nonzero(present)  # row-major: each query block's key blocks in order
     masks: dict[bytes, int] = {}
     ids = [-1 if every[i, j] else masks.setdefault(grid[i, j].tobytes(), len(masks))
