@@ -96,39 +96,46 @@ def test_splash_layer_equals_dense_layer():
                            block_size=64, rngs=nnx.Rngs(0))
 
 
-SHARDED_SPLASH = '''
+SHARDED_KERNELS = '''
 import jax, jax.numpy as jnp, numpy as np
 from pixelgen import parallel
+from pixelgen.nn import block_sparse, native_attention
 from pixelgen.nn.attention import dot_product_attention
 from pixelgen.nn.masks import dalle_mask, dalle_mask_spec
 from pixelgen.nn.splash import splash_attention
 
 mesh = parallel.make_mesh({'data': 2, 'tensor': 2})
 q, k, v = jax.random.normal(jax.random.key(0), (3, 4, 128, 2, 64))  # 28 + 10 x 10 tokens
+mask = dalle_mask_spec('row', 28, 10)
 dense = jnp.asarray(dalle_mask('row', 28, 10))
 
 def value_and_grads(attend):
     return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2),
                                       argnums=(0, 1, 2)))
 
-splash = value_and_grads(lambda q, k, v: splash_attention(q, k, v,
-                                                          dalle_mask_spec('row', 28, 10)))
-with parallel.activation_sharding(mesh, parallel.DEFAULT_RULES):
-    value, grads = splash(q, k, v)
-    assert 'sdy.manual_computation' in splash.lower(q, k, v).as_text()  # under shard_map
 ref_value, ref_grads = value_and_grads(lambda q, k, v: dot_product_attention(q, k, v, dense))(
     q, k, v)
-np.testing.assert_allclose(value, ref_value, rtol=1e-5)
-for a, b in zip(grads, ref_grads):
-    np.testing.assert_allclose(a, b, atol=1e-4)
+kernels = {'pixelgen_block_attention': lambda q, k, v: block_sparse.block_sparse_attention(
+               q, k, v, mask, native=True),
+           'splash': lambda q, k, v: splash_attention(q, k, v, mask)}
+for name, attend in kernels.items():
+    fn = value_and_grads(attend)
+    with parallel.activation_sharding(mesh, parallel.DEFAULT_RULES):
+        value, grads = fn(q, k, v)
+        text = fn.lower(q, k, v).as_text()
+    assert 'sdy.manual_computation' in text and name in text, name  # under shard_map
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        np.testing.assert_allclose(a, b, atol=1e-4)
 print('ok')
 '''
 
 
-def test_splash_on_a_mesh_runs_per_device_under_shard_map():
-    """XLA cannot partition a TPU kernel: on 4 devices (data 2 x tensor 2) splash runs under
-    shard_map, batch rows and heads split, and still equals dense attention."""
-    assert 'ok' in run_python(SHARDED_SPLASH, devices=4)
+def test_kernels_xla_cannot_partition_run_per_device_under_shard_map():
+    """XLA cannot partition a TPU kernel or a custom call: on 4 devices (data 2 x tensor 2)
+    splash and the native CPU kernel each run under shard_map (`parallel.per_device_heads`),
+    batch rows and heads split, and still equal dense attention."""
+    assert 'ok' in run_python(SHARDED_KERNELS, devices=4)
 
 
 def _selected(impl, mask=CAUSAL, dtype=jnp.bfloat16, head_dim=64):
