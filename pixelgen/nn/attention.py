@@ -34,6 +34,7 @@ from pixelgen.nn.block_sparse import (
     Tiling,
     block_sparse_attention,
     make_tiling,
+    native_plan,
 )
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.matmul import projection_einsum
@@ -213,7 +214,8 @@ class MultiHeadAttention(nnx.Module):
             return jax.nn.dot_product_attention(q, k, v, is_causal=self.mask.kind == 'causal',
                                                 implementation='cudnn')
         if self.attention_impl == 'block_sparse' and (
-                self.tiling(length) is not None or native_attention.available(q)):
+                self.tiling(length) is not None or (native_attention.available(q) and
+                                                    native_plan(self.mask, length) is not None)):
             return block_sparse_attention(q, k, v, self.mask, self.block_size)
         mask = jnp.asarray(self.mask.dense(length))[None, None]  # [1, 1, l, l]
         return dot_product_attention(q, k, v, mask)
