@@ -30,6 +30,7 @@ import jax
 
 SOURCES = tuple(os.path.join(os.path.dirname(__file__), name)
                 for name in ('pair_sum.cc', 'packed_matmul.cc', 'block_attention.cc'))
+HEADERS = (os.path.join(os.path.dirname(__file__), 'vectors.h'),)
 PAIR_SUM = 'pixelgen_pair_sum'
 PACKED_MATMUL = 'pixelgen_packed_matmul'
 BLOCK_ATTENTION_FORWARD = 'pixelgen_block_attention_forward'
@@ -53,7 +54,7 @@ def _library_path() -> str:
     """Where the library for these sources, jaxlib and CPU lives (built once per triple)."""
     import jaxlib
     digest = hashlib.sha256(jaxlib.__version__.encode() + _cpu_flags())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(source, 'rb') as f:
             digest.update(f.read())
     folder = os.environ.get('PIXELGEN_NATIVE_DIR') or os.path.join(

@@ -24,36 +24,23 @@
 #include <thread>
 #include <vector>
 
+#include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Vectors of 16 floats with AVX-512 (32 registers: 8 rows × 2 vectors of accumulators), else of
-// 8 (AVX2's 16 registers, or pairs of NEON's: 2 rows × 4 vectors).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-constexpr int kRows = 8;
-#else
-constexpr int kLanes = 8;
-constexpr int kRows = 2;
-#endif
+using pixelgen::IVec, pixelgen::kLanes, pixelgen::Load, pixelgen::Splat, pixelgen::Store,
+    pixelgen::Vec;
+
+// Accumulator blocks of kRows × 32 floats: 8 × 2 vectors of AVX-512's 32 registers, or 2 × 4 of
+// AVX2's 16.
+constexpr int kRows = kLanes == 16 ? 8 : 2;
 constexpr int kBlock = 32;                   // queries per query block, keys per key block
 constexpr int kVecs = kBlock / kLanes;       // vectors per 32 floats
 constexpr int kPairs = kBlock * kBlock;      // logits per block pair
 constexpr float kMasked = -1e30f;            // a masked logit, for the row maxima only
-
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
-typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(4)));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
-inline Vec Splat(float x) { return Vec{} + x; }
 
 // e^x in float32, elementwise (Cephes' expf: 2^n · e^r, |r| <= ln 2 / 2, degree-6 polynomial;
 // within 2 ulp), and exactly 0 below -87: a masked logit (kMasked) gets no weight.
@@ -94,19 +81,26 @@ void Product(int64_t k, int64_t n, const float* __restrict a, int64_t a_row, int
   for (int64_t col = 0; col < n; col += kBlock) {
     for (int row = 0; row < kBlock; row += kRows) {
       Vec acc[kRows][kVecs];
+      PIXELGEN_UNROLL
       for (int r = 0; r < kRows; ++r)
+        PIXELGEN_UNROLL
         for (int v = 0; v < kVecs; ++v)
           acc[r][v] = accumulate ? Load(c + (row + r) * c_row + col + v * kLanes) : Vec{};
       const float* ar = a + row * a_row;
       for (int64_t l = 0; l < k; ++l) {
         Vec bv[kVecs];
+        PIXELGEN_UNROLL
         for (int v = 0; v < kVecs; ++v) bv[v] = Load(b + l * b_row + col + v * kLanes);
+        PIXELGEN_UNROLL
         for (int r = 0; r < kRows; ++r) {
           const float s = ar[r * a_row + l * a_col];
+          PIXELGEN_UNROLL
           for (int v = 0; v < kVecs; ++v) acc[r][v] += s * bv[v];
         }
       }
+      PIXELGEN_UNROLL
       for (int r = 0; r < kRows; ++r)
+        PIXELGEN_UNROLL
         for (int v = 0; v < kVecs; ++v)
           Store(c + (row + r) * c_row + col + v * kLanes,
                 finish(row + r, col + v * kLanes, acc[r][v]));

@@ -14,49 +14,49 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vectors.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Vectors of 16 floats with AVX-512 (32 registers: 16 accumulators, 4 panel vectors), else of
-// 8 (AVX2's 16 registers, or pairs of NEON's): 8 accumulators, 2 panel vectors.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-constexpr int kVectors = 4;
-#else
-constexpr int kLanes = 8;
-constexpr int kVectors = 2;
-#endif
+using pixelgen::kLanes, pixelgen::Load, pixelgen::Store, pixelgen::Vec;
+
+// Per panel row, kVectors vectors: 4 with AVX-512 (32 registers: 16 accumulators, 4 panel
+// vectors), else 2 (AVX2's 16 registers: 8 accumulators, 2 panel vectors).
+constexpr int kVectors = kLanes == 16 ? 4 : 2;
 constexpr int kPanel = kLanes * kVectors;  // columns per panel
 constexpr int kRows = 4;                   // rows per pass over a panel
-
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
 // y[0:M, j0:j0+width] = x[0:M, :] · panel, panel [k, kPanel] contiguous; width <= kPanel.
 template <int M>
 void PanelRows(int64_t k, int64_t x_stride, int64_t y_stride, const float* __restrict x,
                const float* __restrict panel, float* __restrict y, int64_t width) {
   Vec acc[M][kVectors];
+  PIXELGEN_UNROLL
   for (int r = 0; r < M; ++r)
+    PIXELGEN_UNROLL
     for (int c = 0; c < kVectors; ++c) acc[r][c] = Vec{};
   const float* w = panel;
   for (int64_t i = 0; i < k; ++i, w += kPanel) {
     Vec wv[kVectors];
-    for (int c = 0; c < kVectors; ++c) std::memcpy(&wv[c], w + c * kLanes, sizeof(Vec));
+    PIXELGEN_UNROLL
+    for (int c = 0; c < kVectors; ++c) wv[c] = Load(w + c * kLanes);
+    PIXELGEN_UNROLL
     for (int r = 0; r < M; ++r) {
       const float a = x[r * x_stride + i];
+      PIXELGEN_UNROLL
       for (int c = 0; c < kVectors; ++c) acc[r][c] += a * wv[c];
     }
   }
   for (int r = 0; r < M; ++r) {
     if (width == kPanel) {
-      for (int c = 0; c < kVectors; ++c)
-        std::memcpy(y + r * y_stride + c * kLanes, &acc[r][c], sizeof(Vec));
+      PIXELGEN_UNROLL
+      for (int c = 0; c < kVectors; ++c) Store(y + r * y_stride + c * kLanes, acc[r][c]);
     } else {  // the last panel of a matrix whose n is not a multiple of kPanel
       float full[kPanel];
-      for (int c = 0; c < kVectors; ++c) std::memcpy(full + c * kLanes, &acc[r][c], sizeof(Vec));
+      for (int c = 0; c < kVectors; ++c) Store(full + c * kLanes, acc[r][c]);
       std::memcpy(y + r * y_stride, full, width * sizeof(float));
     }
   }
