@@ -39,7 +39,7 @@ from pixelgen.bench import format_top_ops  # noqa: E402
 from pixelgen.nn import native_attention  # noqa: E402
 from pixelgen.nn.attention import dot_product_attention  # noqa: E402
 from pixelgen.nn.block_sparse import (  # noqa: E402
-    _dense_in_tile_order,
+    dense_in_tile_order,
     block_sparse_attention,
     make_tiling,
     transpose_image,
@@ -61,7 +61,7 @@ CASES = {
 
 def variants(mask, length: int) -> dict:
     dense_mask = jnp.asarray(mask.dense(length))[None, None]
-    every_pair = native_attention.plan_from_dense(_dense_in_tile_order(mask, length), skip=False)
+    every_pair = native_attention.plan_from_dense(dense_in_tile_order(mask, length), skip=False)
     transpose = mask.is_dalle and mask.column_major(length)
 
     def native_every_pair(q, k, v):  # no block skipped: what the fusion alone gives

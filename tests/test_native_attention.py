@@ -79,7 +79,7 @@ def test_plans_cover_exactly_the_allowed_logits(kind):
     spec = dalle_mask_spec(kind, 256, 32)
     plan = block_sparse.native_plan(spec, 1280)
     np.testing.assert_array_equal(_plan_as_dense(plan),
-                                  block_sparse._dense_in_tile_order(spec, 1280))
+                                  block_sparse.dense_in_tile_order(spec, 1280))
     assert plan.masks.shape[1:] == (32, 32) and set(np.unique(plan.masks)) <= {0.0, 1.0}
     # Fewer logits than XLA's tiles compute (which read a whole band of image rows).
     if kind != 'causal':

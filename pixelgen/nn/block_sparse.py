@@ -198,7 +198,7 @@ def _dalle_band(mask: MaskSpec) -> Tiling:
     larger matmuls but more masked logits, were slower at T = 256, W = 32.)"""
     t, w = mask.text_len, mask.grid_width
     n = mask.sequence_length
-    dense = _dense_in_tile_order(mask, n)
+    dense = dense_in_tile_order(mask, n)
     image = dense[t:, t:].reshape(w, w, w, w)  # [query row, query, key row, key]
     offsets = tuple(o for o in range(w) if any(image[r, :, r - o].any() for r in range(o, w)))
     band = np.zeros((w, w, len(offsets), w), bool)
@@ -266,10 +266,10 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskS
 def native_plan(mask: MaskSpec, length: int) -> native_attention.BlockPlan | None:
     """The native kernel's block plan of `mask` at `length` (in column-major image order for
     column layers, as the tiles), or None where it has none. Cached."""
-    return native_attention.plan_from_dense(_dense_in_tile_order(mask, length))
+    return native_attention.plan_from_dense(dense_in_tile_order(mask, length))
 
 
-def _dense_in_tile_order(mask: MaskSpec, length: int) -> np.ndarray:
+def dense_in_tile_order(mask: MaskSpec, length: int) -> np.ndarray:
     """mask.dense(length), rows and columns in column-major image order where the tiles put
     the image so (column layers)."""
     dense = mask.dense(length)
