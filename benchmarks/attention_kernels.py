@@ -39,8 +39,8 @@ from pixelgen.bench import format_top_ops  # noqa: E402
 from pixelgen.nn import native_attention  # noqa: E402
 from pixelgen.nn.attention import dot_product_attention  # noqa: E402
 from pixelgen.nn.block_sparse import (  # noqa: E402
-    dense_in_tile_order,
     block_sparse_attention,
+    dense_in_tile_order,
     make_tiling,
     transpose_image,
 )
