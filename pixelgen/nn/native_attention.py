@@ -11,8 +11,9 @@ logit is computed, so it is equal to dense masked attention (tested).
 `block_sparse.block_sparse_attention` calls it on the CPU for float32 layers whose head_dim is
 a multiple of 32, whatever the mask (full layers too, which have no XLA tiles; lengths are
 padded to a multiple of 32), where the library builds (`pixelgen.native`);
-PIXELGEN_NATIVE_ATTENTION=0 keeps XLA's tiles (or dense attention). On a mesh of several devices each device runs
-the kernel on its own batch rows and heads (`parallel.per_device_heads`).
+PIXELGEN_NATIVE_ATTENTION=0 keeps XLA's tiles (or dense attention). On a mesh of several
+devices each device runs the kernel on its own batch rows and heads
+(`parallel.per_device_heads`).
 """
 
 from __future__ import annotations
