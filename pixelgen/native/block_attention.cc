@@ -11,7 +11,8 @@
 //
 // The plan (pixelgen/nn/native_attention.py) lists, for each query block i, its key blocks
 // j (row_start[i] .. row_start[i + 1] in key_block) and the mask of each pair (mask_id: an
-// index into masks [count, 32, 32] of 0/1, or -1 where every pair is allowed). Tensors are
+// index into masks [count, 32 keys, 32 queries] of 0/1, or -1 where the whole pair is
+// allowed). Tensors are
 // [batch, length, heads, head_dim] as the projections make them (no transposes around the
 // call); the (batch row, head) slices are independent and run in parallel on XLA's intra-op
 // thread pool. The backward pass recomputes each block's probabilities from the forward's
@@ -40,7 +41,7 @@ constexpr int kRows = kLanes == 16 ? 8 : 2;
 constexpr int kBlock = 32;                   // queries per query block, keys per key block
 constexpr int kVecs = kBlock / kLanes;       // vectors per 32 floats
 constexpr int kPairs = kBlock * kBlock;      // logits per block pair
-constexpr float kMasked = -1e30f;            // a masked logit, for the row maxima only
+constexpr float kMasked = -1e30f;            // a masked logit: never a maximum, exp 0
 
 // e^x in float32, elementwise (Cephes' expf: 2^n · e^r, |r| <= ln 2 / 2, degree-6 polynomial;
 // within 2 ulp), and exactly 0 below -87: a masked logit (kMasked) gets no weight.
