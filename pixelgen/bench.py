@@ -430,8 +430,8 @@ def dalle_attention(shape: dict[str, Any], options: Options) -> dict:
         layer = layers[name]
         kinds[name] = report(f'dalle_attention/{name}', {**shape, 'mask': kind}, times[name],
                              shape['batch'] * shape['seq'], attention_layer_flops(shape, kind),
-                             compile_s[name], compiled_of[name], layer.attention_impl)
-        tiling = layer.tiling(shape['seq']) if layer.attention_impl == 'block_sparse' else None
+                             compile_s[name], compiled_of[name], layer.implementation())
+        tiling = layer.tiling(shape['seq']) if layer.implementation() == 'block_sparse' else None
         plan = native_plan(layer.mask, shape['seq']) if kinds[name]['native_attention'] else None
         kinds[name]['block_size'] = (native_attention.BLOCK if plan else
                                      tiling.block_size if tiling else None)

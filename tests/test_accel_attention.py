@@ -89,7 +89,7 @@ def test_splash_layer_equals_dense_layer():
                                   attention_impl=impl, rngs=nnx.Rngs(0))
 
     splash_layer = layer('splash')
-    assert splash_layer.block_size == 128
+    assert splash_layer.splash_block_size == 128
     np.testing.assert_allclose(splash_layer(x), layer('dense')(x), atol=1e-5)
     with pytest.raises(ValueError, match='block_size=64 must be a positive multiple of 128'):
         MultiHeadAttention(128, 2, mask=spec, num_layers=1, attention_impl='splash',
@@ -147,7 +147,8 @@ def test_auto_picks_block_sparse_on_cpu():
     for mask in (CAUSAL, FULL, dalle_mask_spec('row', TEXT, GRID)):
         layer = MultiHeadAttention(32, 2, mask=mask, num_layers=1, attention_impl='auto',
                                    rngs=nnx.Rngs(0))
-        assert layer.attention_impl == 'block_sparse'
+        assert layer.implementation() == 'block_sparse'
+        assert layer.implementation('tpu') == 'splash'  # what a TPU executable built here runs
 
 
 @pytest.mark.parametrize('backend, dtype, mask, head_dim, expected', [

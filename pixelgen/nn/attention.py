@@ -21,6 +21,7 @@ Implementations of the forward pass (`attention_impl`):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -85,9 +86,19 @@ def dot_product_attention(
     return out.astype(q.dtype)
 
 
+PLATFORMS = ('cpu', 'tpu', 'cuda')  # lowering platforms with a choice of their own
+
+
+def host_platform() -> str:
+    """The lowering platform of this host's default backend ('cpu', 'tpu', 'cuda', ...)."""
+    backend = jax.default_backend()
+    return 'cuda' if backend == 'gpu' else backend
+
+
 def cudnn_unavailable(dtype: jnp.dtype) -> str | None:
     """Why cuDNN attention cannot run with compute `dtype` on this machine, or None if it
-    can: the part of the check that a config alone decides."""
+    can: the part of the check that a config alone decides. cuDNN lowers only where a GPU
+    is present, so this reads the host's backend."""
     backend = jax.default_backend()
     if backend != 'gpu':
         return f'needs an NVIDIA GPU, but the JAX backend here is {backend!r}'
@@ -107,18 +118,20 @@ def _cudnn_layer_unavailable(mask: MaskSpec, dtype: jnp.dtype, head_dim: int) ->
 
 
 def select_implementation(attention_impl: str, mask: MaskSpec, dtype: jnp.dtype,
-                          head_dim: int) -> str:
-    """The implementation a layer runs: `attention_impl`, or for 'auto' splash on TPU, cuDNN
-    on GPU where it applies (else block_sparse), block_sparse on CPU. An explicit 'cudnn'
-    that cannot run raises, naming the reason and the fix."""
+                          head_dim: int, platform: str | None = None) -> str:
+    """The implementation a layer runs when lowered for `platform` (None: this host's):
+    `attention_impl`, or for 'auto' splash on TPU, cuDNN on CUDA where it applies (else
+    block_sparse), block_sparse elsewhere. An explicit 'cudnn' that cannot run raises,
+    naming the reason and the fix."""
     if attention_impl not in IMPLEMENTATIONS:
         raise ValueError(f'attention_impl={attention_impl!r}; expected one of '
                          f'{IMPLEMENTATIONS}.')
+    platform = platform or host_platform()
     cudnn_problem = _cudnn_layer_unavailable(mask, dtype, head_dim)
     if attention_impl == 'auto':
-        if jax.default_backend() == 'tpu':
+        if platform == 'tpu':
             return 'splash'
-        return 'block_sparse' if cudnn_problem else 'cudnn'
+        return 'cudnn' if platform == 'cuda' and not cudnn_problem else 'block_sparse'
     if attention_impl == 'cudnn' and cudnn_problem:
         raise ValueError(f"attention_impl='cudnn' {cudnn_problem}. Use attention_impl='auto' "
                          "(cuDNN wherever it applies, the best other path elsewhere) or "
@@ -167,12 +180,12 @@ class MultiHeadAttention(nnx.Module):
         self.head_dim = width // num_heads
         self.mask = mask
         self.dtype = dtype
-        self.attention_impl = select_implementation(attention_impl, mask, dtype, self.head_dim)
-        if self.attention_impl == 'splash':
-            self.block_size = block_size or SPLASH_BLOCK_SIZE
-            check_block_size(self.block_size)
-        else:
-            self.block_size = block_size or DEFAULT_CAUSAL_BLOCK
+        select_implementation(attention_impl, mask, dtype, self.head_dim)  # checks it here
+        self.attention_impl = attention_impl
+        self.block_size = block_size or DEFAULT_CAUSAL_BLOCK  # the causal tree's leaves
+        self.splash_block_size = (block_size if block_size and attention_impl == 'splash'
+                                  else SPLASH_BLOCK_SIZE)
+        check_block_size(self.splash_block_size)
         qkv_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width)),
                                 ('embed', 'heads', 'kv'))
         out_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width * num_layers)),
@@ -204,20 +217,50 @@ class MultiHeadAttention(nnx.Module):
                    for p in (self.query, self.key, self.value))  # [b, l, heads, head_dim]
         return self.out(self._attend(q, k, v))
 
+    def implementation(self, platform: str | None = None) -> str:
+        """What this layer runs when lowered for `platform` (None: this host's backend)."""
+        return select_implementation(self.attention_impl, self.mask, self.dtype, self.head_dim,
+                                     platform)
+
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """q, k, v [b, l, heads, head_dim] -> [b, l, heads, head_dim] by this layer's
-        implementation."""
+        implementation for the platform the step is lowered for: each platform's variant is
+        traced, and `jax.lax.platform_dependent` lowers only the one of the platform compiled
+        for, so a TPU or GPU executable built on a CPU host holds no CPU-only custom call."""
+        variants = {p: self._variant(p, q) for p in (*PLATFORMS, 'other')}
+        run = {v: functools.partial(self._run, v) for v in set(variants.values())}
+        if len(run) == 1:
+            return next(iter(run.values()))(q, k, v)
+        return jax.lax.platform_dependent(
+            q, k, v, cpu=run[variants['cpu']], tpu=run[variants['tpu']],
+            cuda=run[variants['cuda']], default=run[variants['other']])
+
+    def _variant(self, platform: str, q: jax.Array) -> str:
+        """The computation `_run` does for this layer on `platform`."""
+        impl = self.attention_impl  # an explicit choice was checked when the layer was built
+        if impl == 'auto':
+            impl = self.implementation(platform)
         length = q.shape[1]
-        if self.attention_impl == 'splash':
-            return splash_attention(q, k, v, self.mask, self.block_size)
-        if self.attention_impl == 'cudnn':  # same layout [b, l, heads, head_dim] and scale
+        if impl == 'splash':
+            return 'splash' if platform == 'tpu' else 'splash_interpreted'
+        if impl == 'block_sparse':
+            if (platform == 'cpu' and native_attention.available(q)
+                    and native_plan(self.mask, length) is not None):
+                return 'native'
+            return 'tiles' if self.tiling(length) is not None else 'dense'
+        return impl
+
+    def _run(self, variant: str, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        if variant in ('splash', 'splash_interpreted'):
+            return splash_attention(q, k, v, self.mask, self.splash_block_size,
+                                    interpret=variant == 'splash_interpreted')
+        if variant == 'cudnn':  # same layout [b, l, heads, head_dim] and scale
             return jax.nn.dot_product_attention(q, k, v, is_causal=self.mask.kind == 'causal',
                                                 implementation='cudnn')
-        if self.attention_impl == 'block_sparse' and (
-                self.tiling(length) is not None or (native_attention.available(q) and
-                                                    native_plan(self.mask, length) is not None)):
-            return block_sparse_attention(q, k, v, self.mask, self.block_size)
-        mask = jnp.asarray(self.mask.dense(length))[None, None]  # [1, 1, l, l]
+        if variant in ('native', 'tiles'):
+            return block_sparse_attention(q, k, v, self.mask, self.block_size,
+                                          native=variant == 'native')
+        mask = jnp.asarray(self.mask.dense(q.shape[1]))[None, None]  # [1, 1, l, l]
         return dot_product_attention(q, k, v, mask)
 
     def tiling(self, length: int) -> Tiling | None:

@@ -227,8 +227,10 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskS
       q, k, v: [batch, length, heads, head_dim].
       mask: the layer's mask description.
       block_size: the causal tree's leaf size (DALL·E layers tile by image rows).
-      native: compute it with the native kernel rather than XLA's tiles; None: wherever
-        `native_attention.available`.
+      native: True: the native kernel (a CPU-only custom call); False: XLA's tiles; None:
+        the native kernel where the step is lowered for the CPU and
+        `native_attention.available`, XLA's tiles on every other platform
+        (`jax.lax.platform_dependent`, so a TPU or GPU graph built on a CPU host is plain).
     Returns:
       [batch, length, heads, head_dim] in q's dtype; equal to dense masked attention.
     """
@@ -238,27 +240,44 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskS
     if native and plan is None:
         raise ValueError(
             'native=True, but the native attention kernel cannot run this layer: it needs '
-            f'float32 (here {q.dtype.name}) on the CPU (here {jax.default_backend()}), head_dim a '
-            f'multiple of {native_attention.BLOCK} (here {d}), the library built '
-            '(pixelgen.native), PIXELGEN_NATIVE_ATTENTION not 0, and every query an allowed '
-            'key. Leave native=None to use it only where it can.')
+            f'float32 (here {q.dtype.name}), head_dim a multiple of {native_attention.BLOCK} '
+            f'(here {d}), the library built (pixelgen.native), PIXELGEN_NATIVE_ATTENTION not 0, '
+            'and every query an allowed key. Leave native=None to use it only where it can.')
     if plan is None and tiling is None:
         raise ValueError(f'MaskSpec({mask.kind!r}) at length {n} has no block-sparse tiling, and '
                          'the native CPU kernel does not run here; compute it densely '
                          "(attention_impl='dense').")
+    fused = functools.partial(_native_attention, plan, mask) if plan is not None else None
+    tiled = functools.partial(_tiles_attention, tiling, mask) if tiling is not None else None
+    if fused is None:
+        return tiled(q, k, v)
+    if native or tiled is None:  # lowers for the CPU only
+        return fused(q, k, v)
+    return jax.lax.platform_dependent(q, k, v, cpu=fused, default=tiled)
+
+
+def _native_attention(plan, mask: MaskSpec, q, k, v):
+    """`block_sparse_attention` by the native kernel (lowers for the CPU only)."""
+    transpose = mask.is_dalle and mask.column_major(q.shape[1])
+    if transpose:
+        q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
+    out = native_attention.attention(q, k, v, plan)
+    return transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
+
+
+def _tiles_attention(tiling: Tiling, mask: MaskSpec, q, k, v):
+    """`block_sparse_attention` by XLA's tiles (any platform)."""
+    n, d = q.shape[1], q.shape[-1]
     transpose = mask.is_dalle and mask.column_major(n)
     if transpose:
         q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
-    if plan is not None:
-        out = native_attention.attention(q, k, v, plan)
-    else:
-        q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-        # Heads first, so every tile product is a plain batched matmul over the last two axes.
-        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-        if tiling.padded != n:
-            pad = [(0, 0), (0, 0), (0, tiling.padded - n), (0, 0)]
-            q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-        out = _tiled_attention(tiling, q, k, v)[:, :, :n].transpose(0, 2, 1, 3)
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    # Heads first, so every tile product is a plain batched matmul over the last two axes.
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    if tiling.padded != n:
+        pad = [(0, 0), (0, 0), (0, tiling.padded - n), (0, 0)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    out = _tiled_attention(tiling, q, k, v)[:, :, :n].transpose(0, 2, 1, 3)
     return transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +23,36 @@ import jax.numpy as jnp
 def rows_t_times(a: jax.Array, b: jax.Array, *, batch: str = '') -> jax.Array:
     """a^T · b: a [*batch, rows, p], b [*batch, rows, q] -> [*batch, p, q] in float32.
 
-    `batch` names the leading axes einsum-style ('bhg'), all shared by a and b. Computed as
-    the canonical product of the explicit transpose of a and b (see the module docstring).
+    `batch` names the leading axes einsum-style ('bhg'), all shared by a and b. Lowered for
+    the CPU, the canonical product of the explicit transpose of a and b (see the module
+    docstring); for any other platform, the plain contraction.
     """
-    a_t = jax.lax.optimization_barrier(a.swapaxes(-1, -2))
+    spec = f'{batch}rp,{batch}rq->{batch}pq'
+
+    def plain(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return jax.lax.platform_dependent(a, b, cpu=functools.partial(_canonical_rows_t_times, batch),
+                                      default=plain)
+
+
+CPU_LAYOUT_BARRIER = 'cpu_layout_barrier'  # the name scope of XLA:CPU's layout fences
+
+
+def _canonical_rows_t_times(batch: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    with jax.named_scope(CPU_LAYOUT_BARRIER):
+        a_t = jax.lax.optimization_barrier(a.swapaxes(-1, -2))
     product = jnp.einsum(f'{batch}pr,{batch}rq->{batch}pq', a_t, b,
                          preferred_element_type=jnp.float32)
-    return jax.lax.optimization_barrier(product)
+    with jax.named_scope(CPU_LAYOUT_BARRIER):
+        return jax.lax.optimization_barrier(product)
+
+
+def on_cpu_or_plain(cpu: Callable[..., jax.Array], plain: Callable[..., jax.Array],
+                    *args) -> jax.Array:
+    """cpu(*args) where the step is lowered for the CPU, plain(*args) for every other
+    platform: for the hand-written backward passes that exist for XLA:CPU's layouts, so that
+    TPU and GPU graphs, even when built on a CPU host, differentiate the plain form."""
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=plain)
 
 
 def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
@@ -42,7 +66,7 @@ def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precis
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type,
                                    out_sharding=out_sharding)
-    return _projection(lhs, rhs, 1, precision, preferred_element_type)
+    return _flat_projection(lhs, rhs, 1, precision, preferred_element_type)
 
 
 def projection_einsum(spec: str, x: jax.Array, kernel: jax.Array, precision=None,
@@ -62,7 +86,23 @@ def projection_einsum(spec: str, x: jax.Array, kernel: jax.Array, precision=None
         return jnp.einsum(spec, x, kernel, precision=precision,
                           preferred_element_type=preferred_element_type,
                           out_sharding=out_sharding)
-    return _projection(x, kernel, shared, precision, preferred_element_type)
+    return _flat_projection(x, kernel, shared, precision, preferred_element_type)
+
+
+def _flat_projection(x: jax.Array, kernel: jax.Array, shared: int, precision,
+                     out_dtype) -> jax.Array:
+    """`_projection` with its hand-written backward on the CPU, autodiff elsewhere."""
+    return on_cpu_or_plain(
+        lambda x, kernel: _projection(x, kernel, shared, precision, out_dtype),
+        lambda x, kernel: _flat_product(x, kernel, shared, precision, out_dtype), x, kernel)
+
+
+def _flat_product(x, kernel, shared, precision, out_dtype):
+    rows, features = x.shape[:x.ndim - shared], kernel.shape[shared:]
+    flat = jnp.einsum('...i,io->...o', x.reshape(*rows, -1),
+                      kernel.reshape(-1, math.prod(features)), precision=precision,
+                      preferred_element_type=out_dtype)
+    return flat.reshape(*rows, *features)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -70,11 +110,7 @@ def _projection(x: jax.Array, kernel: jax.Array, shared: int, precision, out_dty
     """x [*rows, *contracted] · kernel [*contracted, *features] -> [*rows, *features], the
     `shared` contracted axes flattened into one matmul; its kernel gradient is `rows_t_times`
     over the rows (autodiff's x^T · dy is the slow Eigen form, or a transposing fusion)."""
-    rows, features = x.shape[:x.ndim - shared], kernel.shape[shared:]
-    flat = jnp.einsum('...i,io->...o', x.reshape(*rows, -1),
-                      kernel.reshape(-1, math.prod(features)), precision=precision,
-                      preferred_element_type=out_dtype)
-    return flat.reshape(*rows, *features)
+    return _flat_product(x, kernel, shared, precision, out_dtype)
 
 
 def _projection_fwd(x, kernel, shared, precision, out_dtype):

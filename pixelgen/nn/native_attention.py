@@ -84,12 +84,12 @@ def plan_from_dense(dense: np.ndarray, skip: bool = True) -> BlockPlan | None:
 
 
 def available(q: jax.Array) -> bool:
-    """Whether the kernel can run q's layer here: float32 on the CPU, head_dim a multiple of
-    32, not turned off (PIXELGEN_NATIVE_ATTENTION=0, read when a function is traced), and
-    the library built."""
+    """Whether the kernel can run q's layer when lowered for the CPU: float32, head_dim a
+    multiple of 32, not turned off (PIXELGEN_NATIVE_ATTENTION=0, read when a function is
+    traced), and the library built. Callers use it only in a branch that is lowered for the
+    CPU alone (`jax.lax.platform_dependent`), whatever the host's default backend."""
     return (os.environ.get(ENV, '1') != '0' and q.dtype == jnp.float32
-            and q.shape[-1] % BLOCK == 0 and jax.default_backend() == 'cpu'
-            and native.library() is not None)
+            and q.shape[-1] % BLOCK == 0 and native.library() is not None)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: BlockPlan) -> jax.Array:

@@ -18,7 +18,7 @@ from flax.nnx import spmd
 from pixelgen.nn import packed_matmul
 from pixelgen.nn.attention import MultiHeadAttention, logical_init
 from pixelgen.nn.masks import MaskSpec
-from pixelgen.nn.matmul import rows_t_times
+from pixelgen.nn.matmul import on_cpu_or_plain, rows_t_times
 from pixelgen.nn.partial_sums import combined
 from pixelgen.parallel import constrain
 
@@ -81,8 +81,10 @@ class MLP(nnx.Module):
             hidden = ACTIVATIONS[self.activation](packed_matmul.project(self.fc, rows))
             y = packed_matmul.project(self.proj, hidden)
         else:
-            y = mlp(rows, self.fc.kernel[...].astype(dtype),
-                    self.proj.kernel[...].astype(dtype), biases, self.activation)
+            y = on_cpu_or_plain(functools.partial(mlp, activation=self.activation),
+                                functools.partial(_mlp_plain, activation=self.activation),
+                                rows, self.fc.kernel[...].astype(dtype),
+                                self.proj.kernel[...].astype(dtype), biases)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -120,6 +122,11 @@ def _mlp_bwd(activation, residuals, dy):
 
 
 mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+def _mlp_plain(x, w_in, w_out, biases, activation):
+    """`mlp` differentiated by autodiff: what every platform but the CPU runs."""
+    return _mlp_fwd(x, w_in, w_out, biases, activation)[0]
 
 
 class Block(nnx.Module):
