@@ -7,9 +7,9 @@
 
 q, k, v [batch, length, heads, head_dim] -> out, and the gradients of sum(out · r) for a fixed
 random r (or the forward alone, --forward), timed in interleaved rounds in one process:
-`native` (`pixelgen.nn.native_attention`), `native_every_pair` (the same kernel over every
+`native` (`pixelgen.cpu.native_attention`), `native_every_pair` (the same kernel over every
 block pair, masked ones too: dense masked attention, fused), `tiles` (XLA's tiles,
-`block_sparse` with native=False; only for masks that have a tiling) and `dense` (dense masked
+`block_sparse_attention`; only for masks that have a tiling) and `dense` (dense masked
 attention in XLA). Prints
 one JSON line per case: the shape, each variant's median and fastest milliseconds, and the
 native kernel's speed-up over the others. The projections of a layer are not included (the
@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 
-from pixelgen import host_memory
+from pixelgen.cpu import host_memory
 
 host_memory.configure()  # as the pixelgen jobs, before JAX's CPU client
 
@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pixelgen.bench import format_top_ops  # noqa: E402
-from pixelgen.nn import native_attention  # noqa: E402
+from pixelgen.cpu import native_attention  # noqa: E402
 from pixelgen.nn.attention import dot_product_attention  # noqa: E402
 from pixelgen.nn.block_sparse import (  # noqa: E402
     block_sparse_attention,
@@ -70,11 +70,11 @@ def variants(mask, length: int) -> dict:
         out = native_attention.attention(q, k, v, every_pair)
         return transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
 
-    found = {'native': functools.partial(block_sparse_attention, mask=mask, native=True),
+    found = {'native': functools.partial(native_attention.attend, mask=mask),
              'native_every_pair': native_every_pair,
              'dense': lambda q, k, v: dot_product_attention(q, k, v, dense_mask)}
     if make_tiling(mask, length) is not None:
-        found['tiles'] = functools.partial(block_sparse_attention, mask=mask, native=False)
+        found['tiles'] = functools.partial(block_sparse_attention, mask=mask)
     return found
 
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f'unknown case(s) {unknown}; valid: {", ".join(CASES)}')
     if not native_attention.available(jnp.zeros((1, 32, 1, 32))):
         sys.exit('The native attention kernel does not run here (it needs the CPU and the '
-                 'library pixelgen.native builds; PIXELGEN_NATIVE_ATTENTION must not be 0).')
+                 'library pixelgen.cpu.native builds; PIXELGEN_NATIVE_ATTENTION must not be 0).')
     for name in args.cases:
         print(json.dumps(run(name, args.rounds, args.forward, args.profile)), flush=True)
 

@@ -3,8 +3,8 @@
     python benchmarks/decode_clients.py [--tokens 256] [--batch 4] [--repeats 7]
 
 `pixelgen.sampling.sample` decodes on one-thread CPU clients, one per core: with the weights
-split between two cores where `pixelgen.core_split` applies (PIXELGEN_CPU_DECODE=cores, the
-default), or with the batch's rows split between the clients (=rows, `pixelgen.cpu_decode`).
+split between two cores where `pixelgen.cpu.core_split` applies (PIXELGEN_CPU_DECODE=cores, the
+default), or with the batch's rows split between the clients (=rows, `pixelgen.cpu.decode_clients`).
 This times both against =shared (the whole batch on JAX's main CPU client and its intra-op
 thread pool) on `igpt_sample`'s model (8 layers, width 256, 256 new tokens from the start
 token), interleaved, checks that all draw the same tokens, and prints one JSON line per mode:
@@ -20,7 +20,7 @@ import os
 import statistics
 import time
 
-from pixelgen import host_memory
+from pixelgen.cpu import host_memory
 
 host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
 
@@ -28,7 +28,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pixelgen import bench, core_split, cpu_decode, sampling  # noqa: E402
+from pixelgen import bench, sampling  # noqa: E402
+from pixelgen.cpu import core_split, decode_clients  # noqa: E402
 
 
 def main() -> None:
@@ -42,13 +43,13 @@ def main() -> None:
     model, _ = bench.build_sampling_igpt(shape)
 
     def draw(mode: str, seed: int) -> tuple[float, np.ndarray]:
-        os.environ[cpu_decode.ENV] = mode  # read at every call; each mode keeps its compiles
+        os.environ[decode_clients.ENV] = mode  # read at every call; each mode keeps its compiles
         start = time.perf_counter()
         tokens = np.asarray(sampling.sample(model, jax.random.key(seed), batch_size=args.batch,
                                             num_tokens=args.tokens))
         return time.perf_counter() - start, tokens
 
-    modes = cpu_decode.CHOICES
+    modes = decode_clients.CHOICES
     first = {mode: draw(mode, 0) for mode in modes}
     if not all(np.array_equal(first[mode][1], first[modes[0]][1]) for mode in modes):
         raise SystemExit('the modes drew different tokens')
@@ -56,8 +57,8 @@ def main() -> None:
     for seed in range(1, args.repeats + 1):  # interleaved, so load changes hit all alike
         for mode in modes:
             times[mode].append(draw(mode, seed)[0])
-    devices = len(cpu_decode.core_devices())
-    os.environ[cpu_decode.ENV] = 'cores'
+    devices = len(decode_clients.core_devices())
+    os.environ[decode_clients.ENV] = 'cores'
     split = core_split.applies(nnx.state(model))
     how = {'cores': 'weights split' if split else 'rows split', 'rows': 'rows split',
            'shared': 'main client'}

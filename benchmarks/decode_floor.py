@@ -15,12 +15,12 @@ is bound by XLA:CPU's small matmuls, not by its attention or cache.
   client (`--xla_force_host_platform_device_count=2`, set here): `tensor` gives each device
   half the heads and half the MLP hidden units (two `psum`s per layer), `pipeline` half the
   layers, with the batch's two halves in flight (one `ppermute` per half step); `clients` is
-  that pipeline on two one-thread clients, one per core (`pixelgen.cpu_decode`), swapping
+  that pipeline on two one-thread clients, one per core (`pixelgen.cpu.decode_clients`), swapping
   through an `io_callback`. Each device then holds half the weights, so they can stay in its
   caches; the collectives or callbacks are the price. `halves` is the tensor split on those
-  two clients with the sum the sampler uses (`pixelgen.core_split`, a C++ custom call), and
+  two clients with the sum the sampler uses (`pixelgen.cpu.core_split`, a C++ custom call), and
   `packed` that split with the sampler's matmuls: each weight packed once before the loop and
-  streamed by a native kernel (`pixelgen.nn.packed_matmul`). Every variant's result is checked
+  streamed by a native kernel (`pixelgen.cpu.packed_matmul`). Every variant's result is checked
   against the same chain computed on one device (`rel_err`).
 """
 
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
         os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                                    + ' --xla_force_host_platform_device_count=2')
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-    from pixelgen import host_memory
+    from pixelgen.cpu import host_memory
     host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
 
     import jax
@@ -158,14 +158,15 @@ def main(argv=None) -> None:
         return run, (split, jax.device_put(start(BATCH), NamedSharding(mesh, P('x'))))
 
     def clients(w):
-        """The pipeline on two one-thread clients, one per core (`pixelgen.cpu_decode`), which
+        """The pipeline on two one-thread clients, one per core
+        (`pixelgen.cpu.decode_clients`), which
         swap their stage's output through an `io_callback` after every half step."""
         import queue
 
         from jax.experimental import io_callback
 
-        from pixelgen import cpu_decode
-        devices = cpu_decode.core_devices()[:2]
+        from pixelgen.cpu import decode_clients
+        devices = decode_clients.core_devices()[:2]
         if len(devices) < 2:
             raise SystemExit('--split clients needs two cores')
         inbox = (queue.Queue(1), queue.Queue(1))  # what each stage receives
@@ -187,7 +188,7 @@ def main(argv=None) -> None:
             args = jax.device_put((w[me * stages:(me + 1) * stages], rows), device)
             executables.append(jax.jit(local).lower(*args).compile())
             inputs.append(args)
-        pool = cpu_decode._pool(2)
+        pool = decode_clients._pool(2)
 
         def run():
             calls = [pool.submit(lambda i=i: np.asarray(executables[i](*inputs[i])))
@@ -197,12 +198,11 @@ def main(argv=None) -> None:
 
     def halves(w, packed: bool = False):
         """The tensor split on the two per-core clients, the halves summed by the custom call
-        the sampler uses (`pixelgen.core_split.pair_sum`); with `packed`, the matmuls by the
+        the sampler uses (`pixelgen.cpu.core_split.pair_sum`); with `packed`, the matmuls by the
         sampler's native kernel over weights packed before the loop
-        (`pixelgen.nn.packed_matmul`)."""
-        from pixelgen import core_split, cpu_decode, native
-        from pixelgen.nn import packed_matmul
-        devices = cpu_decode.core_devices()[:2]
+        (`pixelgen.cpu.packed_matmul`)."""
+        from pixelgen.cpu import core_split, decode_clients, native, packed_matmul
+        devices = decode_clients.core_devices()[:2]
         if len(devices) < 2 or native.library() is None:
             raise SystemExit('--split halves/packed needs two cores and the native library')
         executables, inputs = [], []

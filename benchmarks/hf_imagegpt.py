@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-from pixelgen import host_memory
+from pixelgen.cpu import host_memory
 
 HOST_MALLOC = host_memory.configure()  # as pixelgen's own jobs, before torch starts threads
 

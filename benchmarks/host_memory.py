@@ -1,4 +1,4 @@
-"""What the host allocator setting (`pixelgen.host_memory`) does to XLA:CPU, in isolation.
+"""What the host allocator setting (`pixelgen.cpu.host_memory`) does to XLA:CPU, in isolation.
 
     python benchmarks/host_memory.py
 
@@ -25,7 +25,7 @@ CASES = ('fresh_output', 'temporary')
 
 
 def measure(allocator: str) -> None:
-    from pixelgen import host_memory
+    from pixelgen.cpu import host_memory
     setting = host_memory.configure()
     import jax
     import jax.numpy as jnp

@@ -16,7 +16,7 @@ import json
 import statistics
 import time
 
-from pixelgen import host_memory
+from pixelgen.cpu import host_memory
 
 host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
 

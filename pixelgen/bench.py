@@ -42,12 +42,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pixelgen import core_split, cpu_decode, flops, host_memory, sampling, trainer
+from pixelgen import flops, sampling, trainer
+from pixelgen.cpu import core_split, decode_clients, host_memory, native_attention
+from pixelgen.cpu.backend import use_native_attention
+from pixelgen.cpu.native_attention import native_plan
 from pixelgen.models.dalle import DallE
 from pixelgen.models.igpt import ImageGPT
-from pixelgen.nn import native_attention
 from pixelgen.nn.attention import IMPLEMENTATIONS, MultiHeadAttention, cudnn_unavailable
-from pixelgen.nn.block_sparse import native_plan
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_mask, dalle_mask_spec
 from pixelgen.tasks.dalle import DalleLoss
 from pixelgen.tasks.igpt import token_loss
@@ -129,7 +130,7 @@ def build_igpt(shape: dict[str, Any], attention: str | None, seed: int = 0
     model = ImageGPT(vocab_size=shape['vocab'], seq_len=shape['seq'], num_layers=shape['layers'],
                      width=shape['width'], num_heads=shape['heads'],
                      dtype=DTYPES[shape['dtype']], rngs=nnx.Rngs(seed), **kwargs)
-    return model, impl
+    return use_native_attention(model), impl
 
 
 def build_sampling_igpt(shape: dict[str, Any], attention: str | None = None
@@ -254,7 +255,7 @@ def report(name: str, shape: dict[str, Any], times: list[float], tokens_per_step
 
 def native_attention_ran(compiled) -> bool:
     """Whether the compiled step computes attention with the fused native CPU kernel
-    (`pixelgen.nn.native_attention`; PIXELGEN_NATIVE_ATTENTION=0 keeps XLA's tiles)."""
+    (`pixelgen.cpu.native_attention`; PIXELGEN_NATIVE_ATTENTION=0 keeps XLA's tiles)."""
     return native_attention.FORWARD_TARGET in compiled.as_text()
 
 
@@ -330,13 +331,13 @@ def igpt_sample(shape: dict[str, Any], options: Options) -> dict:
     result = report('igpt_sample', shape, times, shape['batch'] * shape['new_tokens'],
                     model_flops, compile_s, _whole_batch_sampler(model, sample_kwargs, shape),
                     impl)
-    devices = cpu_decode.decode_devices(nnx.state(model), shape['batch'])
+    devices = decode_clients.decode_devices(nnx.state(model), shape['batch'])
     result['decode'] = ('2 one-thread CPU clients, half the heads and MLP units on each '
-                        '(pixelgen.core_split)' if core_split.applies(nnx.state(model))
+                        '(pixelgen.cpu.core_split)' if core_split.applies(nnx.state(model))
                         else f'{len(devices)} one-thread CPU clients, {shape["batch"]} rows '
-                             'split between them (pixelgen.cpu_decode)' if devices
-                        else f'on {jax.devices()[0].platform}:0 ({cpu_decode.ENV}='
-                             f'{cpu_decode.mode()})')
+                             'split between them (pixelgen.cpu.decode_clients)' if devices
+                        else f'on {jax.devices()[0].platform}:0 ({decode_clients.ENV}='
+                             f'{decode_clients.mode()})')
     result['compile_s_source'] = 'first call: compilation on every decode device plus one run'
     return result
 
@@ -349,7 +350,7 @@ def _whole_batch_sampler(model: ImageGPT, sample_kwargs: dict, shape: dict[str, 
     prompt = jnp.zeros((shape['batch'], 0), jnp.int32)
     return sampling._sample_jit.lower(
         graphdef, state, jax.random.key(0), prompt, batch_size=shape['batch'], temperature=1.0,
-        top_k=None, phase_ends=sampling._phase_ends(num_tokens),
+        top_k=None, top_p=None, phase_ends=sampling._phase_ends(num_tokens),
         row_start=np.int32(0), row_count=shape['batch']).compile()
 
 
@@ -407,10 +408,10 @@ def dalle_attention(shape: dict[str, Any], options: Options) -> dict:
     variants['dense'] = ('row', 'dense')
     steps, compiled_of, compile_s, layers = {}, {}, {}, {}
     for name, (kind, impl) in variants.items():
-        layers[name] = layer = MultiHeadAttention(
+        layers[name] = layer = use_native_attention(MultiHeadAttention(
             shape['width'], shape['heads'], mask=dalle_mask_spec(kind, shape['text'],
                                                                  shape['grid']),
-            num_layers=shape['layers'], dtype=dtype, attention_impl=impl, rngs=nnx.Rngs(0))
+            num_layers=shape['layers'], dtype=dtype, attention_impl=impl, rngs=nnx.Rngs(0)))
         graphdef, params = nnx.split(layer)
 
         @jax.jit
@@ -475,7 +476,8 @@ def dalle_train(shape: dict[str, Any], options: Options) -> dict:
                       num_layers=shape['layers'], width=shape['width'],
                       num_heads=shape['heads'], dtype=DTYPES[shape['dtype']],
                       attention_impl=impl, rngs=nnx.Rngs(0))
-        graphdef, rest, states[name] = trainer.init_state(model, tx, seed=0)
+        graphdef, rest, states[name] = trainer.init_state(use_native_attention(model), tx,
+                                                          seed=0)
         del model
         train_step = jax.jit(trainer.make_train_step(
             loss, graphdef, rest, tx, schedule,

@@ -28,6 +28,7 @@ import jax
 import jax.experimental.multihost_utils
 import orbax.checkpoint as ocp
 
+from pixelgen import storage
 from pixelgen.config import ConfigDict
 
 
@@ -47,20 +48,33 @@ class CheckpointSaveError(OSError):
     """Writing a checkpoint failed; the checkpoints before it are intact."""
 
 
+# What Orbax writes last into a checkpoint on an object store (which has no atomic rename).
+COMMIT_FILE = 'commit_success.txt'
+
 # Free space a save needs beyond the checkpoint itself (logs, samples, file-system overhead).
 SPACE_MARGIN_BYTES = 16 << 20
 SPACE_FACTOR = 1.2  # a checkpoint's files against its arrays' bytes (metadata, alignment)
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), 'checkpoints')
+    """`<workdir>/checkpoints`, absolute (a URL such as gs://bucket/run already is)."""
+    return storage.join(storage.absolute(workdir), 'checkpoints')
 
 
 def probe_workdir(workdir: str) -> None:
-    """Creates `workdir` and writes, syncs and removes a file there; WorkdirError if it fails."""
-    if '://' in workdir:  # gs:// and the like: written through Orbax's own file layer
+    """Creates `workdir` and writes, syncs and removes a file there (an object, for a URL);
+    WorkdirError if it fails."""
+    probe = storage.join(workdir, f'.pixelgen_probe_{uuid.uuid4().hex}')
+    if storage.is_remote(workdir):
+        try:
+            storage.write_bytes(probe, b'\0' * 4096)
+            storage.remove(probe)
+        except Exception as e:  # noqa: BLE001 - whatever the object store's client raised
+            raise WorkdirError(
+                f'The workdir {workdir} is not writable ({type(e).__name__}: {e}). Check that '
+                'the bucket exists and that these credentials may write to it (gcloud auth '
+                'application-default login), or pass another --workdir.') from e
         return
-    probe = os.path.join(workdir, f'.pixelgen_probe_{uuid.uuid4().hex}')
     try:
         os.makedirs(workdir, exist_ok=True)
         with open(probe, 'wb') as f:
@@ -81,7 +95,7 @@ def checkpoint_bytes(state: Any) -> int:
 def check_free_space(directory: str, state: Any) -> None:
     """WorkdirError unless `directory`'s disk has room for one more checkpoint of `state`
     (old checkpoints are deleted only after the new one is complete)."""
-    if '://' in directory:  # object stores have no free-space figure
+    if storage.is_remote(directory):  # object stores have no free-space figure
         return
     existing = os.path.abspath(directory)
     while not os.path.exists(existing):  # the disk it will be on
@@ -119,8 +133,7 @@ class Manager(ocp.CheckpointManager):
             if step is None:
                 raise
             if jax.process_index() == 0:  # give the space back
-                for tmp in glob.glob(os.path.join(str(self.directory), f'{step}.*tmp*')):
-                    shutil.rmtree(tmp, ignore_errors=True)
+                _remove_unfinished(str(self.directory), step)
             self.reload()
             intact = sorted(self.all_steps())
             resume = (f'checkpoint {intact[-1]} is intact and a rerun resumes from it'
@@ -129,6 +142,19 @@ class Manager(ocp.CheckpointManager):
                 f'Saving checkpoint {step} in {self.directory} failed ({type(e).__name__}: '
                 f'{e}); {resume}. Free disk space or fix the storage, then rerun the same '
                 'command.') from e
+
+
+def _remove_unfinished(directory: str, step: int) -> None:
+    """Removes what a failed save of `step` left: locally, Orbax's temporary folders; on an
+    object store, where Orbax writes into `<step>/` and marks it complete with
+    commit_success.txt last, that folder if it has no such mark."""
+    if storage.is_remote(directory):
+        folder = storage.join(directory, str(step))
+        if not storage.exists(storage.join(folder, COMMIT_FILE)):
+            storage.rmtree(folder)
+        return
+    for tmp in glob.glob(os.path.join(directory, f'{step}.*tmp*')):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> Manager:
@@ -238,12 +264,11 @@ def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any, mak
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
     """Moves a damaged step out of the manager's directory, so training can save it anew."""
-    source = os.path.join(str(manager.directory), str(step))
-    target_dir = os.path.join(os.path.dirname(str(manager.directory)), 'checkpoints_corrupt')
-    target = os.path.join(target_dir, f'{step}-{int(time.time())}')
+    source = storage.join(str(manager.directory), str(step))
+    target = storage.join(storage.parent(str(manager.directory)), 'checkpoints_corrupt',
+                          f'{step}-{int(time.time())}')
     if jax.process_index() == 0:
-        os.makedirs(target_dir, exist_ok=True)
-        os.replace(source, target)
+        storage.move(source, target)
     jax.experimental.multihost_utils.sync_global_devices(f'pixelgen_move_aside_{step}')
     manager.reload()
     return target

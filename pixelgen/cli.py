@@ -1,12 +1,11 @@
-"""What every `python -m pixelgen.<job>` entry point shares: host memory reuse
-(`pixelgen.host_memory`) and errors a user can act on."""
+"""What every `python -m pixelgen.<job>` entry point shares: errors a user can act on. (Host
+memory reuse is set by `import pixelgen`, before JAX starts: `pixelgen.cpu.host_memory`.)"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
-from pixelgen import host_memory
 from pixelgen.checkpoint import (
     CheckpointMismatchError,
     CheckpointSaveError,
@@ -23,7 +22,6 @@ USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, CorruptCheckpoin
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
-    host_memory.configure()  # before JAX creates its CPU client and threads
     try:
         code = main(sys.argv[1:])
     except USER_ERRORS as e:

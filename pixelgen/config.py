@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from pixelgen import storage
+
 ConfigDict = ml_collections.ConfigDict
 
 REQUIRED_KEYS = (
@@ -141,24 +143,19 @@ def parse_config_args(argv: Sequence[str]) -> tuple[ConfigDict, list[str]]:
 
 
 def save_config(config: ConfigDict, workdir: str) -> str:
-    """Writes the resolved config as `<workdir>/config.json`; returns its path."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(config.to_json(indent=2, sort_keys=True))
-    os.replace(tmp, path)  # atomic: a crash never leaves half a config
-    return path
+    """Writes the resolved config as `<workdir>/config.json` (a local path or a URL) whole or
+    not at all; returns its path."""
+    return storage.write_text(storage.join(workdir, CONFIG_FILE),
+                              config.to_json(indent=2, sort_keys=True))
 
 
 def load_saved_config(workdir: str) -> ConfigDict:
     """Reads the resolved config that a training run wrote into its workdir."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.is_file(path):
         raise ConfigError(f'{path} not found: {workdir!r} is not a pixelgen workdir '
                           '(train into it first with python -m pixelgen.train).')
-    with open(path) as f:
-        config = ConfigDict(_tuples(json.load(f)))
+    config = ConfigDict(_tuples(json.loads(storage.read_text(path))))
     config.lock()
     return config
 

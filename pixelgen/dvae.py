@@ -13,7 +13,6 @@ contiguous shard of each split, on its first local device. `decode` draws codes 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Iterator
 
@@ -21,7 +20,7 @@ import grain
 import jax
 import numpy as np
 
-from pixelgen import cli, images, parallel
+from pixelgen import cli, images, parallel, storage
 from pixelgen.config import ConfigError
 from pixelgen.data import codes as codes_lib
 from pixelgen.data import pipeline
@@ -103,7 +102,7 @@ def encode(args) -> int:
             args.out, split, ({k: e[k] for k in ('codes', 'caption', 'label')}
                               for e in examples),
             grid_size=grid, codebook_size=model.codebook_size,
-            metadata={'dvae_workdir': os.path.abspath(args.workdir), 'dvae_step': loaded.step,
+            metadata={'dvae_workdir': storage.absolute(args.workdir), 'dvae_step': loaded.step,
                       'dataset': args.dataset, 'image_size': size})
         print(f'[encode] wrote {count:,} examples of {split!r} to {args.out}', flush=True)
     return 0

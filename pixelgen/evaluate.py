@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
-from pixelgen import checkpoint, cli
+from pixelgen import checkpoint, cli, storage
 from pixelgen import evaluators as evaluators_lib
 from pixelgen.config import load_saved_config
 
@@ -29,28 +28,25 @@ REPORT = 'report.json'
 
 
 def eval_dir(workdir: str, step: int) -> str:
-    return os.path.join(workdir, 'eval', str(step))
+    return storage.join(workdir, 'eval', str(step))
 
 
 def read_report(workdir: str, step: int) -> dict:
     """W/eval/<step>/report.json, or {} when that step has not been evaluated."""
-    path = os.path.join(eval_dir(workdir, step), REPORT)
-    if not os.path.isfile(path):
+    path = storage.join(eval_dir(workdir, step), REPORT)
+    if not storage.is_file(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def _write_json(obj: dict, path: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)  # atomic: a watcher killed mid-write leaves the old report
+    # Whole or not at all: a watcher killed mid-write leaves the old report.
+    storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """The steps of W's finished checkpoints (without creating anything in W)."""
-    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    if not storage.is_dir(checkpoint.checkpoint_dir(workdir)):
         return []
     manager = checkpoint.make_manager(workdir, async_save=False)
     try:
@@ -91,9 +87,9 @@ def evaluate_step(workdir: str, names: list[str], step: int | None = None, *,
     chosen = evaluators_lib.get(config.task, names)
     loaded = pixelgen.load(workdir, step)
     out_dir = eval_dir(workdir, loaded.step)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     report = read_report(workdir, loaded.step) or {
-        'workdir': os.path.abspath(workdir), 'task': config.task, 'step': loaded.step,
+        'workdir': storage.absolute(workdir), 'task': config.task, 'step': loaded.step,
         'evaluators': {}}
     ctx = evaluators_lib.EvalContext(loaded=loaded, out_dir=out_dir, num_examples=num_examples,
                                      options=options)
@@ -104,12 +100,12 @@ def evaluate_step(workdir: str, names: list[str], step: int | None = None, *,
         seconds = time.perf_counter() - start
         report['evaluators'][name] = {'metrics': metrics, 'seconds': seconds,
                                       'num_examples': num_examples, 'options': options}
-        report['files'] = sorted(f for f in os.listdir(out_dir) if f.endswith('.png'))
-        _write_json(report, os.path.join(out_dir, REPORT))  # each result as soon as it exists
+        report['files'] = [f for f in storage.listdir(out_dir) if f.endswith('.png')]
+        _write_json(report, storage.join(out_dir, REPORT))  # each result as soon as it exists
         if writer is not None:
             writer.write(loaded.step, metrics, prefix=f'eval_job/{name}/')
         print('\n'.join([f'{name} ({seconds:.1f} s):', *format_metrics(metrics)]), flush=True)
-    print(f'[evaluate] wrote {os.path.join(out_dir, REPORT)}', flush=True)
+    print(f'[evaluate] wrote {storage.join(out_dir, REPORT)}', flush=True)
     return report
 
 
@@ -187,14 +183,14 @@ def main(argv: list[str]) -> int:
         options = parse_options(args.option)
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
-    if not os.path.isdir(args.workdir):
+    if not storage.is_dir(args.workdir):
         raise FileNotFoundError(f'--workdir {args.workdir!r} does not exist; pass the workdir '
                                 'of a training run (python -m pixelgen.train --workdir ...).')
     config = load_saved_config(args.workdir)
     evaluators_lib.get(config.task, names)  # unknown names fail before anything is loaded
 
     from pixelgen.metric_writer import MetricWriter
-    writer = MetricWriter(os.path.join(args.workdir, 'eval'), name='eval_job')
+    writer = MetricWriter(storage.join(args.workdir, 'eval'), name='eval_job')
     try:
         kwargs = {'num_examples': args.num_examples, 'options': options, 'writer': writer}
         if args.watch:

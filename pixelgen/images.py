@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-from PIL import Image
+
+from pixelgen import storage
 
 
 def make_grid(rows: list[np.ndarray], *, min_tile: int = 64, gap: int = 2) -> np.ndarray:
@@ -31,9 +30,6 @@ def make_grid(rows: list[np.ndarray], *, min_tile: int = 64, gap: int = 2) -> np
 
 
 def save_png(image: np.ndarray, path: str) -> str:
-    """Writes uint8 [H, W, 3] atomically (a crash never leaves half a PNG)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp.png'
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
-    return path
+    """Writes uint8 [H, W, 3] to `path` (local or a URL) whole or not at all: a crash never
+    leaves half a PNG."""
+    return storage.write_bytes(path, storage.png_bytes(image))

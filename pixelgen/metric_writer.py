@@ -1,16 +1,21 @@
 """Where training output goes: a console progress line, `metrics.jsonl` and TensorBoard.
 
-Only process 0 writes (on a pod every host computes the same global metrics).
+Only process 0 writes (on a pod every host computes the same global metrics). The workdir may
+be a URL (gs://...): tensorboardX appends to its event files, which an object store cannot
+do, so there the events are written to a local staging folder (see `storage.cache_dir`)
+and each flush copies them whole to `<workdir>/tensorboard/<name>`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import shutil
 import time
 
 import jax
+
+from pixelgen import storage
 
 
 def _format_duration(seconds: float) -> str:
@@ -28,11 +33,19 @@ class MetricWriter:
     def __init__(self, workdir: str, name: str = 'train'):
         self.active = jax.process_index() == 0
         self._jsonl = self._tb = None
+        self._tb_remote = None  # where the local event files are copied to, for a URL workdir
         if self.active:
             from tensorboardX import SummaryWriter  # import here: only process 0 needs it
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-            self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard', name))
+            self._jsonl = storage.Appender(storage.join(workdir, 'metrics.jsonl'))
+            tb_dir = storage.join(workdir, 'tensorboard', name)
+            if storage.is_remote(tb_dir):
+                self._tb_remote, tb_dir = tb_dir, storage.cache_dir('tensorboard', tb_dir)
+                # Earlier runs' files here were copied up at each of their flushes.
+                shutil.rmtree(tb_dir, ignore_errors=True)
+                print(f'[pixelgen] TensorBoard events are written to {tb_dir} and copied to '
+                      f'{self._tb_remote} at every log step', flush=True)
+            self._tb_local = tb_dir
+            self._tb = SummaryWriter(tb_dir)
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = '') -> None:
         if not self.active:
@@ -42,14 +55,22 @@ class MetricWriter:
             value = float(value)
             record[prefix + key] = value
             self._tb.add_scalar(prefix + key, value, int(step))
-        self._jsonl.write(json.dumps(record) + '\n')
-        self._jsonl.flush()
+        self._jsonl.append(json.dumps(record) + '\n')
+        self._flush_tb()
+
+    def _flush_tb(self) -> None:
         self._tb.flush()
+        self._copy_tb_up()
+
+    def _copy_tb_up(self) -> None:
+        if self._tb_remote is not None:  # this writer's event file, whole
+            storage.upload_tree(self._tb_local, self._tb_remote)
 
     def close(self) -> None:
         if self.active:
             self._jsonl.close()
             self._tb.close()
+            self._copy_tb_up()
 
 
 class Progress:

@@ -17,6 +17,7 @@ or a PNG grid:
 from __future__ import annotations
 
 import argparse
+import io
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from pixelgen import cli, images
+from pixelgen import cli, images, storage
 from pixelgen.data import pipeline
 
 BATCH = 64  # images or texts per compiled call (the last batch is padded)
@@ -108,7 +109,7 @@ def split_grid(grid: np.ndarray, rows: int, cols: int, gap: int = 2) -> np.ndarr
 
 
 def _read_rgb(path: str) -> np.ndarray:
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
         return np.asarray(im.convert('RGB'))
 
 

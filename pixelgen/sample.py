@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 
-from pixelgen import cli
+from pixelgen import cli, storage
 
 DALLE_ONLY = ('prompt', 'top', 'top_p', 'clip_workdir', 'dvae_workdir', 'prime_index',
               'prime_rows')
@@ -78,7 +77,7 @@ def sample_igpt(args, loaded) -> int:
 
     from pixelgen import images, parallel, sampling, tasks
 
-    out = args.out or os.path.join(args.workdir, 'samples')
+    out = args.out or storage.join(args.workdir, 'samples')
     rng = jax.random.PRNGKey(args.seed)
     top_k = args.top_k or None
     tokens = sampling.sample(loaded.model, rng, batch_size=args.num,
@@ -86,7 +85,7 @@ def sample_igpt(args, loaded) -> int:
     task = tasks.make(loaded.config, args.workdir)
     pictures = task.to_images(parallel.to_host(tokens))
     path = images.save_png(images.make_grid(_grid_rows(pictures, math.ceil(math.sqrt(args.num)))),
-                           os.path.join(out, f'unconditional_{loaded.step:07d}.png'))
+                           storage.join(out, f'unconditional_{loaded.step:07d}.png'))
     print(f'[samples] {path}')
     with loaded.config.unlocked():
         loaded.config.sampling.temperature = args.temperature
@@ -94,7 +93,7 @@ def sample_igpt(args, loaded) -> int:
     rows = task.completions(loaded.model, jax.random.fold_in(rng, 1), min(args.num, 8),
                             samples_per_image=3)
     path = images.save_png(images.make_grid(rows),
-                           os.path.join(out, f'sample_completions_{loaded.step:07d}.png'))
+                           storage.join(out, f'sample_completions_{loaded.step:07d}.png'))
     print(f'[samples] {path}')
     return 0
 
@@ -106,7 +105,7 @@ def sample_dalle(args, loaded, parser) -> int:
 
     import pixelgen
     from pixelgen import images, parallel
-    from pixelgen.models.dalle import generate
+    from pixelgen.sampling import generate
     from pixelgen.tasks.dalle import render_codes
 
     config, model = loaded.config, loaded.model
@@ -160,12 +159,12 @@ def sample_dalle(args, loaded, parser) -> int:
         print('[rerank] CLIP scores of the kept images, best first: '
               + ', '.join(f'{scores[i]:.3f}' for i in order))
     kept = pictures[order]
-    out = args.out or os.path.join(args.workdir, 'samples')
+    out = args.out or storage.join(args.workdir, 'samples')
     slug = re.sub(r'[^a-z0-9]+', '_', prompt.lower()).strip('_')[:60]
     name = f'dalle_{slug}_{loaded.step:07d}' + (
         f'_prime{args.prime_index}x{args.prime_rows}' if image_prompt is not None else '')
     path = images.save_png(images.make_grid(_grid_rows(kept, math.ceil(math.sqrt(len(kept))))),
-                           os.path.join(out, name + '.png'))
+                           storage.join(out, name + '.png'))
     print(f'[samples] {path}  ({len(kept)} images for "{prompt}")')
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -10,13 +11,16 @@ import textwrap
 
 import pytest
 
-from pixelgen import host_memory
+import pixelgen  # noqa: F401  (sets host memory reuse before any test starts JAX's client)
 
-host_memory.configure()  # as the pixelgen jobs do: before any test starts JAX's CPU client
 # Samplers decode on the main client here (and in the jobs tests start), compiling once: the
 # per-core clients compile once per core, seconds per tiny model that these tests do not need.
 # tests/test_cpu_decode.py turns them on and checks them against this path.
 os.environ.setdefault('PIXELGEN_CPU_DECODE', 'shared')
+# The CPU backend only, in this process and the jobs it starts: with libtpu installed (the
+# [tpu] extra, for tests/test_aot.py) JAX would also load the TPU plugin, whose profiler
+# crashes jax.profiler on a host without a TPU. AOT compilation needs no TPU backend.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One JAX compilation cache for the whole session, subprocess jobs included (they inherit the
 # environment, and pytest-xdist's workers that of the process that collected them): the
 # tiny configs' train steps are compiled by many jobs; each compiles once.
@@ -58,3 +62,15 @@ def run_python(code: str, devices: int, timeout: int = 300) -> str:
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of a tool that is missing here are skipped, naming it: `native` tests need a C++
+    compiler to build pixelgen's kernels, `launch` tests' shellcheck needs shellcheck."""
+    compiler = os.environ.get('CXX', 'g++')
+    no_compiler = pytest.mark.skipif(
+        shutil.which(compiler) is None,
+        reason=f'no C++ compiler ({compiler}) to build pixelgen\'s native CPU kernels')
+    for item in items:
+        if item.get_closest_marker('native'):
+            item.add_marker(no_compiler)

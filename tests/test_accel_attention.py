@@ -51,6 +51,7 @@ CASES = {  # name: (MaskSpec, dense reference mask [n, n])
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(CASES))
 def test_splash_equals_dense_forward_and_gradients(name):
     spec, dense = CASES[name]
@@ -99,7 +100,8 @@ def test_splash_layer_equals_dense_layer():
 SHARDED_KERNELS = '''
 import jax, jax.numpy as jnp, numpy as np
 from pixelgen import parallel
-from pixelgen.nn import block_sparse, native_attention
+from pixelgen.cpu import native_attention
+from pixelgen.nn import block_sparse
 from pixelgen.nn.attention import dot_product_attention
 from pixelgen.nn.masks import dalle_mask, dalle_mask_spec
 from pixelgen.nn.splash import splash_attention
@@ -115,8 +117,7 @@ def value_and_grads(attend):
 
 ref_value, ref_grads = value_and_grads(lambda q, k, v: dot_product_attention(q, k, v, dense))(
     q, k, v)
-kernels = {'pixelgen_block_attention': lambda q, k, v: block_sparse.block_sparse_attention(
-               q, k, v, mask, native=True),
+kernels = {'pixelgen_block_attention': lambda q, k, v: native_attention.attend(q, k, v, mask),
            'splash': lambda q, k, v: splash_attention(q, k, v, mask)}
 for name, attend in kernels.items():
     fn = value_and_grads(attend)
@@ -131,6 +132,7 @@ print('ok')
 '''
 
 
+@pytest.mark.slow
 def test_kernels_xla_cannot_partition_run_per_device_under_shard_map():
     """XLA cannot partition a TPU kernel or a custom call: on 4 devices (data 2 x tensor 2)
     splash and the native CPU kernel each run under shard_map (`parallel.per_device_heads`),
@@ -225,6 +227,7 @@ def bf16_and_fp32_models():
     return build('bfloat16'), build('float32')
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits(bf16_and_fp32_models):
     (_, bf16), (_, fp32) = bf16_and_fp32_models
     for leaf in jax.tree.leaves(nnx.state(bf16, nnx.Param)):
@@ -237,6 +240,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(bf16_and_fp32_models):
     np.testing.assert_allclose(logits, reference, atol=5e-2)
 
 
+@pytest.mark.slow
 def test_bfloat16_train_step(bf16_and_fp32_models):
     (config, model), _ = bf16_and_fp32_models
     tx, schedule = trainer.make_optimizer(config.optimizer, config.total_steps)

@@ -29,6 +29,7 @@ def _dense(q, k, v, mask):
 
 
 # Causal trees: lengths that are and are not leaf · 2^L (padded), one leaf, and many levels.
+@pytest.mark.slow
 @pytest.mark.parametrize('length,block', [(16, 4), (37, 8), (5, 8), (24, 24), (64, 2)])
 def test_causal_tree_equals_dense(length, block):
     q, k, v = _qkv(length)
@@ -36,6 +37,7 @@ def test_causal_tree_equals_dense(length, block):
     np.testing.assert_allclose(fast, _dense(q, k, v, CAUSAL), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('length,block', [(20, 4), (33, 8)])
 def test_causal_tree_gradients_equal_dense(length, block):
     q, k, v = _qkv(length, seed=1)
@@ -51,6 +53,7 @@ def test_causal_tree_gradients_equal_dense(length, block):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiles_under_remat_and_scan_give_the_dense_gradients():
     """The hand-written backward pass also serves jax.checkpoint (remat) and lax.scan (scanned
     layer stacks): two stacked layers' gradients equal dense attention's."""
@@ -71,6 +74,7 @@ def test_tiles_under_remat_and_scan_give_the_dense_gradients():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mask', [CAUSAL, MaskSpec('row', 3, 8)], ids=['causal', 'row'])
 def test_tiles_in_bfloat16_keep_the_dtype_and_stay_close(mask):
     n = 64 if mask.kind == 'causal' else mask.sequence_length
@@ -105,6 +109,7 @@ def test_causal_tree_skips_the_upper_triangle():
     assert make_tiling(FULL, 64, 8) is None               # nothing to skip
 
 
+@pytest.mark.slow
 def test_module_implementations_agree():
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 19, 16))
 
@@ -142,6 +147,7 @@ def _sparse_fn(name, block):
     return jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, mask, block))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, block', [('row', 5), ('column', 8), ('conv', 5), ('conv3', 8)])
 def test_dalle_masks_equal_dense_forward_and_gradients(name, block):
     mask = DALLE_SPECS[name]
@@ -163,6 +169,7 @@ def test_dalle_masks_equal_dense_forward_and_gradients(name, block):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(name=st.sampled_from(sorted(DALLE_SPECS)), block=st.sampled_from([8, 5]),
        query=st.integers(0, 66), seed=st.integers(0, 2**16))
@@ -205,6 +212,7 @@ def dalle_modules():
     return built
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['row', 'column', 'conv'])
 def test_dalle_module_block_sparse_equals_dense_and_decoding(name, dalle_modules):
     module, x, y = dalle_modules[name]

@@ -59,6 +59,7 @@ def tiny_result(request):
     return bench.run_case(request.param, overrides=TINY_OVERRIDES[request.param], steps=3)
 
 
+@pytest.mark.slow
 def test_case_reports_every_field_with_sane_values(tiny_result):
     r = tiny_result
     assert set(FIELDS) <= set(r)

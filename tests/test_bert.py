@@ -56,6 +56,7 @@ def test_masking_replaces_about_15_percent_by_the_extra_token():
     assert model.sos is None and make_model('ar').sos is not None
 
 
+@pytest.mark.slow
 def test_loss_counts_only_masked_positions(bert, tokens):
     loss_fn = task_lib.ImageGPTLoss('bert', classifier_loss_weight=0.0)
     rng = jax.random.key(7)
@@ -104,6 +105,7 @@ def test_ar_model_cannot_be_decoded_as_bert_and_vice_versa():
         ImageGPT(**SHAPE, objective='foo', rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_probe_features_average_five_maskings_deterministically(bert, tokens):
     rng = jax.random.key(5)
     features = task_lib.probe_features(bert, tokens, objective='bert', rng=rng)
@@ -129,6 +131,7 @@ def test_probe_features_average_five_maskings_deterministically(bert, tokens):
         task_lib.probe_features(ar, tokens, objective='bert', rng=rng)
 
 
+@pytest.mark.slow
 def test_eval_ensemble_is_deterministic_and_votes_the_modal_class(bert, tokens, data_dir):
     task = task_lib.ImageGPTLoss.__new__(task_lib.ImageGPTTask)  # metrics only, no data
     task_lib.ImageGPTLoss.__init__(task, 'bert')
@@ -169,6 +172,7 @@ def test_checkpoint_signature_has_objective_and_classes(data_dir):
     assert 'num_classes' not in checkpoint.describe(ar)['model']
 
 
+@pytest.mark.slow
 def test_bert_training_writes_fill_ins_and_loads(data_dir, tmp_path):
     config = tiny_config(data_dir, '--config.objective=bert', '--config.sample_every_steps=3',
                          '--config.eval_every_steps=0')

@@ -48,6 +48,7 @@ def tokens_with_eot(config, rows: list[list[int]]) -> np.ndarray:
     return out
 
 
+@pytest.mark.slow
 def test_embeddings_are_l2_normalised(config, model):
     imgs = np.random.default_rng(0).random((3, 16, 16, 3)).astype(np.float32)
     image_emb = np.asarray(model.encode_image(imgs))
@@ -82,6 +83,7 @@ def test_loss_is_symmetric_and_equals_the_numpy_reference():
                                numpy_clip_loss(logits[:4, :4]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_logit_scale_is_clamped_at_100(config, model):
     model = nnx.clone(model)
     np.testing.assert_allclose(float(model.scale()), 1 / 0.07, rtol=1e-5)  # the paper's init
@@ -94,6 +96,7 @@ def test_logit_scale_is_clamped_at_100(config, model):
     assert float(grad.logit_scale[...]) == 0.0  # beyond the cap the temperature stops learning
 
 
+@pytest.mark.slow
 def test_text_features_come_from_the_first_eot_token(config, model):
     base = tokens_with_eot(config, [[5, 6, 7]])  # [EOT] at position 3
     np.testing.assert_array_equal(np.asarray(model.text.eot_positions(jnp.asarray(base))), [3])
@@ -115,6 +118,7 @@ def test_image_size_not_divisible_by_patch_size_is_a_config_error():
         clip_task.build_model(config, nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_vit_b32_config_has_the_released_parameter_count():
     """151,277,313: OpenAI's ViT-B/32 as transformers' CLIPModel holds it (B/16 and L/14 give
     their released 149,620,737 and 427,616,513 too; not run here to save time)."""
@@ -206,6 +210,7 @@ def trained(data_dir, tmp_path_factory) -> str:
     return workdir
 
 
+@pytest.mark.slow
 def test_tiny_training_run_gives_a_usable_clip(trained, data_dir, tmp_path, capsys):
     clip = pixelgen.load(trained)
     assert clip.step == 6 and isinstance(clip.assets['tokenizer'], TextTokenizer)
@@ -257,6 +262,7 @@ print(json.dumps({'eight': eight, 'one': one, 'per_device_mean': local}))
 '''
 
 
+@pytest.mark.slow
 def test_contrastive_logits_span_the_global_batch_on_8_devices():
     stdout = run_python(f'TINY = {TINY!r}\n' + textwrap.dedent(MULTI_DEVICE), devices=8)
     losses = json.loads(stdout.strip().splitlines()[-1])

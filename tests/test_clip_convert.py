@@ -9,13 +9,17 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 import pixelgen
 from pixelgen.config import ConfigError
 from pixelgen.convert import __main__ as convert_cli
 from pixelgen.convert import hf_clip
+
+pytestmark = [pytest.mark.parity]
+torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch: .[test]')
+transformers = pytest.importorskip('transformers', reason='the parity tests need .[test]')
+CLIPConfig, CLIPModel, CLIPTokenizer = (transformers.CLIPConfig, transformers.CLIPModel,
+                                        transformers.CLIPTokenizer)
 
 TEXTS = ['a red star', 'A  Blue STAR!!', "it's 42 stars, redder?", 'ünïcødé ok',
          'a red star a red star a red star a red star a red star']
@@ -85,6 +89,7 @@ def test_clip_bpe_matches_transformers_clip_tokenizer(hf_folder):
     assert ours.decode(encoded.ids) == reference.batch_decode(expected, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_converted_embeddings_equal_huggingface(hf_folder, converted):
     reference = CLIPModel.from_pretrained(hf_folder).eval()
     clip = pixelgen.load(converted)

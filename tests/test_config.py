@@ -64,6 +64,7 @@ def test_saved_config_round_trips(tmp_path):
     assert again.to_dict() == config.to_dict()
 
 
+@pytest.mark.slow
 def test_cli_reports_unknown_key_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, '-m', 'pixelgen.train', '--config', TINY,
@@ -75,6 +76,7 @@ def test_cli_reports_unknown_key_without_traceback(tmp_path):
     assert not (tmp_path / 'w').exists()  # nothing written before the config is valid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('override,message', [
     ('--config.model.num_heads=3', r'model\.num_heads=3 must divide model\.width=32'),
     ('--config.data.palette_size=70000', r'data\.palette_size=70000'),

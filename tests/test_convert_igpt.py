@@ -12,16 +12,20 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file
 from tensorboardX.record_writer import masked_crc32c
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
 import pixelgen
 from pixelgen import sampling
 from pixelgen.convert import _tf_bundle, hf_imagegpt, openai_igpt
 from pixelgen.convert.__main__ import main as convert_main
 from pixelgen.convert._igpt_common import ConversionError
+
+pytestmark = [pytest.mark.parity]
+torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch: .[test]')
+transformers = pytest.importorskip('transformers', reason='the parity tests need .[test]')
+ImageGPTConfig = transformers.ImageGPTConfig
+ImageGPTForCausalImageModeling = transformers.ImageGPTForCausalImageModeling
 
 COLOURS, SIDE, WIDTH, LAYERS, HEADS = 16, 4, 32, 2, 4
 TOL = 1e-4
@@ -88,6 +92,7 @@ def hf_loaded(hf_dir, tmp_path_factory):
     return pixelgen.load(workdir)
 
 
+@pytest.mark.slow
 def test_hf_conversion_gives_the_same_logits(hf_loaded, tokens, hf_logits, clusters):
     logits = np.asarray(hf_loaded.model(tokens))
     assert logits.shape == hf_logits.shape
@@ -99,6 +104,7 @@ def test_hf_conversion_gives_the_same_logits(hf_loaded, tokens, hf_logits, clust
     assert (c.model.num_layers, c.model.width, c.model.num_heads) == (LAYERS, WIDTH, HEADS)
 
 
+@pytest.mark.slow
 def test_converted_model_samples(hf_loaded):
     out = np.asarray(sampling.sample(hf_loaded.model, jax.random.key(0), batch_size=2))
     assert out.shape == (2, SIDE * SIDE)
@@ -378,6 +384,7 @@ def test_openai_bad_checkpoints_are_refused(hf_model, tmp_path, change, message)
 TF_WRITTEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'openai_igpt_tiny')
 
 
+@pytest.mark.slow
 def test_tensorflow_written_checkpoint_reads_and_converts(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location(
         'make_checkpoint', os.path.join(TF_WRITTEN, 'make_checkpoint.py'))

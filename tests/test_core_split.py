@@ -1,4 +1,4 @@
-"""pixelgen.core_split: decoding with the weights split between two core clients."""
+"""pixelgen.cpu.core_split: decoding with the weights split between two core clients."""
 
 import concurrent.futures
 import functools
@@ -11,17 +11,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pixelgen import core_split, cpu_decode, native, sampling
-from pixelgen.models.dalle import DallE, generate
+from pixelgen import sampling
+from pixelgen.cpu import core_split, decode_clients, native, packed_matmul
+from pixelgen.models.dalle import DallE
 from pixelgen.models.igpt import ImageGPT
-from pixelgen.nn import packed_matmul, partial_sums
+from pixelgen.nn.decode_ops import DecodeOps
+from pixelgen.nn.masks import CAUSAL
+from pixelgen.nn.transformer import Block
+from pixelgen.sampling import generate
+
+pytestmark = [pytest.mark.native]
 
 
 @pytest.fixture(scope='module')
 def two_clients():
     """Two one-thread clients (on two cores where there are two)."""
     cores = sorted(os.sched_getaffinity(0))
-    return cpu_decode.one_thread_devices((cores * 2)[:2])
+    return decode_clients.one_thread_devices((cores * 2)[:2])
 
 
 @pytest.fixture(scope='module')
@@ -81,6 +87,7 @@ def test_halves_split_heads_and_mlp_units_and_rejoin(model):
                                   model.wte.embedding[...])  # not split
 
 
+@pytest.mark.slow
 def test_models_that_do_not_split_in_two_are_refused():
     odd = ImageGPT(vocab_size=16, seq_len=8, num_layers=1, width=24, num_heads=3,
                    mlp_ratio=1, rngs=nnx.Rngs(0))
@@ -90,12 +97,13 @@ def test_models_that_do_not_split_in_two_are_refused():
     assert not core_split.splits(nnx.split(scanned)[1])  # stacked layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('prompt_len', [0, 5])
 def test_split_weights_draw_the_tokens_of_one_device(model, monkeypatch, prompt_len):
     prompt = jax.random.randint(jax.random.key(7), (3, prompt_len), 0, 16)
     draws = {}
     for mode in ('cores', 'rows', 'shared'):
-        monkeypatch.setenv(cpu_decode.ENV, mode)
+        monkeypatch.setenv(decode_clients.ENV, mode)
         draws[mode] = np.asarray(sampling.sample(model, jax.random.key(3), batch_size=3,
                                                  prompt=prompt, num_tokens=20, top_k=8))
     np.testing.assert_array_equal(draws['cores'], draws['shared'])
@@ -103,25 +111,28 @@ def test_split_weights_draw_the_tokens_of_one_device(model, monkeypatch, prompt_
     np.testing.assert_array_equal(draws['cores'][:, :prompt_len], prompt)
 
 
+@pytest.mark.slow
 def test_sampling_takes_the_split_path_on_two_cores(model, monkeypatch):
     calls = []
     original = core_split.map_halves
     monkeypatch.setattr(core_split, 'map_halves',
                         lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setenv(cpu_decode.ENV, 'cores')
+    monkeypatch.setenv(decode_clients.ENV, 'cores')
     sampling.sample(model, jax.random.key(0), batch_size=1, num_tokens=4)
-    assert calls == ([1] if len(cpu_decode.core_devices()) == 2 else [])
-    monkeypatch.setenv(cpu_decode.ENV, 'rows')
+    assert calls == ([1] if len(decode_clients.core_devices()) == 2 else [])
+    monkeypatch.setenv(decode_clients.ENV, 'rows')
     sampling.sample(model, jax.random.key(0), batch_size=1, num_tokens=4)
     assert len(calls) <= 1
 
 
-def test_combining_applies_only_inside_its_trace():
-    def f(x):
-        return partial_sums.combined(x)
-    with partial_sums.combining(lambda x: x * 2):
-        assert float(jax.jit(f)(jnp.float32(1.0))) == 2.0
-    assert float(jax.jit(lambda x: partial_sums.combined(x) + 0)(jnp.float32(1.0))) == 1.0
+def test_a_blocks_sublayer_outputs_pass_through_the_steps_combine():
+    block = Block(32, 2, mask=CAUSAL, num_layers=1, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 1, 32))
+    cache = block.init_cache(2, 4)
+    plain, _ = block.decode(x, cache, 0)
+    dropped, _ = block.decode(x, cache, 0, DecodeOps(combine=lambda a: a * 0))
+    np.testing.assert_array_equal(dropped, x)  # both sums dropped: the residual alone
+    assert not np.allclose(plain, x)
 
 
 def test_a_missing_compiler_falls_back_with_a_warning(tmp_path, caplog):
@@ -142,6 +153,7 @@ def test_halves_are_placed_once_per_set_of_parameters(model, two_clients):
     assert second[1]['wte']['embedding'][...].devices() == {two_clients[1]}
 
 
+@pytest.mark.slow
 def test_dalle_generates_the_same_codes_with_split_weights(monkeypatch):
     model = DallE(text_vocab_size=20, image_vocab_size=12, text_len=4, grid_size=3,
                   num_layers=2, width=16, num_heads=2, rngs=nnx.Rngs(0))
@@ -155,10 +167,10 @@ def test_dalle_generates_the_same_codes_with_split_weights(monkeypatch):
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     codes = {}
     for mode in ('cores', 'shared'):
-        monkeypatch.setenv(cpu_decode.ENV, mode)
+        monkeypatch.setenv(decode_clients.ENV, mode)
         codes[mode] = np.asarray(generate(model, jax.random.key(3), text, image_prompt=prompt))
     np.testing.assert_array_equal(codes['cores'], codes['shared'])
-    assert calls == ([1] if len(cpu_decode.core_devices()) == 2 else [])
+    assert calls == ([1] if len(decode_clients.core_devices()) == 2 else [])
 
 
 class _Kernel(nnx.Module):
@@ -166,6 +178,7 @@ class _Kernel(nnx.Module):
         self.kernel = nnx.Param(kernel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('rows, k, n', [(4, 64, 128), (1, 7, 5), (6, 33, 200), (9, 256, 384)])
 def test_packed_matmul_equals_the_product(rows, k, n):
     panel = native.panel()
@@ -176,12 +189,12 @@ def test_packed_matmul_equals_the_product(rows, k, n):
     @jax.jit
     def product(x, kernel):
         module = _Kernel(kernel)
-        with packed_matmul.packing(module):
-            return packed_matmul.matmul(x, module.kernel[...], 1, fallback=lambda: None)
+        packed = packed_matmul.PackedWeights(module, panel)
+        return packed.matmul(x, module.kernel[...], 1, fallback=lambda: None)
     np.testing.assert_allclose(product(x, kernel), x @ kernel, rtol=2e-5, atol=2e-5 * k)
 
 
-def test_packed_matmul_contracts_leading_axes_and_falls_back_elsewhere():
+def test_packed_matmul_contracts_leading_axes_and_falls_back_on_unpacked_arrays():
     x = jax.random.normal(jax.random.key(0), (3, 1, 4, 8))  # [b, 1, heads, head_dim]
     kernel = jax.random.normal(jax.random.key(1), (4, 8, 16))  # [heads, head_dim, width]
     expected = jnp.einsum('blhk,hkd->bld', x, kernel)
@@ -189,17 +202,13 @@ def test_packed_matmul_contracts_leading_axes_and_falls_back_elsewhere():
     @jax.jit
     def f(x, kernel):
         module = _Kernel(kernel)
-        with packed_matmul.packing(module):
-            assert packed_matmul.active()
-            packed = packed_matmul.matmul(x, module.kernel[...], 2, lambda: 'not packed')
-            unpacked = packed_matmul.matmul(x, kernel + 1, 2, lambda: jnp.zeros(3))
-        with packed_matmul.packing(None):
-            assert not packed_matmul.active()
-        return packed, unpacked, packed_matmul.matmul(x, kernel, 2, lambda: jnp.ones(2))
-    packed, unpacked, outside = f(x, kernel)
+        weights = packed_matmul.PackedWeights(module, native.panel())
+        packed = weights.matmul(x, module.kernel[...], 2, lambda: 'not packed')
+        unpacked = weights.matmul(x, kernel + 1, 2, lambda: jnp.zeros(3))
+        return packed, unpacked
+    packed, unpacked = f(x, kernel)
     np.testing.assert_allclose(packed, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(unpacked, np.zeros(3))  # an array made inside: not packed
-    np.testing.assert_array_equal(outside, np.ones(2))
 
 
 @pytest.mark.parametrize('party', [0, None])  # the weight split, the row split
@@ -211,9 +220,8 @@ def test_decoding_on_core_clients_runs_every_matmul_on_packed_weights(model, par
     prompt = jax.device_put(np.zeros((2, 0), np.int32), device)
     lowered = sampling._sample_jit.lower(
         graphdef, jax.device_put(params, device), jax.random.key(0), prompt, batch_size=2,
-        temperature=1.0, top_k=None, phase_ends=(8,), row_start=jax.device_put(np.int32(0),
-                                                                               device),
-        row_count=2, party=party, packed=True)
+        temperature=1.0, top_k=None, top_p=None, phase_ends=(8,),
+        row_start=jax.device_put(np.int32(0), device), row_count=2, party=party, packed=True)
     text = lowered.as_text()
     # Per layer q, k, v, out, fc and proj, then the head; the only other products are the
     # attention's two over the KV cache, per layer.

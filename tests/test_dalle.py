@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from pixelgen.config import ConfigError, parse_config_args
-from pixelgen.models.dalle import PAD_ID, DallE, filter_logits, generate
+from pixelgen.models.dalle import PAD_ID, DallE
+from pixelgen.sampling import filter_logits, generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'dalle_shapes.py') + ':tiny'
@@ -42,6 +43,7 @@ def forward(model):
     return nnx.jit(lambda m, text, image: m(text, image))
 
 
+@pytest.mark.slow
 def test_shapes_schedule_and_embeddings(model, batch, forward):
     text, image = batch
     text_logits, image_logits = forward(model, text, image)
@@ -84,6 +86,7 @@ def test_logits_never_see_later_tokens(model, batch, forward):
     assert not np.allclose(image_after[2], image_logits[2])  # the image sees all text
 
 
+@pytest.mark.slow
 def test_kv_cache_decoding_matches_the_forward_pass(model, batch, forward):
     text, image = batch
     _, image_logits = forward(model, text, image)
@@ -97,6 +100,7 @@ def test_kv_cache_decoding_matches_the_forward_pass(model, batch, forward):
     np.testing.assert_allclose(np.stack(decoded, axis=1), image_logits, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_loss_normalises_text_and_image_separately(model, batch, forward):
     from pixelgen.tasks.dalle import DalleLoss
     text, image = batch
@@ -128,6 +132,7 @@ def test_the_loss_normalises_text_and_image_separately(model, batch, forward):
     np.testing.assert_allclose(text_only, text_mean, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_generation_keeps_the_prompt_and_follows_the_model(model, batch, forward):
     text, image = batch
     prompt = image[:, :5]
@@ -155,6 +160,7 @@ def test_top_k_and_top_p_filtering():
     assert kept.tolist() == [[True, True, True, False]]
 
 
+@pytest.mark.slow
 def test_12b_config_has_the_papers_shape_and_about_12b_parameters():
     from pixelgen.tasks.dalle import num_params
     config = parse_config_args(['--config', os.path.join(REPO, 'configs', 'dalle.py:12b')])[0]
@@ -206,6 +212,7 @@ def trained(tmp_path_factory):
             'config': config}
 
 
+@pytest.mark.slow
 def test_training_reports_both_losses_and_keeps_its_tokenizer(trained, capsys):
     import pixelgen
     from pixelgen.tasks.dalle import DalleTask
@@ -225,6 +232,7 @@ def test_training_reports_both_losses_and_keeps_its_tokenizer(trained, capsys):
     assert 'are truncated' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_a_grid_and_warns_on_long_prompts(trained, capsys, tmp_path):
     from PIL import Image
 
@@ -248,6 +256,7 @@ def test_sample_cli_writes_a_grid_and_warns_on_long_prompts(trained, capsys, tmp
                      '--top', '2'])
 
 
+@pytest.mark.slow
 def test_attribute_classifier_reads_real_shapes_and_the_evaluator_runs(trained, data_dir,
                                                                         tmp_path):
     import pixelgen

@@ -15,6 +15,7 @@ spec.loader.exec_module(decode_floor)
 SPLITS = ('one', 'tensor', 'pipeline', 'clients', 'halves')
 
 
+@pytest.mark.slow
 def test_every_split_computes_the_one_device_chain():
     out = subprocess.run([sys.executable, PATH, '--layers', '2', '4', '--split', *SPLITS,
                           '--steps', '3', '--width', '16', '--repeats', '1'],

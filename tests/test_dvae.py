@@ -41,6 +41,7 @@ def trained(data_dir, tmp_path_factory) -> str:
     return workdir
 
 
+@pytest.mark.slow
 def test_encode_and_decode_shapes_types_and_ranges(model):
     images = jax.random.uniform(jax.random.PRNGKey(0), (3, 32, 32, 3))
     codes = model.encode(images)
@@ -52,6 +53,7 @@ def test_encode_and_decode_shapes_types_and_ranges(model):
     assert model.logits(images).shape == (3, 16, 16, 32)
 
 
+@pytest.mark.slow
 def test_decoding_codes_equals_decoding_their_one_hot(model):
     codes = jax.random.randint(jax.random.PRNGKey(1), (2, 16, 16), 0, 32)
     np.testing.assert_allclose(model.decoder.from_codes(codes),
@@ -71,6 +73,7 @@ def test_temperature_and_kl_weight_schedules_reach_their_endpoints():
     assert float(beta(50)) == pytest.approx(6.6) and float(beta(10**6)) == pytest.approx(6.6)
 
 
+@pytest.mark.slow
 def test_kl_to_the_uniform_prior_is_zero_for_uniform_logits():
     assert float(jnp.max(jnp.abs(task_lib.kl_to_uniform(jnp.zeros((2, 3, 64)))))) < 1e-6
     assert float(jnp.max(jnp.abs(task_lib.kl_to_uniform(jnp.full((4, 64), 7.0))))) < 1e-6
@@ -95,6 +98,7 @@ def test_codebook_usage_counts_perplexity_and_ignores_padding_rows():
     assert float(perplexity) == pytest.approx(4.0) and float(used) == 4.0
 
 
+@pytest.mark.slow
 def test_a_training_step_lowers_the_loss_on_a_fixed_batch():
     config = tiny_config()
     model = task_lib.build_model(config, nnx.Rngs(0))
@@ -125,6 +129,7 @@ def _loss_parts(model, *overrides):
     return float(loss), metrics, model.logits(task_lib.to_unit(batch['image']))
 
 
+@pytest.mark.slow
 def test_short_run_aids_add_exactly_their_terms(model):
     base, metrics, logits = _loss_parts(model)
     k = logits.shape[-1]
@@ -144,6 +149,7 @@ def test_kl_of_the_batch_mean_posterior_is_zero_when_spread_and_log_k_when_colla
                                                                               abs=1e-4)
 
 
+@pytest.mark.slow
 def test_straight_through_decodes_the_one_hot_sample_and_still_has_gradients(model):
     config = tiny_config('', '--config.loss.straight_through=True')
     loss = task_lib.make_loss(config)
@@ -175,6 +181,7 @@ def _assert_only_location_channels_learn(model, config, seed: int) -> None:
     assert float(jnp.abs(output_kernel[..., :3]).max()) > 0.0
 
 
+@pytest.mark.slow
 def test_a_fixed_laplace_scale_ignores_the_decoders_log_scale(model):
     _assert_only_location_channels_learn(
         model, tiny_config('', '--config.loss.likelihood=logit_laplace',
@@ -224,6 +231,7 @@ def test_an_image_size_the_encoder_cannot_downsample_is_refused():
         task_lib.Task(config, '/nonexistent')
 
 
+@pytest.mark.slow
 def test_training_logs_metrics_and_writes_a_reconstruction_grid(trained):
     import json
     lines = [json.loads(line) for line in open(os.path.join(trained, 'metrics.jsonl'))]
@@ -235,6 +243,7 @@ def test_training_logs_metrics_and_writes_a_reconstruction_grid(trained):
     assert grid.shape == (2 * 66 + 2, 2 * 66 + 2, 3)  # 2 rows (originals, reconstructions)
 
 
+@pytest.mark.slow
 def test_encode_job_writes_codes_that_open_codes_reads_back(trained, data_dir, tmp_path):
     import pixelgen
     from pixelgen import dvae
@@ -262,6 +271,7 @@ def test_encode_job_writes_codes_that_open_codes_reads_back(trained, data_dir, t
     assert np.asarray(Image.open(png)).shape == (2 * 66 + 2, 8 * 66 + 2, 3)
 
 
+@pytest.mark.slow
 def test_reconstruction_evaluator_reports_quality_and_usage(trained, tmp_path):
     import pixelgen
     from pixelgen.evaluators import EvalContext, dvae

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from dall_e import Decoder, Encoder
-from dall_e.utils import map_pixels
 
 from pixelgen.config import ConfigError
+
+pytestmark = [pytest.mark.parity]
+torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch: .[test]')
+dall_e = pytest.importorskip(
+    'dall_e', reason="OpenAI's dVAE package: pip install --no-deps DALL-E==0.1")
+Decoder, Encoder, map_pixels = dall_e.Decoder, dall_e.Encoder, dall_e.utils.map_pixels
 
 
 @pytest.fixture(scope='module')
@@ -33,6 +36,7 @@ def converted(released, tmp_path_factory):
     return pixelgen.load(workdir)
 
 
+@pytest.mark.slow
 def test_converted_config_has_the_released_sizes(converted):
     m = converted.config.model
     assert (m.encoder_width, m.decoder_width, m.decoder_init_width, m.codebook_size,
@@ -40,6 +44,7 @@ def test_converted_config_has_the_released_sizes(converted):
     assert converted.config.task == 'dvae' and converted.config.data.image_size == 256
 
 
+@pytest.mark.slow
 def test_converted_encoder_logits_match_dall_e(released, converted):
     images = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype(np.float32)
     with torch.no_grad():

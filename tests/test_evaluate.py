@@ -49,6 +49,7 @@ def evaluated(trained):
         return workdir, json.load(f), before
 
 
+@pytest.mark.slow
 def test_report_has_every_evaluator_and_its_files(evaluated):
     workdir, report, _ = evaluated
     assert report['step'] == 12 and report['task'] == 'igpt'
@@ -81,6 +82,7 @@ def test_checkpoints_and_config_are_untouched(evaluated):
     assert after == before
 
 
+@pytest.mark.slow
 def test_watch_evaluates_each_checkpoint_once(trained, tmp_path):
     workdir = str(tmp_path / 'copy')
     shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns('eval'))

@@ -28,6 +28,8 @@ import pytest
 import pixelgen
 from pixelgen import checkpoint
 
+pytestmark = [pytest.mark.slow]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'igpt_shapes.py') + ':tiny'
 QUIET = ('--config.eval_every_steps=0', '--config.sample_every_steps=0')  # params unchanged

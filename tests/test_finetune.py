@@ -47,6 +47,7 @@ def fresh_state(config):
                               config.seed)[2]
 
 
+@pytest.mark.slow
 def test_init_loads_pretrained_params_exactly_and_the_head_is_fresh(data_dir,
                                                                     pretrained_workdir):
     config = finetune_config(data_dir, pretrained_workdir,
@@ -87,6 +88,7 @@ def with_layout(config, scan_layers: bool, init_from: str):
     return config
 
 
+@pytest.mark.slow
 def test_released_looped_weights_finetune_a_scanned_model_and_back(data_dir, pretrained_workdir,
                                                                   tmp_path):
     source = pretrained.load(pretrained_workdir)
@@ -120,6 +122,7 @@ def test_released_looped_weights_finetune_a_scanned_model_and_back(data_dir, pre
                                   source.model.transformer.blocks[1].mlp.fc.kernel[...])
 
 
+@pytest.mark.slow
 def test_finetune_run_reports_accuracy_and_keeps_the_palette(data_dir, pretrained_workdir,
                                                              tmp_path):
     config = finetune_config(data_dir, pretrained_workdir, '--config.eval_every_steps=2',
@@ -142,6 +145,7 @@ def test_finetune_run_reports_accuracy_and_keeps_the_palette(data_dir, pretraine
     tasks.make(finetune_config(data_dir, str(tmp_path / 'moved_away')), workdir)
 
 
+@pytest.mark.slow
 def test_joint_loss_gradient_reaches_the_backbone_and_both_heads():
     model = ImageGPT(vocab_size=16, seq_len=16, num_layers=2, width=32, num_heads=4,
                      num_classes=3, rngs=nnx.Rngs(0))

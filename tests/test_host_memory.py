@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-PROBE = ('from pixelgen import host_memory; import sys; '
+PROBE = ('from pixelgen.cpu import host_memory; import sys; '
          'print(host_memory.configure(), host_memory.configure())')
 
 

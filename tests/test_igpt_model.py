@@ -41,6 +41,7 @@ def forward(model):
     return jax.jit(lambda tokens: nnx.merge(graphdef, state)(tokens))
 
 
+@pytest.mark.slow
 def test_forward_returns_float32_logits_per_position(model, tokens, forward):
     logits = forward(tokens)
     chex.assert_shape(logits, (BATCH, CONFIG['seq_len'], CONFIG['vocab_size']))
@@ -136,6 +137,7 @@ def test_fully_masked_row_is_finite():
     chex.assert_tree_all_finite(jax.jit(dot_product_attention)(q, k, v, mask))
 
 
+@pytest.mark.slow
 def test_gradients_are_finite_and_nonzero_after_adam_steps(tokens):
     graphdef, params = nnx.split(ImageGPT(**CONFIG, rngs=nnx.Rngs(0)), nnx.Param)
     optimizer = optax.adam(1e-2, b2=0.95)
@@ -188,6 +190,7 @@ def test_tokens_longer_than_seq_len_raise(model):
         model(jnp.zeros((1, 17), jnp.int32))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_gives_float32_logits_close_to_float32(tokens, forward):
     model = make_model(jnp.bfloat16)
     graphdef, state = nnx.split(model)

@@ -13,6 +13,7 @@ from flax import nnx
 from pixelgen.nn.matmul import linear_dot_general, projection_einsum, rows_t_times
 
 
+@pytest.mark.slow
 def test_rows_t_times_equals_transpose_product():
     a = jax.random.normal(jax.random.key(0), (2, 3, 12, 4))
     b = jax.random.normal(jax.random.key(1), (2, 3, 12, 5))
@@ -36,6 +37,7 @@ def linear(dot_general, dtype=jnp.float32):
                       dot_general=dot_general, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype,tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_linear_values_and_gradients_equal_autodiff(dtype, tol):
     x = jax.random.normal(jax.random.key(2), (2, 7, 6))
@@ -57,6 +59,7 @@ def test_linear_values_and_gradients_equal_autodiff(dtype, tol):
                                    rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 def test_other_contractions_fall_through():
     """A batched contraction is not a linear layer: plain dot_general computes it."""
     a = jax.random.normal(jax.random.key(4), (3, 4, 5))
@@ -66,6 +69,7 @@ def test_other_contractions_fall_through():
                                jax.lax.dot_general(a, b, numbers), rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('spec,x_shape,kernel_shape', [
     ('bld,dhk->blhk', (2, 5, 8), (8, 2, 4)),      # attention's q, k, v
     ('blhk,hkd->bld', (2, 5, 2, 4), (2, 4, 8)),   # and its output

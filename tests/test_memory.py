@@ -52,6 +52,7 @@ def test_activation_arithmetic_follows_remat_and_the_batch_split():
     assert two['activation_bytes'] == pytest.approx(full['activation_bytes'] / 2, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_compiled_temporaries_of_scanned_layers_match_the_arithmetic():
     """With scanned layers XLA's (CPU) analysis sees that remat=full keeps one layer's
     internals instead of every layer's (a Python loop hid that), and its temporaries are

@@ -27,6 +27,7 @@ def inputs(use_bias: bool):
     return (x, w_in, w_out, biases), cotangent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('activation,use_bias', [('quick_gelu', False), ('gelu', True)])
 def test_values_and_gradients_equal_autodiff(activation, use_bias):
     args, cotangent = inputs(use_bias)
@@ -55,6 +56,7 @@ def test_gradients_survive_rematerialisation():
             np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_module_on_batch_length_width_equals_the_plain_formula():
     module = MLP(8, mlp_ratio=4, use_bias=True, activation='gelu', rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(2), (2, 5, 8))
@@ -75,6 +77,7 @@ def test_module_on_batch_length_width_equals_the_plain_formula():
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_module_gradients_reach_float32_parameters_in_bfloat16_compute():
     module = MLP(8, mlp_ratio=4, dtype=jnp.bfloat16, use_bias=True, activation='gelu',
                  rngs=nnx.Rngs(0))

@@ -17,6 +17,8 @@ from conftest import REPO, tiny_config
 import pixelgen
 from pixelgen.trainer import train
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 SCRIPT = os.path.join(REPO, 'launch', 'local_multiprocess.sh')
 
 

@@ -1,4 +1,4 @@
-"""The fused native CPU attention kernel (pixelgen/native/block_attention.cc): its block plan
+"""The fused native CPU attention kernel (pixelgen/cpu/native/block_attention.cc): its block plan
 covers exactly the allowed logits, it equals dense masked attention in values and gradients
 (causal, full, DALL·E's row / column / conv, odd lengths, under remat, scan and vmap; under
 shard_map in tests/test_accel_attention.py), no query sees a key it may not, its slices stay
@@ -19,10 +19,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pixelgen import native
-from pixelgen.nn import block_sparse, native_attention
+from pixelgen.cpu import native, native_attention
+from pixelgen.cpu.backend import use_native_attention
+from pixelgen.nn import block_sparse
 from pixelgen.nn.attention import MultiHeadAttention, dot_product_attention
 from pixelgen.nn.masks import CAUSAL, FULL, MaskSpec, dalle_mask_spec
+
+pytestmark = [pytest.mark.native]
 
 # Small masks whose length is a whole number of 32-blocks: T + W² = 32 + 64, and 28 + 36 for
 # a 3-wide conv window; the real 11-wide one on the 8-wide grid.
@@ -46,7 +49,7 @@ def _dense(q, k, v, mask):
 
 
 def _native(mask):
-    return lambda q, k, v: block_sparse.block_sparse_attention(q, k, v, mask, native=True)
+    return lambda q, k, v: native_attention.attend(q, k, v, mask)
 
 
 def _value_and_grads(attend, weights):
@@ -69,6 +72,7 @@ def _plan_as_dense(plan: native_attention.BlockPlan, every_pair_allows: bool = T
     return dense
 
 
+@pytest.mark.slow
 def test_the_library_builds_here():
     """CI installs g++: the kernels below run natively, not on a fallback."""
     assert native.library() is not None
@@ -77,7 +81,7 @@ def test_the_library_builds_here():
 @pytest.mark.parametrize('kind', ['causal', 'row', 'column', 'conv'])
 def test_plans_cover_exactly_the_allowed_logits(kind):
     spec = dalle_mask_spec(kind, 256, 32)
-    plan = block_sparse.native_plan(spec, 1280)
+    plan = native_attention.native_plan(spec, 1280)
     np.testing.assert_array_equal(_plan_as_dense(plan),
                                   block_sparse.dense_in_tile_order(spec, 1280))
     assert plan.masks.shape[1:] == (32, 32) and set(np.unique(plan.masks)) <= {0.0, 1.0}
@@ -99,7 +103,7 @@ def test_a_plan_without_skipping_keeps_every_pair_and_still_equals_dense():
 
 
 def test_plans_pad_odd_lengths_and_refuse_queries_without_keys():
-    plan = block_sparse.native_plan(CAUSAL, 100)
+    plan = native_attention.native_plan(CAUSAL, 100)
     assert (plan.length, plan.padded) == (100, 128)
     padded = _plan_as_dense(plan)
     np.testing.assert_array_equal(padded[:100, :100], CAUSAL.dense(100))
@@ -110,6 +114,7 @@ def test_plans_pad_odd_lengths_and_refuse_queries_without_keys():
     assert native_attention.plan_from_dense(lonely) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, d, length', [
     ('causal', 32, 128), ('causal', 64, 128), ('causal', 32, 100), ('row', 32, None),
     ('column', 32, None), ('conv', 32, None), ('conv3', 32, None), ('conv_odd', 32, None),
@@ -170,19 +175,24 @@ def test_the_kernel_runs_only_where_it_applies(monkeypatch):
     mask = MASKS['row']
     q, k, v = _qkv(_length(mask))
 
-    def lowered(q, native=None):  # a new function each time: the choice is made when traced
-        attend = lambda q, k, v: block_sparse.block_sparse_attention(q, k, v, mask, native=native)
-        return jax.jit(attend).lower(q, k.astype(q.dtype), v.astype(q.dtype)).as_text()
+    def lowered(q, platform='cpu'):  # a new layer each time: the choice is made when traced
+        layer = use_native_attention(MultiHeadAttention(
+            q.shape[2] * q.shape[3], q.shape[2], mask=mask, num_layers=1,
+            dtype=q.dtype, rngs=nnx.Rngs(0)))
+        x = jnp.zeros((*q.shape[:2], q.shape[2] * q.shape[3]), q.dtype)
+        if platform == 'cpu':
+            return jax.jit(layer).lower(x).as_text()
+        return jax.export.export(jax.jit(layer), platforms=[platform])(x).mlir_module()
 
     assert native_attention.FORWARD_TARGET in lowered(q)  # the default on the CPU
+    assert native_attention.FORWARD_TARGET not in lowered(q, 'tpu')  # never lowered elsewhere
+    assert native_attention.FORWARD_TARGET not in lowered(q, 'cuda')
     assert native_attention.FORWARD_TARGET not in lowered(q.astype(jnp.bfloat16))
     small = _qkv(_length(mask), d=8)
-    assert native_attention.FORWARD_TARGET not in jax.jit(
-        lambda *a: block_sparse.block_sparse_attention(*a, mask)).lower(*small).as_text()
-    assert native_attention.FORWARD_TARGET not in lowered(q, native=False)
+    assert native_attention.FORWARD_TARGET not in lowered(small[0])
     with pytest.raises(ValueError, match=r'native attention kernel cannot run this layer.*'
                                          r'head_dim a multiple of 32 \(here 8\)'):
-        block_sparse.block_sparse_attention(*small, mask, native=True)
+        native_attention.attend(*small, mask)
     monkeypatch.setenv(native_attention.ENV, '0')
     assert native_attention.FORWARD_TARGET not in lowered(q)
 
@@ -191,9 +201,9 @@ def test_the_kernel_runs_only_where_it_applies(monkeypatch):
 def test_attention_module_uses_the_kernel_and_equals_dense(name):
     # Full masks have no XLA tiling (they would be dense), but the kernel serves every mask.
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 96, 64))
-    layers = {impl: MultiHeadAttention(64, 2, mask=MASKS[name], num_layers=1,
-                                       attention_impl=impl, rngs=nnx.Rngs(0))
-              for impl in ('block_sparse', 'dense')}
+    layers = {impl: use_native_attention(MultiHeadAttention(
+        64, 2, mask=MASKS[name], num_layers=1, attention_impl=impl, rngs=nnx.Rngs(0)))
+        for impl in ('block_sparse', 'dense')}
     assert native_attention.FORWARD_TARGET in jax.jit(
         lambda x: layers['block_sparse'](x)).lower(x).as_text()
     np.testing.assert_allclose(layers['block_sparse'](x), layers['dense'](x), atol=1e-5)
@@ -201,7 +211,7 @@ def test_attention_module_uses_the_kernel_and_equals_dense(name):
 
 def test_the_kernel_refuses_a_plan_for_another_length():
     q, k, v = _qkv(128)
-    plan = block_sparse.native_plan(CAUSAL, 64)
+    plan = native_attention.native_plan(CAUSAL, 64)
     with pytest.raises(Exception, match='the plan does not match the sequence length'):
         jax.block_until_ready(native_attention.attention(q, k, v, plan))
 
@@ -210,6 +220,7 @@ def test_the_kernel_refuses_a_plan_for_another_length():
 VECTOR_FLAGS = [[]] + ([['-mno-avx512f']] if platform.machine() in ('x86_64', 'AMD64') else [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags', VECTOR_FLAGS, ids=lambda f: ' '.join(f) or 'native')
 def test_kernel_slices_are_exact_and_in_bounds_under_sanitizers(tmp_path, flags):
     """tests/native/block_attention_check.cc runs the kernel's slices without XLA against a
@@ -228,6 +239,7 @@ def test_kernel_slices_are_exact_and_in_bounds_under_sanitizers(tmp_path, flags)
     assert ran.returncode == 0 and ran.stdout.strip() == 'ok', ran.stdout + ran.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_attention_kernels_benchmark_times_each_variant(monkeypatch, capsys):
     """benchmarks/attention_kernels.py at a tiny shape: every variant timed, the speed-ups
     are ratios of the medians, and tiles appear only for masks that have them."""

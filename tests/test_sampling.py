@@ -36,6 +36,7 @@ def samples(model):
     return sample(model, jax.random.key(0), batch_size=BATCH)
 
 
+@pytest.mark.slow
 def test_cached_decode_step_matches_full_forward_at_every_position(model, forward):
     tokens = np.random.default_rng(1).integers(0, VOCAB, (BATCH, SEQ_LEN), np.int32)
     graphdef, state = nnx.split(model)
@@ -70,6 +71,7 @@ def test_repeated_calls_reuse_the_compiled_sampler(model, samples):
     assert sampling._sample_jit._cache_size() == size
 
 
+@pytest.mark.slow
 def test_top_k_1_completes_the_prompt_greedily(model, forward):
     prompt_len = 6
     prompt = np.random.default_rng(2).integers(0, VOCAB, (BATCH, prompt_len), np.int32)
@@ -95,6 +97,7 @@ def test_bad_sampling_arguments_raise(model, kwargs, message):
         sample(model, jax.random.key(0), batch_size=BATCH, **kwargs)
 
 
+@pytest.mark.slow
 def test_num_tokens_generates_a_prefix_with_a_shorter_cache(model):
     rng = jax.random.PRNGKey(4)
     full = sampling.sample(model, rng, batch_size=2, top_k=1)
@@ -114,6 +117,7 @@ def test_phases_cover_the_tokens_in_order():
         assert all(b - a >= sampling.MIN_PHASE for a, b in zip([0, *ends[:-1]], ends, strict=True))
 
 
+@pytest.mark.slow
 def test_phased_decoding_samples_what_one_loop_samples(model, monkeypatch):
     """The sampler grows its cache between phases; the samples must not change."""
     def draw():

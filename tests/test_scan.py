@@ -88,6 +88,7 @@ def primitives_inside_scan(jaxpr, inside: bool = False) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_remat_policy_is_applied_inside_the_scanned_layer(remat, tokens):
     model = ImageGPT(**CONFIG, remat=remat, scan_layers=True, rngs=nnx.Rngs(0))
@@ -98,6 +99,7 @@ def test_remat_policy_is_applied_inside_the_scanned_layer(remat, tokens):
     assert ('remat2' in inside) == (remat == 'full')  # jax.checkpoint's primitive
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', ['none', 'full'])
 def test_scan_gives_the_loops_logits_loss_and_gradients(remat, tokens):
     loop, scan = model_pair(remat)
@@ -113,6 +115,7 @@ def test_scan_gives_the_loops_logits_loss_and_gradients(remat, tokens):
         np.testing.assert_allclose(grad[...], expected, atol=1e-5, rtol=1e-5, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_hidden_features_equal_the_loops(tokens):
     loop, scan = model_pair('none')
     features = scan.hidden_features(tokens)
@@ -179,6 +182,7 @@ def scanned_run(data_dir, tmp_path_factory):
     return workdir, first, second, output.getvalue()
 
 
+@pytest.mark.slow
 def test_scanned_training_runs_and_resumes(scanned_run):
     workdir, first, second, output = scanned_run
     assert 'test/loss' not in first and np.isfinite(second['test/loss'])

@@ -100,6 +100,7 @@ def mesh_results():
     return json.loads(stdout.split('RESULT', 1)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape', ['(8, 1, 1)', '(2, 4, 1)', '(2, 2, 2)', '(1, 1, 8)'])
 def test_every_mesh_matches_one_device(mesh_results, shape):
     ref, got = mesh_results['reference'], mesh_results[shape]

@@ -28,6 +28,7 @@ def _params(workdir: str):
     return jax.tree.leaves(pixelgen.load(workdir).model)  # nnx modules are pytrees of params
 
 
+@pytest.mark.slow
 def test_run_writes_everything_a_user_looks_at(finished_run):
     workdir, result = finished_run
     for name in ('config.json', 'palette.npy', 'metrics.jsonl'):
@@ -51,6 +52,7 @@ def test_loss_falls(finished_run):
     assert result['test/bits_per_dim'] < np.log2(16)  # below the uniform palette baseline
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(finished_run, data_dir, tmp_path):
     workdir, result = finished_run
     resumed = str(tmp_path / 'resumed')
@@ -72,6 +74,7 @@ def _loss_curve(workdir: str) -> dict[int, float]:
     return curve
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_shape_is_refused_and_kept(finished_run, data_dir):
     workdir, _ = finished_run
     ckpt = checkpoint.checkpoint_dir(workdir)
@@ -122,6 +125,7 @@ def _wait_for_checkpoint(proc, workdir: str, step: int, timeout: float = 120.0) 
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(finished_run, tiny_config_args,
                                                             tmp_path):
     import signal
@@ -139,6 +143,7 @@ def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(finished_run, tiny_co
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tiny_config_args, tmp_path):
     import signal
     workdir = str(tmp_path / 'preempted')
@@ -158,6 +163,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_config_args, tmp_path):
     assert steps and 2 <= steps[-1] < 400
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_falls_back_to_the_previous_one(finished_run, data_dir, tmp_path):
     import shutil
     workdir, _ = finished_run
@@ -171,6 +177,7 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(finished_run, data_di
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_restore_step_picks_a_checkpoint(finished_run, data_dir, tmp_path):
     import shutil
     workdir, _ = finished_run
@@ -182,6 +189,7 @@ def test_restore_step_picks_a_checkpoint(finished_run, data_dir, tmp_path):
     assert 'test/loss' in result
 
 
+@pytest.mark.slow
 def test_exploding_run_stops_without_saving_a_nonfinite_state(data_dir, tmp_path):
     workdir = str(tmp_path / 'exploding')
     config = tiny_config(data_dir, '--config.optimizer.learning_rate=1e30',

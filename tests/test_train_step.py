@@ -38,6 +38,7 @@ def reference():
     return _step()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kwargs', [dict(grad_accum_steps=2), dict(grad_accum_steps=4),
                                     dict(concurrent_microbatches=2),
                                     dict(grad_accum_steps=2, concurrent_microbatches=2),
@@ -84,6 +85,7 @@ class _PoisonTask(_Task):
         return loss, {'loss': loss}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('skip', [3, 0], ids=['skip', 'stop'])
 def test_nonfinite_gradients_are_skipped_or_propagate(skip):
     import ml_collections

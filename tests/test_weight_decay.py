@@ -56,6 +56,7 @@ def check_decay(config, expected_names: set[str]) -> None:
     assert expected_names <= seen, expected_names - seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_igpt_decays_kernels_and_embeddings_only(data_dir, scan_layers):
     config = tiny_config(data_dir)

@@ -11,12 +11,12 @@ from it) work as for any trained run.
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 from types import ModuleType
 
 from flax import nnx
 
+from pixelgen import storage
 from pixelgen.config import ConfigDict, ConfigError, save_config
 
 
@@ -58,4 +58,4 @@ def save_workdir(config: ConfigDict, model: nnx.Module, workdir: str) -> str:
     manager.wait_until_finished()
     manager.close()
     save_config(config, workdir)
-    return os.path.join(checkpoint.checkpoint_dir(workdir), '0')
+    return storage.join(checkpoint.checkpoint_dir(workdir), '0')

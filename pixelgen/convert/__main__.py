@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from pixelgen import cli
+from pixelgen import cli, storage
 
 
 def main(argv: list[str]) -> int:
@@ -20,10 +20,14 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog='python -m pixelgen.convert', description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--from', dest='source', required=True, choices=sorted(formats))
-    parser.add_argument('--src', required=True, help='the released files (a folder)')
-    parser.add_argument('--workdir', required=True, help='the new pixelgen workdir')
+    parser.add_argument('--src', required=True,
+                        help='the released files (a folder, local or gs://...)')
+    parser.add_argument('--workdir', required=True,
+                        help='the new pixelgen workdir (a local path or gs://...)')
     args = parser.parse_args(argv)
-    summary = convert.get(args.source).convert(args.src, args.workdir)
+    # The readers of released formats (safetensors, TF bundles, torch) read local files.
+    src = storage.local_folder(args.src, 'convert', what='--src')
+    summary = convert.get(args.source).convert(src, args.workdir)
     print(f'[convert] {summary}')
     return 0
 

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from pixelgen import storage
 from pixelgen.config import ConfigError
 from pixelgen.convert import save_workdir
 from pixelgen.data.text import TextTokenizer
@@ -70,20 +71,22 @@ def clip_bpe_tokenizer(vocab_path: str, merges_path: str) -> Tokenizer:
 
 
 def load_clip_bpe(folder: str) -> ClipBPETokenizer:
-    """CLIP's tokenizer from `folder`: vocab.json + merges.txt, else a tokenizer.json."""
-    vocab, merges = os.path.join(folder, 'vocab.json'), os.path.join(folder, 'merges.txt')
-    if os.path.exists(vocab) and os.path.exists(merges):
-        return ClipBPETokenizer(clip_bpe_tokenizer(vocab, merges))
-    path = os.path.join(folder, 'tokenizer.json')
-    if os.path.exists(path):
-        return ClipBPETokenizer(Tokenizer.from_file(path))
+    """CLIP's tokenizer from `folder` (local or a URL): vocab.json + merges.txt, else a
+    tokenizer.json."""
+    vocab, merges = storage.join(folder, 'vocab.json'), storage.join(folder, 'merges.txt')
+    if storage.exists(vocab) and storage.exists(merges):
+        with storage.local_file(vocab) as vocab, storage.local_file(merges) as merges:
+            return ClipBPETokenizer(clip_bpe_tokenizer(vocab, merges))
+    path = storage.join(folder, 'tokenizer.json')
+    if storage.exists(path):
+        return ClipBPETokenizer(Tokenizer.from_str(storage.read_text(path)))
     raise FileNotFoundError(f'{folder} holds neither vocab.json + merges.txt nor tokenizer.json '
                             "(CLIP's BPE files, as in the released checkpoints).")
 
 
 def is_clip_bpe(path: str) -> bool:
     """Whether the tokenizer JSON file at `path` is CLIP's BPE (not a TextTokenizer)."""
-    return Tokenizer.from_file(path).token_to_id(EOT) is not None
+    return Tokenizer.from_str(storage.read_text(path)).token_to_id(EOT) is not None
 
 
 def read_state_dict(folder: str) -> dict[str, np.ndarray]:
@@ -253,7 +256,7 @@ def convert(src: str, workdir: str) -> str:
                           f'the model pools at token {config.model.eot_id}.')
     path = save_workdir(config, model, workdir)
     if tokenizer is not None:
-        tokenizer.save(os.path.join(workdir, TOKENIZER_FILE))
+        tokenizer.save(storage.join(workdir, TOKENIZER_FILE))
     n = sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return (f'CLIP ViT-{config.model.vision_width}w/{config.model.patch_size} at '
             f'{config.data.image_size}px, {n:,} parameters -> {path}; tokenizer: '

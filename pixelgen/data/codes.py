@@ -7,11 +7,16 @@ Each example is {'codes': uint16 [grid, grid], 'caption': str, 'label': int}. An
 opens it (`tfds.builder_from_directory(out_dir).as_data_source(split)`); `open_codes` does
 that and returns captions as `str`. Splits are written one call at a time and merged into the
 dataset info, so `train` and `test` can come from separate runs of the encode job.
+
+`out_dir` may be a URL (gs://...). The ArrayRecord writer and reader handle local files only
+(google/array_record#120): each process writes its shard locally and copies it up, and
+readers read a copy in their machine's cache (`storage.local_copy`).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 
 import jax
@@ -19,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import example_serializer
 
+from pixelgen import storage
 from pixelgen.data.pipeline import DataError
 
 NAME = 'codes'
@@ -47,8 +53,8 @@ def _info(out_dir: str, grid_size: int, metadata: dict) -> tfds.core.DatasetInfo
                                  disable_shuffling=True)
 
 
-def _shard_path(out_dir: str, split: str, index: int, count: int) -> str:
-    return os.path.join(out_dir, f'{NAME}-{split}.{FILE_FORMAT}-{index:05d}-of-{count:05d}')
+def _shard_name(split: str, index: int, count: int) -> str:
+    return f'{NAME}-{split}.{FILE_FORMAT}-{index:05d}-of-{count:05d}'
 
 
 def _all_process_counts(count: int) -> list[int]:
@@ -65,13 +71,10 @@ def write_codes(out_dir: str, split: str, examples: Iterable[dict], *, grid_size
     every process calls this with its own examples; process 0 writes the dataset info.
     Rewriting a split replaces it; other splits already in `out_dir` are kept, and `metadata`
     updates the metadata already there."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     if not 2 <= codebook_size <= 65536:
         raise CodesError(f'codebook_size={codebook_size} must be in [2, 65536] (codes are uint16).')
-    os.makedirs(out_dir, exist_ok=True)
-    existing = (_builder(out_dir).info
-                if os.path.exists(os.path.join(out_dir, 'dataset_info.json')) else None)
+    storage.makedirs(out_dir)
+    existing = _builder(out_dir).info if _is_codes(out_dir) else None
     if existing and (existing.metadata['grid_size'], existing.metadata['codebook_size']) != (
             grid_size, codebook_size):
         raise CodesError(
@@ -79,14 +82,43 @@ def write_codes(out_dir: str, split: str, examples: Iterable[dict], *, grid_size
             f'codebook_size={existing.metadata["codebook_size"]}, but this call writes '
             f'grid_size={grid_size}, codebook_size={codebook_size}. Write to a new directory.')
     features = _features(grid_size)
-    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
     process, processes = jax.process_index(), jax.process_count()
-    path = _shard_path(out_dir, split, process, processes)
+    shard = _shard_name(split, process, processes)
     if process == 0:  # shards of an earlier write of this split by another number of processes
         stale = f'{NAME}-{split}.{FILE_FORMAT}-'
-        for name in os.listdir(out_dir):
+        for name in storage.listdir(out_dir):
             if name.startswith(stale) and not name.endswith(f'-of-{processes:05d}'):
-                os.remove(os.path.join(out_dir, name))
+                storage.remove(storage.join(out_dir, name))
+    with tempfile.TemporaryDirectory(prefix='pixelgen-codes-') as staging:
+        # A URL's shard is written locally first (ArrayRecord writes local files only).
+        local = (os.path.join(staging, shard) if storage.is_remote(out_dir)
+                 else os.path.join(out_dir, shard))
+        count = _write_shard(local, split, examples, features, grid_size, codebook_size)
+        if storage.is_remote(out_dir):  # an object appears whole once uploaded
+            storage.upload_file(local, storage.join(out_dir, shard))
+    counts = _all_process_counts(count)
+    if process == 0:
+        splits = {name: info for name, info in existing.splits.items()} if existing else {}
+        splits[split] = tfds.core.SplitInfo(name=split, shard_lengths=counts, num_bytes=0)
+        user = dict(existing.metadata.get('user', {})) if existing else {}
+        user.update(metadata or {})
+        info = _info(out_dir, grid_size, {'grid_size': grid_size, 'codebook_size': codebook_size,
+                                          'user': user})
+        info.set_file_format(FILE_FORMAT)
+        info.set_splits(tfds.core.SplitDict(list(splits.values())))
+        info.write_to_directory(out_dir)
+    if processes > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f'write_codes:{out_dir}:{split}')
+    return count
+
+
+def _write_shard(path: str, split: str, examples: Iterable[dict], features, grid_size: int,
+                 codebook_size: int) -> int:
+    """Writes `examples` to the local ArrayRecord file `path`; returns how many."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
     writer = ArrayRecordWriter(path + '.tmp', 'group_size:1')
     count = 0
     for example in examples:
@@ -105,20 +137,6 @@ def write_codes(out_dir: str, split: str, examples: Iterable[dict], *, grid_size
         count += 1
     writer.close()
     os.replace(path + '.tmp', path)  # readers never see a half-written shard
-    counts = _all_process_counts(count)
-    if process == 0:
-        splits = {name: info for name, info in existing.splits.items()} if existing else {}
-        splits[split] = tfds.core.SplitInfo(name=split, shard_lengths=counts, num_bytes=0)
-        user = dict(existing.metadata.get('user', {})) if existing else {}
-        user.update(metadata or {})
-        info = _info(out_dir, grid_size, {'grid_size': grid_size, 'codebook_size': codebook_size,
-                                          'user': user})
-        info.set_file_format(FILE_FORMAT)
-        info.set_splits(tfds.core.SplitDict(list(splits.values())))
-        info.write_to_directory(out_dir)
-    if processes > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f'write_codes:{out_dir}:{split}')
     return count
 
 
@@ -132,8 +150,12 @@ def codes_info(out_dir: str) -> dict:
             'metadata': dict(meta.get('user', {}))}
 
 
+def _is_codes(out_dir: str) -> bool:
+    return storage.exists(storage.join(out_dir, 'dataset_info.json'))
+
+
 def _builder(out_dir: str):
-    if not os.path.exists(os.path.join(out_dir, 'dataset_info.json')):
+    if not _is_codes(out_dir):
         raise CodesError(f'{out_dir!r} is not a codes dataset (no dataset_info.json). Write one '
                          'with the dVAE encode job: python -m pixelgen.dvae encode --workdir '
                          f'DVAE_WORKDIR --dataset shapes --out {out_dir}')
@@ -149,6 +171,8 @@ class CodesSource:
         if split.split('[')[0] not in builder.info.splits:
             raise CodesError(f'{out_dir} has no split {split!r}; it has '
                              f'{sorted(builder.info.splits)}.')
+        if storage.is_remote(out_dir):  # array_record reads local files only
+            builder = _builder(storage.local_folder(out_dir, 'codes', what='codes dataset'))
         self._source = builder.as_data_source(split=split)
 
     def __len__(self) -> int:

@@ -8,11 +8,13 @@ iterations on pixels sampled from the training split, vectorised in JAX and full
 
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pixelgen import storage
 
 PALETTE_FILE = 'palette.npy'
 
@@ -97,14 +99,11 @@ def dequantize(tokens: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def save_palette(centres: np.ndarray, workdir: str) -> str:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, PALETTE_FILE)
-    tmp = path + '.tmp.npy'
-    np.save(tmp, centres)
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    np.save(buf, centres)
+    return storage.write_bytes(storage.join(workdir, PALETTE_FILE), buf.getvalue())
 
 
 def load_palette(workdir: str) -> np.ndarray | None:
-    path = os.path.join(workdir, PALETTE_FILE)
-    return np.load(path) if os.path.isfile(path) else None
+    path = storage.join(workdir, PALETTE_FILE)
+    return np.load(io.BytesIO(storage.read_bytes(path))) if storage.is_file(path) else None

@@ -3,6 +3,9 @@
 `open_source` finds a split of any dataset: the project's embedded ones (`shapes`,
 `fashion_mnist`) are built into the data dir on first use; any tfds catalog name that a user
 has prepared (with `file_format='array_record'`) goes through the same path. No TensorFlow.
+The data dir may be a URL (gs://...): array_record reads local files only
+(google/array_record#120), so every machine copies the dataset's files to its local cache
+on first use (`storage.local_copy`, one log line) and reads them there.
 
 Training batches come from a grain `MapDataset`: seeded shuffle (a fresh permutation every
 epoch), repeat, this host's rows of each global batch, decode/resize, batch, task map,
@@ -21,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from pixelgen import storage
 from pixelgen.data import builders
 
 Example = dict[str, np.ndarray]
@@ -31,14 +35,30 @@ class DataError(ValueError):
 
 
 def resolve_data_dir(data_dir: str) -> str:
-    return os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+    data_dir = data_dir or os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets')
+    return data_dir if storage.is_remote(data_dir) else os.path.expanduser(data_dir)
+
+
+def _local_builder(dataset: str, data_dir: str, builder):
+    """The builder of `dataset` in this machine's copy of the prepared dataset `builder`
+    of the remote `data_dir`."""
+    root, variant = data_dir.rstrip('/'), str(builder.data_dir)
+    if not variant.startswith(root + '/'):
+        raise DataError(f'tfds put {dataset!r} of {data_dir} at {variant}, outside that '
+                        'data dir; pass the data dir that holds it.')
+    local_root = storage.cache_dir('data', root)
+    storage.local_copy(variant, os.path.join(local_root, variant[len(root) + 1:]),
+                       what=f'dataset {dataset!r}')
+    if builders.builds_locally(dataset):
+        return builders.make_builder(dataset, local_root)
+    return tfds.builder(dataset, data_dir=local_root)
 
 
 def open_source(dataset: str, split: str, data_dir: str = ''):
     """A random-access source of one split: `len(src)` examples, `src[i]` a feature dict."""
     data_dir = resolve_data_dir(data_dir)
     if builders.builds_locally(dataset):  # embedded, or 'image_folder:<path>'
-        builder = builders.ensure_built(dataset, data_dir)
+        builder = builders.ensure_built(dataset, data_dir)  # local, even if data_dir is not
     else:
         try:
             builder = tfds.builder(dataset, data_dir=data_dir)
@@ -51,6 +71,8 @@ def open_source(dataset: str, split: str, data_dir: str = ''):
                 'run time: prepare it once on a machine with the data, in array_record format, '
                 f"e.g. tfds.builder({dataset!r}, data_dir={data_dir!r}, file_format='array_record')"
                 '.download_and_prepare(), then pass --config.data.data_dir=<that dir>.')
+    if storage.is_remote(str(builder.data_dir)):
+        builder = _local_builder(dataset, data_dir, builder)
     splits = builder.info.splits
     base_split = split.split('[')[0]
     if base_split not in splits:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from pixelgen import storage
+
 SPECIAL_TOKENS = ('[PAD]', '[SOT]', '[EOT]')
 # Byte-level: the 256 byte symbols are always in the vocabulary, after the special tokens.
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
@@ -66,16 +68,16 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, path: str) -> TextTokenizer:
-        """A tokenizer saved by `save` (a `tokenizers` JSON file)."""
+        """A tokenizer saved by `save` (a `tokenizers` JSON file, local or at a URL)."""
         try:
-            return cls(Tokenizer.from_file(path))
+            return cls(Tokenizer.from_str(storage.read_text(path)))
         except Exception as e:  # tokenizers raises a bare Exception for a missing/bad file
             raise FileNotFoundError(f'Cannot read a tokenizer from {path!r} ({e}). It is written '
                                     'by TextTokenizer.save (a training run saves one in its '
                                     'workdir).') from e
 
     def save(self, path: str) -> None:
-        self._tokenizer.save(path)
+        storage.write_text(path, self._tokenizer.to_str(pretty=True))
 
     def _with_dropout(self, dropout: float) -> Tokenizer:
         if not 0.0 <= dropout < 1.0:

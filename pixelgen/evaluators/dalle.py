@@ -21,7 +21,6 @@ test codes (the best a generator can hope for) are reported beside the generatio
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from pixelgen import images
+from pixelgen import images, storage
 from pixelgen.config import ConfigError
 from pixelgen.data import pipeline
 from pixelgen.data.builders import shapes
@@ -109,7 +108,7 @@ def attribute_accuracies(classifier, pictures, colours, shape_ids,
 def attribute_accuracy(ctx) -> dict[str, float]:
     import pixelgen
     from pixelgen.data.codes import open_codes
-    from pixelgen.models.dalle import generate
+    from pixelgen.sampling import generate
     from pixelgen.tasks.dalle import decode_codes
 
     loaded, options = ctx.loaded, ctx.options
@@ -172,11 +171,10 @@ def attribute_accuracy(ctx) -> dict[str, float]:
             np.stack([r['codes'] for r in test_records]), jnp.int32)))
         metrics.update(attribute_accuracies(classifier, decoded, truth[:, 0], truth[:, 1],
                                    'reconstructions_'))
-    os.makedirs(ctx.out_dir, exist_ok=True)
-    images.save_png(images.make_grid(kept), os.path.join(ctx.out_dir,
+    images.save_png(images.make_grid(kept), storage.join(ctx.out_dir,
                                                          f'attributes_{which}.png'))
-    with open(os.path.join(ctx.out_dir, f'attributes_{which}.txt'), 'w') as f:
-        f.write('\n'.join(captions) + '\n')
+    storage.write_text(storage.join(ctx.out_dir, f'attributes_{which}.txt'),
+                       '\n'.join(captions) + '\n')
     return metrics
 
 

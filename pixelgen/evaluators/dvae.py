@@ -11,10 +11,10 @@ reconstructions of one-object test images (`color_accuracy`, `shape_accuracy`,
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
+from pixelgen import storage
 from pixelgen.data import pipeline
 from pixelgen.evaluators import EvalContext
 
@@ -60,7 +60,7 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
         sq_err += flush()
     mse = sq_err / n
     p = counts[counts > 0] / counts.sum()
-    path = os.path.join(ctx.out_dir, f'reconstructions_{ctx.loaded.step:07d}.png')
+    path = storage.join(ctx.out_dir, f'reconstructions_{ctx.loaded.step:07d}.png')
     write_reconstruction_grid(model, np.stack(originals), path)
     metrics = {'mse': mse, 'psnr': -10 * math.log10(max(mse, 1e-10)),
                'perplexity': float(np.exp(-np.sum(p * np.log(p)))),

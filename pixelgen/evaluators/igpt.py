@@ -16,13 +16,11 @@ Every evaluator accepts option batch_size (default config.batch_size).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from flax import nnx
 
-from pixelgen import images, probe, tasks
+from pixelgen import images, probe, storage, tasks
 from pixelgen.data import palette as palette_lib
 from pixelgen.data import pipeline
 from pixelgen.evaluators import EvalContext
@@ -124,7 +122,7 @@ def linear_probe(ctx: EvalContext) -> dict[str, float]:
     results = probe.probe_layers(train_x, train_y, test_x, test_y, seed=config.seed)
     pixels = probe.fit_probe(train_pixels, train_y, test_pixels, test_y, seed=config.seed)
     best = probe.best_layer(results)
-    probe.accuracy_plot(results, os.path.join(ctx.out_dir, 'probe_accuracy.png'),
+    probe.accuracy_plot(results, storage.join(ctx.out_dir, 'probe_accuracy.png'),
                         baseline=pixels.test_accuracy,
                         title=f'Linear probe, step {ctx.loaded.step} ({config.data.dataset})')
     out = {}
@@ -148,7 +146,7 @@ def samples(ctx: EvalContext) -> dict[str, float]:
     per_image = int(ctx.options.get('samples_per_image', config.sampling.samples_per_image))
     rng = jax.random.PRNGKey(int(ctx.options.get('seed', config.seed)))
     rows = task.completions(ctx.loaded.model, rng, num_images, per_image)
-    images.save_png(images.make_grid(rows), os.path.join(ctx.out_dir, 'completions.png'))
+    images.save_png(images.make_grid(rows), storage.join(ctx.out_dir, 'completions.png'))
     return {'num_images': float(num_images), 'samples_per_image': float(per_image)}
 
 

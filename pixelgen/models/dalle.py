@@ -13,22 +13,20 @@ Padding (the paper's §2.2): the pad id at text position k is replaced by its ow
 `text_vocab_size + k`, so each of the T positions has a distinct learned pad embedding.
 Pads are never predicted: the text head covers only the text vocabulary.
 
-`generate` draws image codes from a caption (and, optionally, the first rows of an image)
-with a KV cache in one compiled loop; every step uses the layer's sparse mask.
+`decode_step` is one step of a KV-cache decoding loop that reads only the keys each layer's
+sparse mask allows; `pixelgen.sampling.generate` draws image codes from a caption with it.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelgen import core_split, cpu_decode
-from pixelgen.nn import packed_matmul
 from pixelgen.nn.attention import logical_init
+from pixelgen.nn.decode_ops import PLAIN, DecodeOps
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_layer_masks, dalle_mask_spec
 from pixelgen.nn.matmul import linear_dot_general
 from pixelgen.nn.transformer import LayerCache, Transformer, rms_norm
@@ -141,11 +139,11 @@ class DallE(nnx.Module):
                 constrain(image_logits, ('batch', 'length', 'vocab')))
 
     # Decoding --------------------------------------------------------------------------
-    def init_cache(self, batch_size: int) -> Cache:
-        return self.transformer.init_cache(batch_size, self.seq_len)
+    def init_cache(self, batch_size: int, ops: DecodeOps = PLAIN) -> Cache:
+        return self.transformer.init_cache(batch_size, self.seq_len, ops)
 
-    def decode_step(self, token: jax.Array, position: jax.Array,
-                    cache: Cache) -> tuple[jax.Array, Cache]:
+    def decode_step(self, token: jax.Array, position: jax.Array, cache: Cache,
+                    ops: DecodeOps = PLAIN) -> tuple[jax.Array, Cache]:
         """token [b] int: the sequence's token at `position` (a text id if position < T, else
         an image code). Returns the logits [b, image_vocab] of the next image code (meaningful
         from position T-1 on) and the new cache."""
@@ -159,101 +157,7 @@ class DallE(nnx.Module):
                    .astype(jnp.float32)
                    + self.row_embed[p // self.grid_size] + self.col_embed[p % self.grid_size])
         h = jnp.where(position < t, h_text, h_image)[:, None, :].astype(self.dtype)
-        h, cache = self.transformer.decode(h, cache, position)
-        logits = packed_matmul.project(self.image_head, self.ln_f(h))[:, 0]
+        h, cache = self.transformer.decode(h, cache, position, ops)
+        logits = ops.project(self.image_head, self.ln_f(h))[:, 0]
         return logits.astype(jnp.float32), cache
 
-
-def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> jax.Array:
-    """logits [b, v] -> logits / temperature with all but the top-k and/or the smallest
-    nucleus of mass >= top_p set to -inf (the most likely token is always kept)."""
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
-        threshold = jnp.min(kept, axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
-
-
-def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
-             image_prompt: jax.Array | None = None, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None) -> jax.Array:
-    """Image codes for captions: text [b, T] token ids -> codes int32 [b, N].
-
-    With image_prompt [b, P] the first P codes (e.g. the top rows of an image) are kept and
-    the rest completed (the paper's image-to-image translation). One `lax.fori_loop` over
-    the T + N - 1 positions with the KV cache; position i draws with fold_in(rng, i), the
-    same however the work is split (on a multi-core CPU, over one-thread clients, one per
-    core: the weights on 2 cores, `pixelgen.core_split`, else the rows, `pixelgen.cpu_decode`).
-    The paper samples at temperature 1 without top-k or top-p (the defaults).
-    """
-    text = jnp.asarray(text, jnp.int32)
-    if text.ndim != 2 or text.shape[1] != model.text_len:
-        raise ValueError(f'text must be [batch, text_len={model.text_len}]; got {text.shape}.')
-    batch = text.shape[0]
-    if image_prompt is None:
-        image_prompt = jnp.zeros((batch, 0), jnp.int32)
-    image_prompt = jnp.asarray(image_prompt, jnp.int32)
-    if (image_prompt.ndim != 2 or image_prompt.shape[0] != batch
-            or image_prompt.shape[1] > model.num_image_tokens):
-        raise ValueError(f'image_prompt must be [batch={batch}, P] with P <= '
-                         f'{model.num_image_tokens}; got {image_prompt.shape}.')
-    if not temperature > 0:
-        raise ValueError(f'temperature={temperature} must be > 0; use top_k=1 for greedy.')
-    if top_k is not None and not 1 <= top_k <= model.image_vocab_size:
-        raise ValueError(f'top_k={top_k} must be in [1, {model.image_vocab_size}] (or None).')
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f'top_p={top_p} must be in (0, 1] (or None).')
-    graphdef, state = nnx.split(model)
-    run = functools.partial(_generate_jit, graphdef, batch_size=batch,
-                            temperature=float(temperature), top_k=top_k, top_p=top_p)
-    # On a 2-core CPU the weights are split between the cores (pixelgen.core_split); on other
-    # CPUs the rows are decoded on one-thread clients, one per core (pixelgen.cpu_decode).
-    if core_split.applies(state):
-        return core_split.map_halves(run, state, [rng], [text, image_prompt], batch)
-    return cpu_decode.map_rows(run, state, [rng], [text, image_prompt], batch, pack=True)
-
-
-@functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
-                                             'top_p', 'row_count', 'party', 'packed'))
-def _generate_jit(graphdef, state, rng, text, image_prompt, *, batch_size, temperature, top_k,
-                  top_p, row_start, row_count, party=None, packed=False):
-    """The codes of the batch's rows [row_start, row_start + row_count) (text and image_prompt
-    hold only those); with `party`, from that party's half of the weights
-    (`core_split.map_halves`); with `packed`, on packed weights (`pixelgen.nn.packed_matmul`)."""
-    model: DallE = nnx.merge(graphdef, state)
-    with core_split.as_party(model, party), packed_matmul.packing(model if packed else None):
-        return _generate_codes(model, rng, text, image_prompt, batch_size, temperature, top_k,
-                               top_p, row_start, row_count)
-
-
-def _generate_codes(model, rng, text, image_prompt, batch_size, temperature, top_k, top_p,
-                    row_start, row_count):
-    batch, t, n = text.shape[0], model.text_len, model.num_image_tokens
-    prompt_len = image_prompt.shape[1]
-    noise = cpu_decode.gumbel_rows(rng, 0, t + n - 1, batch_size, row_start, row_count,
-                                   model.image_vocab_size)
-    sequence = jnp.zeros((batch, t + n), jnp.int32)
-    sequence = jax.lax.dynamic_update_slice(sequence, text, (0, 0))
-    sequence = jax.lax.dynamic_update_slice(sequence, image_prompt, (0, t))
-
-    def step(position, carry):
-        sequence, cache = carry
-        token = jax.lax.dynamic_index_in_dim(sequence, position, axis=1, keepdims=False)
-        logits, cache = model.decode_step(token, position, cache)  # next image code
-        logits = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        drawn = jnp.argmax(logits + noise(position), axis=-1)  # jax.random.categorical's
-        target = position + 1
-        kept = jax.lax.dynamic_index_in_dim(sequence, target, axis=1, keepdims=False)
-        code = jnp.where(target < t + prompt_len, kept, drawn.astype(jnp.int32))  # prompts stay
-        return jax.lax.dynamic_update_slice(sequence, code[:, None], (0, target)), cache
-
-    sequence, _ = jax.lax.fori_loop(0, t + n - 1, step, (sequence, model.init_cache(batch)))
-    return sequence[:, t:]

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelgen.nn import packed_matmul
 from pixelgen.nn.attention import logical_init
+from pixelgen.nn.decode_ops import PLAIN, DecodeOps
 from pixelgen.nn.masks import CAUSAL, FULL
 from pixelgen.nn.matmul import linear_dot_general
 from pixelgen.nn.transformer import Cache, Transformer, rms_norm
@@ -168,24 +168,26 @@ class ImageGPT(nnx.Module):
             return jnp.stack([f.astype(jnp.float32).mean(axis=1) for f in features])
         return features.astype(jnp.float32).mean(axis=2)  # scanned: [layers, b, l, width]
 
-    def init_cache(self, batch_size: int, length: int | None = None) -> Cache:
+    def init_cache(self, batch_size: int, length: int | None = None,
+                   ops: DecodeOps = PLAIN) -> Cache:
         """Empty KV cache for `decode_step`: per-layer k, v [batch, heads, length, head_dim]
         (with scan_layers one cache stacked on a leading [num_layers] axis); `length`
         (default seq_len) bounds the positions that can be decoded."""
         self._check_autoregressive()
-        return self.transformer.init_cache(batch_size, length or self.seq_len)
+        return self.transformer.init_cache(batch_size, length or self.seq_len, ops)
 
-    def decode_step(self, prev_tokens: jax.Array, position: jax.Array,
-                    cache: Cache) -> tuple[jax.Array, Cache]:
+    def decode_step(self, prev_tokens: jax.Array, position: jax.Array, cache: Cache,
+                    ops: DecodeOps = PLAIN) -> tuple[jax.Array, Cache]:
         """prev_tokens [batch] int32 = tokens[:, position-1] (ignored at position 0, where the
         sos vector is used); returns logits [batch, vocab_size] float32 for tokens[:, position],
-        and the new cache."""
+        and the new cache. `ops`: the step's projections and partial sums (`DecodeOps`)."""
         self._check_autoregressive()
         position = jnp.asarray(position, jnp.int32)
         tok = self.wte(prev_tokens).astype(jnp.float32)  # [b, width]
         h = jnp.where(position == 0, self.sos[...][None], tok) + self.wpe[position]
-        h, cache = self.transformer.decode(h[:, None, :].astype(self.dtype), cache, position)
-        logits = packed_matmul.project(self.head, self.ln_f(h))[:, 0]  # [b, vocab]
+        h, cache = self.transformer.decode(h[:, None, :].astype(self.dtype), cache, position,
+                                           ops)
+        logits = ops.project(self.head, self.ln_f(h))[:, 0]  # [b, vocab]
         return logits.astype(jnp.float32), cache
 
     def _check_autoregressive(self) -> None:

@@ -7,11 +7,11 @@ DALL·E's sparse row / column / conv layers: block-sparse in the forward pass, a
 the text and the query's window (or column) of the KV cache when decoding.
 
 Implementations of the forward pass (`attention_impl`):
-  'block_sparse'  only the blocks the mask allows: on the CPU, for float32 layers whose
-                  head_dim is a multiple of 32, one fused native kernel per direction, for
-                  every mask (pixelgen.nn.native_attention); elsewhere as a few batched tiles
-                  with a hand-written backward pass (pixelgen.nn.block_sparse), any device,
-                  where masks without a tiling (full) and short sequences are computed densely
+  'block_sparse'  only the blocks the mask allows, as a few batched tiles with a hand-written
+                  backward pass (pixelgen.nn.block_sparse), any device; masks without a
+                  tiling (full) and short sequences are computed densely. Where the step is
+                  lowered for the CPU, a layer given the CPU's fused kernel from outside
+                  (`cpu_kernel`, pixelgen.cpu) runs that instead, for every mask
   'dense'         the reference: full [length, length] logits, masked
   'splash'        TPU splash attention kernel (pixelgen.nn.splash); interpret mode elsewhere
   'cudnn'         cuDNN flash attention on NVIDIA GPUs (jax.nn.dot_product_attention); causal
@@ -29,14 +29,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pixelgen.nn import native_attention, packed_matmul
 from pixelgen.nn.block_sparse import (
     DEFAULT_CAUSAL_BLOCK,
     Tiling,
     block_sparse_attention,
     make_tiling,
-    native_plan,
 )
+from pixelgen.nn.decode_ops import PLAIN, DecodeOps
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.matmul import projection_einsum
 from pixelgen.nn.splash import DEFAULT_BLOCK_SIZE as SPLASH_BLOCK_SIZE
@@ -186,6 +185,10 @@ class MultiHeadAttention(nnx.Module):
         self.splash_block_size = (block_size if block_size and attention_impl == 'splash'
                                   else SPLASH_BLOCK_SIZE)
         check_block_size(self.splash_block_size)
+        # The CPU's own kernel for the 'block_sparse' path, given from outside
+        # (`pixelgen.cpu.use_native_attention`): kernel.runs(q, mask) says where it applies,
+        # kernel(q, k, v, mask) computes it. It runs only where the step is lowered for the CPU.
+        self.cpu_kernel = None
         qkv_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width)),
                                 ('embed', 'heads', 'kv'))
         out_init = logical_init(nnx.initializers.normal(1.0 / math.sqrt(width * num_layers)),
@@ -244,8 +247,8 @@ class MultiHeadAttention(nnx.Module):
         if impl == 'splash':
             return 'splash' if platform == 'tpu' else 'splash_interpreted'
         if impl == 'block_sparse':
-            if (platform == 'cpu' and native_attention.available(q)
-                    and native_plan(self.mask, length) is not None):
+            if (platform == 'cpu' and self.cpu_kernel is not None
+                    and self.cpu_kernel.runs(q, self.mask)):
                 return 'native'
             return 'tiles' if self.tiling(length) is not None else 'dense'
         return impl
@@ -257,9 +260,10 @@ class MultiHeadAttention(nnx.Module):
         if variant == 'cudnn':  # same layout [b, l, heads, head_dim] and scale
             return jax.nn.dot_product_attention(q, k, v, is_causal=self.mask.kind == 'causal',
                                                 implementation='cudnn')
-        if variant in ('native', 'tiles'):
-            return block_sparse_attention(q, k, v, self.mask, self.block_size,
-                                          native=variant == 'native')
+        if variant == 'native':
+            return self.cpu_kernel(q, k, v, self.mask)
+        if variant == 'tiles':
+            return block_sparse_attention(q, k, v, self.mask, self.block_size)
         mask = jnp.asarray(self.mask.dense(q.shape[1]))[None, None]  # [1, 1, l, l]
         return dot_product_attention(q, k, v, mask)
 
@@ -270,7 +274,8 @@ class MultiHeadAttention(nnx.Module):
         tiling = make_tiling(self.mask, length, self.block_size)
         return tiling if tiling is not None and tiling.pays_off else None
 
-    def init_cache(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
+    def init_cache(self, batch_size: int, max_length: int,
+                   ops: DecodeOps = PLAIN) -> dict[str, jax.Array]:
         """Empty KV cache: k, v [batch, heads, max_length, head_dim] in the compute dtype.
 
         Heads-major, so each decoding step reads the cache as it lies; a length-major cache
@@ -278,18 +283,18 @@ class MultiHeadAttention(nnx.Module):
         `qkv`, the query, key and value kernels side by side as one matrix [width, 3 · heads ·
         head_dim], made once here, outside the decoding loop: a small model's decoding step is
         bound by its number of ops, and one matmul instead of three saves two per layer. Not
-        where the loop's matmuls stream packed weights (`pixelgen.nn.packed_matmul`), which
-        pack q, k and v as they are."""
+        where `ops` reads the kernels as they are (`DecodeOps.fuse_qkv`)."""
         shape = (batch_size, self.num_heads, max_length, self.head_dim)
         cache = dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype))
         kernels = [p.kernel[...] for p in (self.query, self.key, self.value)]
-        if (self.query.bias is None and kernels[0].ndim == 3 and not packed_matmul.active()
+        if (self.query.bias is None and kernels[0].ndim == 3 and ops.fuse_qkv
                 and 3 * kernels[0].nbytes <= FUSED_QKV_MAX_BYTES):
             cache['qkv'] = jnp.stack(kernels, axis=1).reshape(kernels[0].shape[0], -1)
         return cache
 
     def decode(
-        self, x: jax.Array, cache: dict[str, jax.Array], position: jax.Array
+        self, x: jax.Array, cache: dict[str, jax.Array], position: jax.Array,
+        ops: DecodeOps = PLAIN,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """One decoding step.
 
@@ -297,6 +302,7 @@ class MultiHeadAttention(nnx.Module):
           x: [batch, 1, width], the input at `position`.
           cache: from `init_cache` (or a previous `decode`), holding k, v for positions < position.
           position: int scalar (may be traced), the index of `x` in the sequence.
+          ops: the step's projections (`DecodeOps.project`).
 
         Returns:
           y [batch, 1, width] and the cache with k, v written at `position`.
@@ -315,7 +321,7 @@ class MultiHeadAttention(nnx.Module):
             q, k_new, v_new = (part.reshape(-1, 1, heads, self.head_dim)
                                for part in jnp.split(qkv, 3, axis=-1))
         else:
-            q, k_new, v_new = (packed_matmul.project(p, x)  # [b, 1, heads, head_dim]
+            q, k_new, v_new = (ops.project(p, x)  # [b, 1, heads, head_dim]
                                for p in (self.query, self.key, self.value))
         k = jax.lax.dynamic_update_slice(cache['k'], heads_major(k_new), start)
         v = jax.lax.dynamic_update_slice(cache['v'], heads_major(v_new), start)
@@ -330,7 +336,7 @@ class MultiHeadAttention(nnx.Module):
         logits = jnp.where(allowed, logits / math.sqrt(self.head_dim), MASK_VALUE)
         probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
         out = jnp.einsum('bhqk,bhkd->bqhd', probs, values, preferred_element_type=jnp.float32)
-        y = packed_matmul.project(self.out, out.astype(q.dtype), contracted=2)
+        y = ops.project(self.out, out.astype(q.dtype), 2)
         return y, {**cache, 'k': k, 'v': v}
 
 

@@ -24,10 +24,9 @@ block pieces in strided fusions, which cost XLA:CPU more than the matmuls
 (`benchmarks/README.md`). Masks without a tiling (full, DALL·E kinds at other lengths) and
 sequences too short for skipping to pay are computed densely by `attention.py`.
 
-On the CPU, `block_sparse_attention` hands float32 layers whose head_dim is a multiple of 32
-to one fused native kernel (`native_attention`), which walks the mask's 32 × 32 block pairs
-with the logits in the core's caches; these tiles stay the path on every other
-device and dtype, and with PIXELGEN_NATIVE_ATTENTION=0.
+These tiles run on every platform. Where the step is lowered for the CPU, a layer given the
+fused native kernel from outside (`MultiHeadAttention.cpu_kernel`, `pixelgen.cpu`) runs that
+instead, for float32 layers whose head_dim is a multiple of 32.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixelgen.nn import native_attention
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.matmul import rows_t_times
 
@@ -218,51 +216,23 @@ def _dalle_band(mask: MaskSpec) -> Tiling:
 
 # The attention ------------------------------------------------------------------------------
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec,
-                           block_size: int = DEFAULT_CAUSAL_BLOCK,
-                           native: bool | None = None) -> jax.Array:
-    """Self-attention over the allowed blocks of `mask`: by the fused native CPU kernel
-    (`native_attention`, any mask), or by XLA's tiles (masks with a tiling, `make_tiling`).
+                           block_size: int = DEFAULT_CAUSAL_BLOCK) -> jax.Array:
+    """Self-attention over the allowed blocks of `mask` by XLA's tiles (masks with a tiling,
+    `make_tiling`), on any platform.
 
     Args:
       q, k, v: [batch, length, heads, head_dim].
       mask: the layer's mask description.
       block_size: the causal tree's leaf size (DALL·E layers tile by image rows).
-      native: True: the native kernel (a CPU-only custom call); False: XLA's tiles; None:
-        the native kernel where the step is lowered for the CPU and
-        `native_attention.available`, XLA's tiles on every other platform
-        (`jax.lax.platform_dependent`, so a TPU or GPU graph built on a CPU host is plain).
     Returns:
       [batch, length, heads, head_dim] in q's dtype; equal to dense masked attention.
     """
-    b, n, h, d = q.shape
+    n = q.shape[1]
     tiling = make_tiling(mask, n, block_size)
-    plan = native_plan(mask, n) if native is not False and native_attention.available(q) else None
-    if native and plan is None:
-        raise ValueError(
-            'native=True, but the native attention kernel cannot run this layer: it needs '
-            f'float32 (here {q.dtype.name}), head_dim a multiple of {native_attention.BLOCK} '
-            f'(here {d}), the library built (pixelgen.native), PIXELGEN_NATIVE_ATTENTION not 0, '
-            'and every query an allowed key. Leave native=None to use it only where it can.')
-    if plan is None and tiling is None:
-        raise ValueError(f'MaskSpec({mask.kind!r}) at length {n} has no block-sparse tiling, and '
-                         'the native CPU kernel does not run here; compute it densely '
-                         "(attention_impl='dense').")
-    fused = functools.partial(_native_attention, plan, mask) if plan is not None else None
-    tiled = functools.partial(_tiles_attention, tiling, mask) if tiling is not None else None
-    if fused is None:
-        return tiled(q, k, v)
-    if native or tiled is None:  # lowers for the CPU only
-        return fused(q, k, v)
-    return jax.lax.platform_dependent(q, k, v, cpu=fused, default=tiled)
-
-
-def _native_attention(plan, mask: MaskSpec, q, k, v):
-    """`block_sparse_attention` by the native kernel (lowers for the CPU only)."""
-    transpose = mask.is_dalle and mask.column_major(q.shape[1])
-    if transpose:
-        q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
-    out = native_attention.attention(q, k, v, plan)
-    return transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
+    if tiling is None:
+        raise ValueError(f'MaskSpec({mask.kind!r}) at length {n} has no block-sparse tiling; '
+                         "compute it densely (attention_impl='dense').")
+    return _tiles_attention(tiling, mask, q, k, v)
 
 
 def _tiles_attention(tiling: Tiling, mask: MaskSpec, q, k, v):
@@ -279,13 +249,6 @@ def _tiles_attention(tiling: Tiling, mask: MaskSpec, q, k, v):
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     out = _tiled_attention(tiling, q, k, v)[:, :, :n].transpose(0, 2, 1, 3)
     return transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
-
-
-@functools.lru_cache(maxsize=64)
-def native_plan(mask: MaskSpec, length: int) -> native_attention.BlockPlan | None:
-    """The native kernel's block plan of `mask` at `length` (in column-major image order for
-    column layers, as the tiles), or None where it has none. Cached."""
-    return native_attention.plan_from_dense(dense_in_tile_order(mask, length))
 
 
 def dense_in_tile_order(mask: MaskSpec, length: int) -> np.ndarray:

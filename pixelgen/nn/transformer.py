@@ -15,11 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import spmd
 
-from pixelgen.nn import packed_matmul
 from pixelgen.nn.attention import MultiHeadAttention, logical_init
+from pixelgen.nn.decode_ops import PLAIN, DecodeOps, layer_projection
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.matmul import on_cpu_or_plain, rows_t_times
-from pixelgen.nn.partial_sums import combined
 from pixelgen.parallel import constrain
 
 LayerCache = dict[str, jax.Array]
@@ -77,14 +76,19 @@ class MLP(nnx.Module):
         biases = (self.fc.bias[...].astype(dtype), self.proj.bias[...].astype(dtype)) \
             if self.fc.bias is not None else None
         rows = x.reshape(-1, x.shape[-1]).astype(dtype)  # [batch * length, width]: see `mlp`
-        if biases is None and packed_matmul.active():  # a decoding step's few rows
-            hidden = ACTIVATIONS[self.activation](packed_matmul.project(self.fc, rows))
-            y = packed_matmul.project(self.proj, hidden)
-        else:
-            y = on_cpu_or_plain(functools.partial(mlp, activation=self.activation),
-                                functools.partial(_mlp_plain, activation=self.activation),
-                                rows, self.fc.kernel[...].astype(dtype),
-                                self.proj.kernel[...].astype(dtype), biases)
+        y = on_cpu_or_plain(functools.partial(mlp, activation=self.activation),
+                            functools.partial(_mlp_plain, activation=self.activation),
+                            rows, self.fc.kernel[...].astype(dtype),
+                            self.proj.kernel[...].astype(dtype), biases)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def decode(self, x: jax.Array, ops: DecodeOps = PLAIN) -> jax.Array:
+        """A decoding step's few rows x [..., width] -> [..., width], by `ops.project` where
+        the step supplies its own projections (bias-free layers), else as `__call__`."""
+        if ops.project is layer_projection or self.fc.bias is not None:
+            return self(x)
+        rows = x.reshape(-1, x.shape[-1]).astype(self.fc.dtype or x.dtype)
+        y = ops.project(self.proj, ACTIVATIONS[self.activation](ops.project(self.fc, rows)))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -157,15 +161,17 @@ class Block(nnx.Module):
         x = x + self.mlp(self.norm2(x))
         return (x, h) if return_features else x
 
-    def init_cache(self, batch_size: int, max_length: int) -> LayerCache:
-        return self.attn.init_cache(batch_size, max_length)
+    def init_cache(self, batch_size: int, max_length: int,
+                   ops: DecodeOps = PLAIN) -> LayerCache:
+        return self.attn.init_cache(batch_size, max_length, ops)
 
-    def decode(self, x: jax.Array, cache: LayerCache,
-               position: jax.Array) -> tuple[jax.Array, LayerCache]:
-        """x [batch, 1, width] at `position` -> (y [batch, 1, width], new cache)."""
-        a, cache = self.attn.decode(self.norm1(x), cache, position)
-        x = x + combined(a)  # the halves of split weights summed (pixelgen.core_split)
-        x = x + combined(self.mlp(self.norm2(x)))
+    def decode(self, x: jax.Array, cache: LayerCache, position: jax.Array,
+               ops: DecodeOps = PLAIN) -> tuple[jax.Array, LayerCache]:
+        """x [batch, 1, width] at `position` -> (y [batch, 1, width], new cache); each
+        sublayer's output passes through `ops.combine` (partial sums of split weights)."""
+        a, cache = self.attn.decode(self.norm1(x), cache, position, ops)
+        x = x + ops.combine(a)
+        x = x + ops.combine(self.mlp.decode(self.norm2(x), ops))
         return x, cache
 
 
@@ -273,21 +279,23 @@ class Transformer(nnx.Module):
                 x = self._remat(lambda block, x: block(x))(block, x)
         return (x, features) if return_features else x
 
-    def init_cache(self, batch_size: int, max_length: int) -> Cache:
+    def init_cache(self, batch_size: int, max_length: int, ops: DecodeOps = PLAIN) -> Cache:
         """Per-layer caches (see `MultiHeadAttention.init_cache`): a tuple of them, or with
         `scan_layers` one cache whose arrays have a leading [num_layers] axis."""
         if self.scan_layers:
-            one = self.blocks.init_cache(batch_size, max_length)  # shapes only, no params read
+            one = self.blocks.init_cache(batch_size, max_length, ops)  # shapes only
             return jax.tree.map(lambda c: jnp.zeros((self.num_layers, *c.shape), c.dtype), one)
-        return tuple(block.init_cache(batch_size, max_length) for block in self.blocks)
+        return tuple(block.init_cache(batch_size, max_length, ops) for block in self.blocks)
 
-    def decode(self, x: jax.Array, cache: Cache, position: jax.Array) -> tuple[jax.Array, Cache]:
+    def decode(self, x: jax.Array, cache: Cache, position: jax.Array,
+               ops: DecodeOps = PLAIN) -> tuple[jax.Array, Cache]:
         """x [batch, 1, width] at `position` -> (y [batch, 1, width], new cache)."""
         if self.scan_layers:
             return self._scan(lambda block, x, layer_cache: block.decode(x, layer_cache,
-                                                                          position), x, cache)
+                                                                          position, ops),
+                              x, cache)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
-            x, layer_cache = block.decode(x, layer_cache, position)
+            x, layer_cache = block.decode(x, layer_cache, position, ops)
             new_cache.append(layer_cache)
         return x, tuple(new_cache)

@@ -8,15 +8,14 @@ captions, the test images the model ranks highest). The workdir keeps the tokeni
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelgen import flops, images, parallel
+from pixelgen import flops, images, parallel, storage
 from pixelgen.config import ConfigDict, ConfigError
+from pixelgen.cpu.backend import use_native_attention
 from pixelgen.data import pipeline
 from pixelgen.data.text import TextTokenizer
 from pixelgen.models.clip import CLIP, OPENAI_MEAN, OPENAI_STD, contrastive_loss
@@ -120,14 +119,15 @@ def validate_config(config) -> None:
 def build_model(config, rngs: nnx.Rngs) -> CLIP:
     validate_config(config)
     m = config.model
-    return CLIP(image_size=config.data.image_size, patch_size=m.patch_size,
-                vision_width=m.vision_width, vision_layers=m.vision_layers,
-                vision_heads=m.vision_heads, vocab_size=m.vocab_size,
-                context_length=m.context_length, text_width=m.text_width,
-                text_layers=m.text_layers, text_heads=m.text_heads, embed_dim=m.embed_dim,
-                eot_id=m.eot_id, mlp_ratio=m.mlp_ratio, activation=m.activation,
-                image_mean=tuple(m.image_mean), image_std=tuple(m.image_std),
-                dtype=DTYPES[m.dtype], attention_impl=m.attention, remat=m.remat, rngs=rngs)
+    model = CLIP(image_size=config.data.image_size, patch_size=m.patch_size,
+                 vision_width=m.vision_width, vision_layers=m.vision_layers,
+                 vision_heads=m.vision_heads, vocab_size=m.vocab_size,
+                 context_length=m.context_length, text_width=m.text_width,
+                 text_layers=m.text_layers, text_heads=m.text_heads, embed_dim=m.embed_dim,
+                 eot_id=m.eot_id, mlp_ratio=m.mlp_ratio, activation=m.activation,
+                 image_mean=tuple(m.image_mean), image_std=tuple(m.image_std),
+                 dtype=DTYPES[m.dtype], attention_impl=m.attention, remat=m.remat, rngs=rngs)
+    return use_native_attention(model)
 
 
 def caption_text(value) -> str:
@@ -148,13 +148,13 @@ def load_or_make_tokenizer(config, workdir: str, train_source=None) -> TextToken
     `data.tokenizer` (a folder with vocab.json and merges.txt); else one trained on the
     training captions. Checked against the model's vocabulary and end-of-text id."""
     d, m = config.data, config.model
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    if os.path.exists(path):
+    path = storage.join(workdir, TOKENIZER_FILE)
+    if storage.exists(path):
         tokenizer = load_tokenizer(path)
     else:
         if d.tokenizer:
             from pixelgen.convert import hf_clip
-            tokenizer = hf_clip.load_clip_bpe(d.tokenizer)
+            tokenizer = hf_clip.load_clip_bpe(d.tokenizer)  # a local or remote folder
         else:
             if train_source is None:
                 train_source = pipeline.open_source(d.dataset, d.train_split, d.data_dir)
@@ -170,8 +170,7 @@ def load_or_make_tokenizer(config, workdir: str, train_source=None) -> TextToken
             f'model.eot_id={m.eot_id} (a trained byte-level BPE has at least 259 tokens). Set '
             f'--config.model.vocab_size={tokenizer.vocab_size} '
             f'--config.model.eot_id={tokenizer.eot_id}.')
-    if not os.path.exists(path) and jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
+    if not storage.exists(path) and jax.process_index() == 0:
         tokenizer.save(path)
     return tokenizer
 
@@ -280,11 +279,11 @@ class CLIPTask(CLIPLoss):
             model, jnp.asarray(pictures), jnp.asarray(tokens)))  # [captions, pool]
         best = np.argsort(-scores, axis=1)[:, :s.samples_per_image]
         rows = [np.concatenate([pictures[i:i + 1], pictures[best[i]]]) for i in range(len(best))]
-        path = os.path.join(self.workdir, 'samples', f'retrieval_{step:07d}.png')
+        path = storage.join(self.workdir, 'samples', f'retrieval_{step:07d}.png')
         if jax.process_index() == 0:
             images.save_png(images.make_grid(rows, min_tile=max(64, d.image_size)), path)
-            with open(path[:-4] + '.txt', 'w') as f:
-                f.write(''.join(f'row {i}: {c}\n' for i, c in enumerate(captions)))
+            storage.write_text(path[:-4] + '.txt',
+                               ''.join(f'row {i}: {c}\n' for i, c in enumerate(captions)))
         return path
 
 
@@ -299,5 +298,5 @@ def make_loss(config) -> CLIPLoss:
 def load_assets(config, workdir: str) -> dict:
     """{'tokenizer': the workdir's TextTokenizer} (what turns texts into `encode_text` ids)."""
     del config
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    return {'tokenizer': load_tokenizer(path)} if os.path.exists(path) else {}
+    path = storage.join(workdir, TOKENIZER_FILE)
+    return {'tokenizer': load_tokenizer(path)} if storage.exists(path) else {}

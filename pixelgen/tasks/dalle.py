@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +22,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelgen import flops, images, parallel
+from pixelgen import flops, images, parallel, storage
 from pixelgen.config import ConfigError
+from pixelgen.cpu.backend import use_native_attention
 from pixelgen.data import pipeline
 from pixelgen.data.codes import codes_info, open_codes
 from pixelgen.data.text import MIN_VOCAB_SIZE, TextTokenizer
-from pixelgen.models.dalle import PAD_ID, DallE, generate
+from pixelgen.models.dalle import PAD_ID, DallE
 from pixelgen.nn.masks import DALLE_KINDS, dalle_layer_kinds, dalle_mask
+from pixelgen.sampling import generate
 from pixelgen.tasks import DTYPES, model_problems, raise_problems
 
 TOKENIZER_FILE = 'tokenizer.json'
@@ -72,11 +73,12 @@ def layer_kinds(config) -> tuple[str, ...]:
 def build_model(config, rngs: nnx.Rngs) -> DallE:
     validate_config(config)
     m = config.model
-    return DallE(text_vocab_size=m.text_vocab_size, image_vocab_size=m.image_vocab_size,
-                 text_len=m.text_len, grid_size=m.grid_size, num_layers=m.num_layers,
-                 width=m.width, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
-                 layer_kinds=layer_kinds(config), dtype=DTYPES[m.dtype],
-                 attention_impl=m.attention, remat=m.remat, rngs=rngs)
+    model = DallE(text_vocab_size=m.text_vocab_size, image_vocab_size=m.image_vocab_size,
+                  text_len=m.text_len, grid_size=m.grid_size, num_layers=m.num_layers,
+                  width=m.width, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
+                  layer_kinds=layer_kinds(config), dtype=DTYPES[m.dtype],
+                  attention_impl=m.attention, remat=m.remat, rngs=rngs)
+    return use_native_attention(model)
 
 
 def num_params(config) -> int:
@@ -167,11 +169,10 @@ def check_codes(config) -> dict:
 def load_or_train_tokenizer(config, workdir: str, captions: list[str]) -> TextTokenizer:
     """The workdir's tokenizer if it has one (resumed runs keep their ids), else a new one
     trained on `captions` (by process 0; the others read its file)."""
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    if not os.path.exists(path) and jax.process_index() == 0:
+    path = storage.join(workdir, TOKENIZER_FILE)
+    if not storage.exists(path) and jax.process_index() == 0:
         print(f'[dalle] training a BPE tokenizer (vocab <= {config.model.text_vocab_size}) on '
               f'{len(captions)} captions...', flush=True)
-        os.makedirs(workdir, exist_ok=True)
         TextTokenizer.train(captions, vocab_size=config.model.text_vocab_size).save(path)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -286,7 +287,7 @@ class DalleTask(DalleLoss):
     def dvae(self):
         """The dVAE model of config.dvae_workdir (None if unset or not trained yet)."""
         path = self.config.get('dvae_workdir', '')
-        if self._dvae is None and path and os.path.isdir(os.path.join(path, 'checkpoints')):
+        if self._dvae is None and path and storage.is_dir(storage.join(path, 'checkpoints')):
             import pixelgen
             self._dvae = pixelgen.load(path).model
         return self._dvae
@@ -307,11 +308,11 @@ class DalleTask(DalleLoss):
             s.num_captions, s.samples_per_caption, *originals.shape[1:])
         rows = [np.concatenate([o[None], row]) for o, row in zip(originals, samples,
                                                                   strict=True)]
-        path = os.path.join(self.workdir, 'samples', f'generations_{step:07d}.png')
+        path = storage.join(self.workdir, 'samples', f'generations_{step:07d}.png')
         if jax.process_index() == 0:
             images.save_png(images.make_grid(rows), path)
-            with open(path[:-4] + '.txt', 'w') as f:
-                f.write('\n'.join(r['caption'] for r in records) + '\n')
+            storage.write_text(path[:-4] + '.txt', '\n'.join(r['caption'] for r in records)
+                               + '\n')
         return path
 
 
@@ -325,5 +326,5 @@ Task = DalleTask
 
 def load_assets(config, workdir: str) -> dict:
     del config
-    path = os.path.join(workdir, TOKENIZER_FILE)
-    return {'tokenizer': TextTokenizer.load(path)} if os.path.exists(path) else {}
+    path = storage.join(workdir, TOKENIZER_FILE)
+    return {'tokenizer': TextTokenizer.load(path)} if storage.exists(path) else {}

@@ -35,7 +35,6 @@ information between what the encoder sees and the code it picks.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelgen import images, parallel
+from pixelgen import images, parallel, storage
 from pixelgen.data import pipeline
 from pixelgen.models.dvae import DVAE, map_pixels, stats_to_images
 from pixelgen.tasks import DTYPES, model_problems, raise_problems
@@ -292,7 +291,7 @@ class DVAETask(DVAELoss):
         n, size = self.config.sampling.num_images, self.config.data.image_size
         prepare = pipeline.image_example(size)
         originals = np.stack([prepare(self.eval_source[i])['image'] for i in range(n)])
-        path = os.path.join(self.workdir, 'samples', f'reconstructions_{step:07d}.png')
+        path = storage.join(self.workdir, 'samples', f'reconstructions_{step:07d}.png')
         write_reconstruction_grid(model, originals, path)
         return path
 

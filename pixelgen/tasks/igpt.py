@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelgen import checkpoint, flops, images, parallel, sampling
+from pixelgen import checkpoint, flops, images, parallel, sampling, storage
 from pixelgen.config import ConfigError
+from pixelgen.cpu.backend import use_native_attention
 from pixelgen.data import palette as palette_lib
 from pixelgen.data import pipeline
 from pixelgen.models.igpt import OBJECTIVES, ImageGPT, bert_mask
@@ -75,12 +75,11 @@ def validate_init_from(config) -> dict | None:
     init_from = config.get('init_from', '')
     if not init_from:
         return None
-    saved = os.path.join(init_from, 'config.json')
-    if not os.path.isfile(saved):
+    saved = storage.join(init_from, 'config.json')
+    if not storage.is_file(saved):
         raise ConfigError(f'init_from={init_from!r} is not a pixelgen workdir (no {saved}). '
                           'Point --config.init_from at the workdir of a pretraining run.')
-    with open(saved) as f:
-        pretrained = json.load(f)
+    pretrained = json.loads(storage.read_text(saved))
     wanted = {'objective': objective(config), 'data.image_size': config.data.image_size,
               'data.palette_size': config.data.palette_size,
               **{f'model.{k}': config.model[k]
@@ -103,7 +102,7 @@ def validate_init_from(config) -> dict | None:
 
 def _has_checkpoint(workdir: str) -> bool:
     path = checkpoint.checkpoint_dir(workdir)
-    return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+    return any(name.isdigit() for name in storage.listdir(path))
 
 
 def build_model(config, rngs: nnx.Rngs) -> ImageGPT:
@@ -113,12 +112,13 @@ def build_model(config, rngs: nnx.Rngs) -> ImageGPT:
                           'starts; to build the model without data set it to the number of '
                           'classes, e.g. --config.model.num_classes=10.')
     m = config.model
-    return ImageGPT(vocab_size=config.data.palette_size, seq_len=config.data.image_size ** 2,
-                    num_layers=m.num_layers, width=m.width, num_heads=m.num_heads,
-                    mlp_ratio=m.mlp_ratio, dtype=DTYPES[m.dtype],
-                    attention_impl=m.attention, remat=m.remat, objective=objective(config),
-                    num_classes=num_classes(config),
-                    scan_layers=m.get('scan_layers', False), rngs=rngs)
+    model = ImageGPT(vocab_size=config.data.palette_size, seq_len=config.data.image_size ** 2,
+                     num_layers=m.num_layers, width=m.width, num_heads=m.num_heads,
+                     mlp_ratio=m.mlp_ratio, dtype=DTYPES[m.dtype],
+                     attention_impl=m.attention, remat=m.remat, objective=objective(config),
+                     num_classes=num_classes(config),
+                     scan_layers=m.get('scan_layers', False), rngs=rngs)
+    return use_native_attention(model)
 
 
 def load_or_fit_palette(config, workdir: str, train_source=None) -> np.ndarray:
@@ -397,7 +397,7 @@ class ImageGPTTask(ImageGPTLoss):
     def write_samples(self, model: ImageGPT, step: int, rng: jax.Array) -> str:
         s = self.config.sampling
         rows = self.completions(model, rng, s.num_images, s.samples_per_image)
-        path = os.path.join(self.workdir, 'samples', f'completions_{step:07d}.png')
+        path = storage.join(self.workdir, 'samples', f'completions_{step:07d}.png')
         if jax.process_index() == 0:
             images.save_png(images.make_grid(rows), path)
         return path

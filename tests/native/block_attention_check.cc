@@ -1,9 +1,9 @@
-// Runs the slices of the native attention kernel (pixelgen/native/block_attention.cc) without
+// Runs the slices of the native attention kernel (pixelgen/cpu/native/block_attention.cc) without
 // XLA, on random inputs and a few plans, against a float64 dense reference of the forward
 // and backward passes. tests/test_native_attention.py builds it with AddressSanitizer and
 // UBSan, so a read or write out of bounds fails even where it would not change a result.
 // Prints "ok" and exits 0, or names the first mismatch and exits 1.
-#include "../../pixelgen/native/block_attention.cc"
+#include "../../pixelgen/cpu/native/block_attention.cc"
 
 #include <cmath>
 #include <cstdio>

@@ -3,14 +3,18 @@
 `ensure_built(name, data_dir)` prepares one (ArrayRecord files) on first use and returns its
 builder; read it with `builder.as_data_source(split)`. `name` is an embedded dataset
 (`shapes`, `fashion_mnist`) or `image_folder:<path>`, a user's own images (image_folder.py).
+`data_dir` may be a URL (gs://...): the dataset is then built in this machine's cache (the
+ArrayRecord writer writes local files only) and copied there.
 """
 
 from __future__ import annotations
 
 import time
 
+import jax
 import tensorflow_datasets as tfds
 
+from pixelgen import storage
 from pixelgen.data.builders.fashion_mnist import FashionMnist
 from pixelgen.data.builders.shapes import COLORS, SHAPES, SIZES, Shapes
 
@@ -30,6 +34,22 @@ def builds_locally(name: str) -> bool:
     return name in EMBEDDED or name.startswith(IMAGE_FOLDER_PREFIX)
 
 
+def make_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+    """The builder of `name` in `data_dir`, prepared or not."""
+    if name.startswith(IMAGE_FOLDER_PREFIX):
+        from pixelgen.data.builders import image_folder  # imports pipeline, which imports us
+        return image_folder.ImageFolder(folder=image_folder.folder_of(name),
+                                        data_dir=data_dir, file_format='array_record')
+    if name in EMBEDDED:
+        return EMBEDDED[name](data_dir=data_dir, file_format='array_record')
+    raise ValueError(f'unknown embedded dataset {name!r}; choose from {sorted(EMBEDDED)} '
+                     f"or '{IMAGE_FOLDER_PREFIX}/path/to/images'")
+
+
+# tfds takes a folder with these for a prepared dataset: they are copied up last.
+INFO_FILES = ('dataset_info.json', 'features.json')
+
+
 def ensure_built(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     """Builds an embedded dataset into data_dir on first use (printing progress: what is being
     built, where, and how long it took); returns the builder. Later calls find it prepared and
@@ -39,17 +59,15 @@ def ensure_built(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     temporary directory and renames it into place when complete, so readers never see a partial
     dataset; the loser of the race just wastes its work.
     """
-    if name.startswith(IMAGE_FOLDER_PREFIX):
-        from pixelgen.data.builders import image_folder  # imports pipeline, which imports us
-        builder = image_folder.ImageFolder(folder=image_folder.folder_of(name),
-                                           data_dir=data_dir, file_format='array_record')
-    elif name in EMBEDDED:
-        builder = EMBEDDED[name](data_dir=data_dir, file_format='array_record')
-    else:
-        raise ValueError(f'unknown embedded dataset {name!r}; choose from {sorted(EMBEDDED)} '
-                         f"or '{IMAGE_FOLDER_PREFIX}/path/to/images'")
+    builder = make_builder(name, data_dir)
     if builder.is_prepared():
         return builder
+    if storage.is_remote(data_dir):
+        local = ensure_built(name, storage.cache_dir('data', data_dir))
+        if jax.process_index() == 0:
+            print(f'Copying {name!r} to {builder.data_dir} ...', flush=True)
+            storage.upload_tree(str(local.data_dir), str(builder.data_dir), last=INFO_FILES)
+        return local
     print(f'Building dataset {name!r} into {builder.data_dir} ...', flush=True)
     start = time.perf_counter()
     builder.download_and_prepare(

@@ -2,18 +2,19 @@
 
 XLA:CPU runs `block_sparse`'s tiles as batched matmuls with a 32-wide contraction and a dozen
 element-wise ops between them, each reading and writing the [.., 32, K] logits through memory.
-`pixelgen/native/block_attention.cc` instead walks a `BlockPlan`, the (query block, key block)
+`pixelgen/cpu/native/block_attention.cc` instead walks a `BlockPlan`, the (query block, key block)
 pairs of 32 × 32 that hold an allowed logit, and computes each pair's logits, softmax and
 products while they sit in the core's caches (flash attention's online softmax; the backward
 pass recomputes the probabilities from the forward's log-sum-exp). Every pair with an allowed
 logit is computed, so it is equal to dense masked attention (tested).
 
-`block_sparse.block_sparse_attention` calls it on the CPU for float32 layers whose head_dim is
-a multiple of 32, whatever the mask (full layers too, which have no XLA tiles; lengths are
-padded to a multiple of 32), where the library builds (`pixelgen.native`);
-PIXELGEN_NATIVE_ATTENTION=0 keeps XLA's tiles (or dense attention). On a mesh of several
-devices each device runs the kernel on its own batch rows and heads
-(`parallel.per_device_heads`).
+A `MultiHeadAttention` whose `cpu_kernel` is `KERNEL` (`pixelgen.cpu.use_native_attention`,
+which the tasks apply to every model they build) runs it where the step is lowered for the
+CPU, for float32 layers whose head_dim is a multiple of 32, whatever the mask (full layers
+too, which have no XLA tiles; lengths are padded to a multiple of 32), where the library
+builds (`pixelgen.cpu.native`); PIXELGEN_NATIVE_ATTENTION=0 keeps XLA's tiles (or dense
+attention). On a mesh of several devices each device runs the kernel on its own batch rows
+and heads (`parallel.per_device_heads`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixelgen import native, parallel
+from pixelgen import parallel
+from pixelgen.cpu import native
+from pixelgen.nn.block_sparse import dense_in_tile_order, transpose_image
+from pixelgen.nn.masks import MaskSpec
 
 BLOCK = 32  # queries and keys per block (block_attention.cc's kBlock)
 ENV = 'PIXELGEN_NATIVE_ATTENTION'
@@ -92,6 +96,51 @@ def available(q: jax.Array) -> bool:
             and q.shape[-1] % BLOCK == 0 and native.library() is not None)
 
 
+@functools.lru_cache(maxsize=64)
+def native_plan(mask: MaskSpec, length: int) -> BlockPlan | None:
+    """The kernel's block plan of `mask` at `length` (in column-major image order for column
+    layers, as XLA's tiles), or None where it has none. Cached."""
+    return plan_from_dense(dense_in_tile_order(mask, length))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec) -> jax.Array:
+    """Self-attention of `mask` by the kernel (a CPU-only custom call): q, k, v [batch,
+    length, heads, head_dim] -> [batch, length, heads, head_dim]; equal to dense masked
+    attention. Raises, naming what is missing, where the kernel cannot run this layer."""
+    n, d = q.shape[1], q.shape[-1]
+    plan = native_plan(mask, n) if available(q) else None
+    if plan is None:
+        raise ValueError(
+            'The native attention kernel cannot run this layer: it needs float32 (here '
+            f'{q.dtype.name}), head_dim a multiple of {BLOCK} (here {d}), the library built '
+            f'(pixelgen.cpu.native), {ENV} not 0, and every query an allowed key. Use XLA\'s '
+            'tiles instead (pixelgen.nn.block_sparse.block_sparse_attention).')
+    transpose = mask.is_dalle and mask.column_major(n)
+    if transpose:
+        q, k, v = (transpose_image(x, mask.text_len, mask.grid_width) for x in (q, k, v))
+    out = attention(q, k, v, plan)
+    return transpose_image(out, mask.text_len, mask.grid_width) if transpose else out
+
+
+class NativeAttention:
+    """The kernel as a `MultiHeadAttention.cpu_kernel`: the layer calls `runs` and, where
+    it holds, `__call__` in the branch it lowers for the CPU."""
+
+    def runs(self, q: jax.Array, mask: MaskSpec) -> bool:
+        """Whether the kernel computes `mask`'s attention for q [batch, length, heads,
+        head_dim] (`available`, and a plan at this length)."""
+        return available(q) and native_plan(mask, q.shape[1]) is not None
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: MaskSpec) -> jax.Array:
+        return attend(q, k, v, mask)
+
+    def __repr__(self) -> str:
+        return 'NativeAttention()'
+
+
+KERNEL = NativeAttention()
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: BlockPlan) -> jax.Array:
     """Softmax attention over `plan`'s block pairs (logits scaled by 1/sqrt(head_dim)).
 
@@ -101,10 +150,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, plan: BlockPlan) -> jax.
       float32 [batch, length, heads, head_dim].
     """
     if native.library() is None:  # also registers the kernels with XLA
-        raise RuntimeError('The native attention kernel is not available: pixelgen.native could '
+        raise RuntimeError('The native attention kernel is not available: pixelgen.cpu.native '
+                           'could '
                            'not build or load its library (the warning above says why). '
                            'Install a C++ compiler (g++) or run XLA\'s tiles instead '
-                           '(block_sparse_attention(..., native=False)).')
+                           '(pixelgen.nn.block_sparse.block_sparse_attention).')
     if plan.padded != plan.length:
         pad = [(0, 0), (0, plan.padded - plan.length), (0, 0), (0, 0)]
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))

@@ -1,6 +1,6 @@
 // pair_sum: x + (the other party's x), between two XLA:CPU clients of one process.
 //
-// Each of two one-thread clients (pixelgen.core_split) holds half of a model's heads and MLP
+// Each of two one-thread clients (pixelgen.cpu.core_split) holds half of a model's heads and MLP
 // units and runs its own decoding loop; after each layer's attention and MLP the two halves
 // of the residual update are summed here. The parties meet through memory this library owns:
 // each writes its half into its own double buffer, publishes the round, and spins until the

@@ -1,13 +1,14 @@
 """The project's native CPU kernels, built from the C++ sources beside this file on first use.
 
-XLA FFI custom calls for decoding on the one-thread CPU core clients (`pixelgen.cpu_decode`):
+XLA FFI custom calls for decoding on the one-thread CPU core clients
+(`pixelgen.cpu.decode_clients`):
 - `pair_sum.cc` (PAIR_SUM): the sum of two clients' halves of a layer's output
-  (`pixelgen.core_split`);
+  (`pixelgen.cpu.core_split`);
 - `packed_matmul.cc` (PACKED_MATMUL): a decoding step's few rows times a weight matrix packed
-  panel by panel (`pixelgen.nn.packed_matmul`);
+  panel by panel (`pixelgen.cpu.packed_matmul`);
 and for training and scoring:
 - `block_attention.cc` (BLOCK_ATTENTION_FORWARD, _BACKWARD): block-sparse attention fused into
-  one kernel per direction (`pixelgen.nn.native_attention`).
+  one kernel per direction (`pixelgen.cpu.native_attention`).
 
 They are one library, compiled with the C++ compiler (`CXX`, default g++; about 10 s) against
 the headers jaxlib ships, for this CPU (-march=native where the compiler has it), and kept in
@@ -85,7 +86,7 @@ def build(path: str, compiler: str | None = None) -> str | None:
         os.replace(partial, path)  # whole or not at all, if another process builds it too
         return path
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logging.warning('pixelgen.native: could not build %s (%s); decoding and attention run '
+        logging.warning('pixelgen.cpu.native: could not build %s (%s); decoding and attention run '
                         'on XLA\'s own ops instead (when decoding, the rows, not the weights, '
                         'split between the cores).',
                         ' '.join(SOURCES), error)
@@ -108,7 +109,7 @@ def library() -> ctypes.CDLL | None:
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                         platform='cpu')
     except (OSError, AttributeError, ValueError) as error:
-        logging.warning('pixelgen.native: could not load %s (%s); decoding and attention run '
+        logging.warning('pixelgen.cpu.native: could not load %s (%s); decoding and attention run '
                         'on XLA\'s own ops instead.', path, error)
         return None
     lib.pixelgen_pair_sum_reset.argtypes = [ctypes.c_int64]

@@ -1,5 +1,5 @@
 // packed_matmul: y[m, n] = x[m, k] · w[k, n] for the few rows of a decoding step, with w
-// packed panel by panel ([panels, k, kPanel], pixelgen/nn/packed_matmul.py).
+// packed panel by panel ([panels, k, kPanel], pixelgen/cpu/packed_matmul.py).
 //
 // Why: a decoding step multiplies 1-8 rows by every weight matrix of the model once, so it
 // is bound by how fast the weights stream in. XLA:CPU's library reads a row-major [k, n]
@@ -9,7 +9,7 @@
 // held in registers. `python benchmarks/decode_floor.py --split halves packed` compares the two.
 //
 // Sums run over k in order, one fp32 FMA chain per output (no reassociation), so the result
-// is deterministic: both decoding parties (pixelgen.core_split) get the same bits from the
+// is deterministic: both decoding parties (pixelgen.cpu.core_split) get the same bits from the
 // same inputs.
 #include <cstdint>
 #include <cstring>

@@ -9,7 +9,7 @@
 // (`Product`), and the softmax, the mask and the backward pass's element-wise steps run on
 // the block in cache.
 //
-// The plan (pixelgen/nn/native_attention.py) lists, for each query block i, its key blocks
+// The plan (pixelgen/cpu/native_attention.py) lists, for each query block i, its key blocks
 // j (row_start[i] .. row_start[i + 1] in key_block) and the mask of each pair (mask_id: an
 // index into masks [count, 32 keys, 32 queries] of 0/1, or -1 where the whole pair is
 // allowed). Tensors are

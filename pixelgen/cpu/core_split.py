@@ -8,28 +8,27 @@ them from memory again; 12 MiB stay cached (`taskset -c 0 python benchmarks/deco
 each core, as tensor parallelism splits them, each core's half stays in its caches. The
 price is two sums of the halves per layer. XLA's in-process collectives and Python callbacks
 cost as much as that saves (`decode_floor.py --split tensor clients`), so the sum is a small
-XLA FFI custom call (`pixelgen/native/pair_sum.cc`) through which the two clients meet in
-shared memory, built the first time it is needed (`pixelgen.native`). Each party's matmuls
-stream its half of the weights packed (`pixelgen.nn.packed_matmul`).
+XLA FFI custom call (`pixelgen/cpu/native/pair_sum.cc`) through which the two clients meet in
+shared memory, built the first time it is needed (`pixelgen.cpu.native`). Each party's matmuls
+stream its half of the weights packed (`pixelgen.cpu.packed_matmul`).
 
 Where it applies (`applies`): a CPU process with exactly two cores, the samplers' one-thread
-core clients in use (`pixelgen.cpu_decode`), and a model whose attention and MLP weights split
-in two along their 'heads' and 'mlp' axes, with no biases after those sums (Image GPT's and
-DALL·E's samplers). Both halves decode every row, combine bitwise-equal sums, and so draw the
-same tokens; on more cores, or where the library cannot be built (a warning says why), the
-rows are split instead.
+core clients in use (`pixelgen.cpu.decode_clients`), and a model whose attention and MLP
+weights split in two along their 'heads' and 'mlp' axes, with no biases after those sums
+(Image GPT's and DALL·E's samplers). Both halves decode every row, combine bitwise-equal
+sums, and so draw the same tokens; on more cores, or where the library cannot be built (a
+warning says why), the rows are split instead.
 PIXELGEN_CPU_DECODE=rows chooses the row split, =shared neither.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -37,8 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelgen import cpu_decode, native
-from pixelgen.nn import partial_sums
+from pixelgen.cpu import decode_clients, native
 
 TARGET = native.PAIR_SUM
 SPLIT_AXES = ('heads', 'mlp')  # logical axes whose halves go to the two cores
@@ -88,28 +86,23 @@ def half(state: nnx.State, party: int) -> nnx.State:
                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
-@contextlib.contextmanager
-def as_party(model: nnx.Module, party: int | None) -> Iterator[None]:
-    """For tracing a sampler's loop inside its jitted function: with `party` (0 or 1), `model`
-    (merged from `half(state, party)`) decodes with its share of the heads, and each block's
-    attention and MLP outputs are summed with the other party's (`partial_sums`); with None,
-    nothing changes."""
-    if party is None:
-        yield
-        return
+def as_party(model: nnx.Module, party: int) -> Callable[[jax.Array], jax.Array]:
+    """For tracing a sampler's loop inside its jitted function: `model` (merged from
+    `half(state, party)`) is set to decode with its share of the heads (the KV cache is
+    sized by num_heads), and the returned function, the step's `DecodeOps.combine`, sums each
+    block's attention and MLP outputs with the other party's."""
     from pixelgen.nn.attention import MultiHeadAttention
     for _, module in nnx.iter_modules(model):
-        if isinstance(module, MultiHeadAttention):  # the KV cache is sized by num_heads
+        if isinstance(module, MultiHeadAttention):
             module.num_heads = module.query.kernel.shape[1]
-    with partial_sums.combining(functools.partial(pair_sum, party=party)):
-        yield
+    return functools.partial(pair_sum, party=party)
 
 
 def applies(state: nnx.State) -> bool:
     """Whether `map_halves` decodes these parameters (see the module docstring)."""
-    if cpu_decode.mode() != 'cores' or len(cpu_decode.core_devices()) != PARTIES:
+    if decode_clients.mode() != 'cores' or len(decode_clients.core_devices()) != PARTIES:
         return False
-    if len(cpu_decode.decode_devices(state, PARTIES)) != PARTIES or not splits(state):
+    if len(decode_clients.decode_devices(state, PARTIES)) != PARTIES or not splits(state):
         return False
     return native.library() is not None
 
@@ -148,7 +141,7 @@ def map_halves(run: Callable[..., jax.Array], state: nnx.State, shared: Sequence
     `run` is a functools.partial of a jitted function that merges its half of the parameters
     and traces its loop under `as_party(model, party)`, so that both parties compute the same
     rows (`applies` says where this is used)."""
-    devices = cpu_decode.core_devices()[:PARTIES]
+    devices = decode_clients.core_devices()[:PARTIES]
     home = next(iter(jax.tree.leaves(state)[0].sharding.device_set))
     lib = native.library()
     calls = []
@@ -156,7 +149,7 @@ def map_halves(run: Callable[..., jax.Array], state: nnx.State, shared: Sequence
                                                  strict=True)):
         args = (params, *jax.device_put((*shared, *(np.asarray(x) for x in per_row)), device))
         row_start = jax.device_put(np.int32(0), device)
-        executable = cpu_decode._executable(functools.partial(run, party=party, packed=True),
+        executable = decode_clients._executable(functools.partial(run, party=party, packed=True),
                                             device, args, batch_size)
         calls.append((executable, args, row_start))
     cores = sorted(os.sched_getaffinity(0))[:PARTIES]  # core_devices' cores, in order

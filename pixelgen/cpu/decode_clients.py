@@ -10,12 +10,12 @@ made while that thread is pinned to one core runs each op on the calling thread,
 hand-offs. Rows of a sampled batch are independent, so one such client per core decodes its
 share of the rows, all at once, and the two cores are used after all.
 
-`map_rows` is how the samplers (`pixelgen.sampling.sample`, `pixelgen.models.dalle.generate`)
+`map_rows` is how the samplers (`pixelgen.sampling.sample`, `pixelgen.sampling.generate`)
 run: on the core clients where their parameters sit on one CPU device (not sharded over a mesh,
 not traced inside another jit) and weigh at most MAX_PARAM_BYTES (larger models have ops big
 enough for the shared pool); elsewhere, and on GPU and TPU, where the parameters are. On a
 2-core CPU, the samplers split the weights between the two clients instead of the rows
-(`pixelgen.core_split`). PIXELGEN_CPU_DECODE=rows keeps the row split, =shared turns
+(`pixelgen.cpu.core_split`). PIXELGEN_CPU_DECODE=rows keeps the row split, =shared turns
 both off.
 """
 
@@ -31,11 +31,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import serialize_executable
 
-from pixelgen import native
+from pixelgen.cpu import native
 
 ENV = 'PIXELGEN_CPU_DECODE'
 CHOICES = ('cores', 'rows', 'shared')
@@ -47,7 +46,7 @@ Rows = tuple[int, int]  # [start, stop) of the batch
 
 def mode() -> str:
     """'cores' (the default: decode on one-thread clients, one per core, with the weights split
-    between two cores where `pixelgen.core_split` applies, else the rows), 'rows' (the rows
+    between two cores where `pixelgen.cpu.core_split` applies, else the rows), 'rows' (the rows
     split, always) or 'shared' (on the device the parameters are on, with its shared pool)."""
     choice = os.environ.get(ENV, 'cores')
     if choice not in CHOICES:
@@ -83,7 +82,7 @@ def one_thread_devices(cores: list[int]) -> tuple[jax.Device, ...]:
             os.sched_setaffinity(0, {core})  # this thread only; the client's pool inherits it
             devices.append(xla_client.make_cpu_client().devices()[0])
     except Exception as error:  # noqa: BLE001 (any failure: decode on the main client)
-        logging.warning('pixelgen.cpu_decode: could not make one-thread CPU clients (%s); '
+        logging.warning('pixelgen.cpu.decode_clients: could not make one-thread CPU clients (%s); '
                         'decoding on the main CPU client instead.', error)
         return ()
     finally:
@@ -135,7 +134,7 @@ def map_rows(run: Callable[..., jax.Array], params: Any, shared: Sequence[Any],
       batch_size: the number of rows.
       pack: `run` takes a static `packed`, set True on the core devices where the native
         library loads (the samplers' matmuls then stream packed weights,
-        `pixelgen.nn.packed_matmul`).
+        `pixelgen.cpu.packed_matmul`).
     """
     devices = decode_devices(params, batch_size)
     if not devices or any(isinstance(x, jax.core.Tracer)
@@ -194,7 +193,8 @@ def _executable(run: Callable[..., jax.Array], device: jax.Device, args: tuple,
             try:
                 entry['serialized'] = serialize_executable.serialize(compiled)
             except (ValueError, NotImplementedError) as error:
-                logging.warning('pixelgen.cpu_decode: the executable cannot be serialized (%s); '
+                logging.warning('pixelgen.cpu.decode_clients: the executable cannot be serialized '
+                                '(%s); '
                                 'compiling it on every core client.', error)
                 entry['serialized'] = False
         elif entry['serialized']:
@@ -205,29 +205,6 @@ def _executable(run: Callable[..., jax.Array], device: jax.Device, args: tuple,
                                   row_count=row_count).compile()
         entry['devices'][device] = compiled
         return compiled
-
-
-# The noise of a loop's positions is drawn before the loop where it takes at most this many
-# bytes: one vectorised draw instead of a threefry loop per token (about 10% of a small model's
-# decoding step on the CPU); larger, it is drawn token by token.
-MAX_NOISE_BYTES = 32 * 2 ** 20
-
-
-def gumbel_rows(rng: jax.Array, start: int, end: int, batch_size: int, row_start: jax.Array,
-                row_count: int, vocab: int) -> Callable[[jax.Array], jax.Array]:
-    """For a decoding loop over positions [start, end): position -> the Gumbel noise
-    [row_count, vocab] that `jax.random.categorical(fold_in(rng, position), logits)` adds to
-    rows [row_start, row_start + row_count) of logits [batch_size, vocab] (it draws
-    argmax(logits + noise)). So a batch decoded in row ranges draws exactly what it draws
-    whole."""
-    def at(position):
-        noise = jax.random.gumbel(jax.random.fold_in(rng, position), (batch_size, vocab))
-        return jax.lax.dynamic_slice_in_dim(noise, row_start, row_count, axis=0)
-    if (end - start) * batch_size * vocab * 4 > MAX_NOISE_BYTES:
-        return at
-    drawn = jax.vmap(at)(jnp.arange(start, end))  # [end - start, rows, vocab]
-    return lambda position: jax.lax.dynamic_index_in_dim(drawn, position - start, axis=0,
-                                                         keepdims=False)
 
 
 @functools.cache

@@ -1,0 +1,249 @@
+"""Every path on gs://: the jobs against a GCS emulator that this module starts.
+
+The jobs run as subprocesses (`python -m pixelgen.<job>`), because the clients read the
+emulator's address from the environment when they start: gcsfs (etils.epath's gs:// layer)
+reads $STORAGE_EMULATOR_HOST, tensorstore (Orbax's arrays) $TENSORSTORE_GCS_HTTP_URL. Each
+job runs in an empty folder, which must stay empty: a gs:// path taken for a local one
+would leave a `gs:` folder there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import REPO, TINY, tiny_config
+
+pytest.importorskip('gcp_storage_emulator')
+gcsfs = pytest.importorskip('gcsfs')
+
+pytestmark = pytest.mark.slow
+
+BUCKET = 'bkt'
+RUN = f'gs://{BUCKET}/run'
+
+
+@pytest.fixture(scope='module')
+def emulator(tmp_path_factory):
+    """(endpoint URL, environment for the jobs), with the emulator serving bucket `bkt`."""
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        port = s.getsockname()[1]
+    server = create_server('localhost', port, in_memory=True, default_bucket=BUCKET)
+    server.start()
+    # Clients that close a connection early make the emulator print a traceback: quiet.
+    server._api._httpd.handle_error = lambda request, address: None
+    url = f'http://localhost:{port}'
+    env = {**os.environ, 'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
+           'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'dummy',
+           # gcsfs's probe of a bucket's layout asks a control API the emulator lacks.
+           'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
+           'PIXELGEN_CACHE_DIR': str(tmp_path_factory.mktemp('cache'))}
+    yield url, env
+    server.stop()
+
+
+@pytest.fixture(scope='module')
+def bucket(emulator):
+    """A gcsfs client of the emulator, for this process (the jobs find it by environment)."""
+    return gcsfs.GCSFileSystem(endpoint_url=emulator[0], token='anon',
+                               use_listings_cache=False, skip_instance_cache=True)
+
+
+def objects(fs, prefix: str) -> list[str]:
+    """The object names under gs://bkt/<prefix>/, relative to it."""
+    root = f'{BUCKET}/{prefix}'
+    return sorted(name[len(root) + 1:] for name in fs.find(root))
+
+
+@pytest.fixture(scope='module')
+def cwd(tmp_path_factory):
+    return str(tmp_path_factory.mktemp('cwd'))
+
+
+def no_local_gs_folder(cwd: str) -> None:
+    for folder in (cwd, REPO):
+        assert not os.path.exists(os.path.join(folder, 'gs:')), f'a gs: folder in {folder}'
+    assert os.listdir(cwd) == []
+
+
+def job(emulator, cwd, *args: str, code: str | None = None, timeout: float = 600) -> str:
+    """Runs `python -m pixelgen.<args>` (or `python -c code`) against the emulator; returns
+    its output, fails with it."""
+    command = ['-c', textwrap.dedent(code)] if code else ['-m', *args]
+    result = subprocess.run([sys.executable, *command], cwd=cwd, env=emulator[1],
+                            capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    no_local_gs_folder(cwd)
+    return output
+
+
+@pytest.fixture(scope='module')
+def local_run(data_dir, tmp_path_factory):
+    """The uninterrupted tiny run (12 steps, checkpoints at 6 and 12) in a local workdir."""
+    from pixelgen.trainer import train
+    workdir = str(tmp_path_factory.mktemp('local') / 'run')
+    train(tiny_config(data_dir), workdir)
+    return workdir
+
+
+@pytest.fixture(scope='module')
+def gcs_run(emulator, bucket, cwd, tiny_config_args, local_run):
+    """The tiny main job into gs://bkt/run, SIGKILLed once checkpoint 6 is committed, then
+    run again with the same command to the end. Returns the rerun's output."""
+    command = [sys.executable, '-m', 'pixelgen.train', *tiny_config_args, '--workdir', RUN]
+    proc = subprocess.Popen(command, cwd=cwd, env=emulator[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not bucket.exists(f'{BUCKET}/run/checkpoints/6/commit_success.txt'):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, 'no checkpoint appeared'
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert not bucket.exists(f'{BUCKET}/run/checkpoints/12/commit_success.txt'), \
+        'the run ended before it was killed'
+    no_local_gs_folder(cwd)
+    return job(emulator, cwd, 'pixelgen.train', *tiny_config_args, '--workdir', RUN)
+
+
+def test_train_writes_everything_into_the_bucket(gcs_run, bucket):
+    assert f'resumed from {RUN}/checkpoints/6' in gcs_run
+    assert 'TensorBoard events are written to' in gcs_run  # the one line on the local copy
+    names = objects(bucket, 'run')
+    for name in ('config.json', 'palette.npy', 'metrics.jsonl',
+                 'samples/completions_0000012.png', 'checkpoints/6/commit_success.txt',
+                 'checkpoints/12/commit_success.txt', 'checkpoints/12/state/manifest.ocdbt'):
+        assert name in names, (name, names)
+    assert any(n.startswith('tensorboard/train/events.out.tfevents') for n in names), names
+    assert not any(n.startswith('.pixelgen_probe') for n in names)
+    metrics = bucket.cat(f'{BUCKET}/run/metrics.jsonl').decode().splitlines()
+    assert '"step": 12' in metrics[-1] and 'test/bits_per_dim' in metrics[-1]
+
+
+def test_sigkill_then_rerun_ends_like_an_uninterrupted_local_run(gcs_run, emulator, cwd,
+                                                                   local_run):
+    """Also `pixelgen.load` of a gs:// workdir."""
+    out = job(emulator, cwd, code=f'''
+        import jax, numpy as np, pixelgen
+        remote, local = pixelgen.load({RUN!r}), pixelgen.load({local_run!r})
+        assert remote.step == local.step == 12, (remote.step, local.step)
+        np.testing.assert_array_equal(remote.palette, local.palette)
+        for a, b in zip(jax.tree.leaves(remote.model), jax.tree.leaves(local.model), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+        print('same parameters')
+    ''')
+    assert 'same parameters' in out
+
+
+def test_sample_writes_pngs_into_the_bucket(gcs_run, emulator, cwd, bucket):
+    job(emulator, cwd, 'pixelgen.sample', '--workdir', RUN, '--num', '2')
+    assert {'samples/unconditional_0000012.png', 'samples/sample_completions_0000012.png'} <= \
+        set(objects(bucket, 'run'))
+    png = bucket.cat(f'{BUCKET}/run/samples/unconditional_0000012.png')
+    assert png.startswith(b'\x89PNG')
+
+
+def test_evaluate_watch_writes_reports_into_the_bucket(gcs_run, emulator, cwd, bucket):
+    out = job(emulator, cwd, 'pixelgen.evaluate', '--workdir', RUN, '--eval', 'loss,samples',
+              '--num_examples', '4', '--watch', '--watch_timeout', '60', '--poll_seconds', '0.1')
+    assert 'final step 12 evaluated; done.' in out
+    names = objects(bucket, 'run/eval')
+    for name in ('6/report.json', '12/report.json', '12/completions.png', 'metrics.jsonl'):
+        assert name in names, (name, names)
+    assert any(n.startswith('tensorboard/eval_job/events') for n in names), names
+    # A restarted watcher finds both reports done and exits at once.
+    out = job(emulator, cwd, 'pixelgen.evaluate', '--workdir', RUN, '--eval', 'loss',
+              '--watch', '--watch_timeout', '60', '--poll_seconds', '0.1')
+    assert '[evaluate] gs://' not in out and 'final step 12 evaluated; done.' in out
+
+
+def test_data_dir_on_gcs_is_copied_once_per_machine(emulator, cwd, bucket, data_dir):
+    bucket.put(os.path.join(data_dir, 'shapes'), f'{BUCKET}/tfds/', recursive=True)
+    assert 'shapes/1.0.0/dataset_info.json' in objects(bucket, 'tfds')
+    out = job(emulator, cwd, 'pixelgen.train', '--config', TINY,
+              f'--config.data.data_dir=gs://{BUCKET}/tfds', '--config.total_steps=3',
+              '--config.checkpoint_every_steps=3', '--config.sample_every_steps=0',
+              '--config.eval_every_steps=0', '--workdir', f'gs://{BUCKET}/from_gcs')
+    copies = [line for line in out.splitlines() if line.startswith('[storage] copying')]
+    assert len(copies) == 1 and "dataset 'shapes'" in copies[0], out
+    assert 'reusing' not in out
+    assert 'checkpoints/3/commit_success.txt' in objects(bucket, 'from_gcs')
+    cache = emulator[1]['PIXELGEN_CACHE_DIR']
+    (digest,) = os.listdir(os.path.join(cache, 'data'))
+    assert sorted(os.listdir(os.path.join(cache, 'data', digest, 'shapes'))) == ['1.0.0']
+    # A later run reuses the copy.
+    out = job(emulator, cwd, code=f'''
+        from pixelgen.data import pipeline
+        print(len(pipeline.open_source('shapes', 'test', 'gs://{BUCKET}/tfds')))
+    ''')
+    assert '[storage] reusing the local copy' in out and '[storage] copying' not in out
+    assert out.splitlines()[-1] == '1000'
+
+
+def test_codes_dataset_on_gcs(emulator, cwd, bucket):
+    """`dvae encode --out gs://...` writes through write_codes; DALL·E reads open_codes."""
+    out = job(emulator, cwd, code=f'''
+        import numpy as np
+        from pixelgen.data import codes
+        out = 'gs://{BUCKET}/codes'
+        rows = [{{'codes': np.full((4, 4), i, np.uint16), 'caption': f'c{{i}}', 'label': i}}
+                for i in range(5)]
+        assert codes.write_codes(out, 'test', rows, grid_size=4, codebook_size=8) == 5
+        info = codes.codes_info(out)
+        assert info['splits'] == {{'test': 5}}, info
+        source = codes.open_codes(out, 'test')
+        assert len(source) == 5 and source[3]['caption'] == 'c3', source[3]
+        assert (source[3]['codes'] == 3).all()
+        print('codes ok')
+    ''')
+    assert 'codes ok' in out
+    assert {'dataset_info.json', 'features.json', 'codes-test.array_record-00000-of-00001'} <= \
+        set(objects(bucket, 'codes'))
+
+
+def test_convert_into_the_bucket(emulator, cwd, bucket):
+    src = os.path.join(REPO, 'tests', 'data', 'openai_igpt_tiny')
+    job(emulator, cwd, 'pixelgen.convert', '--from', 'openai-igpt', '--src', src,
+        '--workdir', f'gs://{BUCKET}/converted')
+    assert {'config.json', 'palette.npy', 'checkpoints/0/commit_success.txt'} <= \
+        set(objects(bucket, 'converted'))
+    out = job(emulator, cwd, code=f'''
+        import numpy as np, pixelgen
+        loaded = pixelgen.load('gs://{BUCKET}/converted')
+        np.testing.assert_array_equal(loaded.palette, np.load({src!r} + '/kmeans_centers.npy'))
+        print('step', loaded.step)
+    ''')
+    assert 'step 0' in out
+
+
+def test_unwritable_bucket_is_a_clear_error(emulator, cwd, tiny_config_args):
+    result = subprocess.run(
+        [sys.executable, '-m', 'pixelgen.train', *tiny_config_args, '--workdir',
+         'gs://no-such-bucket/run'], cwd=cwd, env=emulator[1], capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert 'The workdir gs://no-such-bucket/run is not writable' in result.stderr
+    assert 'Check that the bucket exists' in result.stderr
+    no_local_gs_folder(cwd)
+
+
+def test_local_paths_stay_local(tmp_path):
+    from pixelgen import storage
+    path = str(tmp_path / 'a' / 'b.txt')
+    assert storage.write_text(path, 'x') == path and open(path).read() == 'x'
+    assert storage.listdir(str(tmp_path / 'a')) == ['b.txt']  # no temporary file left
+    assert storage.join('gs://b/run', 'checkpoints') == 'gs://b/run/checkpoints'
+    assert storage.absolute('gs://b/run') == 'gs://b/run'
+    assert storage.absolute('run') == os.path.join(os.getcwd(), 'run')
+    assert storage.is_remote('gs://b') and not storage.is_remote('/tmp/gs:/b')
