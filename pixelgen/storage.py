@@ -31,14 +31,14 @@ CACHE_ENV = 'PIXELGEN_CACHE_DIR'
 
 
 def _configure_fsspec() -> None:
-    """gcsfs caches directory listings for the life of a process, so a process would never
-    see what another one wrote (new checkpoints, for `pixelgen.evaluate --watch`). Off, as
-    for a local disk; set before the first gs:// file system object is made."""
+    """gcsfs (and s3fs) cache directory listings for the life of a process, so a process
+    would never see what another one wrote (new checkpoints, for `pixelgen.evaluate
+    --watch`). Off, as on a local disk; set before the first such file system is made."""
     try:
         import fsspec.config
     except ImportError:  # local paths only
         return
-    for protocol in ('gs', 'gcs'):
+    for protocol in ('gs', 'gcs', 's3', 's3a'):
         fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
 
 
@@ -48,10 +48,6 @@ _configure_fsspec()
 def is_remote(path) -> bool:
     """Whether `path` is a URL (gs://, s3://, ...) rather than a local path."""
     return '://' in os.fspath(path)
-
-
-def as_path(path) -> epath.Path:
-    return epath.Path(path)
 
 
 def join(base, *parts: str) -> str:

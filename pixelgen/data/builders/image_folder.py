@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
+from pixelgen import storage
 from pixelgen.data.builders import IMAGE_FOLDER_PREFIX
 from pixelgen.data.builders.shapes import png_bytes
 from pixelgen.data.pipeline import DataError
@@ -57,7 +58,13 @@ EXAMPLES_PER_REASON = 5  # file names kept per count in the summary, to find the
 
 def folder_of(dataset: str) -> str:
     """The absolute folder named by 'image_folder:<path>'; DataError if it is not one."""
-    folder = os.path.abspath(os.path.expanduser(dataset[len(IMAGE_FOLDER_PREFIX):]))
+    path = dataset[len(IMAGE_FOLDER_PREFIX):]
+    if storage.is_remote(path):  # its builder's name comes from the folder's real path
+        raise DataError(f'config.data.dataset={dataset!r}: image_folder reads a local folder. '
+                        f'Copy it to this machine first (gcloud storage cp -r {path} DIR) and '
+                        "pass --config.data.dataset='image_folder:DIR'; the data dir "
+                        '(--config.data.data_dir) may be on gs://.')
+    folder = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(folder):
         raise DataError(f'config.data.dataset={dataset!r}: {folder} is not a directory. Pass '
                         "--config.data.dataset='image_folder:/path/to/your/images'.")
