@@ -50,10 +50,10 @@ from pixelgen.models.dalle import DallE
 from pixelgen.models.igpt import ImageGPT
 from pixelgen.nn.attention import IMPLEMENTATIONS, MultiHeadAttention, cudnn_unavailable
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_mask, dalle_mask_spec
+from pixelgen.tasks import DTYPES
 from pixelgen.tasks.dalle import DalleLoss
 from pixelgen.tasks.igpt import token_loss
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 ATTENTION_CHOICES = IMPLEMENTATIONS  # off TPU 'splash' is Pallas interpret mode: no speed path
 
 # The shapes of issue 8, shared with benchmarks/hf_imagegpt.py: Image GPT, 8 layers, width 256,

@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGPT_TINY = 'configs/igpt_shapes.py:tiny'
 DALLE_TINY = 'configs/dalle_shapes.py:tiny'
 FIELDS = ('argument_bytes', 'output_bytes', 'alias_bytes', 'temp_bytes', 'generated_code_bytes',
-          'total_bytes', 'flops')
+          'total_bytes', 'xla_flops')
 
 
 def _env() -> dict[str, str]:
@@ -58,11 +58,12 @@ def test_compiles_every_step_for_v5e(config):
         assert step['compiled'] and step['fits'], name
         for field in FIELDS:
             assert step[field] is not None and step[field] >= 0, (name, field)
-        assert step['flops'] > 0 and step['argument_bytes'] > 0, name
+        assert step['xla_flops'] > 0 and step['argument_bytes'] > 0, name
         assert step['total_bytes'] == (step['argument_bytes'] + step['output_bytes']
                                        - step['alias_bytes'] + step['temp_bytes']
                                        + step['generated_code_bytes']), name
     train = out['steps']['train']
+    assert train['model_flops'] > 0  # the trainer's MFU count, per device
     # The new state is written over the donated old one, and it stays sharded as it came in
     # (out_shardings pinned): nearly all of the outputs alias the arguments.
     assert train['alias_bytes'] >= 0.9 * train['output_bytes']

@@ -299,3 +299,21 @@ def test_image_folder_on_gcs_is_refused_with_the_fix():
     from pixelgen.data.pipeline import DataError
     with pytest.raises(DataError, match=r'reads a local folder.*gcloud storage cp -r gs://b/x'):
         image_folder.folder_of('image_folder:gs://b/x')
+
+
+def test_failed_save_cleanup_and_move_aside_on_gcs(emulator, cwd, bucket):
+    """What a failed save leaves (a step folder without Orbax's commit file) is removed, a
+    committed one is kept; a damaged checkpoint is moved aside (copied, then deleted)."""
+    job(emulator, cwd, code=f'''
+        from pixelgen import checkpoint, storage
+        directory = 'gs://{BUCKET}/saves/checkpoints'
+        storage.write_text(directory + '/6/commit_success.txt', 'done')
+        storage.write_text(directory + '/6/state/a', 'x')
+        storage.write_text(directory + '/12/state/a', 'half')
+        checkpoint._remove_unfinished(directory, 6)
+        checkpoint._remove_unfinished(directory, 12)
+        assert storage.listdir(directory) == ['6'], storage.listdir(directory)
+        storage.move(directory + '/6', 'gs://{BUCKET}/saves/checkpoints_corrupt/6-1')
+    ''')
+    assert objects(bucket, 'saves') == ['checkpoints_corrupt/6-1/commit_success.txt',
+                                        'checkpoints_corrupt/6-1/state/a']

@@ -31,6 +31,7 @@ from flax import nnx
 
 from pixelgen.nn.block_sparse import (
     DEFAULT_CAUSAL_BLOCK,
+    MASK_VALUE,
     Tiling,
     block_sparse_attention,
     make_tiling,
@@ -46,9 +47,6 @@ IMPLEMENTATIONS = ('block_sparse', 'dense', 'splash', 'cudnn', 'auto')
 CUDNN_KINDS = ('causal', 'full')  # the masks cuDNN's fused kernel expresses (no bias array)
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
-# Logit given to masked (query, key) pairs. Finite, so a fully masked row gives a uniform
-# distribution rather than NaN; the original uses `w*b - 1e10*(1-b)`.
-MASK_VALUE = -1e10
 FUSED_QKV_MAX_BYTES = 16 * 2 ** 20  # per layer; larger layers' decoding ops are not op-bound
 
 

@@ -42,7 +42,9 @@ import numpy as np
 from pixelgen.nn.masks import MaskSpec
 from pixelgen.nn.matmul import rows_t_times
 
-# Finite, so a fully masked row gives a uniform average rather than NaN (as the dense path).
+# Logit given to masked (query, key) pairs, here and in dense attention (nn.attention). Finite,
+# so a fully masked row gives a uniform average rather than NaN; the original Image GPT uses
+# `w*b - 1e10*(1-b)`.
 MASK_VALUE = -1e10
 DEFAULT_CAUSAL_BLOCK = 64  # tree leaves; 64 and 128 ran alike at 1024 tokens on a 2-core CPU
 

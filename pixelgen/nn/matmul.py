@@ -4,7 +4,7 @@ Weight and key/value gradients contract the row (token) axis of two [.., rows, f
 operands. Written as `a.T @ b`, XLA folds the transpose into the dot, whose left operand is
 then contracted on its major axis; XLA:CPU runs that form in Eigen, at a fraction of the rate
 of the YNNPACK matmuls it uses for the canonical [M, K] × [K, N] form
-(`benchmarks/README.md`, "Where the time goes"). Here the transpose is materialised and
+(docs/cpu-performance.md, "Where the time goes"). Here the transpose is materialised and
 fenced with `jax.lax.optimization_barrier`, which XLA may not fold through, so the product
 stays canonical. Costs one copy of `a` (pass the smaller operand as `a`) and, when asked
 for, of the result.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,14 +46,6 @@ def _canonical_rows_t_times(batch: str, a: jax.Array, b: jax.Array) -> jax.Array
         return jax.lax.optimization_barrier(product)
 
 
-def on_cpu_or_plain(cpu: Callable[..., jax.Array], plain: Callable[..., jax.Array],
-                    *args) -> jax.Array:
-    """cpu(*args) where the step is lowered for the CPU, plain(*args) for every other
-    platform: for the hand-written backward passes that exist for XLA:CPU's layouts, so that
-    TPU and GPU graphs, even when built on a CPU host, differentiate the plain form."""
-    return jax.lax.platform_dependent(*args, cpu=cpu, default=plain)
-
-
 def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
                        preferred_element_type=None, out_sharding=None) -> jax.Array:
     """`nnx.Linear(dot_general=linear_dot_general)`: x [..., in] · kernel [in, out], whose
@@ -66,7 +57,7 @@ def linear_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precis
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type,
                                    out_sharding=out_sharding)
-    return _flat_projection(lhs, rhs, 1, precision, preferred_element_type)
+    return _projection(lhs, rhs, 1, precision, preferred_element_type)
 
 
 def projection_einsum(spec: str, x: jax.Array, kernel: jax.Array, precision=None,
@@ -86,23 +77,7 @@ def projection_einsum(spec: str, x: jax.Array, kernel: jax.Array, precision=None
         return jnp.einsum(spec, x, kernel, precision=precision,
                           preferred_element_type=preferred_element_type,
                           out_sharding=out_sharding)
-    return _flat_projection(x, kernel, shared, precision, preferred_element_type)
-
-
-def _flat_projection(x: jax.Array, kernel: jax.Array, shared: int, precision,
-                     out_dtype) -> jax.Array:
-    """`_projection` with its hand-written backward on the CPU, autodiff elsewhere."""
-    return on_cpu_or_plain(
-        lambda x, kernel: _projection(x, kernel, shared, precision, out_dtype),
-        lambda x, kernel: _flat_product(x, kernel, shared, precision, out_dtype), x, kernel)
-
-
-def _flat_product(x, kernel, shared, precision, out_dtype):
-    rows, features = x.shape[:x.ndim - shared], kernel.shape[shared:]
-    flat = jnp.einsum('...i,io->...o', x.reshape(*rows, -1),
-                      kernel.reshape(-1, math.prod(features)), precision=precision,
-                      preferred_element_type=out_dtype)
-    return flat.reshape(*rows, *features)
+    return _projection(x, kernel, shared, precision, preferred_element_type)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -110,7 +85,11 @@ def _projection(x: jax.Array, kernel: jax.Array, shared: int, precision, out_dty
     """x [*rows, *contracted] · kernel [*contracted, *features] -> [*rows, *features], the
     `shared` contracted axes flattened into one matmul; its kernel gradient is `rows_t_times`
     over the rows (autodiff's x^T · dy is the slow Eigen form, or a transposing fusion)."""
-    return _flat_product(x, kernel, shared, precision, out_dtype)
+    rows, features = x.shape[:x.ndim - shared], kernel.shape[shared:]
+    flat = jnp.einsum('...i,io->...o', x.reshape(*rows, -1),
+                      kernel.reshape(-1, math.prod(features)), precision=precision,
+                      preferred_element_type=out_dtype)
+    return flat.reshape(*rows, *features)
 
 
 def _projection_fwd(x, kernel, shared, precision, out_dtype):

@@ -18,7 +18,7 @@ from flax.nnx import spmd
 from pixelgen.nn.attention import MultiHeadAttention, logical_init
 from pixelgen.nn.decode_ops import PLAIN, DecodeOps, layer_projection
 from pixelgen.nn.masks import MaskSpec
-from pixelgen.nn.matmul import on_cpu_or_plain, rows_t_times
+from pixelgen.nn.matmul import rows_t_times
 from pixelgen.parallel import constrain
 
 LayerCache = dict[str, jax.Array]
@@ -76,10 +76,8 @@ class MLP(nnx.Module):
         biases = (self.fc.bias[...].astype(dtype), self.proj.bias[...].astype(dtype)) \
             if self.fc.bias is not None else None
         rows = x.reshape(-1, x.shape[-1]).astype(dtype)  # [batch * length, width]: see `mlp`
-        y = on_cpu_or_plain(functools.partial(mlp, activation=self.activation),
-                            functools.partial(_mlp_plain, activation=self.activation),
-                            rows, self.fc.kernel[...].astype(dtype),
-                            self.proj.kernel[...].astype(dtype), biases)
+        y = mlp(rows, self.fc.kernel[...].astype(dtype), self.proj.kernel[...].astype(dtype),
+                biases, self.activation)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def decode(self, x: jax.Array, ops: DecodeOps = PLAIN) -> jax.Array:
@@ -104,7 +102,9 @@ def mlp(x: jax.Array, w_in: jax.Array, w_out: jax.Array,
     activation gradient out transposed for the weight-gradient matmul (a slow strided copy),
     and the MLP's forward + backward ran 2-3x slower (benchmarks/mlp_backward.py). 2-D rows
     and this backward pass, which saves x and the pre-activation and recomputes act and its
-    slope elementwise, were fastest together."""
+    slope elementwise, were fastest together. It is the standard backward (dx = d_pre ·
+    w_inᵀ, dw = xᵀ · d_pre), so every platform runs it; only its layout fences are CPU-only
+    (`rows_t_times`)."""
     return _mlp_fwd(x, w_in, w_out, biases, activation)[0]
 
 
@@ -127,10 +127,6 @@ def _mlp_bwd(activation, residuals, dy):
 
 mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
-
-def _mlp_plain(x, w_in, w_out, biases, activation):
-    """`mlp` differentiated by autodiff: what every platform but the CPU runs."""
-    return _mlp_fwd(x, w_in, w_out, biases, activation)[0]
 
 
 class Block(nnx.Module):
