@@ -96,8 +96,8 @@ def test_human_readable_table():
 
 def test_too_large_config_exits_naming_the_shortfall():
     result = aot('--config', IGPT_TINY, '--topology', 'v5e:2x2', '--steps', 'train', '--json',
-                 '--config.model.width=2048', '--config.model.num_heads=16',
-                 '--config.model.num_layers=4', '--config.model.scan_layers=true',
+                 '--config.model.width=4096', '--config.model.num_heads=32',
+                 '--config.model.num_layers=6', '--config.model.scan_layers=true',
                  '--config.data.image_size=32', '--config.batch_size=64')
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     out = json.loads(result.stdout)
