@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import io
 import os
@@ -134,10 +135,21 @@ def rmtree(path) -> None:
 
 
 def move(source, target) -> None:
-    """Renames a file or folder (on an object store: copies, then deletes)."""
-    target = epath.Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    epath.Path(source).rename(target)
+    """Renames a file or folder. An object store has no rename: there every object is
+    copied, then the source deleted (both in the same store)."""
+    source, target = os.fspath(source), os.fspath(target)
+    if not is_remote(source):
+        os.makedirs(parent(target), exist_ok=True)
+        os.replace(source, target)
+        return
+    fs, src = _fs(source)
+    dst = _fs(target)[1].rstrip('/')
+    files = sorted(_remote_files(source))
+    if files:
+        fs.copy([f'{src.rstrip("/")}/{n}' for n in files], [f'{dst}/{n}' for n in files])
+    else:  # one object
+        fs.copy(src, dst)
+    fs.rm(src, recursive=True)
 
 
 class Appender:
@@ -241,9 +253,12 @@ def local_copy(url: str, local_dir: str, *, what: str = 'files') -> str:
                 print(f'[storage] reusing the local copy {local_dir} of {url}', flush=True)
         else:
             print(f'[storage] copying {what} {url} ({len(files)} files, '
-                  f'{sum(files.values()) / 2**20:.1f} MiB) to the local cache {local_dir}; '
-                  'later runs reuse it', flush=True)
-            tmp = os.path.join(cache_root(), 'tmp', f'{digest}-{uuid.uuid4().hex[:8]}')
+                  f'{sum(files.values()) / 2**20:.1f} MiB) to the local cache {local_dir}, '
+                  'as its reader reads local files only; later runs reuse it', flush=True)
+            staging = os.path.join(cache_root(), 'tmp')
+            for stale in glob.glob(os.path.join(staging, f'{digest}-*')):  # killed copies
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = os.path.join(staging, f'{digest}-{uuid.uuid4().hex[:8]}')
             names = sorted(files)
             for name in names:
                 os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
