@@ -5,7 +5,9 @@ A converter is a module of this package that defines
   DESCRIPTION: str                           one line for --help
   convert(src: str, workdir: str) -> str     writes the workdir; returns a summary line
 and writes its result with `save_workdir`, so that `pixelgen.load(workdir)` (and training
-from it) work as for any trained run.
+from it) work as for any trained run. `workdir` may be a URL (gs://...); `src` is a local
+folder (the released formats' readers read local files; `python -m pixelgen.convert` copies
+a gs:// --src to the local cache first).
 """
 
 from __future__ import annotations
