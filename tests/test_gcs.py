@@ -241,10 +241,12 @@ def test_codes_dataset_on_gcs(emulator, cwd, bucket):
         set(objects(bucket, 'codes'))
 
 
-def test_convert_into_the_bucket(emulator, cwd, bucket):
+def test_convert_from_and_into_the_bucket(emulator, cwd, bucket):
     src = os.path.join(REPO, 'tests', 'data', 'openai_igpt_tiny')
-    job(emulator, cwd, 'pixelgen.convert', '--from', 'openai-igpt', '--src', src,
-        '--workdir', f'gs://{BUCKET}/converted')
+    bucket.put(src, f'{BUCKET}/release', recursive=True)
+    out = job(emulator, cwd, 'pixelgen.convert', '--from', 'openai-igpt', '--src',
+              f'gs://{BUCKET}/release', '--workdir', f'gs://{BUCKET}/converted')
+    assert f'[storage] copying --src gs://{BUCKET}/release' in out
     assert {'config.json', 'palette.npy', 'checkpoints/0/commit_success.txt'} <= \
         set(objects(bucket, 'converted'))
     out = job(emulator, cwd, code=f'''
