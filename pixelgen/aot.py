@@ -77,8 +77,15 @@ def _prepare_environment() -> None:
 
 
 def libtpu_version() -> str | None:
-    """The installed libtpu's version, or None if it is not installed."""
-    if importlib.util.find_spec('libtpu') is None:
+    """The installed libtpu's version (or the library that TPU_LIBRARY_PATH points JAX at
+    instead of it), or None if there is none."""
+    spec = importlib.util.find_spec('libtpu')
+    override = os.environ.get('TPU_LIBRARY_PATH', '')
+    if override and os.path.isfile(override) and (
+            spec is None or not spec.origin or os.path.realpath(override) != os.path.realpath(
+                os.path.join(os.path.dirname(spec.origin), 'libtpu.so'))):
+        return override
+    if spec is None:
         return None
     try:
         return importlib.metadata.version('libtpu')
@@ -88,10 +95,10 @@ def libtpu_version() -> str | None:
 
 def require_libtpu() -> str:
     version = libtpu_version()
-    if version is None and not os.path.isfile(os.environ.get('TPU_LIBRARY_PATH', '')):
+    if version is None:
         raise ConfigError('Compiling for TPU needs libtpu, which is not installed here. '
                           f'Install it with {INSTALL_HINT} (no TPU is needed).')
-    return version or os.environ['TPU_LIBRARY_PATH']
+    return version
 
 
 def parse_topology(name: str) -> tuple[str, Chip, str]:

@@ -231,6 +231,7 @@ def test_dalle_module_block_sparse_equals_dense_and_decoding(name, dalle_modules
         np.testing.assert_allclose(out[:, 0], y[:, position], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_small_layers_decode_with_one_fused_qkv_matmul(dalle_modules, monkeypatch):
     module, x, y = dalle_modules['row']
     cache = module.init_cache(2, x.shape[1])

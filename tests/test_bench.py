@@ -82,6 +82,7 @@ def test_case_reports_every_field_with_sane_values(tiny_result):
             'igpt_train', r['shape']['batch'])
 
 
+@pytest.mark.slow
 def test_sample_case_generates_new_tokens_of_a_longer_model(tiny_result):
     if tiny_result['name'] == 'igpt_sample':
         assert tiny_result['shape']['new_tokens'] == 8 and tiny_result['shape']['seq'] == 16

@@ -74,6 +74,7 @@ def test_loss_counts_only_masked_positions(bert, tokens):
     assert loss_fn.loss(bert, batch, jax.random.key(8))[0] != loss
 
 
+@pytest.mark.slow
 def test_unmasked_targets_do_not_enter_the_loss(bert, tokens):
     """The loss is a function of the masked targets only (given the same inputs)."""
     rng = jax.random.key(3)

@@ -55,6 +55,7 @@ def test_converted_encoder_logits_match_dall_e(released, converted):
                                   expected.argmax(1).numpy())
 
 
+@pytest.mark.slow
 def test_converted_decoder_outputs_match_dall_e(released, converted):
     codes = np.random.default_rng(1).integers(0, 512, (2, 4, 4))
     one_hot = torch.nn.functional.one_hot(torch.from_numpy(codes), 512).permute(0, 3, 1, 2)
@@ -67,6 +68,7 @@ def test_converted_decoder_outputs_match_dall_e(released, converted):
     np.testing.assert_allclose(images, reference, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_pickled_module_is_refused_with_the_way_to_make_a_state_dict(released, tmp_path):
     from pixelgen.convert import openai_dvae
     torch.save(released[0], tmp_path / 'encoder.pt')  # a whole module, not a state dict
@@ -75,3 +77,11 @@ def test_a_pickled_module_is_refused_with_the_way_to_make_a_state_dict(released,
     (tmp_path / 'decoder.pkl').write_bytes(b'')
     with pytest.raises(FileNotFoundError, match='decoder.pkl is a pickled module'):
         openai_dvae.load_state_dict(str(tmp_path / 'decoder.pt'))
+
+
+def test_a_missing_state_dict_names_the_pickled_module_beside_it(tmp_path):
+    from pixelgen.convert import openai_dvae
+    (tmp_path / 'encoder.pkl').write_bytes(b'')
+    with pytest.raises(FileNotFoundError, match=r'encoder\.pkl is a pickled module: save its '
+                                                r'state_dict\(\)'):
+        openai_dvae.load_state_dict(str(tmp_path / 'encoder.pt'))

@@ -68,6 +68,7 @@ def test_report_has_every_evaluator_and_its_files(evaluated):
     assert any(f.startswith('events.out') for f in os.listdir(tensorboard))
 
 
+@pytest.mark.slow
 def test_loss_matches_the_trainers_final_test_evaluation(trained, evaluated):
     _, final = trained
     loss = evaluated[1]['evaluators']['loss']['metrics']
@@ -75,6 +76,7 @@ def test_loss_matches_the_trainers_final_test_evaluation(trained, evaluated):
     assert loss['bits_per_dim'] == pytest.approx(final['test/bits_per_dim'], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_checkpoints_and_config_are_untouched(evaluated):
     workdir, _, before = evaluated
     after = _digests(os.path.join(workdir, 'checkpoints'))
@@ -96,6 +98,7 @@ def test_watch_evaluates_each_checkpoint_once(trained, tmp_path):
     assert set(report['evaluators']) == {'loss', 'samples'}
 
 
+@pytest.mark.slow
 def test_unknown_evaluator_missing_step_and_missing_workdir_are_clear_errors(trained, tmp_path):
     workdir, _ = trained
     with pytest.raises(ConfigError, match=r"--eval nope: not an evaluator of task 'igpt'.*"

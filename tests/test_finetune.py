@@ -218,6 +218,7 @@ def test_augmented_batches_are_seeded_and_resume_exactly(data_dir):
     assert plain.shape == batches[0].shape and not np.array_equal(plain, batches[0])
 
 
+@pytest.mark.slow
 def test_init_from_errors_name_the_problem(data_dir, pretrained_workdir, tmp_path):
     with pytest.raises(ConfigError, match='not a pixelgen workdir'):
         task_lib.validate_init_from(finetune_config(data_dir, str(tmp_path / 'absent')))

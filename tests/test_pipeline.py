@@ -33,6 +33,7 @@ def _iterator(source, seed=0):
                                    prepare=pipeline.image_example(8), num_threads=1, prefetch=1)
 
 
+@pytest.mark.slow
 def test_train_batches_are_seeded(source):
     a, b, c = _iterator(source), _iterator(source), _iterator(source, seed=1)
     first_a, first_b, first_c = next(a), next(b), next(c)
@@ -41,6 +42,7 @@ def test_train_batches_are_seeded(source):
     assert not np.array_equal(first_a['image'], first_c['image'])
 
 
+@pytest.mark.slow
 def test_iterator_state_resumes_the_same_batches(source):
     it = _iterator(source)
     next(it), next(it)
@@ -52,6 +54,7 @@ def test_iterator_state_resumes_the_same_batches(source):
         np.testing.assert_array_equal(next(resumed)['image'], want)
 
 
+@pytest.mark.slow
 def test_eval_batches_pad_the_last_batch_with_mask_zero(source):
     batches = list(pipeline.eval_batches(source, batch_size=4, num_examples=10,
                                          prepare=pipeline.image_example(8)))
@@ -70,12 +73,14 @@ def test_unknown_and_unprepared_datasets_say_what_to_do(tmp_path, data_dir):
         pipeline.open_source('shapes', 'validation', data_dir)
 
 
+@pytest.mark.slow
 def test_too_small_split_for_one_batch(source):
     with pytest.raises(pipeline.DataError, match='batch_size'):
         pipeline.train_iterator(source, batch_size=len(source) + 1, seed=0,
                                 prepare=pipeline.image_example(8))
 
 
+@pytest.mark.slow
 def test_palette_pixels_are_seeded(source):
     a = pipeline.sample_pixels(source, image_size=8, num_images=5, pixels_per_image=4, seed=0)
     b = pipeline.sample_pixels(source, image_size=8, num_images=5, pixels_per_image=4, seed=0)

@@ -196,6 +196,7 @@ def test_scanned_training_runs_and_resumes(scanned_run):
     assert loaded.model(np.zeros((1, side * side), np.int32)).shape[:2] == (1, side * side)
 
 
+@pytest.mark.slow
 def test_resuming_in_the_other_layout_is_refused_naming_the_key(scanned_run, data_dir):
     workdir = scanned_run[0]
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r'model\.scan_layers'):

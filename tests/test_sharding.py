@@ -109,6 +109,7 @@ def test_every_mesh_matches_one_device(mesh_results, shape):
     assert got['max_relative_grad_diff'] < 1e-5  # per tensor, relative to its largest entry
 
 
+@pytest.mark.slow
 def test_tiled_attention_matches_one_device_on_every_mesh(mesh_results):
     tiled = mesh_results['tiled']
     assert tiled['uses_tiles']
@@ -117,6 +118,7 @@ def test_tiled_attention_matches_one_device_on_every_mesh(mesh_results):
         assert tiled[shape] < 1e-5, shape
 
 
+@pytest.mark.slow
 def test_parameters_are_sharded_as_the_rules_say(mesh_results):
     specs = mesh_results['specs']
     assert specs['mlp_fc'] == "P('fsdp', 'tensor')"        # embed, mlp
@@ -125,3 +127,13 @@ def test_parameters_are_sharded_as_the_rules_say(mesh_results):
     assert specs['adam_mu_mlp_fc'] == specs['mlp_fc']                  # optimizer follows
     assert specs['norm'] == "P('fsdp',)"
     assert specs['shard_shape_mlp_fc'] == [32, 128]                    # [64/2, 256/2]
+
+
+def test_the_mesh_fills_its_minus_one_axis_and_refuses_what_cannot_fit():
+    from pixelgen import parallel
+    assert parallel.mesh_shape({'data': 2, 'fsdp': -1}, 8) == (2, 4, 1)
+    assert parallel.mesh_shape({'data': -1}, 1) == (1, 1, 1)
+    with pytest.raises(ValueError, match='not a multiple of 3'):
+        parallel.mesh_shape({'data': 3, 'fsdp': -1}, 8)
+    with pytest.raises(ValueError, match='unknown axes'):
+        parallel.mesh_shape({'pipeline': 2}, 2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import TINY, run_python
+from jax.sharding import PartitionSpec as P
 
 TRAIN = '''
 from conftest import tiny_config
@@ -38,6 +39,7 @@ def one_device_run(data_dir, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('path', [
     [(8, '1x8x1', 4), (2, '2x1x1', 8), (1, '1x1x1', None)],   # 8 devices -> 2 -> 1
     [(1, '1x1x1', 4), (8, '4x1x2', 8), (8, '1x4x2', None)],   # and the way back
@@ -49,3 +51,17 @@ def test_checkpoint_restores_onto_another_mesh(path, one_device_run, data_dir, t
     for a, b in zip(_params(one_device_run), _params(workdir), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
     assert TINY  # the same tiny config throughout
+
+
+def test_a_dimension_that_does_not_divide_stays_replicated():
+    import types
+
+    from pixelgen import parallel
+    mesh = types.SimpleNamespace(shape={'data': 1, 'fsdp': 4, 'tensor': 2})
+    rules = (('embed', 'fsdp'), ('heads', 'tensor'), ('mlp', ('fsdp', 'tensor')))
+    assert parallel.logical_to_mesh(('embed', 'heads'), (8, 2), mesh, rules) == P('fsdp',
+                                                                                 'tensor')
+    assert parallel.logical_to_mesh(('embed', 'heads'), (6, 3), mesh, rules) == P(None, None)
+    # fsdp is taken by the first dimension: the second may not reuse it
+    assert parallel.logical_to_mesh(('embed', 'mlp'), (8, 16), mesh, rules) == P('fsdp',
+                                                                                'tensor')

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import TINY, tiny_config
 
 import pixelgen
 from pixelgen import checkpoint
@@ -44,6 +44,7 @@ def test_run_writes_everything_a_user_looks_at(finished_run):
     assert 'test/bits_per_dim' in result
 
 
+@pytest.mark.slow
 def test_loss_falls(finished_run):
     workdir, result = finished_run
     records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -86,6 +87,7 @@ def test_checkpoint_of_another_model_shape_is_refused_and_kept(finished_run, dat
     assert before == after
 
 
+@pytest.mark.slow
 def test_load_gives_model_config_and_palette(finished_run):
     workdir, _ = finished_run
     loaded = pixelgen.load(workdir)
@@ -98,6 +100,7 @@ def test_load_gives_model_config_and_palette(finished_run):
         pixelgen.load(workdir, step=5)
 
 
+@pytest.mark.slow
 def test_sample_command_writes_pngs(finished_run, tmp_path):
     from pixelgen.sample import main
     workdir, _ = finished_run
@@ -201,3 +204,12 @@ def test_exploding_run_stops_without_saving_a_nonfinite_state(data_dir, tmp_path
     for step in checkpoint.make_manager(workdir).all_steps():
         leaves = jax.tree.leaves(pixelgen.load(workdir, step).model)
         assert all(np.isfinite(np.asarray(x)).all() for x in leaves), step
+
+
+def test_a_misspelled_key_fails_before_anything_is_written(tmp_path):
+    from pixelgen import train
+    from pixelgen.config import ConfigError
+    workdir = tmp_path / 'w'
+    with pytest.raises(ConfigError, match='Did you mean model.num_layers'):
+        train.main(['--config', TINY, '--config.model.num_layrs=2', '--workdir', str(workdir)])
+    assert not workdir.exists()
