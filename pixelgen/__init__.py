@@ -13,7 +13,9 @@ __version__ = '0.1.0'
 _host_memory.configure()
 
 
-def load(workdir: str, step: int | None = None):
-    """The model of a training workdir at its latest (or the given) checkpoint."""
+def load(workdir: str, step: int | None = None, *, mesh: dict[str, int] | None = None):
+    """The model of a training workdir at its latest (or the given) checkpoint: its
+    parameters only, sharded over `mesh` (e.g. {'data': 1, 'fsdp': -1}; default: the run's
+    config.mesh fitted to the devices here). See pixelgen.pretrained.load."""
     from pixelgen.pretrained import load as _load  # keep `import pixelgen` light
-    return _load(workdir, step)
+    return _load(workdir, step, mesh=mesh)

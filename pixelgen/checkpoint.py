@@ -16,6 +16,7 @@ CheckpointSaveError naming the intact checkpoint that a rerun resumes from.
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import shutil
@@ -204,9 +205,8 @@ def _diff(saved: dict, wanted: dict, prefix: str = '') -> list[str]:
     return lines
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator,
-            config) -> Any:
-    """Restores `step` into the structure/shardings of `abstract_state` (and the iterator)."""
+def _check_meta(manager: ocp.CheckpointManager, step: int, config, fix: str) -> None:
+    """CheckpointMismatchError unless checkpoint `step` was written for `config`'s model."""
     where = f'{manager.directory}/{step}'
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -216,10 +216,17 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
     differences = _diff(meta, describe(config))
     if differences:
         raise CheckpointMismatchError(
-            f'The checkpoint at {manager.directory}/{step} belongs to a different model:\n  '
-            + '\n  '.join(differences)
-            + '\nNothing was overwritten. Use a new --workdir, or restore the original config '
-              'values (see config.json in that workdir).')
+            f'The checkpoint at {where} belongs to a different model:\n  '
+            + '\n  '.join(differences) + '\n' + fix)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator,
+            config) -> Any:
+    """Restores `step` into the structure/shardings of `abstract_state` (and the iterator)."""
+    where = f'{manager.directory}/{step}'
+    _check_meta(manager, step, config,
+                'Nothing was overwritten. Use a new --workdir, or restore the original config '
+                'values (see config.json in that workdir).')
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
         args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -228,6 +235,61 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
     except Exception as e:  # noqa: BLE001 - the model matched, so the files are damaged
         raise CorruptCheckpointError(f'Checkpoint {where} is unreadable ({e}).') from e
     return restored['state']
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, target: Any, config) -> Any:
+    """The `params` subtree of checkpoint `step`'s state, restored into `target` (a pytree of
+    jax.ShapeDtypeStruct with shardings, as the model's parameters): each device reads only
+    its shards, and nothing else of the state (the optimizer's moments, the data position)
+    is read; a checkpoint without them (a converted workdir) loads the same. Errors name
+    what is missing and the fix."""
+    where = f'{manager.directory}/{step}'
+    _check_meta(manager, step, config,
+                'Its config.json does not describe it: restore the config.json the run wrote '
+                'with this checkpoint.')
+    saved = _saved_paths(storage.join(str(manager.directory), str(step), 'state'))
+    if saved is not None and not any(path[:1] == ('params',) for path in saved):
+        tops = sorted({path[0] for path in saved if path})
+        raise CheckpointMismatchError(
+            f'Checkpoint {where} holds no parameters (its state has {tops}, no "params"): it '
+            'was not written by pixelgen.train or pixelgen.convert. Load another step, or '
+            'convert the weights into a new workdir with python -m pixelgen.convert.')
+    flat = jax.tree_util.tree_flatten_with_path
+    missing = ['.'.join(path_names(p)) for p, _ in flat(target)[0]
+               if saved is not None and ('params', *path_names(p)) not in saved]
+    if missing:
+        raise CheckpointMismatchError(
+            f'Checkpoint {where} lacks {len(missing)} of the model\'s parameters '
+            f'({", ".join(missing[:5])}{", ..." if len(missing) > 5 else ""}): its config.json '
+            'does not describe it. Restore the config.json written with this checkpoint.')
+    item = {'params': target}
+    args = ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))
+    except Exception as e:  # noqa: BLE001 - the model matched, so the files are damaged
+        raise CorruptCheckpointError(f'Checkpoint {where} is unreadable ({e}).') from e
+    params = restored['state']['params']
+    if any(not isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+        raise CorruptCheckpointError(f'Checkpoint {where}: some parameters were not restored.')
+    return params
+
+
+def _saved_paths(state_dir: str) -> set[tuple[str, ...]] | None:
+    """The key paths of the arrays in a saved state, from Orbax's `_METADATA` file alone (its
+    tree metadata: no array is opened); None where that file is absent or unlike this one."""
+    try:
+        tree = json.loads(storage.read_text(storage.join(state_dir, '_METADATA')))
+        return {tuple(str(k['key']) for k in entry['key_metadata'])
+                for entry in tree['tree_metadata'].values()}
+    except Exception:  # noqa: BLE001 - an older or newer layout: the restore itself checks
+        return None
+
+
+def path_names(path) -> tuple[str, ...]:
+    """A key path as plain names: nnx's Variable `.value` and Orbax's ['value'] alike."""
+    return tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
 def restore_latest_good(manager: ocp.CheckpointManager, abstract_state: Any, make_iterator,

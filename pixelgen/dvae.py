@@ -2,12 +2,14 @@
 
   python -m pixelgen.dvae encode --workdir W --dataset shapes --out DIR [--split train,test]
   python -m pixelgen.dvae decode --workdir W --codes DIR --out grid.png [--split test --num 16]
+  (both take --mesh data=1,fsdp=-1: the mesh the parameters are loaded onto)
 
 `encode` turns each split of a tfds dataset (see pixelgen.data.pipeline.open_source) into a
 codes dataset (pixelgen.data.codes: uint16 [grid, grid] codes with the caption and label of
 every image), the input of the DALL·E transformer. Images are resized as in training (the
 workdir's data.image_size). In a multi-host job every process encodes and writes its own
-contiguous shard of each split, on its first local device. `decode` draws codes back as images.
+contiguous shard of each split, on its first local device (each gathers the parameters
+there). `decode` draws codes back as images.
 """
 
 from __future__ import annotations
@@ -20,21 +22,35 @@ import grain
 import jax
 import numpy as np
 
-from pixelgen import cli, images, parallel, storage
+from pixelgen import cli, images, parallel, pretrained, storage
 from pixelgen.config import ConfigError
 from pixelgen.data import codes as codes_lib
 from pixelgen.data import pipeline
 
 
 def compiled(model, method: str):
-    """`model.<method>` jitted with the parameters as an argument (not baked-in constants),
-    on this host's first device."""
+    """`model.<method>` jitted with the parameters as an argument (not baked-in constants).
+    In a one-process job the parameters stay where they are (sharded as `pixelgen.load` put
+    them) and a batch whose rows divide by the mesh's batch axes is split over them; in a
+    multi-host one they are gathered onto this host's first device, which runs its own
+    examples."""
     from flax import nnx
 
     graphdef, state = nnx.split(model)
-    state = jax.device_put(jax.tree.map(parallel.to_host, state), jax.local_devices()[0])
+    leaf = next(iter(jax.tree.leaves(state)), None)
+    mesh = getattr(getattr(leaf, 'sharding', None), 'mesh', None)
+    if mesh is not None and not set(parallel.BATCH_AXES) <= set(mesh.shape):
+        mesh = None  # not a pixelgen mesh: leave the batch to jit
+    if jax.process_count() > 1:
+        state = jax.device_put(jax.tree.map(parallel.to_host, state), jax.local_devices()[0])
+        mesh = None
     fn = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
-    return lambda x: fn(state, x)
+
+    def run(x):
+        if mesh is not None and len(x) % parallel.batch_parallelism(mesh) == 0:
+            x = jax.device_put(x, parallel.batch_sharding(mesh))
+        return fn(state, x)
+    return run
 
 
 def _text(value) -> str:
@@ -84,7 +100,7 @@ def encode_source(model, source, *, image_size: int, batch_size: int, start: int
 def encode(args) -> int:
     import pixelgen
 
-    loaded = pixelgen.load(args.workdir, args.step)
+    loaded = pixelgen.load(args.workdir, args.step, mesh=args.mesh)
     _require_dvae(loaded)
     model, config = loaded.model, loaded.config
     size = config.data.image_size
@@ -111,7 +127,7 @@ def encode(args) -> int:
 def decode(args) -> int:
     import pixelgen
 
-    loaded = pixelgen.load(args.workdir, args.step)
+    loaded = pixelgen.load(args.workdir, args.step, mesh=args.mesh)
     _require_dvae(loaded)
     model = loaded.model
     info = codes_lib.codes_info(args.codes)
@@ -151,6 +167,7 @@ def main(argv: list[str]) -> int:
     enc.add_argument('--batch_size', type=int, default=64, help='images per step, per host')
     enc.add_argument('--num_examples', type=int, default=0, help='the first N only (0: all)')
     enc.add_argument('--step', type=int, default=None, help='checkpoint (default: latest)')
+    pretrained.add_mesh_argument(enc)
     dec = jobs.add_parser('decode', help='a codes dataset -> a PNG grid of images')
     dec.add_argument('--workdir', required=True, help='the dVAE that wrote the codes')
     dec.add_argument('--codes', required=True, help='a codes dataset directory')
@@ -158,6 +175,7 @@ def main(argv: list[str]) -> int:
     dec.add_argument('--split', default='test')
     dec.add_argument('--num', type=int, default=16, help='how many images (first N)')
     dec.add_argument('--step', type=int, default=None, help='checkpoint (default: latest)')
+    pretrained.add_mesh_argument(dec)
     args = parser.parse_args(argv)
     if args.job == 'encode' and args.batch_size < 1:
         raise ConfigError(f'--batch_size={args.batch_size} must be at least 1.')

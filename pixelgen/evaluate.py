@@ -1,8 +1,10 @@
 """python -m pixelgen.evaluate --workdir W --eval a,b [--step N | --watch] [--num_examples K]
-       [--option key=value ...]
+       [--option key=value ...] [--mesh data=1,fsdp=-1]
 
 Evaluates a saved checkpoint of W as a job of its own, beside or after training. It reads the
-checkpoint with `pixelgen.load` and never writes the checkpoints or the training state. The
+checkpoint's parameters with `pixelgen.load` (sharded over --mesh, by default the run's
+config.mesh fitted to the devices here; no optimizer state is read) and never writes the
+checkpoints or the training state. The
 evaluators are those of the workdir's task (pixelgen/evaluators/<task>.py); each evaluation
 writes W/eval/<step>/report.json (metrics, seconds and settings of every evaluator), the
 evaluators' PNGs in that folder, and TensorBoard scalars `eval_job/<evaluator>/<metric>` in
@@ -20,7 +22,7 @@ import argparse
 import json
 import time
 
-from pixelgen import checkpoint, cli, storage
+from pixelgen import checkpoint, cli, pretrained, storage
 from pixelgen import evaluators as evaluators_lib
 from pixelgen.config import load_saved_config
 
@@ -76,16 +78,16 @@ def format_metrics(metrics: dict[str, float]) -> list[str]:
 
 def evaluate_step(workdir: str, names: list[str], step: int | None = None, *,
                   num_examples: int | None = None, options: dict[str, str] | None = None,
-                  writer=None) -> dict:
+                  writer=None, mesh: dict[str, int] | None = None) -> dict:
     """Runs the evaluators `names` on checkpoint `step` (None: the latest) of `workdir`,
-    writes W/eval/<step>/report.json (merged with that step's earlier report) and returns
-    the report."""
+    loaded onto `mesh` (see pixelgen.load), writes W/eval/<step>/report.json (merged with
+    that step's earlier report) and returns the report."""
     import pixelgen
 
     options = dict(options or {})
     config = load_saved_config(workdir)
     chosen = evaluators_lib.get(config.task, names)
-    loaded = pixelgen.load(workdir, step)
+    loaded = pixelgen.load(workdir, step, mesh=mesh)
     out_dir = eval_dir(workdir, loaded.step)
     storage.makedirs(out_dir)
     report = read_report(workdir, loaded.step) or {
@@ -171,6 +173,7 @@ def main(argv: list[str]) -> int:
                         help='--watch: stop after this many seconds without a new checkpoint')
     parser.add_argument('--poll_seconds', type=float, default=30.0,
                         help='--watch: how often to look for new checkpoints')
+    pretrained.add_mesh_argument(parser)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.eval.split(',') if n.strip()]
     if not names:
@@ -192,7 +195,8 @@ def main(argv: list[str]) -> int:
     from pixelgen.metric_writer import MetricWriter
     writer = MetricWriter(storage.join(args.workdir, 'eval'), name='eval_job')
     try:
-        kwargs = {'num_examples': args.num_examples, 'options': options, 'writer': writer}
+        kwargs = {'num_examples': args.num_examples, 'options': options, 'writer': writer,
+                  'mesh': args.mesh}
         if args.watch:
             watch(args.workdir, names, timeout_s=args.watch_timeout, poll_s=args.poll_seconds,
                   **kwargs)

@@ -1,9 +1,16 @@
 """python -m pixelgen.memory --config configs/igpt.py:l --devices 64 [--config.mesh.fsdp=64]
+       [--mesh data=1,fsdp=-1] [--sample_batch 16]
 
 Memory per device of one training step of a config on a mesh of `--devices` devices, from
 the shapes and the sharding rules (exact arithmetic, nothing is allocated or compiled):
 parameters, gradients and optimizer state, each as sharded by `config.sharding_rules`, and
 for Image GPT the activations the backward pass keeps (see `activation_bytes_per_device`).
+
+Also what the jobs that load a trained model need (`pixelgen.load`: evaluate, sample, rerank,
+dvae encode, init_from): `load`, the parameters alone per device on the mesh `pixelgen.load`
+would use on `--devices` devices (`--mesh`, default config.mesh fitted to them), and for
+Image GPT and DALL·E `sample`, those parameters plus the KV cache of `--sample_batch` rows
+(`sample_bytes_per_device`).
 
 With `--compile`, also compiles the train step for the devices JAX sees and prints XLA's
 memory analysis per device: arguments (the state and batch), temporaries (activations and
@@ -24,6 +31,28 @@ from pixelgen import cli
 from pixelgen.config import parse_config_args
 
 
+def _sharded_bytes(tree, mesh, rules) -> float:
+    """Bytes per device of a (abstract) tree of variables carrying logical axis names, each
+    split as `rules` put it on `mesh` (anything with a `.shape` dict of axis sizes)."""
+    import jax
+    from flax import nnx
+
+    from pixelgen import parallel
+
+    def shard_bytes(spec, leaf) -> float:
+        names = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
+        mesh_spec = parallel.logical_to_mesh(names, leaf.shape, mesh, rules)
+        split = 1
+        for axes in mesh_spec:
+            for a in (axes,) if isinstance(axes, str) else (axes or ()):
+                split *= mesh.shape[a]
+        return math.prod(leaf.shape) * leaf.dtype.itemsize / split
+
+    sizes = jax.tree.map(shard_bytes, nnx.get_partition_spec(tree), tree,
+                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return float(sum(jax.tree.leaves(sizes)))
+
+
 def state_bytes_per_device(config, num_devices: int) -> dict[str, float]:
     """Bytes per device of params / grads / optimizer state under config.mesh and rules."""
     import jax
@@ -39,25 +68,80 @@ def state_bytes_per_device(config, num_devices: int) -> dict[str, float]:
     _, _, abstract = abstract_state(
         lambda: init_state(build(nnx.Rngs(0)), tx, config.seed))
 
-    def shard_bytes(spec, leaf) -> float:
-        names = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
-        mesh_spec = parallel.logical_to_mesh(names, leaf.shape, mesh, config.sharding_rules)
-        split = 1
-        for axes in mesh_spec:
-            for a in (axes,) if isinstance(axes, str) else (axes or ()):
-                split *= mesh.shape[a]
-        return math.prod(leaf.shape) * leaf.dtype.itemsize / split
-
     def total(tree) -> float:
-        sizes = jax.tree.map(shard_bytes, nnx.get_partition_spec(tree), tree,
-                             is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-        return float(sum(jax.tree.leaves(sizes)))
+        return _sharded_bytes(tree, mesh, config.sharding_rules)
 
     params = total(abstract['params'])
     return {'mesh': dict(mesh.shape), 'params_bytes': params, 'grads_bytes': params,
             'optimizer_bytes': total(abstract['opt_state']),
             'num_params': float(sum(math.prod(x.shape)
                                     for x in jax.tree.leaves(abstract['params'])))}
+
+
+def load_mesh(config, num_devices: int, mesh: dict[str, int] | None = None) -> dict[str, int]:
+    """The mesh `pixelgen.load(workdir, mesh=mesh)` uses on `num_devices` devices for a run of
+    `config`: `mesh` as given, or config.mesh fitted to them (`parallel.fit_mesh`)."""
+    from pixelgen import parallel
+
+    if mesh is not None:
+        return dict(zip(parallel.AXES, parallel.mesh_shape(dict(mesh), num_devices),
+                        strict=True))
+    return parallel.fit_mesh(dict(config.mesh), num_devices)[0]
+
+
+def load_bytes_per_device(config, num_devices: int,
+                          mesh: dict[str, int] | None = None) -> dict[str, float]:
+    """Bytes per device of the parameters `pixelgen.load` restores (nothing else of the
+    training state is read), on the mesh it uses (`load_mesh`), and in all."""
+    import jax
+
+    from pixelgen import pretrained
+
+    sizes = load_mesh(config, num_devices, mesh)
+    _, abstract, _ = pretrained.abstract_params(config)
+    total = float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)))
+    per_device = _sharded_bytes(abstract, types.SimpleNamespace(shape=sizes),
+                                config.sharding_rules)
+    return {'mesh': sizes, 'params_bytes': per_device, 'params_bytes_total': total}
+
+
+def kv_cache_bytes(config, batch_size: int) -> dict[str, float] | None:
+    """The KV cache that sampling `batch_size` rows of `config`'s model allocates (Image GPT
+    with the autoregressive objective, DALL·E; None for other models): all layers' keys and
+    values [batch, heads, positions, head_dim] in the compute dtype, at the full sequence
+    length (and for small bias-free layers the fused q/k/v kernels the cache also holds)."""
+    import jax
+    from flax import nnx
+
+    from pixelgen import tasks
+    if config.task not in ('igpt', 'dalle'):
+        return None
+    if config.task == 'igpt':
+        from pixelgen.tasks.igpt import objective
+        if objective(config) != 'ar':
+            return None
+    build = tasks.model_builder(config)
+    positions = nnx.eval_shape(lambda: build(nnx.Rngs(0))).seq_len
+    cache = jax.eval_shape(lambda: build(nnx.Rngs(0)).init_cache(batch_size))
+    return {'batch': float(batch_size), 'positions': float(positions),
+            'kv_cache_bytes': float(sum(x.size * x.dtype.itemsize
+                                        for x in jax.tree.leaves(cache)))}
+
+
+def sample_bytes_per_device(config, num_devices: int, batch_size: int,
+                            mesh: dict[str, int] | None = None) -> dict[str, float] | None:
+    """Bytes per device of sampling `batch_size` rows from a loaded model: its parameters as
+    `load_bytes_per_device` shards them, plus the whole KV cache (`kv_cache_bytes`) on every
+    device: pixelgen.sampling pins no layout on its batch, and XLA keeps the cache whole
+    (on 8 simulated devices with fsdp=8 the compiled loop's temporaries were 1.5x the whole
+    cache). Logits and the token buffer are left out (rows x vocab floats, small beside it).
+    None for models that do not sample (CLIP, the dVAE, BERT-objective iGPT)."""
+    cache = kv_cache_bytes(config, batch_size)
+    if cache is None:
+        return None
+    load = load_bytes_per_device(config, num_devices, mesh)
+    return {**cache, 'params_bytes': load['params_bytes'],
+            'total_bytes': load['params_bytes'] + cache['kv_cache_bytes']}
 
 
 def layer_residual_bytes(config, rows: int, tensor_split: int,
@@ -195,10 +279,20 @@ def main(argv: list[str]) -> int:
                         help='mesh size for the arithmetic (default: the devices JAX sees)')
     parser.add_argument('--compile', action='store_true',
                         help='also compile the train step and print XLA memory analysis')
+    parser.add_argument('--sample_batch', type=int, default=16,
+                        help='rows of the sampling figure (default 16, pixelgen.sample --num)')
+    from pixelgen import pretrained
+    pretrained.add_mesh_argument(parser)
     config, rest = parse_config_args(argv)
     args = parser.parse_args(rest)
+    if args.sample_batch < 1:
+        parser.error(f'--sample_batch must be at least 1, got {args.sample_batch}')
     import jax
     devices = args.devices or jax.device_count()
+    try:
+        load = load_bytes_per_device(config, devices, args.mesh)
+    except ValueError as e:
+        parser.error(f'--mesh {args.mesh} on {devices} devices: {e}')
     report = state_bytes_per_device(config, devices)
     report['devices'] = devices
     state = report['params_bytes'] + report['grads_bytes'] + report['optimizer_bytes']
@@ -208,6 +302,12 @@ def main(argv: list[str]) -> int:
         report['activations'] = activations
         report['activations_gib_per_device'] = activations['activation_bytes'] / 2**30
         report['total_gib_per_device'] = (state + activations['activation_bytes']) / 2**30
+    report['load'] = load
+    report['load_gib_per_device'] = load['params_bytes'] / 2**30
+    sample = sample_bytes_per_device(config, devices, args.sample_batch, args.mesh)
+    if sample is not None:
+        report['sample'] = sample
+        report['sample_gib_per_device'] = sample['total_bytes'] / 2**30
     if args.compile:
         compiled = compiled_memory(config)
         report['compiled'] = compiled

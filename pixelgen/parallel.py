@@ -67,6 +67,80 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     return shape
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=1,fsdp=-1' -> {'data': 1, 'fsdp': -1} (the --mesh of the jobs that load a model);
+    ValueError naming the axes for bad syntax, an unknown axis, or a size that is neither
+    positive nor -1."""
+    example = 'e.g. --mesh data=1,fsdp=-1'
+    sizes: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(',')):
+        name, sep, value = part.partition('=')
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f'--mesh {text!r}: expected AXIS=SIZE pairs separated by commas, '
+                             f'{example}; the axes are {", ".join(AXES)}.')
+        if name not in AXES:
+            raise ValueError(f'--mesh {text!r}: unknown axis {name!r}; the axes are '
+                             f'{", ".join(AXES)} ({example}).')
+        if name in sizes:
+            raise ValueError(f'--mesh {text!r} gives {name!r} twice.')
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if size < 1 and size != -1:
+            raise ValueError(f'--mesh {text!r}: {name}={value.strip()!r} must be a positive '
+                             f'integer or -1 (the devices left), {example}.')
+        sizes[name] = size
+    return sizes
+
+
+def fit_mesh(sizes: dict[str, int], num_devices: int) -> tuple[dict[str, int], bool]:
+    """`sizes` (a config.mesh, written for some other device count) fitted to `num_devices`:
+    (axis sizes without -1 that multiply to num_devices, whether a fixed axis changed).
+
+    Each fixed axis becomes the largest size that divides both its own size and the devices
+    still free, tensor first, then fsdp, then data (the axes that split parameters keep the
+    most): a saved fsdp=128 is fsdp=8 on 8 devices and 1 on one. A shrunk axis still divides
+    every dimension the saved one divided, so what training sharded stays sharded. The -1
+    axis (data where there is none) takes the devices left over."""
+    unknown = set(sizes) - set(AXES)
+    if unknown:
+        raise ValueError(f'mesh {dict(sizes)} has unknown axes {sorted(unknown)}; the axes '
+                         f'are {AXES}.')
+    fill = [a for a in AXES if sizes.get(a, 1) == -1]
+    if len(fill) > 1:
+        raise ValueError(f'mesh {dict(sizes)} has -1 for {fill}; at most one axis may be -1.')
+    fitted, left = {}, num_devices
+    for axis in ('tensor', 'fsdp', 'data'):
+        if sizes.get(axis, 1) != -1:
+            fitted[axis] = math.gcd(sizes.get(axis, 1), left)
+            left //= fitted[axis]
+    rest = fill[0] if fill else 'data'
+    fitted[rest] = fitted.get(rest, 1) * left
+    changed = any(fitted[a] != sizes.get(a, 1) for a in AXES if a not in fill)
+    return {a: fitted[a] for a in AXES}, changed
+
+
+def undivided(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+              rules: Rules) -> list[tuple[int, str, int]]:
+    """The dimensions that `logical_to_mesh` leaves replicated only because their size does
+    not divide by the mesh axes their rule names: [(dim, 'axis' or 'a×b', split)]."""
+    table, used, out = dict(rules), set(), []
+    for dim, (name, size) in enumerate(zip(names, shape, strict=True)):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
+        if not axes:
+            continue
+        split = math.prod(mesh.shape[a] for a in axes)
+        if size % split == 0:
+            used.update(axes)
+        else:
+            out.append((dim, '×'.join(axes), split))
+    return out
+
+
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(dict(sizes), len(devices))

@@ -12,6 +12,9 @@ or a PNG grid:
         --images a.png b.png c.png --top 2 --out best.png
     python -m pixelgen.rerank --workdir runs/clip_shapes --text 'a large red star' \\
         --grid samples.png --grid_shape 4x8 --top 4 --out best.png
+
+The CLIP's parameters are loaded sharded over --mesh (default: its run's config.mesh fitted
+to the devices here), e.g. --mesh data=1,fsdp=-1.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from pixelgen import cli, images, storage
+from pixelgen import cli, images, pretrained, storage
 from pixelgen.data import pipeline
 
 BATCH = 64  # images or texts per compiled call (the last batch is padded)
@@ -128,6 +131,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument('--gap', type=int, default=2, help='pixels between grid tiles')
     parser.add_argument('--top', type=int, default=1, help='how many images to keep')
     parser.add_argument('--out', default=None, help='write the kept images as a PNG row here')
+    pretrained.add_mesh_argument(parser)
     args = parser.parse_args(argv)
 
     if args.grid:
@@ -141,7 +145,7 @@ def main(argv: list[str]) -> int:
         if len({im.shape for im in imgs}) > 1:  # resize each alone, then stack
             imgs = [np.asarray(Image.fromarray(im).resize(imgs[0].shape[1::-1])) for im in imgs]
         imgs = np.stack(imgs)
-    clip = pixelgen.load(args.workdir, step=args.step)
+    clip = pixelgen.load(args.workdir, step=args.step, mesh=args.mesh)
     if clip.config.task != 'clip':
         parser.error(f'{args.workdir} holds a {clip.config.task!r} model, not a CLIP.')
     best, scores = rerank(clip, imgs, args.text, min(args.top, len(imgs)))

@@ -1,4 +1,5 @@
 """python -m pixelgen.sample --workdir W [--num 16] [--step N] [--temperature 1] [--top_k 0]
+       [--mesh data=1,fsdp=-1]
 
 Writes PNG grids from a trained model into W/samples/ (or --out); what it draws depends on the
 workdir's task:
@@ -12,6 +13,10 @@ DALL·E: images for a caption, decoded by the config's dVAE (or --dvae_workdir):
 With --clip_workdir the --num candidates are reranked by CLIP and the best --top kept (best
 first). With --prime_index I --prime_rows R the top R rows of test example I's codes are
 given and the rest completed (image-to-image); its caption is used unless --prompt is given.
+
+Only the parameters are read, sharded over --mesh (default: the run's config.mesh fitted to
+the devices here); `python -m pixelgen.memory --config ... --sample_batch N` gives the
+memory per device of loading and of sampling N images.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import math
 import re
 import sys
 
-from pixelgen import cli, storage
+from pixelgen import cli, pretrained, storage
 
 DALLE_ONLY = ('prompt', 'top', 'top_p', 'clip_workdir', 'dvae_workdir', 'prime_index',
               'prime_rows')
@@ -37,6 +42,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument('--top_k', type=int, default=0, help='0 = sample from the full softmax')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default=None, help='output folder (default: WORKDIR/samples)')
+    pretrained.add_mesh_argument(parser)
     dalle = parser.add_argument_group('DALL·E workdirs')
     dalle.add_argument('--prompt', default=None, help='the caption to draw')
     dalle.add_argument('--top', type=int, default=None,
@@ -55,7 +61,7 @@ def main(argv: list[str]) -> int:
 
     import pixelgen
 
-    loaded = pixelgen.load(args.workdir, args.step)
+    loaded = pixelgen.load(args.workdir, args.step, mesh=args.mesh)
     if loaded.config.task == 'igpt':
         given = [f'--{k}' for k in DALLE_ONLY if getattr(args, k) is not None]
         if given:

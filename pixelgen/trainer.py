@@ -127,12 +127,17 @@ def init_params_from(state: State, config: ConfigDict) -> State:
     `config.init_from_step`, -1 = its latest) wherever this model has the same parameter; the
     others (a new classifier head) keep their fresh initialisation. The checkpoint's layer
     layout may differ from this model's (model.scan_layers; see `_relayout`). Optimizer state
-    and step stay fresh: a fine-tuning run starts at step 0."""
-    from pixelgen import pretrained  # pretrained imports this module
+    and step stay fresh: a fine-tuning run starts at step 0. Only the checkpoint's parameters
+    are read, straight into the shards of this run's mesh (`pretrained.load`)."""
+    from pixelgen import pretrained
 
-    step = config.get('init_from_step', -1)
+    step = None if config.get('init_from_step', -1) < 0 else config.init_from_step
+    sharding = jax.tree.leaves(state['params'])[0].sharding
     try:
-        source = pretrained.load(config.init_from, None if step < 0 else step)
+        if isinstance(sharding, jax.sharding.NamedSharding):  # this run's mesh
+            source = pretrained.load_onto(config.init_from, step, sharding.mesh)
+        else:
+            source = pretrained.load(config.init_from, step)
     except FileNotFoundError as e:
         raise ConfigError(f'config.init_from={config.init_from!r}: {e}') from e
     _, source_params, _ = nnx.split(source.model, nnx.Param, ...)

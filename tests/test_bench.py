@@ -16,6 +16,7 @@ FIELDS = ('name', 'shape', 'step_s', 'tokens_per_s', 'model_flops_per_step', 'ac
           'attention_impl', 'native_attention', 'jax_version', 'device')
 
 
+@pytest.mark.slow
 def test_matmul_params_equal_the_matmul_weights_of_a_real_image_gpt():
     model = ImageGPT(vocab_size=16, seq_len=8, num_layers=2, width=8, num_heads=2,
                      rngs=nnx.Rngs(0))
@@ -89,6 +90,7 @@ def test_sample_case_generates_new_tokens_of_a_longer_model(tiny_result):
         assert tiny_result['model_flops_per_step'] == flops.igpt_forward_flops(1, 32, 8, 16, 2)
 
 
+@pytest.mark.slow
 def test_profile_writes_a_trace_and_lists_its_top_events(tmp_path):
     bench.run_case('igpt_sample', overrides=TINY_OVERRIDES['igpt_sample'], steps=3,
                    profile_dir=str(tmp_path))
@@ -117,6 +119,7 @@ def test_concurrent_passes_must_divide_the_batch():
     assert bench.default_concurrent_microbatches('dalle_train', 4) == 1
 
 
+@pytest.mark.slow
 def test_json_flag_prints_one_line_per_case_and_nothing_else(monkeypatch, capsys):
     monkeypatch.setitem(bench.SHAPES, 'igpt_train', {**bench.IGPT_SHAPE, **TINY})
     bench.main(['igpt_train', '--json', '--steps', '3', '--attention', 'dense'])
@@ -126,6 +129,7 @@ def test_json_flag_prints_one_line_per_case_and_nothing_else(monkeypatch, capsys
     assert result['name'] == 'igpt_train' and result['attention_impl'] == 'dense'
 
 
+@pytest.mark.slow
 def test_dalle_attention_reports_each_kind_against_dense():
     # head_dim 32 and 32 + 16² = 9 · 32 tokens: the sparse kinds run the native CPU kernel.
     r = bench.run_case('dalle_attention', overrides=dict(text=32, grid=16, width=64, heads=2),

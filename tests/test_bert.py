@@ -43,6 +43,7 @@ def tokens():
                               SHAPE['vocab_size'], dtype=jnp.int32)
 
 
+@pytest.mark.slow
 def test_masking_replaces_about_15_percent_by_the_extra_token():
     tokens = jnp.zeros((64, 1024), jnp.int32) + 3
     inputs, is_masked = bert_mask(tokens, jax.random.key(0), mask_token=16)
@@ -156,6 +157,7 @@ def test_eval_ensemble_is_deterministic_and_votes_the_modal_class(bert, tokens, 
     assert summary['accuracy'] == pytest.approx(expected / 3)
 
 
+@pytest.mark.slow
 def test_config_errors_name_the_key(data_dir):
     with pytest.raises(ConfigError, match="objective='foo'"):
         task_lib.build_model(tiny_config(data_dir, '--config.objective=foo'), nnx.Rngs(0))
@@ -164,6 +166,7 @@ def test_config_errors_name_the_key(data_dir):
                              nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_checkpoint_signature_has_objective_and_classes(data_dir):
     ar, bert = tiny_config(data_dir), tiny_config(data_dir, '--config.objective=bert')
     assert 'objective' not in checkpoint.describe(ar)  # unchanged for AR checkpoints

@@ -47,6 +47,7 @@ def test_free_space_check_counts_one_more_checkpoint(tmp_path, monkeypatch):
         checkpoint.check_free_space(str(tmp_path), state)
 
 
+@pytest.mark.slow
 def test_nearly_full_disk_stops_training_before_the_first_step(data_dir, tmp_path,
                                                                 monkeypatch):
     workdir = str(tmp_path / 'run')

@@ -188,6 +188,7 @@ def test_a_fixed_laplace_scale_ignores_the_decoders_log_scale(model):
                            '--config.loss.laplace_scale=1.0'), seed=2)
 
 
+@pytest.mark.slow
 def test_gaussian_likelihood_matches_the_formula_and_leaves_ln_b_unused(model):
     rng = np.random.default_rng(4)
     x, mu = rng.uniform(0.1, 0.9, 50), rng.normal(size=50)

@@ -194,6 +194,7 @@ def test_crop_and_flip_are_windows_of_the_padded_image_and_seeded():
     np.testing.assert_array_equal(plain['image'], image)
 
 
+@pytest.mark.slow
 def test_augmented_batches_are_seeded_and_resume_exactly(data_dir):
     source = pipeline.open_source('shapes', 'test', data_dir)
 

@@ -64,6 +64,7 @@ def test_eval_batches_pad_the_last_batch_with_mask_zero(source):
     assert sum(b['mask'].sum() for b in batches) == 10
 
 
+@pytest.mark.slow
 def test_unknown_and_unprepared_datasets_say_what_to_do(tmp_path, data_dir):
     with pytest.raises(pipeline.DataError, match='nor a tfds catalog name'):
         pipeline.open_source('no_such_dataset_xyz', 'train', str(tmp_path))

@@ -77,6 +77,7 @@ def _train_step_text(name: str, overrides: dict, platform: str) -> str:
     return exported.mlir_module()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['igpt', 'dalle'])
 def test_a_train_step_lowered_for_tpu_or_cuda_holds_no_cpu_machinery(name):
     overrides = {'model.width': 64}  # head_dim 32: the native kernel's layers

@@ -123,6 +123,7 @@ def test_hidden_features_equal_the_loops(tokens):
     np.testing.assert_allclose(features, loop.hidden_features(tokens), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_kv_cache_decoding_equals_the_full_forward(tokens):
     _, scan = model_pair('none')
     cache = scan.init_cache(2)
