@@ -16,11 +16,11 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 python -m pip install --quiet --upgrade pip
-# torch's CPU build first (a bare `torch` would bring the CUDA one); then the package and its
-# test extras; then OpenAI's `DALL-E` (the dVAE parity test) without its deps, which pin
+# torch's CPU build first (a bare `torch` would bring the CUDA one); then the package, its
+# test extras and libtpu (tests/test_aot.py compiles for a TPU topology on this host); then OpenAI's `DALL-E` (the dVAE parity test) without its deps, which pin
 # torchvision, mypy and blobfile that nothing here uses.
 python -m pip install --quiet torch==2.13.0 \
   --extra-index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
-python -m pip install --quiet -e '.[test]'
+python -m pip install --quiet -e '.[test,tpu]'
 python -m pip install --quiet --no-deps DALL-E==0.1
 python -m pytest -q -n auto --dist loadfile "$@"
