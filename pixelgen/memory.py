@@ -292,7 +292,7 @@ def main(argv: list[str]) -> int:
     try:
         load = load_bytes_per_device(config, devices, args.mesh)
     except ValueError as e:
-        parser.error(f'--mesh {args.mesh} on {devices} devices: {e}')
+        parser.error(f'--mesh on {devices} devices: {str(e).replace("config.mesh", "mesh")}')
     report = state_bytes_per_device(config, devices)
     report['devices'] = devices
     state = report['params_bytes'] + report['grads_bytes'] + report['optimizer_bytes']
