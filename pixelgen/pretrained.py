@@ -123,20 +123,6 @@ def abstract_params(config: ConfigDict):
     return box['graphdef'], params, rest
 
 
-def param_shardings(config: ConfigDict, mesh) -> tuple[nnx.State, nnx.State]:
-    """(abstract parameters, their mesh PartitionSpecs) of `config`'s model on `mesh` (a
-    jax Mesh, or anything with a `.shape` dict of axis sizes)."""
-    _, abstract, _ = abstract_params(config)
-    specs = nnx.get_partition_spec(abstract)
-    rules = tuple(config.sharding_rules)
-    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
-    mesh_specs = jax.tree.map(
-        lambda spec, leaf: parallel.logical_to_mesh(
-            tuple(spec) + (None,) * (len(leaf.shape) - len(spec)), leaf.shape, mesh, rules),
-        specs, abstract, is_leaf=is_spec)
-    return abstract, mesh_specs
-
-
 def _check_divisible(abstract: nnx.State, mesh, rules) -> None:
     specs = nnx.get_partition_spec(abstract)
     problems = []
