@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -516,6 +517,8 @@ def analyse(config: ConfigDict, topology: str, steps: Sequence[str] = STEPS,
         if log:
             log(f'[aot] compiling the {step.name} step ({step.describe}) for {canonical}...')
         result = compile_step(step, mesh, rules, hbm)
+        jax.clear_caches()  # a big model's executable and lowering take GBs of host memory
+        gc.collect()
         if step.name == 'train':
             result['model_flops'] = model_flops_per_device(config, len(devices))
         report['steps'][step.name] = result
