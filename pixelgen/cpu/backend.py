@@ -1,6 +1,7 @@
 """How the code above `pixelgen.nn` and `pixelgen.models` applies the CPU backend (see
 `pixelgen.cpu`): the native attention kernel given to a model's layers, and the decode
 clients and step operations of the samplers."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
