@@ -44,15 +44,21 @@ def initialize_distributed(coordinator_address: str | None = None,
           f'{jax.local_device_count()} local of {jax.device_count()} devices', flush=True)
 
 
+def _filled_axis(sizes: dict[str, int]) -> list[str]:
+    """The axes of `sizes` given as -1 (at most one); raises on unknown axes or several -1."""
+    unknown = set(sizes) - set(AXES)
+    if unknown:
+        raise ValueError(f'mesh {dict(sizes)} has unknown axes {sorted(unknown)}; the axes '
+                         f'are {AXES}.')
+    fill = [a for a in AXES if sizes.get(a, 1) == -1]
+    if len(fill) > 1:
+        raise ValueError(f'mesh {dict(sizes)} has -1 for {fill}; at most one axis may be -1.')
+    return fill
+
+
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolves one -1 in `sizes` so that the axis sizes multiply to `num_devices`."""
-    unknown_names = set(sizes) - set(AXES)
-    if unknown_names:
-        raise ValueError(f'config.mesh has unknown axes {sorted(unknown_names)}; the axes are '
-                         f'{AXES}.')
-    unknown = [a for a in AXES if sizes.get(a, 1) == -1]
-    if len(unknown) > 1:
-        raise ValueError(f'config.mesh has -1 for {unknown}; at most one axis may be -1.')
+    unknown = _filled_axis(sizes)
     known = math.prod(sizes.get(a, 1) for a in AXES if a not in unknown)
     if unknown:
         if num_devices % known:
@@ -104,13 +110,7 @@ def fit_mesh(sizes: dict[str, int], num_devices: int) -> tuple[dict[str, int], b
     most): a saved fsdp=128 is fsdp=8 on 8 devices and 1 on one. A shrunk axis still divides
     every dimension the saved one divided, so what training sharded stays sharded. The -1
     axis (data where there is none) takes the devices left over."""
-    unknown = set(sizes) - set(AXES)
-    if unknown:
-        raise ValueError(f'mesh {dict(sizes)} has unknown axes {sorted(unknown)}; the axes '
-                         f'are {AXES}.')
-    fill = [a for a in AXES if sizes.get(a, 1) == -1]
-    if len(fill) > 1:
-        raise ValueError(f'mesh {dict(sizes)} has -1 for {fill}; at most one axis may be -1.')
+    fill = _filled_axis(sizes)
     fitted, left = {}, num_devices
     for axis in ('tensor', 'fsdp', 'data'):
         if sizes.get(axis, 1) != -1:
