@@ -34,15 +34,15 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-def rms_norm(width: int, dtype: Any, rngs: nnx.Rngs) -> nnx.RMSNorm:
-    """Image GPT's norm: x * rsqrt(mean(x^2) + 1e-5) * g, no mean-centring, no bias."""
-    return nnx.RMSNorm(width, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+def rms_norm(width: int, dtype: Any, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.RMSNorm:
+    """Image GPT's norm: x * rsqrt(mean(x^2) + eps) * g, no mean-centring, no bias."""
+    return nnx.RMSNorm(width, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
                        scale_init=logical_init(nnx.initializers.ones, ('embed',)), rngs=rngs)
 
 
-def layer_norm(width: int, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """CLIP's norm: (x - mean) * rsqrt(var + 1e-5) * g + b."""
-    return nnx.LayerNorm(width, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+def layer_norm(width: int, dtype: Any, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:
+    """CLIP's norm: (x - mean) * rsqrt(var + eps) * g + b (eps 1e-5; HF's ViT: 1e-12)."""
+    return nnx.LayerNorm(width, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
                          scale_init=logical_init(nnx.initializers.ones, ('embed',)),
                          bias_init=logical_init(nnx.initializers.zeros, ('embed',)), rngs=rngs)
 
@@ -135,14 +135,15 @@ class Block(nnx.Module):
     def __init__(self, width: int, num_heads: int, *, mask: MaskSpec, num_layers: int,
                  mlp_ratio: int = 4, dtype: Any = jnp.float32,
                  attention_impl: str = 'block_sparse', norm: str = 'rms', use_bias: bool = False,
-                 activation: str = 'quick_gelu', rngs: nnx.Rngs):
+                 activation: str = 'quick_gelu', norm_eps: float = 1e-5, rngs: nnx.Rngs):
         """`norm` ('rms' | 'layer'), `use_bias` (in every projection) and `activation`
-        ('quick_gelu' | 'gelu') default to Image GPT's choices; CLIP uses layer norm and biases."""
-        self.norm1 = NORMS[norm](width, dtype, rngs)
+        ('quick_gelu' | 'gelu') default to Image GPT's choices; CLIP uses layer norm and biases.
+        `norm_eps` is the norms' epsilon."""
+        self.norm1 = NORMS[norm](width, dtype, rngs, eps=norm_eps)
         self.attn = MultiHeadAttention(width, num_heads, mask=mask, num_layers=num_layers,
                                        dtype=dtype, attention_impl=attention_impl,
                                        use_bias=use_bias, rngs=rngs)
-        self.norm2 = NORMS[norm](width, dtype, rngs)
+        self.norm2 = NORMS[norm](width, dtype, rngs, eps=norm_eps)
         self.mlp = MLP(width, mlp_ratio=mlp_ratio, dtype=dtype, use_bias=use_bias,
                        activation=activation, rngs=rngs)
 
@@ -193,11 +194,12 @@ class Transformer(nnx.Module):
                  mask: MaskSpec | Sequence[MaskSpec], mlp_ratio: int = 4,
                  dtype: Any = jnp.float32, attention_impl: str = 'block_sparse',
                  remat: str = 'none', norm: str = 'rms', use_bias: bool = False,
-                 activation: str = 'quick_gelu', scan_layers: bool = False, rngs: nnx.Rngs):
+                 activation: str = 'quick_gelu', scan_layers: bool = False,
+                 norm_eps: float = 1e-5, rngs: nnx.Rngs):
         """Args:
           mask: one MaskSpec for every layer, or a sequence of `num_layers` MaskSpecs.
           remat: 'none', 'full' or 'dots' (see REMAT_POLICIES): trades compute for memory.
-          norm, use_bias, activation: see `Block` (defaults: Image GPT's).
+          norm, use_bias, activation, norm_eps: see `Block` (defaults: Image GPT's).
           scan_layers: stack the layers' parameters and scan over them (needs one mask).
         """
         if remat not in REMAT_POLICIES:
@@ -221,7 +223,8 @@ class Transformer(nnx.Module):
         def block(m: MaskSpec, rngs: nnx.Rngs) -> Block:
             return Block(width, num_heads, mask=m, num_layers=num_layers, mlp_ratio=mlp_ratio,
                          dtype=dtype, attention_impl=attention_impl, norm=norm,
-                         use_bias=use_bias, activation=activation, rngs=rngs)
+                         use_bias=use_bias, activation=activation, norm_eps=norm_eps,
+                         rngs=rngs)
 
         if scan_layers:
             # One independent initialisation per layer, stacked on a new leading axis.
