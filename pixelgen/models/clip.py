@@ -33,6 +33,7 @@ from pixelgen.parallel import constrain
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LOGIT_SCALE = 100.0
+POOLS = ('token', 'mean')  # a ViT's image vector: its class token's, or the patches' mean
 
 
 def _normal(std: float, names: tuple[str | None, ...]):
@@ -45,49 +46,74 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 class VisionTransformer(nnx.Module):
-    """ViT: square RGB images -> one projected vector per image (the class token's)."""
+    """ViT (Dosovitskiy et al. 2021): square RGB images -> one vector per image.
+
+        x = [cls, patches @ W_patch + b_patch] + pos;  x = blocks(ln_pre(x))
+        pooled = ln_post(x)[:, 0]                     (pool='token': the class token)
+               | mean over patches of ln_post(x)      (pool='mean': no class token)
+        out = pooled @ W_proj                          (embed_dim=None: `pooled` itself)
+
+    CLIP's image tower is the defaults (ln_pre, no patch bias, class token, projection); the
+    ViT classifier (pixelgen.models.vit) has a patch bias, no ln_pre and no projection.
+    """
 
     def __init__(self, *, image_size: int, patch_size: int, width: int, num_layers: int,
-                 num_heads: int, embed_dim: int, mlp_ratio: int = 4,
+                 num_heads: int, embed_dim: int | None, mlp_ratio: int = 4,
                  activation: str = 'quick_gelu', dtype: Any = jnp.float32,
-                 attention_impl: str = 'block_sparse', remat: str = 'none', rngs: nnx.Rngs):
+                 attention_impl: str = 'block_sparse', remat: str = 'none',
+                 patch_bias: bool = False, pre_norm: bool = True, pool: str = 'token',
+                 norm_eps: float = 1e-5, rngs: nnx.Rngs):
         if image_size % patch_size:
             raise ValueError(f'image_size={image_size} is not divisible by '
                              f'patch_size={patch_size}; pick sizes whose ratio is a whole '
                              'number of patches.')
+        if pool not in POOLS:
+            raise ValueError(f'pool={pool!r}; expected one of {POOLS}.')
         self.patch_size = patch_size
         self.grid = image_size // patch_size
         self.dtype = dtype
+        self.pool = pool
         scale = width ** -0.5
-        # The patch embedding is a stride-`patch_size` convolution; as a matmul on flattened
-        # patches (p1 p2 c) it has no bias, as in CLIP.
-        self.patch_embed = nnx.Linear(patch_size * patch_size * 3, width, use_bias=False,
+        # The patch embedding is a stride-`patch_size` convolution, here a matmul on patches
+        # flattened as (p1 p2 c); CLIP's has no bias, the ViT paper's has one.
+        self.patch_embed = nnx.Linear(patch_size * patch_size * 3, width, use_bias=patch_bias,
                                       dtype=dtype, param_dtype=jnp.float32,
-                                      kernel_init=_normal(0.02, (None, 'embed')), rngs=rngs)
+                                      kernel_init=_normal(0.02, (None, 'embed')),
+                                      bias_init=logical_init(nnx.initializers.zeros,
+                                                             ('embed',)), rngs=rngs)
         self.class_embedding = nnx.Param(_normal(scale, ('embed',))(
-            rngs.params(), (width,), jnp.float32))
+            rngs.params(), (width,), jnp.float32)) if pool == 'token' else None
         self.position_embedding = nnx.Param(_normal(scale, ('length', 'embed'))(
-            rngs.params(), (self.grid ** 2 + 1, width), jnp.float32))
-        self.ln_pre = layer_norm(width, dtype, rngs)
+            rngs.params(), (self.grid ** 2 + (pool == 'token'), width), jnp.float32))
+        self.ln_pre = layer_norm(width, dtype, rngs, eps=norm_eps) if pre_norm else None
         self.transformer = Transformer(num_layers=num_layers, width=width, num_heads=num_heads,
                                        mask=FULL, mlp_ratio=mlp_ratio, dtype=dtype,
                                        attention_impl=attention_impl, remat=remat, norm='layer',
-                                       use_bias=True, activation=activation, rngs=rngs)
-        self.ln_post = layer_norm(width, dtype, rngs)
+                                       use_bias=True, activation=activation, norm_eps=norm_eps,
+                                       rngs=rngs)
+        self.ln_post = layer_norm(width, dtype, rngs, eps=norm_eps)
         self.proj = nnx.Linear(width, embed_dim, use_bias=False, dtype=dtype,
                                param_dtype=jnp.float32,
-                               kernel_init=_normal(scale, ('embed', None)), rngs=rngs)
+                               kernel_init=_normal(scale, ('embed', None)),
+                               rngs=rngs) if embed_dim else None
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
-        """pixels [batch, size, size, 3], normalised -> [batch, embed_dim] float32."""
+        """pixels [batch, size, size, 3], normalised -> [batch, embed_dim or width] float32."""
         patches = einops.rearrange(pixels, 'b (h p1) (w p2) c -> b (h w) (p1 p2 c)',
                                    p1=self.patch_size, p2=self.patch_size)
         x = self.patch_embed(patches.astype(self.dtype)).astype(jnp.float32)  # [b, grid², w]
-        cls = jnp.broadcast_to(self.class_embedding[...], (x.shape[0], 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...]
+        if self.pool == 'token':
+            cls = jnp.broadcast_to(self.class_embedding[...], (x.shape[0], 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)
+        x = x + self.position_embedding[...]
         x = constrain(x.astype(self.dtype), ('batch', 'length', 'embed'))
-        x = self.transformer(self.ln_pre(x))
-        return self.proj(self.ln_post(x[:, 0])).astype(jnp.float32)
+        x = self.transformer(self.ln_pre(x) if self.ln_pre is not None else x)
+        if self.pool == 'token':
+            pooled = self.ln_post(x[:, 0])
+        else:
+            pooled = self.ln_post(x).astype(jnp.float32).mean(axis=1)
+        pooled = pooled if self.proj is None else self.proj(pooled)
+        return pooled.astype(jnp.float32)
 
 
 class TextTransformer(nnx.Module):
