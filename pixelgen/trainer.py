@@ -126,7 +126,8 @@ def init_params_from(state: State, config: ConfigDict) -> State:
     """`state` with the parameters of the checkpoint in `config.init_from` (step
     `config.init_from_step`, -1 = its latest) wherever this model has the same parameter; the
     others (a new classifier head) keep their fresh initialisation. The checkpoint's layer
-    layout may differ from this model's (model.scan_layers; see `_relayout`). Optimizer state
+    layout may differ from this model's (model.scan_layers; see `_relayout`), and a task's
+    `adapt_pretrained(config, loaded, shapes)` may fit them to this model. Optimizer state
     and step stay fresh: a fine-tuning run starts at step 0. Only the checkpoint's parameters
     are read, straight into the shards of this run's mesh (`pretrained.load`)."""
     from pixelgen import pretrained
@@ -143,6 +144,11 @@ def init_params_from(state: State, config: ConfigDict) -> State:
     _, source_params, _ = nnx.split(source.model, nnx.Param, ...)
     wanted = [path for path, _ in jax.tree_util.tree_flatten_with_path(state['params'])[0]]
     loaded = _relayout(dict(jax.tree_util.tree_flatten_with_path(source_params)[0]), wanted)
+    adapt = getattr(tasks.module(config), 'adapt_pretrained', None)
+    if adapt is not None:  # the task fits pretrained parameters to this model (ViT: resolution)
+        shapes = {path: x.shape for path, x in
+                  jax.tree_util.tree_flatten_with_path(state['params'])[0]}
+        loaded = adapt(config, loaded, shapes)
     fresh, mismatched = [], []
 
     def pick(path, x):
