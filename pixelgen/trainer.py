@@ -40,6 +40,7 @@ def validate_loop_config(config: ConfigDict) -> None:
         'checkpoint_every_steps', 'keep_checkpoints') if config[key] < 1]
     problems += [f'{key}={config[key]} must be 0 (off) or positive'
                  for key in ('eval_every_steps', 'sample_every_steps') if config[key] < 0]
+    problems += optimizer_problems(config.optimizer, config.total_steps)
     if problems:
         raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
                           + '\nFix them with --config.<key>=<value>.')
@@ -69,6 +70,19 @@ def weight_decay_mask(params) -> Any:
         decays, specs, params, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
+def optimizer_problems(opt: ConfigDict, total_steps: int) -> list[str]:
+    """What is wrong with the schedule's settings (checked before a run writes anything)."""
+    if total_steps < 1:
+        return [f'total_steps={total_steps} must be at least 1']
+    problems = []
+    if not 0 <= opt.warmup_steps < total_steps:
+        problems.append(f'optimizer.warmup_steps={opt.warmup_steps} must be in '
+                        f'[0, total_steps={total_steps})')
+    if not opt.learning_rate > 0:  # a negative rate would climb the loss
+        problems.append(f'optimizer.learning_rate={opt.learning_rate} must be > 0')
+    return problems
+
+
 def make_optimizer(opt: ConfigDict, total_steps: int):
     """AdamW (β2 = 0.95 as in iGPT), linear warm-up, cosine decay, global-norm clipping;
     weight decay on kernels and embeddings only (see `weight_decay_mask`).
@@ -76,11 +90,9 @@ def make_optimizer(opt: ConfigDict, total_steps: int):
     With `opt.skip_nonfinite_updates = K > 0`, a step whose gradients hold NaN or Inf leaves
     the parameters unchanged (optax.apply_if_finite); the trainer stops after K in a row.
     """
-    if total_steps < 1:
-        raise ConfigError(f'config.total_steps={total_steps} must be at least 1.')
-    if not 0 <= opt.warmup_steps < total_steps:
-        raise ConfigError(f'config.optimizer.warmup_steps={opt.warmup_steps} must be in '
-                          f'[0, total_steps={total_steps}).')
+    problems = optimizer_problems(opt, total_steps)
+    if problems:
+        raise ConfigError(f'config.{problems[0]}.')
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
         decay_steps=total_steps, end_value=opt.learning_rate * opt.min_learning_rate_ratio)
@@ -460,10 +472,13 @@ def _check_finite(metrics: list[dict], step: int, last_saved: int | None, opt: C
                   math.isfinite(float(m['loss'])) for m in metrics)))
     if broken:
         manager.wait_until_finished()
+        where = ('No checkpoint was saved yet, so a rerun starts from step 0.'
+                 if last_saved is None else
+                 f'Nothing after checkpoint {last_saved} was saved; a rerun resumes from it.')
         raise NonFiniteLossError(
-            f'Training went non-finite at step {step} (loss {float(last["loss"])}). Nothing '
-            f'after checkpoint {last_saved} was saved. Lower config.optimizer.learning_rate '
-            'or raise warmup_steps, then rerun the same command to resume from it.')
+            f'Training went non-finite at step {step} (loss {float(last["loss"])}). {where} '
+            'Lower config.optimizer.learning_rate or raise config.optimizer.warmup_steps, '
+            'then rerun the same command.')
 
 
 def _write_samples(task, graphdef, rest, state: State, step: int) -> None:
