@@ -3,7 +3,8 @@
 A checkpoint at `<workdir>/checkpoints/<step>/` holds three items:
   state : params, optimizer state, step, base RNG key (an Orbax StandardSave pytree)
   data  : the grain iterator position of every host (so a resumed run sees the same batches)
-  meta  : JSON: the task and model config that produced it, for a clear mismatch error
+  meta  : JSON: the task and model config that produced it, for a clear mismatch error, and
+          a checksum of every saved array (`checksums`)
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 kill at any moment (even during an async save) leaves the previous checkpoint as the latest.
 
@@ -11,6 +12,11 @@ Disk problems stop a run with a message, never with a damaged latest checkpoint:
 gets a probe write before training (`probe_workdir`), each save first checks that a checkpoint
 fits on the disk, and a save that fails anyway (disk full, quota, I/O error) raises
 CheckpointSaveError naming the intact checkpoint that a rerun resumes from.
+
+Every restore is verified against the checksums saved with the checkpoint: each array's
+checksum is computed over its logical content (its elements and their positions in the whole
+array, not its shards or files), so it holds after a restore onto another mesh. A checkpoint
+that fails is a CorruptCheckpointError, like an unreadable one.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Any
 import grain
 import jax
 import jax.experimental.multihost_utils
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from pixelgen import storage
@@ -51,6 +59,9 @@ class CheckpointSaveError(OSError):
 
 # What Orbax writes last into a checkpoint on an object store (which has no atomic rename).
 COMMIT_FILE = 'commit_success.txt'
+
+# The key of the meta item that holds the arrays' checksums (absent in older checkpoints).
+CHECKSUMS = 'checksums'
 
 # Free space a save needs beyond the checkpoint itself (logs, samples, file-system overhead).
 SPACE_MARGIN_BYTES = 16 << 20
@@ -185,10 +196,77 @@ def describe(config: ConfigDict) -> dict[str, Any]:
     return signature
 
 
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """[2] uint32: the sum of `x`'s elements as 32-bit words, and their sum weighted by an odd
+    number derived from each element's index in the whole array (mod 2**32). A flipped bit
+    changes an element's word by ±2**b, which no odd weight maps to 0 mod 2**32, so both sums
+    change; the weights also catch moved elements. Integer sums are exact and associative, so
+    the result does not depend on how the array is sharded."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        words = x.astype(jnp.uint32)
+    else:
+        bits = x.dtype.itemsize * 8
+        words = jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{bits}')).astype(jnp.uint32) \
+            if bits < 32 else jax.lax.bitcast_convert_type(x, jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)  # the element's index in the whole array,
+    stride = 1                              # built per axis so that no axis is gathered
+    for axis in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(
+            stride % 2**32)
+        stride *= x.shape[axis]
+    weights = index * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
+    return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                      jnp.sum(words * weights, dtype=jnp.uint32)])
+
+
+def _checksum_name(path) -> str:
+    """A leaf's key path as a name that the saved and restored trees share."""
+    names = [n for n in path_names(path) if n != 'value']
+    return '/'.join(names)
+
+
+def checksums(tree: Any) -> dict[str, list[int]]:
+    """{array path: [sum, weighted sum]} of every array of `tree` (see `_leaf_checksum`),
+    computed where the arrays are and brought to every host."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    leaves = [x for _, x in flat]
+    out_sharding = None
+    for x in leaves:
+        if isinstance(getattr(x, 'sharding', None), jax.sharding.NamedSharding):
+            out_sharding = jax.sharding.NamedSharding(x.sharding.mesh,
+                                                      jax.sharding.PartitionSpec())
+            break
+    sums = jax.jit(lambda xs: [_leaf_checksum(x) for x in xs],
+                   out_shardings=out_sharding)(leaves)
+    return {_checksum_name(path): [int(v) for v in np.asarray(s.addressable_data(0))]
+            for (path, _), s in zip(flat, sums, strict=True)}
+
+
+def verify(saved: dict[str, list[int]] | None, tree: Any, where: str) -> None:
+    """CorruptCheckpointError unless the arrays of `tree` (restored from `where`) have the
+    checksums saved with it (`saved`: the checkpoint's; None for a checkpoint without
+    them, which is not checked). Only the arrays of `tree` are compared: a partial restore
+    checks what it read."""
+    if saved is None:
+        return
+    restored = checksums(tree)
+    bad = sorted(name for name, value in restored.items()
+                 if name in saved and list(saved[name]) != value)
+    missing = sorted(name for name in restored if name not in saved)
+    if bad or missing:
+        what = (f'{len(bad)} array(s) differ from their saved checksum ({", ".join(bad[:4])}'
+                f'{", ..." if len(bad) > 4 else ""})' if bad else
+                f'no saved checksum for {", ".join(missing[:4])}')
+        raise CorruptCheckpointError(f'Checkpoint {where} is damaged: {what}.')
+
+
 def save(manager: Manager, step: int, state: Any, data_iterator, config) -> None:
     manager.wait_until_finished()  # the previous save's space is then counted as used
     check_free_space(str(manager.directory), state)
-    args = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(describe(config))}
+    meta = {**describe(config), CHECKSUMS: checksums(state)}
+    args = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
     if data_iterator is not None:
         args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -205,28 +283,32 @@ def _diff(saved: dict, wanted: dict, prefix: str = '') -> list[str]:
     return lines
 
 
-def _check_meta(manager: ocp.CheckpointManager, step: int, config, fix: str) -> None:
-    """CheckpointMismatchError unless checkpoint `step` was written for `config`'s model."""
+def _check_meta(manager: ocp.CheckpointManager, step: int, config,
+                fix: str) -> dict[str, list[int]] | None:
+    """CheckpointMismatchError unless checkpoint `step` was written for `config`'s model.
+    Returns the checkpoint's array checksums (None where it has none)."""
     where = f'{manager.directory}/{step}'
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = meta['meta']
     except Exception as e:  # noqa: BLE001 - any read failure means a damaged checkpoint
         raise CorruptCheckpointError(f'Checkpoint {where} is unreadable ({e}).') from e
+    saved_checksums = meta.pop(CHECKSUMS, None)
     differences = _diff(meta, describe(config))
     if differences:
         raise CheckpointMismatchError(
             f'The checkpoint at {where} belongs to a different model:\n  '
             + '\n  '.join(differences) + '\n' + fix)
+    return saved_checksums
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator,
             config) -> Any:
     """Restores `step` into the structure/shardings of `abstract_state` (and the iterator)."""
     where = f'{manager.directory}/{step}'
-    _check_meta(manager, step, config,
-                'Nothing was overwritten. Use a new --workdir, or restore the original config '
-                'values (see config.json in that workdir).')
+    saved = _check_meta(manager, step, config,
+                        'Nothing was overwritten. Use a new --workdir, or restore the original '
+                        'config values (see config.json in that workdir).')
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
         args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -234,6 +316,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
         restored = manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - the model matched, so the files are damaged
         raise CorruptCheckpointError(f'Checkpoint {where} is unreadable ({e}).') from e
+    verify(saved, restored['state'], where)
     return restored['state']
 
 
@@ -244,9 +327,22 @@ def restore_params(manager: ocp.CheckpointManager, step: int, target: Any, confi
     is read; a checkpoint without them (a converted workdir) loads the same. Errors name
     what is missing and the fix."""
     where = f'{manager.directory}/{step}'
-    _check_meta(manager, step, config,
-                'Its config.json does not describe it: restore the config.json the run wrote '
-                'with this checkpoint.')
+    try:
+        return _restore_params(manager, step, target, config, where)
+    except CorruptCheckpointError as e:
+        others = [s for s in sorted(manager.all_steps(), reverse=True) if s != step]
+        instead = (f'Load another step instead (--step {others[0]}, the newest other '
+                   'checkpoint)' if others else 'No other checkpoint exists to load instead')
+        raise CorruptCheckpointError(
+            f'{e} Nothing was loaded. {instead}; a training run on this workdir moves the '
+            'damaged checkpoint aside and resumes from the one before it.') from e
+
+
+def _restore_params(manager: ocp.CheckpointManager, step: int, target: Any, config,
+                    where: str) -> Any:
+    saved_checksums = _check_meta(manager, step, config,
+                                  'Its config.json does not describe it: restore the '
+                                  'config.json the run wrote with this checkpoint.')
     saved = _saved_paths(storage.join(str(manager.directory), str(step), 'state'))
     if saved is not None and not any(path[:1] == ('params',) for path in saved):
         tops = sorted({path[0] for path in saved if path})
@@ -273,6 +369,7 @@ def restore_params(manager: ocp.CheckpointManager, step: int, target: Any, confi
     params = restored['state']['params']
     if any(not isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
         raise CorruptCheckpointError(f'Checkpoint {where}: some parameters were not restored.')
+    verify(saved_checksums, {'params': params}, where)
     return params
 
 
@@ -334,6 +431,36 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
     jax.experimental.multihost_utils.sync_global_devices(f'pixelgen_move_aside_{step}')
     manager.reload()
     return target
+
+
+def set_aside_later(manager: ocp.CheckpointManager, step: int, *, delete: bool = False
+                    ) -> str | None:
+    """Rewinding: the checkpoints after `step` (the one a run resumed from) are moved to
+    `<workdir>/checkpoints_after_rewind/<step>-<time>/` (kept, never deleted), or deleted with
+    `delete`, so that the run can save those steps anew. Returns the folder they went to."""
+    later = sorted(s for s in manager.all_steps() if s > step)
+    if not later:
+        return None
+    directory = str(manager.directory)
+    target = storage.join(storage.parent(directory), 'checkpoints_after_rewind',
+                          f'{step}-{int(time.time())}')
+    if jax.process_index() == 0:
+        for s in later:
+            source = storage.join(directory, str(s))
+            if delete:
+                storage.rmtree(source)
+            else:
+                storage.move(source, storage.join(target, str(s)))
+        if delete:
+            print(f'[pixelgen] rewound to step {step}: deleted the later checkpoints {later} '
+                  '(--overwrite_later).', flush=True)
+        else:
+            print(f'[pixelgen] rewound to step {step}: moved the later checkpoints {later} to '
+                  f'{target} (kept; pass --overwrite_later to delete them instead).',
+                  flush=True)
+    jax.experimental.multihost_utils.sync_global_devices(f'pixelgen_rewind_{step}')
+    manager.reload()
+    return None if delete else target
 
 
 def abstract(tree: Any) -> Any:

@@ -27,16 +27,55 @@ def _format_duration(seconds: float) -> str:
     return f'{h}h{m:02d}m' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
 
 
-class MetricWriter:
-    """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/<name>`."""
+def drop_rows_after(path: str, step: int, *, test_again: bool = False) -> int:
+    """Rewrites the metrics file `path` without the rows a run resumed from checkpoint `step`
+    writes again: those past `step`, and with `test_again` (a finished run resumed: it
+    evaluates again) the test rows at `step`. An unreadable row (cut by a kill) goes too.
+    Returns how many rows were dropped."""
+    if not storage.exists(path):
+        return 0
+    kept, dropped = [], 0
+    for line in storage.read_text(path).splitlines():
+        try:
+            row = json.loads(line)
+            keep = row['step'] < step or (row['step'] == step and not (test_again and any(
+                k.startswith('test/') for k in row)))
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + '\n')
+        else:
+            dropped += 1
+    if dropped:
+        storage.write_text(path, ''.join(kept))  # whole or not at all
+    return dropped
 
-    def __init__(self, workdir: str, name: str = 'train'):
+
+class MetricWriter:
+    """Writes scalars to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/<name>`.
+
+    `resume_step`: the checkpoint step a training run starts from (0 for a fresh start). The
+    rows of earlier runs past it are dropped from metrics.jsonl (`drop_rows_after`), and the
+    TensorBoard writer marks a purge at step `resume_step + 1`, so TensorBoard discards the
+    earlier events from there on: no step is shown twice after a kill, a preemption or a
+    rewind. None (evaluation jobs) leaves earlier rows alone. `test_again`: the run resumes
+    at its last step and writes its test rows again.
+    """
+
+    def __init__(self, workdir: str, name: str = 'train', *, resume_step: int | None = None,
+                 test_again: bool = False):
         self.active = jax.process_index() == 0
         self._jsonl = self._tb = None
         self._tb_remote = None  # where the local event files are copied to, for a URL workdir
         if self.active:
             from tensorboardX import SummaryWriter  # import here: only process 0 needs it
-            self._jsonl = storage.Appender(storage.join(workdir, 'metrics.jsonl'))
+            path = storage.join(workdir, 'metrics.jsonl')
+            if resume_step is not None:
+                dropped = drop_rows_after(path, resume_step, test_again=test_again)
+                if dropped:
+                    print(f'[pixelgen] {path}: dropped {dropped} rows past step {resume_step}, '
+                          'which this run writes again', flush=True)
+            self._jsonl = storage.Appender(path)
             tb_dir = storage.join(workdir, 'tensorboard', name)
             if storage.is_remote(tb_dir):
                 self._tb_remote, tb_dir = tb_dir, storage.cache_dir('tensorboard', tb_dir)
@@ -45,7 +84,8 @@ class MetricWriter:
                 print(f'[pixelgen] TensorBoard events are written to {tb_dir} and copied to '
                       f'{self._tb_remote} at every log step', flush=True)
             self._tb_local = tb_dir
-            self._tb = SummaryWriter(tb_dir)
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(tb_dir, purge_step=purge)
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = '') -> None:
         if not self.active:

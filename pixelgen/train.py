@@ -2,6 +2,8 @@
 
 Trains the config's task in W. If W already holds a checkpoint, training resumes from it
 (params, optimizer, step, RNG and data position) and ends where an uninterrupted run would.
+SIGTERM saves the current step and exits 0; Ctrl-C (SIGINT) saves it and exits 130. One
+trainer at a time per workdir (W/trainer.lock).
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ def main(argv: list[str]) -> int:
                         help='checkpoints, logs, samples and the resolved config go here '
                              '(a local path or gs://...)')
     parser.add_argument('--restore_step', type=int, default=None,
-                        help='resume from this checkpoint step instead of the newest readable')
+                        help='resume from this checkpoint step instead of the newest readable; '
+                             'later checkpoints are moved to W/checkpoints_after_rewind/')
+    parser.add_argument('--overwrite_later', action='store_true',
+                        help='with --restore_step: delete the later checkpoints instead')
+    parser.add_argument('--lock_stale_minutes', type=float, default=10.0,
+                        help='take over the workdir lock (W/trainer.lock) of another trainer '
+                             'whose heartbeat is older than this (default 10)')
     group = parser.add_argument_group('multi-host (see launch/)')
     group.add_argument('--distributed', action='store_true',
                        help='call jax.distributed.initialize() with cluster auto-detection '
@@ -44,7 +52,11 @@ def main(argv: list[str]) -> int:
     if args.distributed or args.coordinator_address:
         parallel.initialize_distributed(args.coordinator_address, args.num_processes,
                                         args.process_id)
-    train(config, args.workdir, restore_step=args.restore_step)
+    if args.overwrite_later and args.restore_step is None:
+        parser.error('--overwrite_later deletes the checkpoints after --restore_step N; pass '
+                     '--restore_step too')
+    train(config, args.workdir, restore_step=args.restore_step,
+          overwrite_later=args.overwrite_later, lock_stale_minutes=args.lock_stale_minutes)
     return 0
 
 

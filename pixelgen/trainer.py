@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelgen import checkpoint, flops, parallel, tasks
+from pixelgen import checkpoint, flops, lease, parallel, tasks
 from pixelgen.config import ConfigDict, ConfigError, format_config, save_config
 from pixelgen.metric_writer import MetricWriter, Progress
 from pixelgen.nn.transformer import LAYERS_AXIS
@@ -281,26 +281,64 @@ def make_eval_step(task, graphdef, rest):
     return eval_step
 
 
-class _Preemption:
-    """Turns SIGTERM (the preemption notice of TPU VMs and SLURM) into a save-and-exit."""
+class _Stop:
+    """SIGTERM (the preemption notice of TPU VMs and SLURM) and SIGINT (Ctrl-C) become a
+    save-and-exit at a step boundary that every host agrees on.
+
+    A signal only sets this host's request; `agreed()` is the request all hosts act on at a
+    step. With several processes the hosts combine their requests with one small collective
+    (a max over every device) that is read a step later, so the check never waits for the
+    step in flight and every host reads the same value at the same step: all save the same
+    step, however many of them (one, or all) received the signal. A second Ctrl-C stops at
+    once (KeyboardInterrupt), without a save.
+    """
+
+    NONE, TERM, INT = 0, 1, 2  # a request; the larger wins when hosts differ
+    NAMES = {TERM: 'SIGTERM', INT: 'SIGINT'}
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.local = self.NONE
+        self._previous: dict[int, Any] = {}
+        self._pending = None  # the collective of the previous step, not yet read
+        self._combine = None
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. called from a notebook worker)
-            self._previous = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker)
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.local == self.INT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now
+        self.local = max(self.local, self.INT if signum == signal.SIGINT else self.TERM)
+        if signum == signal.SIGINT:
+            print('[pixelgen] SIGINT: saving at the next step, then exiting (Ctrl-C again to '
+                  'stop at once, without a save).', flush=True)
+
+    def agreed(self) -> int:
+        """The request every host acts on at this step (call it once per step, on all)."""
+        if jax.process_count() == 1:
+            return self.local  # read once: a signal landing later is served a step later
+        agreed = (self.NONE if self._pending is None
+                  else int(self._pending.addressable_data(0)))
+        self._pending = self._all_hosts_max(self.local)
+        return agreed
+
+    def _all_hosts_max(self, request: int) -> jax.Array:
+        if self._combine is None:
+            mesh = jax.sharding.Mesh(np.array(jax.devices()), ('hosts',))
+            self._sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('hosts'))
+            self._combine = jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec()))
+        local = np.full((jax.local_device_count(),), request, np.int32)
+        return self._combine(jax.make_array_from_process_local_data(self._sharding, local))
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def evaluate(task, eval_step, params, mesh, per_host_batch: int,
@@ -314,19 +352,32 @@ def evaluate(task, eval_step, params, mesh, per_host_batch: int,
 
 
 def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
-          restore_step: int | None = None) -> dict:
+          restore_step: int | None = None, overwrite_later: bool = False,
+          lock_stale_minutes: float = lease.STALE_MINUTES) -> dict:
     """Trains `config` in `workdir` (resuming if it holds a checkpoint).
 
     Args:
       stop_after: end this run (with a checkpoint) once the step count reaches this, as a
         preemption would; the next run of the same command continues.
-      restore_step: resume from this checkpoint instead of the newest readable one.
+      restore_step: resume from this checkpoint instead of the newest readable one. Later
+        checkpoints are moved to `<workdir>/checkpoints_after_rewind/`, or deleted with
+        `overwrite_later`.
+      lock_stale_minutes: a workdir lock whose heartbeat is older than this is taken over.
     Returns:
       the final metrics: the last training metrics and, if training finished, the test ones.
+    Raises:
+      KeyboardInterrupt: after SIGINT (Ctrl-C), once the current step is saved.
     """
     t_start = time.perf_counter()
     validate_loop_config(config)
     checkpoint.probe_workdir(workdir)  # before anything (data, palette) is written there
+    with lease.hold(workdir, lock_stale_minutes):  # one trainer per workdir
+        return _train(config, workdir, t_start, stop_after, restore_step, overwrite_later)
+
+
+def _train(config: ConfigDict, workdir: str, t_start: float, stop_after: int | None,
+           restore_step: int | None, overwrite_later: bool) -> dict:
+    """`train` once the workdir is checked and locked."""
     # Measured first, while no input-pipeline threads compete for the cores.
     peak, peak_source = flops.peak_flops_per_device()
     try:
@@ -372,6 +423,7 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
         state = restored
         print(f'[pixelgen] resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}',
               flush=True)
+        checkpoint.set_aside_later(manager, latest, delete=overwrite_later)
     elif config.get('init_from', ''):
         state = init_params_from(state, config)
     if jax.process_index() == 0:  # only now: a refused checkpoint leaves the workdir untouched
@@ -385,8 +437,9 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
                          donate_argnums=0)
     eval_step = jax.jit(make_eval_step(task, graphdef, rest),
                         out_shardings=parallel.replicated(mesh))
-    writer = MetricWriter(workdir)
     step = int(state['step'])
+    writer = MetricWriter(workdir, resume_step=latest or 0,
+                          test_again=step >= config.total_steps)
     end = min(config.total_steps, stop_after) if stop_after else config.total_steps
     progress = Progress(config.total_steps, step, config.batch_size * task.tokens_per_example,
                         task.model_flops_per_step(config.batch_size), jax.device_count(), peak)
@@ -401,15 +454,15 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
             checkpoint.save(manager, step, state, data_iterator, config)
             last_saved = step
 
-    with _Preemption() as preemption, parallel.activation_sharding(mesh, rules):
+    stop, preempted = _Stop(), _Stop.NONE
+    with stop, parallel.activation_sharding(mesh, rules):
         while step < end:
             batch = parallel.global_batch(next(data_iterator), mesh)
             state, metrics = train_step(state, batch)
             pending.append(metrics)
             step += 1
             due_to_log = step % config.log_every_steps == 0 or step == end
-            # Read once: a SIGTERM landing later in this step is served at the next one.
-            preempted = preemption.requested
+            preempted = stop.agreed()  # the same on every host
             due_to_save = (step % config.checkpoint_every_steps == 0 or step == end
                            or preempted)
             if due_to_log or due_to_save:
@@ -439,10 +492,15 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
             if due_to_save:
                 save(step)  # _check_finite has just vouched for this state
             if preempted:
-                print(f'[pixelgen] SIGTERM: saved step {step}; rerun the same command to '
-                      'resume.', flush=True)
+                where = '' if stop.local else ' (received by another host)'
+                print(f'[pixelgen] {stop.NAMES[preempted]}{where}: saved step {step}; rerun '
+                      'the same command to resume.', flush=True)
                 break
-    manager.wait_until_finished()
+        manager.wait_until_finished()  # a signal now cannot abandon the save in flight
+    if preempted == stop.INT:
+        writer.close()
+        manager.close()
+        raise KeyboardInterrupt
 
     if step >= config.total_steps:
         with parallel.activation_sharding(mesh, rules):
