@@ -241,3 +241,32 @@ def test_headerless_csv_matches_by_bare_name_and_counts_ambiguity(tmp_path):
                               report, 100)
     assert captions == {'cat/001.png': 'first cat', 'dog/002.jpg': 'second, with a comma'}
     assert report.counts == {'caption_ambiguous_name': 1}
+
+
+def test_fifos_are_skipped_unopened_and_captions_of_skipped_images_counted(tmp_path):
+    """A FIFO named like an image (`mkfifo imgs/pipe.png`) would block its reader forever:
+    it is counted and never opened. A caption whose image was skipped is counted too."""
+    import threading
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    for i in range(2):
+        _write(str(folder / f'good_{i}.png'), _png(np.broadcast_to(_color(i), (12, 16, 3)).copy()))
+    _write(str(folder / 'broken.png'), b'garbage')
+    os.mkfifo(folder / 'pipe.png')
+    _write(str(folder / 'captions.csv'),
+           b'file_name,caption\ngood_0.png,first\nbroken.png,a caption of a broken image\n')
+    built = {}
+    thread = threading.Thread(target=lambda: built.update(builder=ensure_built(
+        f'image_folder:{folder}', str(tmp_path / 'tfds'))), daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    if thread.is_alive():
+        with open(folder / 'pipe.png', 'wb'):  # unblocks the reader stuck on the FIFO
+            pass
+        pytest.fail('the build opened the FIFO and blocked on it')
+    counts = built['builder'].info.metadata['summary']['counts']
+    assert counts['skipped_not_a_regular_file'] == 1
+    assert counts['skipped_corrupt'] == 1
+    assert counts['caption_of_skipped_image'] == 1
+    assert counts['files_seen'] == 4  # the captions file is not counted
+    assert counts['written_train'] + counts['written_test'] == 2

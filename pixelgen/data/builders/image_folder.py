@@ -17,13 +17,15 @@ Bad data never stops a build. Every file is converted or skipped, and counted:
   converted: RGBA/LA/transparent palette (composited on white), palette, CMYK, 16-bit,
              grayscale and other modes -> 8-bit RGB; EXIF rotation applied;
   resized:   longer side above MAX_SIDE -> MAX_SIDE (aspect kept; never upscaled);
-  skipped:   corrupt or truncated files, non-images, sides below MIN_SIDE, more than
+  skipped:   corrupt or truncated files, non-images, anything but a regular file (FIFOs,
+             sockets, devices: never opened, so a pipe cannot hang the build), sides below
+             MIN_SIDE, more than
              MAX_PIXELS pixels (decompression bombs: refused from the header, never decoded),
              a second file of the same name (`a.jpg` beside `a.png`: a captioned one is kept),
              images outside the class folders, links that lead outside the folder;
   captions:  empty, over-long (cut at a word), non-UTF-8 (read as cp1252), malformed rows,
-             duplicates, ambiguous names, unsafe paths, captions without an image and images
-             without a caption.
+             duplicates, ambiguous names, unsafe paths, captions without an image, captions
+             whose image was skipped and images without a caption.
 The build prints a summary of the counts at the end and records it in the dataset's
 `metadata.json` (`builder.info.metadata['summary']`).
 """
@@ -37,6 +39,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 import warnings
 from typing import Any
 
@@ -267,6 +270,15 @@ def _walk(root: str) -> list[str]:
     return sorted(found)
 
 
+def _is_regular_file(path: str) -> bool:
+    """Whether `path` (links followed) is a regular file, decided without opening it: a FIFO
+    would block its reader forever, and a device never ends."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # vanished, a broken link, or unreadable metadata
+        return False
+
+
 def _subdirs(path: str) -> list[str]:
     return sorted(d.name for d in os.scandir(path) if d.is_dir() and not d.name.startswith('.'))
 
@@ -325,6 +337,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             os.path.join(self._folder, self._captions_file), set(candidates), self._report,
             self.MAX_CAPTION_CHARS))
         self._written_names: set[str] = set()
+        self._written_paths: set[str] = set()
         # Ordered by a hash of the name (so files of one name are adjacent, a captioned one
         # first: of `a.jpg` and `a.png` the captioned one is kept).
         candidates.sort(key=lambda c: (self._name_hash(c), c not in self._captions, c))
@@ -355,6 +368,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             elif os.path.commonpath([root, os.path.realpath(
                     os.path.join(self._folder, relpath))]) != root:
                 self._report.add('skipped_link_outside_folder', relpath)
+            elif not _is_regular_file(os.path.join(self._folder, relpath)):
+                self._report.add('skipped_not_a_regular_file', relpath)
             elif posixpath.splitext(relpath)[1].lower() not in extensions:
                 self._report.add('skipped_not_an_image', relpath)
             else:
@@ -379,6 +394,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise DataError(f'{self._folder} has no usable image for the {split!r} split.\n'
                             + format_summary(self._summary()))
         if split == 'train':  # generated last
+            for relpath in sorted(set(self._captions) - self._written_paths):
+                self._report.add('caption_of_skipped_image', relpath)
             self.info.metadata['summary'] = self._summary()
             print(format_summary(self._summary()), flush=True)
 
@@ -399,6 +416,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             self._report.add('skipped_corrupt', relpath)  # truncated, ...): skip, never crash
             return None
         self._written_names.add(name)
+        self._written_paths.add(relpath)
         if mode != 'RGB':
             self._report.add(f'converted_from_{mode}', relpath)
         if resized:
