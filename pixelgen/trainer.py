@@ -41,9 +41,7 @@ def validate_loop_config(config: ConfigDict) -> None:
     problems += [f'{key}={config[key]} must be 0 (off) or positive'
                  for key in ('eval_every_steps', 'sample_every_steps') if config[key] < 0]
     problems += optimizer_problems(config.optimizer, config.total_steps)
-    if problems:
-        raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
-                          + '\nFix them with --config.<key>=<value>.')
+    tasks.raise_problems(problems)
 
 
 # flax's names for norms' gains and layers' biases (attention's q/k/v biases are [heads, dim]).

@@ -45,10 +45,11 @@ def model_problems(m) -> list[str]:
 
 
 def raise_problems(problems: list[str]) -> None:
-    """One ConfigError listing every problem of a config, if it has any."""
+    """One ConfigError (one line) listing every problem of a config, if it has any."""
     if problems:
-        raise ConfigError('Invalid config:\n  ' + '\n  '.join(problems)
-                          + '\nFix them with --config.<key>=<value>.')
+        raise ConfigError(f'Invalid config: {"; ".join(problems)}. Fix '
+                          f'{"it" if len(problems) == 1 else "them"} with '
+                          '--config.<key>=<value>.')
 
 
 def module(config_or_name) -> ModuleType:
