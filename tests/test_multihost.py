@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -103,3 +104,54 @@ def test_killed_two_process_job_resumes(one_process, tiny_config_args, tmp_path)
     for a, b in zip(jax.tree.leaves(pixelgen.load(one_process).model),
                     jax.tree.leaves(pixelgen.load(workdir).model), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
+def _trainer_pid(launcher: subprocess.Popen, process_id: int) -> int:
+    """The pid of the trainer with `--process_id process_id` that `launcher` started."""
+    for pid in _session_processes(launcher.pid):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                argv = f.read().split(b'\0')
+        except OSError:
+            continue
+        if b'pixelgen.train' in argv and argv[argv.index(b'--process_id') + 1] == \
+                str(process_id).encode():
+            return pid
+    raise AssertionError(f'no trainer with --process_id {process_id} is running')
+
+
+def test_sigterm_on_one_host_saves_the_same_step_on_both_and_the_rerun_resumes(
+        tiny_config_args, tmp_path):
+    workdir = str(tmp_path / 'preempted')
+    quiet = ['--config.eval_every_steps=0', '--config.sample_every_steps=0',
+             '--config.log_every_steps=1']
+    proc = _launch([*tiny_config_args, *quiet, '--config.total_steps=2000',
+                    '--config.checkpoint_every_steps=1000'], workdir)
+    output = ''
+    for line in proc.stdout:  # process 0's lines: wait until the steps run
+        output += line
+        if line.startswith('[p0] step 3/'):
+            break
+    else:
+        raise AssertionError(f'the job ended before step 3:\n{output}')
+    os.kill(_trainer_pid(proc, 1), signal.SIGTERM)  # only process 1 is preempted
+    output += proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    log_1 = open(os.path.join(workdir, 'logs', 'process_1.log')).read()
+    saved_1 = re.findall(r'^\[pixelgen\] SIGTERM: saved step (\d+)', log_1, re.M)
+    saved_0 = re.findall(r'SIGTERM \(received by another host\): saved step (\d+)', output)
+    assert saved_1 and saved_0 == saved_1, (output, log_1)
+    step = int(saved_1[0])
+    assert 3 <= step < 1000
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [step]
+    data_state = os.listdir(os.path.join(workdir, 'checkpoints', str(step), 'data'))
+    assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(data_state)
+
+    rerun = _launch([*tiny_config_args, *quiet, f'--config.total_steps={step + 2}',
+                     '--config.checkpoint_every_steps=1000'], workdir)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output
+    assert f'resumed from {workdir}/checkpoints/{step}' in output
+    rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+    train_steps = [r['step'] for r in rows if 'train/loss' in r]
+    assert train_steps == list(range(1, step + 3))  # no step twice, none missing
