@@ -1,0 +1,33 @@
+"""A small ViT classifier on the embedded `shapes` dataset: the CPU demo and the test config.
+
+  python -m pixelgen.train --config configs/vit_shapes.py --workdir runs/vit_shapes
+  python -m pixelgen.train --config configs/vit_shapes.py:tiny --workdir /tmp/t   # seconds
+  python -m pixelgen.evaluate --workdir runs/vit_shapes --eval accuracy
+
+The label is `data.label_key` ('shape', 6 classes; or 'color', 'size').
+Variants: '' (default, a few minutes on 2 CPU cores), 'tiny' (for tests and smoke runs).
+"""
+
+from pixelgen.tasks.vit import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    if arg == 'tiny':
+        c.total_steps = 4
+        c.batch_size = 8
+        c.checkpoint_every_steps = 2
+        c.log_every_steps = 2
+        c.eval_every_steps = 2
+        c.eval_examples = 16
+        c.sample_every_steps = 4
+        c.data.image_size = 16
+        c.model.patch_size = 8
+        c.model.width = 32
+        c.model.num_layers = 1
+        c.model.num_heads = 2
+        c.optimizer.warmup_steps = 1
+        c.sampling.num_images = 4
+    elif arg:
+        raise ValueError(f"Unknown variant {arg!r} of vit_shapes; expected '' or 'tiny'.")
+    return c
