@@ -14,6 +14,7 @@ not in the paper. The dataset must be prepared in array_record format (see READM
 
 import ml_collections
 
+from pixelgen.data.pipeline import add_stream_config
 from pixelgen.parallel import DEFAULT_RULES
 
 
@@ -45,6 +46,7 @@ def get_config(arg=None):
     c.data.image_size = 256
     c.data.num_threads = 16
     c.data.prefetch = 8
+    add_stream_config(c.data, captions=False)  # webdataset: / parquet: (docs/data.md)
 
     c.model = ml_collections.ConfigDict()
     c.model.codebook_size = 8192

@@ -14,6 +14,7 @@ of fixed std instead of the logit-Laplace, under which no code carried the objec
 
 import ml_collections
 
+from pixelgen.data.pipeline import add_stream_config
 from pixelgen.parallel import DEFAULT_RULES
 
 
@@ -42,6 +43,7 @@ def get_config(arg=None):
     c.data.image_size = 64
     c.data.num_threads = 2
     c.data.prefetch = 4
+    add_stream_config(c.data, captions=False)  # webdataset: / parquet: (docs/data.md)
 
     c.model = ml_collections.ConfigDict()
     c.model.codebook_size = 128    # 8192 in the paper; about 40 of these end up used

@@ -26,6 +26,7 @@ Resolutions: 32, 48 or 64 (res=), always with the 512-colour palette.
 
 import ml_collections
 
+from pixelgen.data.pipeline import add_stream_config
 from pixelgen.parallel import DEFAULT_RULES
 
 SIZES = {  # layers, width, heads, image side, batch, learning rate, steps
@@ -102,6 +103,7 @@ def get_config(arg=None):
     c.data.palette_fit_pixels_per_image = 16
     c.data.num_threads = 16
     c.data.prefetch = 8
+    add_stream_config(c.data, captions=False)  # webdataset: / parquet: (docs/data.md)
 
     c.model = ml_collections.ConfigDict()
     c.model.num_layers = layers

@@ -8,6 +8,7 @@ Variants: '' (default, about 10 minutes on 2 CPU cores), 'tiny' (for tests and s
 
 import ml_collections
 
+from pixelgen.data.pipeline import add_stream_config
 from pixelgen.parallel import DEFAULT_RULES
 
 
@@ -43,6 +44,7 @@ def get_config(arg=None):
     c.data.palette_fit_pixels_per_image = 64
     c.data.num_threads = 2
     c.data.prefetch = 4
+    add_stream_config(c.data, captions=False)  # webdataset: / parquet: (docs/data.md)
 
     c.model = ml_collections.ConfigDict()
     c.model.num_layers = 4

@@ -22,16 +22,12 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from pixelgen import storage
-from pixelgen.data import builders
+from pixelgen.data import builders, streaming
+from pixelgen.data.decode import DataError, Filters, to_rgb_square
 
 Example = dict[str, np.ndarray]
-
-
-class DataError(ValueError):
-    """A dataset that cannot be read; the message says what to do."""
 
 
 def resolve_data_dir(data_dir: str) -> str:
@@ -54,8 +50,43 @@ def _local_builder(dataset: str, data_dir: str, builder):
     return tfds.builder(dataset, data_dir=local_root)
 
 
+def add_stream_config(data, captions: bool = True) -> None:
+    """Adds the keys of streamed sources (`webdataset:` / `parquet:`, pixelgen.data.streaming)
+    to a config's `data`; tfds datasets ignore them. `captions=False` (iGPT, dVAE) keeps
+    images without a caption."""
+    data.eval_dataset = ''           # streamed source to evaluate on; '' = held-out shards
+    data.eval_shard_fraction = 0.05  # without eval_dataset: the last 5% of shards by name
+    data.num_workers = 0             # decoding processes per host (0 = in the training one)
+    data.min_caption_length = 1 if captions else 0  # characters; 0 keeps captionless images
+    data.max_caption_length = 0      # characters; 0 = no limit
+    data.max_aspect_ratio = 2.0      # longer / shorter side; DALL-E kept 1:2 to 2:1; 0 = any
+    data.min_image_side = 0          # pixels of the shorter side before resizing
+    data.require_success_status = True  # drop img2dataset records whose status is not success
+
+
+def open_split(data, which: str):
+    """The 'train' or 'eval' source that a config's `data` names (its dataset, splits, data
+    dir and, for streamed sources, its filters, evaluation set and decoding workers)."""
+    split = data.train_split if which == 'train' else data.eval_split
+    if not streaming.is_streaming(data.dataset):
+        return open_source(data.dataset, split, data.data_dir)
+    filters = Filters(**{f: data[f] for f in (
+        'min_caption_length', 'max_caption_length', 'max_aspect_ratio', 'min_image_side',
+        'require_success_status')}, image_size=data.image_size)
+    source = streaming.StreamingSource(
+        data.dataset, 'train' if which == 'train' else 'eval', filters=filters,
+        eval_dataset=data.eval_dataset, eval_shard_fraction=data.eval_shard_fraction)
+    source.num_workers = data.num_workers
+    return source
+
+
 def open_source(dataset: str, split: str, data_dir: str = ''):
-    """A random-access source of one split: `len(src)` examples, `src[i]` a feature dict."""
+    """A random-access source of one split: `len(src)` examples, `src[i]` a feature dict.
+
+    A streamed source ('webdataset:<pattern>', 'parquet:<pattern>') opens with the default
+    filters: split 'train' is its training shards, any other its held-out shards."""
+    if streaming.is_streaming(dataset):
+        return streaming.StreamingSource(dataset, split)
     data_dir = resolve_data_dir(data_dir)
     if builders.builds_locally(dataset):  # embedded, or 'image_folder:<path>'
         builder = builders.ensure_built(dataset, data_dir)  # local, even if data_dir is not
@@ -87,33 +118,14 @@ def open_source(dataset: str, split: str, data_dir: str = ''):
 
 def num_classes(source, feature: str = 'label') -> int:
     """The number of classes of a source's tfds `ClassLabel` feature (e.g. 10 for cifar10)."""
+    if isinstance(source, streaming.StreamingSource):
+        raise DataError(f'{source.dataset!r} is a streamed image-text source without class '
+                        'labels; classification needs a labelled tfds dataset.')
     features = source.dataset_info.features
     if feature not in features or not hasattr(features[feature], 'num_classes'):
         raise DataError(f'Dataset {source.dataset_info.name!r} has no class-label feature '
                         f'{feature!r} (features: {sorted(features)}); classification needs one.')
     return int(features[feature].num_classes)
-
-
-def to_rgb_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Any uint8 image [h, w] / [h, w, 1|3|4] -> [size, size, 3] uint8.
-
-    Grayscale is repeated over RGB, alpha is dropped, non-square images are centre-cropped,
-    and the resize averages pixels when shrinking (no aliasing) and is bicubic when growing.
-    """
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    image = image[..., :3]
-    h, w = image.shape[:2]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    image = image[top:top + side, left:left + side]
-    if side != size:
-        resample = Image.BOX if side > size else Image.BICUBIC
-        image = np.asarray(Image.fromarray(image).resize((size, size), resample=resample))
-    return image
 
 
 def image_example(image_size: int) -> Callable[[dict], Example]:
@@ -181,6 +193,11 @@ def train_iterator(source, *, batch_size: int, seed: int, prepare: Callable[[dic
     a new one every epoch, and the same again after a resume.
     """
     host, hosts = jax.process_index(), jax.process_count()
+    if isinstance(source, streaming.StreamingSource):
+        return streaming.StreamIterator(
+            source, local_batch=batch_size // hosts, seed=seed, host=host, hosts=hosts,
+            prepare=prepare, batch_map=batch_map, augment=augment,
+            num_workers=getattr(source, 'num_workers', 0), prefetch=prefetch)
     if len(source) < batch_size:
         raise DataError(f'The training split has {len(source)} examples, fewer than one batch '
                         f'of {batch_size}. Lower --config.batch_size.')
@@ -203,6 +220,11 @@ def eval_batches(source, *, batch_size: int, prepare: Callable[[dict], Example],
     Every batch has exactly `batch_size` rows, so one compiled step serves them all; the
     padding rows of the last batch carry `mask == 0`.
     """
+    if isinstance(source, streaming.StreamingSource):
+        yield from streaming.eval_batches(
+            source, batch_size=batch_size, host=jax.process_index(), hosts=jax.process_count(),
+            prepare=prepare, batch_map=batch_map, num_examples=num_examples)
+        return
     host, hosts = jax.process_index(), jax.process_count()
     n = len(source) if not num_examples else min(num_examples, len(source))
     ds = grain.MapDataset.source(source)[:n][host::hosts].map(prepare)

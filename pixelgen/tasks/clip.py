@@ -57,6 +57,7 @@ def base_config() -> ConfigDict:
     c.data.tokenizer_train_captions = 10000
     c.data.num_threads = 2
     c.data.prefetch = 4
+    pipeline.add_stream_config(c.data)  # webdataset: / parquet: sources (docs/data.md)
 
     c.model = ConfigDict()
     c.model.embed_dim = 64
@@ -157,7 +158,7 @@ def load_or_make_tokenizer(config, workdir: str, train_source=None) -> TextToken
             tokenizer = hf_clip.load_clip_bpe(d.tokenizer)  # a local or remote folder
         else:
             if train_source is None:
-                train_source = pipeline.open_source(d.dataset, d.train_split, d.data_dir)
+                train_source = pipeline.open_split(d, 'train')
             n = min(len(train_source), d.tokenizer_train_captions)
             print(f'[tokenizer] training a BPE of at most {m.vocab_size} tokens on {n} '
                   f'{d.dataset} captions...', flush=True)
@@ -203,8 +204,8 @@ class CLIPTask(CLIPLoss):
         validate_config(config)  # before any data is built
         self.config, self.workdir = config, workdir
         d = config.data
-        self.train_source = pipeline.open_source(d.dataset, d.train_split, d.data_dir)
-        self.eval_source = pipeline.open_source(d.dataset, d.eval_split, d.data_dir)
+        self.train_source = pipeline.open_split(d, 'train')
+        self.eval_source = pipeline.open_split(d, 'eval')
         self.tokenizer = load_or_make_tokenizer(config, workdir, self.train_source)
         m = config.model
         self.num_patches = (d.image_size // m.patch_size) ** 2

@@ -238,8 +238,8 @@ class DVAETask(DVAELoss):
         super().__init__(config)
         self.config, self.workdir = config, workdir
         d = config.data
-        self.train_source = pipeline.open_source(d.dataset, d.train_split, d.data_dir)
-        self.eval_source = pipeline.open_source(d.dataset, d.eval_split, d.data_dir)
+        self.train_source = pipeline.open_split(d, 'train')
+        self.eval_source = pipeline.open_split(d, 'eval')
         self.tokens_per_example = d.image_size ** 2  # throughput is counted in pixels
 
     def build_model(self, rngs: nnx.Rngs) -> DVAE:

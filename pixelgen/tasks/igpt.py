@@ -142,7 +142,7 @@ def load_or_fit_palette(config, workdir: str, train_source=None) -> np.ndarray:
         return centres
     d = config.data
     if train_source is None:
-        train_source = pipeline.open_source(d.dataset, d.train_split, d.data_dir)
+        train_source = pipeline.open_split(d, 'train')
     print(f'[palette] fitting {k} colours on {d.palette_fit_images} {d.dataset} images...',
           flush=True)
     pixels = pipeline.sample_pixels(train_source, image_size=d.image_size,
@@ -251,8 +251,8 @@ class ImageGPTTask(ImageGPTLoss):
         super().__init__(objective(config), config.get('classifier_loss_weight', 1.0))
         self.config, self.workdir = config, workdir
         d = config.data
-        self.train_source = pipeline.open_source(d.dataset, d.train_split, d.data_dir)
-        self.eval_source = pipeline.open_source(d.dataset, d.eval_split, d.data_dir)
+        self.train_source = pipeline.open_split(d, 'train')
+        self.eval_source = pipeline.open_split(d, 'eval')
         if num_classes(config):
             classes = pipeline.num_classes(self.train_source)
             if num_classes(config) == -1:
