@@ -12,16 +12,20 @@ from pixelgen.checkpoint import (
     CorruptCheckpointError,
     WorkdirError,
 )
-from pixelgen.config import ConfigError
+from pixelgen.config import ConfigError, UserError  # noqa: F401  (jobs raise cli.ConfigError)
 from pixelgen.data.pipeline import DataError
 from pixelgen.trainer import NonFiniteLossError
 
 # Problems with the user's input: print the message (it says what to do), no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointMismatchError, CorruptCheckpointError,
+# UserError is the type for them (ConfigError and the converters' errors are UserErrors); the
+# others here are the data and checkpoint errors that name a file and the fix.
+USER_ERRORS = (UserError, DataError, CheckpointMismatchError, CorruptCheckpointError,
                CheckpointSaveError, WorkdirError, NonFiniteLossError, FileNotFoundError)
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
+    """Runs an entry point's `main(argv)`: a user error is one `error: ...` line and exit code
+    2; Ctrl-C is exit code 130; anything else keeps its traceback."""
     try:
         code = main(sys.argv[1:])
     except USER_ERRORS as e:

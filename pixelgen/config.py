@@ -25,10 +25,22 @@ REQUIRED_KEYS = (
     'task', 'total_steps', 'batch_size', 'seed', 'checkpoint_every_steps', 'log_every_steps',
     'sample_every_steps', 'model', 'data', 'optimizer',
 )
+# What every saved config.json holds: the required keys and the mesh that loading needs.
+SAVED_KEYS = REQUIRED_KEYS + ('mesh', 'sharding_rules')
 CONFIG_FILE = 'config.json'
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem with what the user gave (a flag, a config, a file) that they can fix.
+
+    Every `python -m pixelgen.<job>` entry point prints its message as one `error: ...` line
+    and exits with code 2, without a traceback (`pixelgen.cli.run`); so the message names the
+    file, key or value and says what to do. Any other exception is a bug and keeps its
+    traceback.
+    """
+
+
+class ConfigError(UserError, ValueError):
     """A config or command-line problem that the user can fix; the message says how."""
 
 
@@ -40,10 +52,17 @@ def load_config_file(spec: str) -> ConfigDict:
                           f'(available: {", ".join(sorted(_available_configs()))}).')
     module_spec = importlib.util.spec_from_file_location('pixelgen_user_config', path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f'{path}, line {e.lineno}: {e.msg}: {(e.text or "").strip()!r}. Fix '
+                          'the config file.') from e
     if not hasattr(module, 'get_config'):
         raise ConfigError(f'Config file {path!r} has no get_config(arg=None) function.')
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except (ValueError, KeyError) as e:  # the config's own refusal, e.g. of an unknown variant
+        raise ConfigError(f'--config {spec}: {e}') from e
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise ConfigError(f'Config {spec!r} lacks the required keys {missing}.')
@@ -101,6 +120,9 @@ def apply_override(config: ConfigDict, dotted: str, text: str) -> None:
         raise _unknown_key_error(config, dotted)
     value = _parse_value(text)
     old = node[leaf]
+    if value is None and old is not None:
+        raise ConfigError(f'--config.{dotted}={text}: {dotted} cannot be None; pass a '
+                          f'{type(old).__name__} (the default is {old!r}).')
     if isinstance(old, str) and not isinstance(value, str):
         value = text  # '--config.data.dataset=123' is still a string field
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -150,12 +172,25 @@ def save_config(config: ConfigDict, workdir: str) -> str:
 
 
 def load_saved_config(workdir: str) -> ConfigDict:
-    """Reads the resolved config that a training run wrote into its workdir."""
+    """Reads the resolved config that a training run (or `convert`) wrote into its workdir;
+    a damaged or incomplete file is a ConfigError naming it."""
     path = storage.join(workdir, CONFIG_FILE)
     if not storage.is_file(path):
         raise ConfigError(f'{path} not found: {workdir!r} is not a pixelgen workdir '
                           '(train into it first with python -m pixelgen.train).')
-    config = ConfigDict(_tuples(json.loads(storage.read_text(path))))
+    fix = ('Restore it from a copy of the workdir: it is the resolved config the checkpoints '
+           'were trained with.')
+    try:
+        tree = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f'{path} is not valid JSON (line {e.lineno}, column {e.colno}: '
+                          f'{e.msg}); it is truncated or damaged. {fix}') from e
+    missing = [k for k in SAVED_KEYS if not isinstance(tree, dict) or k not in tree]
+    missing += [f'{k}.*' for k in ('model', 'data', 'optimizer')
+                if isinstance(tree, dict) and k in tree and not isinstance(tree[k], dict)]
+    if missing:
+        raise ConfigError(f'{path} is incomplete: it lacks {", ".join(missing)}. {fix}')
+    config = ConfigDict(_tuples(tree))
     config.lock()
     return config
 

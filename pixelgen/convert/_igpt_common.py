@@ -16,6 +16,7 @@ from flax import nnx
 
 from pixelgen.config import ConfigDict, ConfigError, load_config_file
 from pixelgen.convert import save_workdir
+from pixelgen.convert._tensors import ConversionError
 from pixelgen.data.palette import save_palette
 
 Path = tuple[str | int, ...]
@@ -25,11 +26,6 @@ Path = tuple[str | int, ...]
 PAPER_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'configs', 'igpt.py')
 PAPER_SIZES = ('s', 'm', 'l', 'xl')
-
-
-class ConversionError(ConfigError):
-    """The source files cannot become a pixelgen iGPT; the message names the file or tensor.
-    (A ConfigError: the command line prints it without a traceback.)"""
 
 
 def block_params(index: int, *, norm1, query, key, value, out, norm2, fc, proj) -> dict[Path,

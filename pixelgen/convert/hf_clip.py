@@ -22,6 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from pixelgen import storage
 from pixelgen.config import ConfigError
 from pixelgen.convert import save_workdir
+from pixelgen.convert._tensors import read_tensor_file
 from pixelgen.data.text import TextTokenizer
 from pixelgen.models.clip import OPENAI_MEAN, OPENAI_STD
 from pixelgen.tasks.clip import TOKENIZER_FILE, base_config, build_model
@@ -92,17 +93,14 @@ def is_clip_bpe(path: str) -> bool:
 def read_state_dict(folder: str) -> dict[str, np.ndarray]:
     """{name: float32 array} from *.safetensors (all shards) or pytorch_model.bin."""
     shards = sorted(glob.glob(os.path.join(folder, '*.safetensors')))
+    path = os.path.join(folder, 'pytorch_model.bin')
+    if not shards and os.path.exists(path):
+        shards = [path]
     if shards:
-        from safetensors.numpy import load_file
         weights = {}
         for shard in shards:
-            weights.update(load_file(shard))
+            weights.update(read_tensor_file(shard))  # finite, or refused naming the tensor
         return {k: np.asarray(v, np.float32) for k, v in weights.items()}
-    path = os.path.join(folder, 'pytorch_model.bin')
-    if os.path.exists(path):
-        import torch
-        state = torch.load(path, map_location='cpu', weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
     raise FileNotFoundError(f'{folder} holds no *.safetensors and no pytorch_model.bin.')
 
 

@@ -24,7 +24,7 @@ import re
 import numpy as np
 
 from pixelgen.convert import _igpt_common as common
-from pixelgen.convert._igpt_common import ConversionError
+from pixelgen.convert._tensors import ConversionError, file_inside, read_tensor_file
 
 NAME = 'hf-imagegpt'
 DESCRIPTION = ('HuggingFace ImageGPT (config.json, model.safetensors or pytorch_model.bin, '
@@ -46,17 +46,11 @@ def _read_json(src: str, name: str) -> dict:
         raise ConversionError(f'{path} is missing; --src must be a folder written by '
                               'save_pretrained (model and image processor).')
     with open(path) as f:
-        return json.load(f)
-
-
-def _load_file(path: str) -> dict[str, np.ndarray]:
-    if path.endswith('.safetensors'):
-        from safetensors import safe_open
-        with safe_open(path, framework='np') as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
-    import torch
-    state = torch.load(path, map_location='cpu', weights_only=True)
-    return {name: (t.float() if t.is_floating_point() else t).numpy() for name, t in state.items()}
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConversionError(f'{path} is not valid JSON (line {e.lineno}: {e.msg}); it is '
+                                  'truncated or damaged. Download it again.') from e
 
 
 def load_tensors(src: str) -> dict[str, np.ndarray]:
@@ -66,11 +60,13 @@ def load_tensors(src: str) -> dict[str, np.ndarray]:
         if not os.path.isfile(path):
             continue
         if not name.endswith('.index.json'):
-            return _load_file(path)
-        shards = sorted(set(_read_json(src, name)['weight_map'].values()))
+            return read_tensor_file(path)
+        weight_map = _read_json(src, name).get('weight_map')
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f'{path} has no "weight_map" of tensor names to shard files.')
         tensors = {}
-        for shard in shards:
-            tensors.update(_load_file(os.path.join(src, shard)))
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(read_tensor_file(file_inside(src, shard, path)))
         return tensors
     found = sorted(os.listdir(src)) if os.path.isdir(src) else 'not a folder'
     raise ConversionError(f'{src} holds none of {WEIGHT_FILES} (found: {found}).')

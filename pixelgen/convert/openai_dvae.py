@@ -24,6 +24,7 @@ from flax import nnx
 
 from pixelgen.config import ConfigError, load_config_file
 from pixelgen.convert import save_workdir
+from pixelgen.convert._tensors import read_tensor_file
 from pixelgen.models.dvae import DVAE
 
 NAME = 'openai-dvae'
@@ -35,23 +36,14 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """A torch state dict file -> {name: float32 array}, without unpickling code."""
-    import torch
-
     if not os.path.isfile(path):
         pickled = os.path.splitext(path)[0] + '.pkl'
         hint = (f' {pickled} is a pickled module: save its state_dict() as {path} first (see '
                 'python -m pixelgen.convert --help and pixelgen/convert/openai_dvae.py).'
                 if os.path.isfile(pickled) else '')
         raise FileNotFoundError(f'{path} not found.{hint}')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError and friends for pickled modules
-        raise ConfigError(f'{path} is not a plain state dict ({type(e).__name__}); save the '
-                          "module's state_dict() into it (see pixelgen/convert/openai_dvae.py)"
-                          ) from e
-    if not isinstance(state, dict):
-        raise ConfigError(f'{path} holds a {type(state).__name__}, not a state dict.')
-    return {k: v.detach().float().numpy() for k, v in state.items()}
+    state = read_tensor_file(path)  # plain tensors only, each finite
+    return {k: np.asarray(v, np.float32) for k, v in state.items()}
 
 
 def _blocks_per_group(state: dict) -> int:

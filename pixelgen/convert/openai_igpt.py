@@ -25,6 +25,7 @@ import numpy as np
 
 from pixelgen.convert import _igpt_common as common
 from pixelgen.convert._igpt_common import ConversionError
+from pixelgen.convert._tensors import check_finite
 from pixelgen.convert._tf_bundle import Bundle
 
 NAME = 'openai-igpt'
@@ -71,7 +72,8 @@ class _Variables:
             raise ConversionError(f'Variable {name!r} has shape {stored}; the rest of the '
                                   f'checkpoint implies {shape}.')
         self.taken.add(name)
-        return self.bundle.read(name).astype(np.float32).reshape(shape)
+        value = check_finite(name, self.bundle.read(name), self.bundle.prefix)
+        return value.astype(np.float32).reshape(shape)
 
     def leftovers(self) -> tuple[list[str], list[str]]:
         """(skipped training-state names, unknown names) among the variables not taken."""

@@ -1,0 +1,190 @@
+"""Every user error a job meets is one `error:` line that names the file, key or value and the
+fix, with exit code 2 and no traceback (`pixelgen.cli.run`); any other exception keeps its
+traceback. The cases run through the jobs' own `main` in this process (one of them also as a
+real `python -m` subprocess), and a test fails on any traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO, TINY
+from safetensors.numpy import save_file
+
+from pixelgen import cli
+from pixelgen.convert.__main__ import main as convert_main
+from pixelgen.sample import main as sample_main
+from pixelgen.train import main as train_main
+
+SHAPES = os.path.join(REPO, 'configs', 'igpt_shapes.py')
+
+
+def user_error(main, argv: list[str], monkeypatch, capsys) -> str:
+    """Runs `main(argv)` as its `python -m` entry point does; returns the error line after
+    checking that it is the only output on stderr, that it has no traceback and exit code 2."""
+    monkeypatch.setattr(sys, 'argv', ['pixelgen-job', *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(main)
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith('error: '), err
+    return lines[0]
+
+
+# Configs and the command line ------------------------------------------------------------
+
+def test_unknown_variant_names_the_variants(tmp_path, monkeypatch, capsys):
+    line = user_error(train_main, ['--config', f'{SHAPES}:huge', '--workdir', str(tmp_path)],
+                      monkeypatch, capsys)
+    assert "'huge'" in line and "'tiny'" in line and 'igpt_shapes.py:huge' in line
+
+
+def test_config_file_with_a_syntax_error_names_file_and_line(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / 'bad.py'
+    bad.write_text('import ml_collections\n\n\ndef get_config(arg=None)\n    return None\n')
+    line = user_error(train_main, ['--config', str(bad), '--workdir', str(tmp_path / 'w')],
+                      monkeypatch, capsys)
+    assert f'{bad}, line 4' in line
+
+
+def test_none_for_a_typed_key_is_refused(tmp_path, monkeypatch, capsys):
+    line = user_error(train_main, ['--config', TINY, '--config.total_steps=None',
+                                   '--workdir', str(tmp_path)], monkeypatch, capsys)
+    assert '--config.total_steps=None' in line and 'int' in line and '12' in line
+
+
+@pytest.mark.parametrize('override, named', [
+    ('--config.optimizer.learning_rate=-0.001', 'optimizer.learning_rate=-0.001 must be > 0'),
+    ('--config.optimizer.learning_rate=0', 'optimizer.learning_rate=0.0 must be > 0'),
+    ('--config.total_steps=0', 'total_steps=0 must be at least 1'),
+    ('--config.optimizer.warmup_steps=12', 'optimizer.warmup_steps=12 must be in [0, '
+                                           'total_steps=12)'),
+])
+def test_loop_settings_are_refused_before_anything_is_written(override, named, tmp_path,
+                                                              monkeypatch, capsys):
+    workdir = tmp_path / 'run'
+    line = user_error(train_main, ['--config', TINY, override, '--workdir', str(workdir)],
+                      monkeypatch, capsys)
+    assert named in line
+    assert not workdir.exists()  # no palette.npy, lock or config.json left behind
+
+
+def test_temperature_zero_names_the_greedy_alternative(tmp_path, monkeypatch, capsys):
+    line = user_error(sample_main, ['--workdir', str(tmp_path), '--temperature', '0'],
+                      monkeypatch, capsys)
+    assert '--temperature 0.0 must be > 0' in line and '--top_k 1' in line
+
+
+# Workdirs --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('content, named', [
+    ('{"task": "igpt", "model": {"wid', 'is not valid JSON (line 1'),  # truncated
+    ('{"task": "igpt"}', 'is incomplete: it lacks total_steps'),
+    ('[1, 2]', 'is incomplete'),
+])
+def test_damaged_config_json_names_the_file(content, named, tmp_path, monkeypatch, capsys):
+    (tmp_path / 'config.json').write_text(content)
+    line = user_error(sample_main, ['--workdir', str(tmp_path)], monkeypatch, capsys)
+    assert f'{tmp_path}/config.json' in line and named in line
+
+
+def test_palette_of_another_size_names_file_and_both_fixes(data_dir, tmp_path, monkeypatch,
+                                                           capsys):
+    from pixelgen.data.palette import save_palette
+    workdir = str(tmp_path / 'run')
+    save_palette(np.zeros((16, 3), np.float32), workdir)
+    line = user_error(train_main, ['--config', TINY, f'--config.data.data_dir={data_dir}',
+                                   '--config.data.palette_size=8', '--workdir', workdir],
+                      monkeypatch, capsys)
+    assert f'{workdir}/palette.npy has 16 colours' in line
+    assert '--config.data.palette_size=16' in line and 'new --workdir' in line
+
+
+# Converting released weights -------------------------------------------------------------
+
+def hf_src(folder, tensors: dict[str, np.ndarray] | None = None) -> str:
+    """An hf-imagegpt --src whose config and clusters are valid; weights as given."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump({'model_type': 'imagegpt', 'vocab_size': 5, 'n_embd': 4, 'n_head': 2,
+                   'n_layer': 1, 'n_positions': 4}, f)
+    with open(os.path.join(folder, 'preprocessor_config.json'), 'w') as f:
+        json.dump({'clusters': np.zeros((4, 3)).tolist()}, f)
+    if tensors is not None:
+        save_file(tensors, os.path.join(folder, 'model.safetensors'))
+    return str(folder)
+
+
+def convert_error(src: str, workdir, monkeypatch, capsys) -> str:
+    line = user_error(convert_main, ['--from', 'hf-imagegpt', '--src', src,
+                                     '--workdir', str(workdir)], monkeypatch, capsys)
+    assert not os.path.exists(workdir)  # refused before anything was written
+    return line
+
+
+def test_truncated_safetensors_names_the_file(tmp_path, monkeypatch, capsys):
+    src = hf_src(tmp_path / 'src', {'wte.weight': np.ones((5, 4), np.float32)})
+    path = os.path.join(src, 'model.safetensors')
+    data = open(path, 'rb').read()
+    with open(path, 'wb') as f:
+        f.write(data[:len(data) - 20])
+    line = convert_error(src, tmp_path / 'out', monkeypatch, capsys)
+    assert f'{path} is not a readable safetensors file' in line and 'truncated' in line
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor(bad, tmp_path, monkeypatch, capsys):
+    wte = np.ones((5, 4), np.float32)
+    wte[2, 1] = bad
+    src = hf_src(tmp_path / 'src', {'transformer.wte.weight': wte,
+                                    'transformer.wpe.weight': np.ones((4, 4), np.float32)})
+    line = convert_error(src, tmp_path / 'out', monkeypatch, capsys)
+    assert "tensor 'transformer.wte.weight'" in line and 'model.safetensors' in line
+    assert ('1 NaN' if np.isnan(bad) else '1 Inf') in line
+
+
+def test_shard_index_cannot_point_outside_src(tmp_path, monkeypatch, capsys):
+    save_file({'secret': np.ones(2, np.float32)}, str(tmp_path / 'outside.safetensors'))
+    src = hf_src(tmp_path / 'src')
+    with open(os.path.join(src, 'model.safetensors.index.json'), 'w') as f:
+        json.dump({'weight_map': {'secret': '../outside.safetensors'}}, f)
+    line = convert_error(src, tmp_path / 'out', monkeypatch, capsys)
+    assert "'../outside.safetensors'" in line and 'outside --src' in line
+
+
+def test_pickled_module_is_refused_naming_the_file(tmp_path, monkeypatch, capsys):
+    torch = pytest.importorskip('torch')
+    src = hf_src(tmp_path / 'src')
+    path = os.path.join(src, 'pytorch_model.bin')
+    torch.save(torch.nn.Linear(2, 2), path)  # a whole module: unpickling it runs code
+    line = convert_error(src, tmp_path / 'out', monkeypatch, capsys)
+    assert f'{path} could not be read as plain tensors' in line and 'state_dict()' in line
+
+
+# The boundary itself ---------------------------------------------------------------------
+
+def test_an_unexpected_exception_keeps_its_traceback(monkeypatch):
+    def main(argv):
+        raise RuntimeError('a bug, not a user error')
+    monkeypatch.setattr(sys, 'argv', ['pixelgen-job'])
+    with pytest.raises(RuntimeError, match='a bug'):
+        cli.run(main)
+
+
+def test_the_real_entry_point_prints_one_line_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, '-m', 'pixelgen.train', '--config', f'{SHAPES}:huge',
+         '--workdir', str(tmp_path / 'w')], cwd=REPO, capture_output=True, text=True,
+        timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: --config {SHAPES}:huge: Unknown variant 'huge' of igpt_shapes; expected '' "
+        "or 'tiny'."]
+    assert not (tmp_path / 'w').exists()
