@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixelgen import storage
+from pixelgen import assets
 
 PALETTE_FILE = 'palette.npy'
 
@@ -99,11 +99,16 @@ def dequantize(tokens: np.ndarray, centres: np.ndarray) -> np.ndarray:
 
 
 def save_palette(centres: np.ndarray, workdir: str) -> str:
+    """Writes `workdir`/palette.npy and records its digest (`pixelgen.assets`)."""
     buf = io.BytesIO()
     np.save(buf, centres)
-    return storage.write_bytes(storage.join(workdir, PALETTE_FILE), buf.getvalue())
+    return assets.write(workdir, PALETTE_FILE, buf.getvalue())
 
 
 def load_palette(workdir: str) -> np.ndarray | None:
-    path = storage.join(workdir, PALETTE_FILE)
-    return np.load(io.BytesIO(storage.read_bytes(path))) if storage.is_file(path) else None
+    """The workdir's palette [k, 3], checked against the digest recorded when it was written;
+    None if it has none and no checkpoint needs one. A missing palette that checkpoints were
+    trained with, or a changed one, is an AssetError naming the file: it is never refitted."""
+    data = assets.read(workdir, PALETTE_FILE,
+                       what="the colour palette that the model's tokens index")
+    return None if data is None else np.load(io.BytesIO(data))

@@ -121,10 +121,12 @@ def build_model(config, rngs: nnx.Rngs) -> ImageGPT:
     return use_native_attention(model)
 
 
-def load_or_fit_palette(config, workdir: str, train_source=None) -> np.ndarray:
+def load_or_fit_palette(config, workdir: str, open_train=None) -> np.ndarray:
     """The workdir's palette if it has one (a resumed run must keep its tokens), else the
     pretrained workdir's (`config.init_from`: its model knows only those tokens), else a new
-    fit."""
+    fit on the training split (`open_train()`, default: open it from the config). A workdir
+    with checkpoints but without its palette, or with a changed one, is refused
+    (`pixelgen.assets`): refitting would change what every token means."""
     centres = palette_lib.load_palette(workdir)
     if centres is None and config.get('init_from', ''):
         centres = palette_lib.load_palette(config.init_from)
@@ -136,13 +138,12 @@ def load_or_fit_palette(config, workdir: str, train_source=None) -> np.ndarray:
     k = config.data.palette_size
     if centres is not None:
         if centres.shape != (k, 3):
-            raise ValueError(f'{workdir}/palette.npy has {centres.shape[0]} colours but '
-                             f'config.data.palette_size={k}. Use a new --workdir or set '
-                             f'--config.data.palette_size={centres.shape[0]}.')
+            raise ConfigError(f'{workdir}/palette.npy has {centres.shape[0]} colours but '
+                              f'config.data.palette_size={k}. Use a new --workdir or set '
+                              f'--config.data.palette_size={centres.shape[0]}.')
         return centres
     d = config.data
-    if train_source is None:
-        train_source = pipeline.open_split(d, 'train')
+    train_source = open_train() if open_train is not None else pipeline.open_split(d, 'train')
     print(f'[palette] fitting {k} colours on {d.palette_fit_images} {d.dataset} images...',
           flush=True)
     pixels = pipeline.sample_pixels(train_source, image_size=d.image_size,
@@ -251,8 +252,7 @@ class ImageGPTTask(ImageGPTLoss):
         super().__init__(objective(config), config.get('classifier_loss_weight', 1.0))
         self.config, self.workdir = config, workdir
         d = config.data
-        self.train_source = pipeline.open_split(d, 'train')
-        self.eval_source = pipeline.open_split(d, 'eval')
+        self._sources: dict[str, object] = {}
         if num_classes(config):
             classes = pipeline.num_classes(self.train_source)
             if num_classes(config) == -1:
@@ -260,9 +260,27 @@ class ImageGPTTask(ImageGPTLoss):
             elif num_classes(config) != classes:
                 raise ConfigError(f'model.num_classes={num_classes(config)} but {d.dataset!r} '
                                   f'has {classes} classes. Set it to {classes} or -1.')
-        self.palette = load_or_fit_palette(config, workdir, self.train_source)
+        self.palette = load_or_fit_palette(config, workdir, lambda: self.train_source)
         self.seq_len = d.image_size ** 2
         self.tokens_per_example = self.seq_len
+
+    def source(self, split: str):
+        """A split of the dataset, opened on first use: a job that only samples (a converted
+        workdir, say) never needs the dataset, and the DataError of one that does names it."""
+        if split not in self._sources:
+            d = self.config.data
+            which = {d.train_split: 'train', d.eval_split: 'eval'}.get(split)
+            self._sources[split] = (pipeline.open_split(d, which) if which else
+                                    pipeline.open_source(d.dataset, split, d.data_dir))
+        return self._sources[split]
+
+    @property
+    def train_source(self):
+        return self.source(self.config.data.train_split)
+
+    @property
+    def eval_source(self):
+        return self.source(self.config.data.eval_split)
 
     def build_model(self, rngs: nnx.Rngs) -> ImageGPT:
         return build_model(self.config, rngs)
@@ -296,8 +314,7 @@ class ImageGPTTask(ImageGPTLoss):
         """Batches of `data.eval_split` (the held-out validation), or of `split`, e.g.
         `config.data.test_split`."""
         d = self.config.data
-        source = self.eval_source if split in (None, d.eval_split) else pipeline.open_source(
-            d.dataset, split, d.data_dir)
+        source = self.source(split or d.eval_split)
         return pipeline.eval_batches(
             source, batch_size=per_host_batch, prepare=pipeline.image_example(d.image_size),
             batch_map=self._to_tokens, num_examples=num_examples)
