@@ -8,6 +8,9 @@ prompt ensembling, §3.1.4); an image is assigned the class of highest cosine si
 Which attributes are classified, their class names and their prompt templates depend on the
 dataset: `shapes` -> the (first) object's shape and colour; `fashion_mnist` -> the garment;
 any other labelled tfds dataset -> its `label` names with generic photo prompts.
+Option templates=FILE (one template per line, {} for the class name) or templates=imagenet
+(the paper's 80 ImageNet templates) replaces the prompts of every attribute.
+linear_probe and retrieval: see pixelgen/evaluators/clip_features.py.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from pixelgen.config import ConfigError
 from pixelgen.data import pipeline
 from pixelgen.data.builders import fashion_mnist, shapes
+from pixelgen.evaluators import clip_features
 from pixelgen.rerank import embed_images, embed_texts
 
 PHOTO_TEMPLATES = ('a photo of a {}.', 'a blurry photo of a {}.', 'a photo of the {}.',
@@ -73,6 +77,10 @@ def zeroshot(ctx) -> dict[str, float]:
     split = ctx.options.get('split', d.eval_split)
     source = pipeline.open_source(d.dataset, split, ctx.options.get('data_dir', d.data_dir))
     tasks = tasks_for(d.dataset, source)
+    if 'templates' in ctx.options:  # a file of templates, or 'imagenet' (the paper's 80)
+        templates = clip_features.load_templates(ctx.options['templates'])
+        tasks = {name: dataclasses.replace(task, templates=templates)
+                 for name, task in tasks.items()}
     n = min(ctx.num_examples or len(source), len(source))
     examples = [source[i] for i in range(n)]
     imgs = np.stack([pipeline.to_rgb_square(e['image'], d.image_size) for e in examples])
@@ -85,4 +93,4 @@ def zeroshot(ctx) -> dict[str, float]:
     return results
 
 
-EVALUATORS = {'zeroshot': zeroshot}
+EVALUATORS = {'zeroshot': zeroshot, **clip_features.EVALUATORS}
