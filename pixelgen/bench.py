@@ -8,6 +8,7 @@ CPU a float32 matmul rate measured in the same process), compile time and peak m
     python -m pixelgen.bench igpt_train igpt_sample --json
     python -m pixelgen.bench dalle_attention dalle_train --json  # sparse vs dense masked
     python -m pixelgen.bench igpt_train --attention dense       # the dense reference
+    python -m pixelgen.bench input_pipeline --json  # images/s decoded: in-process, 1, 2 workers
     python -m pixelgen.bench igpt_train --attention auto        # splash on TPU, cuDNN on GPU
     PIXELGEN_NATIVE_ATTENTION=0 python -m pixelgen.bench dalle_attention  # XLA's tiles on CPU
     XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true \
@@ -46,6 +47,7 @@ from pixelgen import flops, sampling, trainer
 from pixelgen.cpu import core_split, decode_clients, host_memory, native_attention
 from pixelgen.cpu.backend import use_native_attention
 from pixelgen.cpu.native_attention import native_plan
+from pixelgen.data import throughput
 from pixelgen.models.dalle import DallE
 from pixelgen.models.igpt import ImageGPT
 from pixelgen.nn.attention import IMPLEMENTATIONS, MultiHeadAttention, cudnn_unavailable
@@ -518,17 +520,25 @@ def dalle_flops_per_step(shape: dict[str, Any]) -> float:
     return 3.0 * shape['batch'] * (matmul * shape['seq'] + attention)
 
 
+def input_pipeline(shape: dict[str, Any], options: Options) -> dict:
+    """Streamed 256² JPEG pairs decoded per second (pixelgen.data.throughput); no model."""
+    del options
+    return throughput.measure(shape)
+
+
 CASES: dict[str, Callable[[dict[str, Any], Options], dict]] = {
     'igpt_train': igpt_train,
     'igpt_sample': igpt_sample,
     'dalle_attention': dalle_attention,
     'dalle_train': dalle_train,
+    'input_pipeline': input_pipeline,
 }
 SHAPES: dict[str, dict[str, Any]] = {
     'igpt_train': IGPT_SHAPE,
     'igpt_sample': IGPT_SAMPLE_SHAPE,
     'dalle_attention': DALLE_ATTENTION_SHAPE,
     'dalle_train': DALLE_TRAIN_SHAPE,
+    'input_pipeline': throughput.SHAPE,
 }
 
 
@@ -605,8 +615,11 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(result), flush=True)
         else:
             print(json.dumps(result, indent=2), flush=True)
-        log(f"{name}: {result['step_s']:.4f} s/step, {result['tokens_per_s']:.0f} tokens/s, "
-            f"{result['achieved_tflops']:.3f} TFLOP/s, MFU {result['mfu']:.1%}")
+        if 'images_per_s' in result:
+            log(f"{name}: images/s {result['images_per_s']}")
+        else:
+            log(f"{name}: {result['step_s']:.4f} s/step, {result['tokens_per_s']:.0f} "
+                f"tokens/s, {result['achieved_tflops']:.3f} TFLOP/s, MFU {result['mfu']:.1%}")
 
 
 if __name__ == '__main__':

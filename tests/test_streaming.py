@@ -295,3 +295,16 @@ def test_config_keys_reach_the_source(tmp_path):
     assert train.num_workers == 1
     with pytest.raises(DataError, match='without class labels'):
         pipeline.num_classes(train)
+
+
+def test_input_pipeline_bench_reports_images_per_second_for_each_mode():
+    from pixelgen import bench
+    result = bench.run_case('input_pipeline', steps=3, overrides=dict(
+        images=32, source_size=32, image_size=16, shard_size=8, batch=4, batches=3, rounds=1))
+    assert set(result['images_per_s']) == {'in_process', 'workers_1', 'workers_2'}
+    assert all(rate > 0 for rate in result['images_per_s'].values())
+    assert result['speedup_2_workers'] == pytest.approx(
+        result['images_per_s']['workers_2'] / result['images_per_s']['in_process'], rel=0.01)
+    # decoding in workers leaves the training process little to do per image
+    cpu = result['main_process_cpu_ms_per_image']
+    assert set(cpu) == set(result['images_per_s'])

@@ -31,6 +31,7 @@ shards in name order (at least one), which training then never reads.
 
 from __future__ import annotations
 
+import collections
 import glob
 import itertools
 import json
@@ -229,12 +230,25 @@ def format_counts(skipped: dict) -> str:
     return ', '.join(parts) if parts else 'none'
 
 
-def _worker_main(args: tuple, out: multiprocessing.Queue) -> None:
-    """A decoding worker: puts ('ok', example, state) for every example of its slot, or
-    ('error', message) once and stops."""
+def _worker_main(args: tuple, out: multiprocessing.Queue, ring, free, chunk: int) -> None:
+    """A decoding worker: puts ('ok', [(example, state), ...]) for every `chunk` examples of
+    its slot (one pipe message each), or ('error', message) once and stops. With a `ring`
+    (shared memory of [capacity, h*w*3] bytes) each image goes into its next cell and the
+    example carries the cell's index, so only captions and positions pass through the pipe;
+    `free` counts the cells the training process has copied out."""
     try:
-        for example, state in slot_examples(*args):
-            out.put(('ok', example, state))
+        cells = np.frombuffer(ring, np.uint8).reshape(len(ring) // args[2].image_size ** 2 // 3,
+                                                      -1) if ring is not None else None
+        done = []
+        for i, (example, state) in enumerate(slot_examples(*args)):
+            if cells is not None:
+                free.acquire()
+                cells[i % len(cells)] = example['image'].reshape(-1)
+                example['image'] = i % len(cells)
+            done.append((example, state))
+            if len(done) == chunk:
+                out.put(('ok', done))
+                done = []
     except BaseException as e:  # noqa: BLE001 - handed to the training process
         out.put(('error', f'{type(e).__name__}: {e}\n{traceback.format_exc()}'))
 
@@ -284,14 +298,26 @@ class StreamIterator:
             self._streams = [slot_examples(*self._slot_args(0))]
             return
         context = multiprocessing.get_context('spawn')
-        self._streams = []
+        self._streams, self._rings = [], []
+        self._pending = [collections.deque() for _ in range(self._workers)]
+        capacity = max(self._prefetch * self._batch // self._workers, 4)
+        chunk = max(1, min(8, capacity // 4))
+        size = self._source.filters.image_size
         for slot in range(self._workers):
-            out = context.Queue(maxsize=max(self._prefetch * self._batch // self._workers, 2))
-            process = context.Process(target=_worker_main, args=(self._slot_args(slot), out),
+            out = context.Queue(maxsize=capacity // chunk)
+            # Images of a known size travel through shared memory: a pipe moves a 256x256
+            # image in several wake-ups, which cost more than decoding it on a busy host.
+            ring = context.RawArray('B', capacity * size * size * 3) if size else None
+            free = context.Semaphore(capacity) if size else None
+            process = context.Process(target=_worker_main,
+                                      args=(self._slot_args(slot), out, ring, free, chunk),
                                       daemon=True, name=f'pixelgen-decode-{slot}')
             process.start()
             self._processes.append(process)
             self._streams.append(out)
+            cells = np.frombuffer(ring, np.uint8).reshape(capacity, size, size, 3) \
+                if size else None
+            self._rings.append((cells, free))
 
     def close(self) -> None:
         """Stops the worker processes (they are daemons: they also end with this process)."""
@@ -302,7 +328,8 @@ class StreamIterator:
         self._processes, self._streams = [], None
 
     def __del__(self):
-        self.close()
+        if not sys.is_finalizing():  # at exit the daemon workers end on their own
+            self.close()
 
     def _next_example(self) -> tuple[dict, dict, int]:
         """(example, its slot's state after it, the slot's global index)."""
@@ -310,6 +337,8 @@ class StreamIterator:
         stream = self._streams[slot]
         if not self._workers:
             example, state = next(stream)
+        elif self._pending[slot]:
+            example, state = self._pending[slot].popleft()
         else:
             while True:
                 try:
@@ -322,7 +351,13 @@ class StreamIterator:
             if item[0] == 'error':
                 self.close()
                 raise DataError(f'Decoding worker {slot} failed: {item[1]}')
-            _, example, state = item
+            cells, free = self._rings[slot]
+            for example, _ in item[1]:
+                if cells is not None:
+                    example['image'] = cells[example['image']].copy()
+                    free.release()
+            self._pending[slot].extend(item[1])
+            example, state = self._pending[slot].popleft()
         self._states[slot] = state
         self._next_slot = (slot + 1) % self._slots_per_host
         return example, state, self._host * self._slots_per_host + slot
