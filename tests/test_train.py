@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -128,22 +129,67 @@ def _wait_for_checkpoint(proc, workdir: str, step: int, timeout: float = 120.0) 
         time.sleep(0.05)
 
 
+def _rows(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def _assert_each_step_once(workdir: str) -> None:
+    """metrics.jsonl holds no (step, metric) twice, and the rows of an uninterrupted run."""
+    seen = [(row['step'], key) for row in _rows(workdir) for key in row if key != 'step']
+    assert len(seen) == len(set(seen)), sorted(seen)
+    assert [r['step'] for r in _rows(workdir) if 'train/loss' in r] == [3, 6, 9, 12]
+    assert [r['step'] for r in _rows(workdir) if 'test/loss' in r] == [12]
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_ends_like_an_uninterrupted_run(finished_run, tiny_config_args,
-                                                            tmp_path):
+                                                            data_dir, tmp_path):
     import signal
     workdir, result = finished_run
     killed = str(tmp_path / 'killed')
+    train(tiny_config(data_dir), killed, stop_after=6)  # checkpoint 6
     proc = _launch(tiny_config_args, killed)
-    _wait_for_checkpoint(proc, killed, 6)
+    output = ''
+    for line in proc.stdout:  # killed once step 9 is logged, before checkpoint 12
+        output += line
+        if line.startswith('step 9/'):
+            break
+    else:
+        raise AssertionError(output)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert [r['step'] for r in _rows(killed) if 'train/loss' in r] == [3, 6, 9]
     rerun = _launch(tiny_config_args, killed)
     output, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, output
-    assert 'resumed from' in output
+    assert 'resumed from' in output and 'dropped 1 rows past step 6' in output
     for a, b in zip(_params(workdir), _params(killed), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    _assert_each_step_once(killed)  # the rows past the restored step were dropped
+
+
+@pytest.mark.slow
+def test_sigint_finishes_the_save_in_flight_saves_the_step_and_exits_130(
+        tiny_config_args, tmp_path):
+    import signal
+    workdir = str(tmp_path / 'interrupted')
+    proc = _launch([*tiny_config_args, '--config.log_every_steps=1',
+                    '--config.eval_every_steps=0', '--config.sample_every_steps=0'], workdir)
+    output = ''
+    for line in proc.stdout:  # step 6's save was started asynchronously just before
+        output += line
+        if line.startswith('step 7/'):
+            break
+    else:
+        raise AssertionError(output)
+    proc.send_signal(signal.SIGINT)
+    output += proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    saved = int(re.search(r'SIGINT: saved step (\d+)', output)[1])
+    assert 7 <= saved < 12 and 'rerun the same command' in output
+    directory = checkpoint.checkpoint_dir(workdir)
+    assert sorted(os.listdir(directory), key=int) == ['6', str(saved)]  # no *-tmp-* left
 
 
 @pytest.mark.slow
@@ -190,6 +236,54 @@ def test_restore_step_picks_a_checkpoint(finished_run, data_dir, tmp_path):
         train(tiny_config(data_dir), again, restore_step=5)
     result = train(tiny_config(data_dir, '--config.total_steps=12'), again, restore_step=12)
     assert 'test/loss' in result
+    _assert_each_step_once(again)  # the final evaluation replaced the earlier one
+
+
+def _scalar_events(workdir: str) -> list[tuple[str, int]]:
+    """(tag, step) of the scalars TensorBoard shows for W/tensorboard/train: its event files
+    read in order, applying their purges (a SessionLog.START at step S hides the events of
+    earlier files at steps >= S)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    folder = os.path.join(workdir, 'tensorboard', 'train')
+    shown: list[tuple[str, int]] = []
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), 'rb').read()
+        offset = 0
+        while offset < len(data):  # TFRecords: length, its crc, the record, its crc
+            (length,) = struct.unpack('<Q', data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 16 + length
+            if event.HasField('session_log') and event.session_log.status == 1:  # START
+                shown = [(tag, step) for tag, step in shown if step < event.step]
+            shown += [(v.tag, event.step) for v in event.summary.value]
+    return shown
+
+
+@pytest.mark.slow
+def test_rewinding_a_finished_run_keeps_the_later_checkpoints_aside_or_deletes_them(
+        finished_run, data_dir, tmp_path):
+    import shutil
+    workdir, _ = finished_run
+    rewound = str(tmp_path / 'rewound')
+    shutil.copytree(workdir, rewound)
+    train(tiny_config(data_dir), rewound, restore_step=6)  # trains 7..12 again, saves 12
+    aside = os.listdir(os.path.join(rewound, 'checkpoints_after_rewind'))
+    assert len(aside) == 1 and aside[0].startswith('6-')
+    kept = os.path.join(rewound, 'checkpoints_after_rewind', aside[0])
+    assert os.listdir(kept) == ['12']  # the earlier run's step 12, intact
+    assert sorted(checkpoint.make_manager(rewound).all_steps()) == [6, 12]
+    for a, b in zip(_params(workdir), _params(rewound), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    _assert_each_step_once(rewound)
+    events = _scalar_events(rewound)
+    assert len(events) == len(set(events)) and ('train/loss', 12) in events
+
+    train(tiny_config(data_dir), rewound, restore_step=6, overwrite_later=True)
+    assert os.listdir(os.path.join(rewound, 'checkpoints_after_rewind')) == aside
+    assert sorted(checkpoint.make_manager(rewound).all_steps()) == [6, 12]
+    _assert_each_step_once(rewound)
 
 
 @pytest.mark.slow
