@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Run N pixelgen training processes on this machine, joined by jax.distributed (CPU devices).
+# Run N pixelgen processes on this machine, joined by jax.distributed (CPU devices).
 #
 # Usage:
-#   launch/local_multiprocess.sh N [--devices-per-process D] [--port P] [--dry-run] [--] TRAIN_ARGS...
+#   launch/local_multiprocess.sh N [--devices-per-process D] [--port P] [--module M] [--dry-run]
+#       [--] JOB_ARGS...
 #
 # Starts N processes, each
-#   JAX_NUM_CPU_DEVICES=D JAX_PLATFORMS=cpu python -m pixelgen.train \
-#       --coordinator_address localhost:P --num_processes N --process_id i TRAIN_ARGS...
-# Process 0 prints to this terminal (each line prefixed "[p0] "); process i > 0 writes to
-# WORKDIR/logs/process_<i>.log when TRAIN_ARGS contain --workdir (else to a temp dir).
+#   JAX_NUM_CPU_DEVICES=D JAX_PLATFORMS=cpu python -m M \
+#       --coordinator_address localhost:P --num_processes N --process_id i JOB_ARGS...
+# M is pixelgen.train by default; pixelgen.evaluate, pixelgen.sample and pixelgen.rerank take
+# the same flags (for `pixelgen.dvae encode`, put `encode` first in JOB_ARGS).
+# Process 0 prints to this terminal (each line prefixed "[p0] "); process i > 0 of a training
+# job writes to WORKDIR/logs/process_<i>.log when JOB_ARGS contain --workdir; other jobs, and
+# training without --workdir, write those logs to a temp dir.
 # Waits for all; if one fails, the others are stopped and the exit status is non-zero.
 # Ctrl-C stops them all. This is how multi-host training is tested on one machine.
 #
-# Options (before "--"; everything else, and everything after "--", goes to pixelgen.train):
+# Options (before "--"; everything else, and everything after "--", goes to the job):
 #   N                          number of processes (first argument)
 #   --devices-per-process D    CPU devices per process (JAX_NUM_CPU_DEVICES), default 1
 #   --port P                   coordinator port on localhost, default: a free port
+#   --module M                 the job's module, default pixelgen.train
 #   --dry-run                  print the N commands and exit; start nothing
 #   -h, --help                 this text
 # Environment: PYTHON (default python) is the interpreter; GRACE_S (default 20) is how long
@@ -53,6 +58,8 @@ shift
 
 devices=1
 port=''
+module=pixelgen.train
+job_args=()
 dry_run=0
 train_args=()
 while [[ $# -gt 0 ]]; do
@@ -77,6 +84,15 @@ while [[ $# -gt 0 ]]; do
       ;;
     --port=*)
       port=${1#*=}
+      shift
+      ;;
+    --module)
+      [[ $# -ge 2 ]] || die "$1 needs a value"
+      module=$2
+      shift 2
+      ;;
+    --module=*)
+      module=${1#*=}
       shift
       ;;
     --dry-run)
@@ -114,7 +130,12 @@ for ((k = 0; k < ${#train_args[@]}; k++)); do
     --workdir=*) workdir=${train_args[k]#*=} ;;
   esac
 done
-if [[ -n $workdir && $workdir != *://* ]]; then
+if [[ $module == pixelgen.dvae ]]; then  # its subcommand comes before its flags
+  job_args=("${train_args[0]:-}")
+  train_args=("${train_args[@]:1}")
+fi
+[[ $module =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "--module must be a module name, got '$module'"
+if [[ -n $workdir && $workdir != *://* && $module == pixelgen.train ]]; then
   log_dir="$workdir/logs"
 else
   log_dir="${TMPDIR:-/tmp}/pixelgen_logs.XXXXXX"  # made by mktemp below
@@ -122,8 +143,8 @@ fi
 
 commands=()  # one printable command per process
 proc_cmd() {  # proc_cmd I: sets the array `cmd` to process I's command
-  cmd=(env "JAX_NUM_CPU_DEVICES=$devices" JAX_PLATFORMS=cpu "$python" -m pixelgen.train
-    --coordinator_address "$coordinator" --num_processes "$num_procs" --process_id "$1"
+  cmd=(env "JAX_NUM_CPU_DEVICES=$devices" JAX_PLATFORMS=cpu "$python" -m "$module"
+    "${job_args[@]}" --coordinator_address "$coordinator" --num_processes "$num_procs" --process_id "$1"
     "${train_args[@]}")
 }
 for ((i = 0; i < num_procs; i++)); do

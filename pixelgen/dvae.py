@@ -7,9 +7,10 @@
 `encode` turns each split of a tfds dataset (see pixelgen.data.pipeline.open_source) into a
 codes dataset (pixelgen.data.codes: uint16 [grid, grid] codes with the caption and label of
 every image), the input of the DALL·E transformer. Images are resized as in training (the
-workdir's data.image_size). In a multi-host job every process encodes and writes its own
-contiguous shard of each split, on its first local device (each gathers the parameters
-there). `decode` draws codes back as images.
+workdir's data.image_size). In a multi-host job (the distributed flags of `pixelgen.train`,
+e.g. through launch/local_multiprocess.sh --module pixelgen.dvae) every process loads the dVAE
+onto its own devices and encodes and writes its own contiguous shard of each split. `decode`
+draws codes back as images.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ from pixelgen.data import pipeline
 
 def compiled(model, method: str):
     """`model.<method>` jitted with the parameters as an argument (not baked-in constants).
-    In a one-process job the parameters stay where they are (sharded as `pixelgen.load` put
-    them) and a batch whose rows divide by the mesh's batch axes is split over them; in a
-    multi-host one they are gathered onto this host's first device, which runs its own
-    examples."""
+    The parameters stay where they are (sharded as `pixelgen.load` put them, on this
+    process's devices) and a batch whose rows divide by the mesh's batch axes is split over
+    them."""
     from flax import nnx
 
     graphdef, state = nnx.split(model)
@@ -41,9 +41,6 @@ def compiled(model, method: str):
     mesh = getattr(getattr(leaf, 'sharding', None), 'mesh', None)
     if mesh is not None and not set(parallel.BATCH_AXES) <= set(mesh.shape):
         mesh = None  # not a pixelgen mesh: leave the batch to jit
-    if jax.process_count() > 1:
-        state = jax.device_put(jax.tree.map(parallel.to_host, state), jax.local_devices()[0])
-        mesh = None
     fn = jax.jit(lambda state, x: getattr(nnx.merge(graphdef, state), method)(x))
 
     def run(x):
@@ -55,12 +52,6 @@ def compiled(model, method: str):
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def host_range(n: int) -> tuple[int, int]:
-    """This process's contiguous share [start, end) of n examples (the order is kept)."""
-    host, hosts = jax.process_index(), jax.process_count()
-    return n * host // hosts, n * (host + 1) // hosts
 
 
 def encode_source(model, source, *, image_size: int, batch_size: int, start: int = 0,
@@ -108,7 +99,7 @@ def encode(args) -> int:
     for split in [s for s in args.split.split(',') if s]:
         source = pipeline.open_source(args.dataset, split, args.data_dir)
         n = min(len(source), args.num_examples) if args.num_examples else len(source)
-        start, end = host_range(n)
+        start, end = parallel.host_range(n)
         print(f'[encode] {args.dataset}/{split}: images {start:,}..{end:,} of {n:,} on process '
               f'{jax.process_index()} -> {grid}x{grid} codes of {model.codebook_size}',
               flush=True)
@@ -168,6 +159,7 @@ def main(argv: list[str]) -> int:
     enc.add_argument('--num_examples', type=int, default=0, help='the first N only (0: all)')
     enc.add_argument('--step', type=int, default=None, help='checkpoint (default: latest)')
     pretrained.add_mesh_argument(enc)
+    parallel.add_distributed_arguments(enc)
     dec = jobs.add_parser('decode', help='a codes dataset -> a PNG grid of images')
     dec.add_argument('--workdir', required=True, help='the dVAE that wrote the codes')
     dec.add_argument('--codes', required=True, help='a codes dataset directory')
@@ -179,6 +171,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.job == 'encode' and args.batch_size < 1:
         raise ConfigError(f'--batch_size={args.batch_size} must be at least 1.')
+    if args.job == 'encode':
+        parallel.initialize_from_args(args)
     return encode(args) if args.job == 'encode' else decode(args)
 
 

@@ -10,6 +10,12 @@ writes W/eval/<step>/report.json (metrics, seconds and settings of every evaluat
 evaluators' PNGs in that folder, and TensorBoard scalars `eval_job/<evaluator>/<metric>` in
 W/eval/tensorboard (so `tensorboard --logdir W` shows them beside training).
 
+With the distributed flags of `pixelgen.train` (e.g. launch/local_multiprocess.sh --module
+pixelgen.evaluate, or --distributed on a pod) every process loads the model onto its own
+devices and evaluates its own contiguous share of each split; the evaluators sum or gather
+the shares (a split that does not divide evenly is padded and masked), so the metrics are
+those of one process, and process 0 writes the report, the PNGs and TensorBoard.
+
 --watch polls W for new checkpoints and evaluates each once; a step whose report.json already
 holds every requested evaluator is skipped, so a restarted watcher carries on where it was.
 It exits after evaluating step config.total_steps, or when no new checkpoint has appeared for
@@ -19,10 +25,13 @@ It exits after evaluating step config.total_steps, or when no new checkpoint has
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
-from pixelgen import checkpoint, cli, pretrained, storage
+import jax
+
+from pixelgen import checkpoint, cli, parallel, pretrained, storage
 from pixelgen import evaluators as evaluators_lib
 from pixelgen.config import load_saved_config
 
@@ -89,7 +98,9 @@ def evaluate_step(workdir: str, names: list[str], step: int | None = None, *,
     chosen = evaluators_lib.get(config.task, names)
     loaded = pixelgen.load(workdir, step, mesh=mesh)
     out_dir = eval_dir(workdir, loaded.step)
-    storage.makedirs(out_dir)
+    writes = jax.process_index() == 0
+    if writes:
+        storage.makedirs(out_dir)
     report = read_report(workdir, loaded.step) or {
         'workdir': storage.absolute(workdir), 'task': config.task, 'step': loaded.step,
         'evaluators': {}}
@@ -102,17 +113,29 @@ def evaluate_step(workdir: str, names: list[str], step: int | None = None, *,
         seconds = time.perf_counter() - start
         report['evaluators'][name] = {'metrics': metrics, 'seconds': seconds,
                                       'num_examples': num_examples, 'options': options}
-        report['files'] = [f for f in storage.listdir(out_dir) if f.endswith('.png')]
-        _write_json(report, storage.join(out_dir, REPORT))  # each result as soon as it exists
-        if writer is not None:
+        if writes:
+            report['files'] = [f for f in storage.listdir(out_dir) if f.endswith('.png')]
+            _write_json(report, storage.join(out_dir, REPORT))  # each result once it exists
+        if writer is not None and writes:
             writer.write(loaded.step, metrics, prefix=f'eval_job/{name}/')
         print('\n'.join([f'{name} ({seconds:.1f} s):', *format_metrics(metrics)]), flush=True)
-    print(f'[evaluate] wrote {storage.join(out_dir, REPORT)}', flush=True)
+    if writes:
+        print(f'[evaluate] wrote {storage.join(out_dir, REPORT)}', flush=True)
     return report
 
 
 def is_done(workdir: str, step: int, names: list[str]) -> bool:
     return set(names) <= set(read_report(workdir, step).get('evaluators', {}))
+
+
+def _waited_over(since: float, timeout_s: float) -> bool:
+    return time.monotonic() - since > timeout_s
+
+
+def _pending(workdir: str, names: list[str]) -> tuple[list[int], list[int]]:
+    """(W's checkpoint steps, those not yet evaluated with every one of `names`)."""
+    steps = checkpoint_steps(workdir)
+    return steps, [s for s in steps if not is_done(workdir, s, names)]
 
 
 def watch(workdir: str, names: list[str], *, timeout_s: float, poll_s: float,
@@ -124,8 +147,8 @@ def watch(workdir: str, names: list[str], *, timeout_s: float, poll_s: float,
     evaluated: list[int] = []
     last_new = time.monotonic()
     while True:
-        steps = checkpoint_steps(workdir)
-        todo = [s for s in steps if not is_done(workdir, s, names)]
+        # Process 0 decides, so that every process of a multi-host job runs the same steps.
+        steps, todo = parallel.from_process_0(lambda: _pending(workdir, names))
         for step in todo:
             try:
                 evaluate_step(workdir, names, step, writer=writer, **kwargs)
@@ -135,10 +158,12 @@ def watch(workdir: str, names: list[str], *, timeout_s: float, poll_s: float,
             evaluated.append(step)
         if todo:
             last_new = time.monotonic()
-        if total_steps in steps and is_done(workdir, total_steps, names):
+        final_done = total_steps in steps and parallel.from_process_0(
+            functools.partial(is_done, workdir, total_steps, names))
+        if final_done:
             print(f'[evaluate] final step {total_steps} evaluated; done.', flush=True)
             return evaluated
-        if time.monotonic() - last_new > timeout_s:
+        if parallel.from_process_0(functools.partial(_waited_over, last_new, timeout_s)):
             print(f'[evaluate] no new checkpoint for {timeout_s:.0f} s; stopping.', flush=True)
             return evaluated
         time.sleep(poll_s)
@@ -174,6 +199,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument('--poll_seconds', type=float, default=30.0,
                         help='--watch: how often to look for new checkpoints')
     pretrained.add_mesh_argument(parser)
+    parallel.add_distributed_arguments(parser)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.eval.split(',') if n.strip()]
     if not names:
@@ -191,9 +217,15 @@ def main(argv: list[str]) -> int:
                                 'of a training run (python -m pixelgen.train --workdir ...).')
     config = load_saved_config(args.workdir)
     evaluators_lib.get(config.task, names)  # unknown names fail before anything is loaded
+    if not args.watch and not checkpoint_steps(args.workdir):  # before W/eval is created
+        raise FileNotFoundError(f'{checkpoint.checkpoint_dir(args.workdir)} holds no '
+                                'checkpoint yet; evaluate after training saved one, or pass '
+                                '--watch to wait for it.')
+    parallel.initialize_from_args(args)
 
     from pixelgen.metric_writer import MetricWriter
-    writer = MetricWriter(storage.join(args.workdir, 'eval'), name='eval_job')
+    writer = (MetricWriter(storage.join(args.workdir, 'eval'), name='eval_job')
+              if jax.process_index() == 0 else None)
     try:
         kwargs = {'num_examples': args.num_examples, 'options': options, 'writer': writer,
                   'mesh': args.mesh}
@@ -203,7 +235,8 @@ def main(argv: list[str]) -> int:
         else:
             evaluate_step(args.workdir, names, args.step, **kwargs)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     return 0
 
 

@@ -44,6 +44,95 @@ def initialize_distributed(coordinator_address: str | None = None,
           f'{jax.local_device_count()} local of {jax.device_count()} devices', flush=True)
 
 
+def add_distributed_arguments(parser) -> None:
+    """The multi-host flags every job takes (train, evaluate, sample, dvae, rerank)."""
+    group = parser.add_argument_group('multi-host (see launch/)')
+    group.add_argument('--distributed', action='store_true',
+                       help='call jax.distributed.initialize() with cluster auto-detection '
+                            '(TPU pods, SLURM); implied by --coordinator_address')
+    group.add_argument('--coordinator_address', default=None, help='HOST:PORT of process 0')
+    group.add_argument('--num_processes', type=int, default=None)
+    group.add_argument('--process_id', type=int, default=None)
+
+
+def initialize_from_args(args) -> None:
+    """Joins the multi-host job that `args` (from add_distributed_arguments) name, if any."""
+    if args.distributed or args.coordinator_address:
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def host_range(n: int) -> tuple[int, int]:
+    """This process's contiguous share [start, end) of n rows; the shares differ by at most
+    one row, so none is longer than ceil(n / processes)."""
+    host, hosts = jax.process_index(), jax.process_count()
+    return n * host // hosts, n * (host + 1) // hosts
+
+
+def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
+    """Every process's `host_range(n)` rows of a result, concatenated in order: on every
+    process, the [n, ...] array one process computes alone. `local` holds this process's
+    rows, of a dtype JAX moves as it is (no 64-bit values). Every process must call it (it
+    is a collective), with the same n."""
+    hosts = jax.process_count()
+    if hosts == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+    longest = -(-n // hosts)
+    local = np.asarray(local)
+    padded = np.zeros((longest,) + local.shape[1:], local.dtype)
+    padded[:len(local)] = local
+    every = np.asarray(multihost_utils.process_allgather(padded))  # [hosts, longest, ...]
+    return np.concatenate([every[h, :n * (h + 1) // hosts - n * h // hosts]
+                           for h in range(hosts)])
+
+
+def gather_varying(local: np.ndarray) -> np.ndarray:
+    """Every process's rows concatenated in process order, where each may hold any number of
+    them (local [k, ...], the same trailing shape and dtype everywhere). A collective."""
+    hosts = jax.process_count()
+    if hosts == 1:
+        return np.asarray(local)
+    local = np.asarray(local)
+    counts = gather_rows(np.array([len(local)], np.int32), hosts)
+    longest = max(int(counts.max()), 1)
+    padded = np.zeros((longest,) + local.shape[1:], local.dtype)
+    padded[:len(local)] = local
+    every = gather_rows(padded, longest * hosts).reshape(hosts, longest, *local.shape[1:])
+    return np.concatenate([every[h, :counts[h]] for h in range(hosts)])
+
+
+def sum_across_hosts(values: dict[str, float]) -> dict[str, float]:
+    """The sum of each value over every process (a collective: every process calls it with
+    the same keys)."""
+    if jax.process_count() == 1 or not values:
+        return dict(values)
+    from jax.experimental import multihost_utils
+    keys = sorted(values)
+    exact = np.array([values[k] for k in keys], np.float64)
+    high = exact.astype(np.float32)  # JAX moves 32-bit values: send float64 as two parts
+    low = (exact - high).astype(np.float32)
+    every = np.asarray(multihost_utils.process_allgather(np.stack([high, low])), np.float64)
+    return dict(zip(keys, every.sum(axis=(0, 1)).tolist(), strict=True))
+
+
+def from_process_0(compute: Callable[[], Any]) -> Any:
+    """`compute()` as process 0 finds it, on every process (a collective; the value must be
+    JSON-serialisable, and lists come back as lists). Keeps the decisions of a multi-host job,
+    such as which checkpoints to evaluate, the same on every process."""
+    if jax.process_count() == 1:
+        return compute()
+    import json
+
+    from jax.experimental import multihost_utils
+    data = (np.frombuffer(json.dumps(compute()).encode(), np.uint8)
+            if jax.process_index() == 0 else np.zeros(0, np.uint8))
+    length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+    padded = np.zeros(length, np.uint8)
+    padded[:len(data)] = data
+    data = np.asarray(multihost_utils.broadcast_one_to_all(padded))
+    return json.loads(data.tobytes().decode())
+
+
 def _filled_axis(sizes: dict[str, int]) -> list[str]:
     """The axes of `sizes` given as -1 (at most one); raises on unknown axes or several -1."""
     unknown = set(sizes) - set(AXES)

@@ -49,9 +49,14 @@ def load(workdir: str, step: int | None = None, *,
     each of its axes must divide every parameter dimension that the config's sharding rules
     put on it (ConfigError naming the parameter otherwise); the default mesh instead leaves
     such a dimension whole, as training does.
+
+    The mesh is made of this process's devices (`jax.local_devices()`): in a multi-host job
+    every process holds the model on its own devices and computes its own rows (the eval job,
+    sampling, reranking and `dvae encode` split their work with `parallel.host_range` and
+    gather it with `parallel.gather_rows`), so a model to evaluate must fit one host.
     """
     config = load_saved_config(workdir)
-    devices = jax.devices()
+    devices = jax.local_devices()
     if mesh is None:
         try:
             sizes, changed = parallel.fit_mesh(dict(config.mesh), len(devices))
@@ -80,6 +85,7 @@ def load_onto(workdir: str, step: int | None, mesh: jax.sharding.Mesh, *,
     rule puts on a mesh axis whose size does not divide it is a ConfigError (else it stays
     whole on every device, as in training). `config`: the workdir's, if already read."""
     config = load_saved_config(workdir) if config is None else config
+    assets = tasks.load_assets(config, workdir)  # a missing or changed one: refused at once
     graphdef, abstract, rest = abstract_params(config)
     rules = tuple(config.sharding_rules)
     if strict:
@@ -106,7 +112,7 @@ def load_onto(workdir: str, step: int | None, mesh: jax.sharding.Mesh, *,
         manager.close()
     model = nnx.merge(graphdef, params, rest)
     return Loaded(model=model, config=config, step=step, workdir=workdir,
-                  assets=tasks.load_assets(config, workdir), mesh=mesh)
+                  assets=assets, mesh=mesh)
 
 
 def abstract_params(config: ConfigDict):

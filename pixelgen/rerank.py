@@ -14,7 +14,9 @@ or a PNG grid:
         --grid samples.png --grid_shape 4x8 --top 4 --out best.png
 
 The CLIP's parameters are loaded sharded over --mesh (default: its run's config.mesh fitted
-to the devices here), e.g. --mesh data=1,fsdp=-1.
+to the devices here), e.g. --mesh data=1,fsdp=-1. With the distributed flags of
+`pixelgen.train`, every process embeds its own share of the images and process 0 prints and
+writes the result.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import argparse
 import io
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
 
-from pixelgen import cli, images, pretrained, storage
+from pixelgen import cli, images, parallel, pretrained, storage
 from pixelgen.data import pipeline
 
 BATCH = 64  # images or texts per compiled call (the last batch is padded)
@@ -132,7 +135,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument('--top', type=int, default=1, help='how many images to keep')
     parser.add_argument('--out', default=None, help='write the kept images as a PNG row here')
     pretrained.add_mesh_argument(parser)
+    parallel.add_distributed_arguments(parser)
     args = parser.parse_args(argv)
+    parallel.initialize_from_args(args)
 
     if args.grid:
         if not args.grid_shape or 'x' not in args.grid_shape:
@@ -148,7 +153,15 @@ def main(argv: list[str]) -> int:
     clip = pixelgen.load(args.workdir, step=args.step, mesh=args.mesh)
     if clip.config.task != 'clip':
         parser.error(f'{args.workdir} holds a {clip.config.task!r} model, not a CLIP.')
-    best, scores = rerank(clip, imgs, args.text, min(args.top, len(imgs)))
+    # Each process of a multi-host job embeds its share of the images; all of them score.
+    text = embed_texts(clip, [args.text])  # [1, embed_dim]
+    start, end = parallel.host_range(len(imgs))
+    local = (embed_images(clip, imgs[start:end]) if end > start else
+             np.zeros((0, text.shape[1]), np.float32))
+    scores = (parallel.gather_rows(local, len(imgs)) @ text.T)[:, 0]
+    best = np.argsort(-scores, kind='stable')[:min(args.top, len(imgs))]
+    if jax.process_index() != 0:
+        return 0
     for rank, i in enumerate(best, 1):
         print(f'{rank}\t{scores[i]:.4f}\t{names[i]}')
     if args.out:

@@ -14,9 +14,16 @@ With --clip_workdir the --num candidates are reranked by CLIP and the best --top
 first). With --prime_index I --prime_rows R the top R rows of test example I's codes are
 given and the rest completed (image-to-image); its caption is used unless --prompt is given.
 
+--out names the grid PNG (default: W/samples/<what>_<step>.png; a folder, or a name without
+.png, is taken as the folder to write into). --out_dir DIR also writes every generated image
+as a PNG of its own, named by caption (or `unconditional`) and index, e.g.
+DIR/a_large_red_star_003.png, for checking results with other tools.
+
 Only the parameters are read, sharded over --mesh (default: the run's config.mesh fitted to
 the devices here); `python -m pixelgen.memory --config ... --sample_batch N` gives the
-memory per device of loading and of sampling N images.
+memory per device of loading and of sampling N images. With the distributed flags of
+`pixelgen.train`, every process draws its own rows of the --num (the same images one
+process draws: each row's noise is its own) and process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import math
 import re
 import sys
 
-from pixelgen import cli, pretrained, storage
+from pixelgen import cli, parallel, pretrained, storage
 
 DALLE_ONLY = ('prompt', 'top', 'top_p', 'clip_workdir', 'dvae_workdir', 'prime_index',
               'prime_rows')
@@ -41,8 +48,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument('--temperature', type=float, default=1.0)
     parser.add_argument('--top_k', type=int, default=0, help='0 = sample from the full softmax')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--out', default=None, help='output folder (default: WORKDIR/samples)')
+    parser.add_argument('--out', default=None,
+                        help='the grid PNG to write (default: WORKDIR/samples/...); a folder '
+                             'or a name without .png is the folder to write it into')
+    parser.add_argument('--out_dir', default=None,
+                        help='also write each generated image as a PNG of its own here')
     pretrained.add_mesh_argument(parser)
+    parallel.add_distributed_arguments(parser)
     dalle = parser.add_argument_group('DALL·E workdirs')
     dalle.add_argument('--prompt', default=None, help='the caption to draw')
     dalle.add_argument('--top', type=int, default=None,
@@ -66,6 +78,7 @@ def main(argv: list[str]) -> int:
         raise cli.ConfigError(f'--top_k {args.top_k} must be 0 (off) or positive.')
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise cli.ConfigError(f'--top_p {args.top_p} must be in (0, 1], or left out.')
+    parallel.initialize_from_args(args)
 
     import pixelgen
 
@@ -86,29 +99,56 @@ def _grid_rows(pictures, cols: int) -> list:
     return [pictures[i:i + cols] for i in range(0, len(pictures), cols)]
 
 
+def slug(text: str) -> str:
+    """A file-name stem for a caption: 'A large red star!' -> 'a_large_red_star'."""
+    return re.sub(r'[^a-z0-9]+', '_', text.lower()).strip('_')[:60] or 'empty'
+
+
+def grid_path(args, name: str, *, main: bool = True) -> str:
+    """Where the grid file `name` goes: when --out names a PNG, the main grid is --out and the
+    others go beside it; else every grid goes into the folder --out (default W/samples)."""
+    if args.out and args.out.lower().endswith('.png'):
+        return args.out if main else storage.join(storage.parent(args.out), name)
+    return storage.join(args.out or storage.join(args.workdir, 'samples'), name)
+
+
+def write_images(out_dir: str, stem: str, pictures) -> None:
+    """Each picture (uint8 [h, w, 3]) as out_dir/<stem>_<index>.png."""
+    from pixelgen import images
+    for i, picture in enumerate(pictures):
+        images.save_png(picture, storage.join(out_dir, f'{stem}_{i:03d}.png'))
+    print(f'[samples] {len(pictures)} images -> {storage.join(out_dir, stem)}_*.png')
+
+
 def sample_igpt(args, loaded) -> int:
     import jax
+    import numpy as np
 
     from pixelgen import images, parallel, sampling, tasks
 
-    out = args.out or storage.join(args.workdir, 'samples')
     rng = jax.random.PRNGKey(args.seed)
     top_k = args.top_k or None
-    tokens = sampling.sample(loaded.model, rng, batch_size=args.num,
+    rows = parallel.host_range(args.num)  # this process's rows of the --num
+    tokens = sampling.sample(loaded.model, rng, batch_size=args.num, rows=rows,
                              temperature=args.temperature, top_k=top_k)
     task = tasks.make(loaded.config, args.workdir)
-    pictures = task.to_images(parallel.to_host(tokens))
-    path = images.save_png(images.make_grid(_grid_rows(pictures, math.ceil(math.sqrt(args.num)))),
-                           storage.join(out, f'unconditional_{loaded.step:07d}.png'))
-    print(f'[samples] {path}')
+    pictures = parallel.gather_rows(task.to_images(np.asarray(tokens)), args.num)
     with loaded.config.unlocked():
         loaded.config.sampling.temperature = args.temperature
         loaded.config.sampling.top_k = args.top_k
-    rows = task.completions(loaded.model, jax.random.fold_in(rng, 1), min(args.num, 8),
-                            samples_per_image=3)
-    path = images.save_png(images.make_grid(rows),
-                           storage.join(out, f'sample_completions_{loaded.step:07d}.png'))
+    completions = task.completions(loaded.model, jax.random.fold_in(rng, 1),
+                                   min(args.num, 8), samples_per_image=3)  # every process
+    if jax.process_index() != 0:
+        return 0
+    grid = images.make_grid(_grid_rows(pictures, math.ceil(math.sqrt(args.num))))
+    path = images.save_png(grid, grid_path(args, f'unconditional_{loaded.step:07d}.png'))
     print(f'[samples] {path}')
+    path = images.save_png(images.make_grid(completions), grid_path(
+        args, f'sample_completions_{loaded.step:07d}.png', main=False))
+    print(f'[samples] {path}')
+    if args.out_dir:
+        write_images(args.out_dir, 'unconditional', pictures)
+        write_images(args.out_dir, 'completions', [p for row in completions for p in row])
     return 0
 
 
@@ -160,11 +200,19 @@ def sample_dalle(args, loaded, parser) -> int:
                               f'model draws from {model.image_vocab_size}: pass the dVAE that '
                               'encoded its training data.')
 
-    text = jnp.asarray(np.repeat(encoded.ids, args.num, axis=0))
-    codes = parallel.to_host(generate(
-        model, jax.random.PRNGKey(args.seed), text, image_prompt=image_prompt,
-        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p))
-    pictures = render_codes(codes.reshape(args.num, model.grid_size, model.grid_size), dvae)
+    first, end = parallel.host_range(args.num)  # this process's rows of the --num
+    text = jnp.asarray(np.repeat(encoded.ids, end - first, axis=0))
+    codes = np.asarray(generate(
+        model, jax.random.PRNGKey(args.seed), text,
+        image_prompt=None if image_prompt is None else image_prompt[first:end],
+        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+        rows=(first, end), batch_size=args.num))
+    side = model.grid_size
+    pictures = (render_codes(codes.reshape(end - first, side, side), dvae) if end > first else
+                np.zeros((0, side * dvae.downsampling, side * dvae.downsampling, 3), np.uint8))
+    pictures = parallel.gather_rows(pictures, args.num)
+    if jax.process_index() != 0:
+        return 0
     order = np.arange(args.num)
     if args.clip_workdir:
         from pixelgen import rerank
@@ -173,13 +221,13 @@ def sample_dalle(args, loaded, parser) -> int:
         print('[rerank] CLIP scores of the kept images, best first: '
               + ', '.join(f'{scores[i]:.3f}' for i in order))
     kept = pictures[order]
-    out = args.out or storage.join(args.workdir, 'samples')
-    slug = re.sub(r'[^a-z0-9]+', '_', prompt.lower()).strip('_')[:60]
-    name = f'dalle_{slug}_{loaded.step:07d}' + (
+    name = f'dalle_{slug(prompt)}_{loaded.step:07d}' + (
         f'_prime{args.prime_index}x{args.prime_rows}' if image_prompt is not None else '')
     path = images.save_png(images.make_grid(_grid_rows(kept, math.ceil(math.sqrt(len(kept))))),
-                           storage.join(out, name + '.png'))
+                           grid_path(args, name + '.png'))
     print(f'[samples] {path}  ({len(kept)} images for "{prompt}")')
+    if args.out_dir:  # best first when reranked
+        write_images(args.out_dir, slug(prompt), kept)
     return 0
 
 

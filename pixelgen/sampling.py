@@ -60,8 +60,12 @@ def _check_filters(temperature: float, top_k: int | None, top_p: float | None,
 
 def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Array | None = None,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           num_tokens: int | None = None) -> jax.Array:
+           num_tokens: int | None = None, rows: tuple[int, int] | None = None) -> jax.Array:
     """Image GPT's tokens [batch_size, num_tokens or model.seq_len] int32.
+
+    With `rows` (start, end), only those rows of the batch are drawn ([end - start, ...];
+    `prompt` holds only them), exactly as the whole batch draws them: how a multi-host job
+    splits one batch between its processes (`parallel.host_range`).
 
     `num_tokens` < seq_len generates only the first num_tokens positions (the KV cache is
     sized to them, so each step attends over num_tokens keys, not seq_len).
@@ -80,18 +84,39 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
     num_tokens = model.seq_len if num_tokens is None else num_tokens
     if not 1 <= num_tokens <= model.seq_len:
         raise ValueError(f'num_tokens={num_tokens} must be in [1, seq_len={model.seq_len}].')
+    first, end = _check_rows(rows, batch_size)
     if prompt is None:
-        prompt = jnp.zeros((batch_size, 0), jnp.int32)
+        prompt = jnp.zeros((end - first, 0), jnp.int32)
     prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[0] != batch_size or prompt.shape[1] > num_tokens:
+    if prompt.ndim != 2 or prompt.shape[0] != end - first or prompt.shape[1] > num_tokens:
         raise ValueError(
-            f'prompt must be [batch_size={batch_size}, p] with p <= {num_tokens} tokens; '
+            f'prompt must be [rows={end - first}, p] with p <= {num_tokens} tokens; '
             f'got shape {prompt.shape}.')
+    if end == first:
+        return jnp.zeros((0, num_tokens), jnp.int32)
     graphdef, state = nnx.split(model)
     run = functools.partial(_sample_jit, graphdef, batch_size=batch_size,
                             temperature=float(temperature), top_k=top_k, top_p=top_p,
                             phase_ends=_phase_ends(num_tokens))
-    return decode_on_cpu_clients(run, state, [rng], [prompt], batch_size)
+    return decode_on_cpu_clients(_offset_rows(run, first), state, [rng], [prompt], end - first)
+
+
+def _check_rows(rows: tuple[int, int] | None, batch_size: int) -> tuple[int, int]:
+    first, end = (0, batch_size) if rows is None else rows
+    if not 0 <= first <= end <= batch_size:
+        raise ValueError(f'rows={rows} must be (start, end) with 0 <= start <= end <= '
+                         f'batch_size={batch_size}.')
+    return first, end
+
+
+def _offset_rows(run, first: int):
+    """`run` for rows counted from row `first` of the batch (its noise is theirs)."""
+    if not first:
+        return run
+
+    def shifted(*args, row_start, **kwargs):
+        return run(*args, row_start=row_start + first, **kwargs)
+    return shifted
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
@@ -117,8 +142,12 @@ def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt
 
 def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
              image_prompt: jax.Array | None = None, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+             top_k: int | None = None, top_p: float | None = None,
+             rows: tuple[int, int] | None = None, batch_size: int | None = None) -> jax.Array:
     """DALL·E's image codes for captions: text [b, T] token ids -> codes int32 [b, N].
+
+    With `rows` (start, end) of a batch of `batch_size`, text (and image_prompt) hold only
+    those rows, and they are drawn exactly as the whole batch draws them (see `sample`).
 
     With image_prompt [b, P] the first P codes (e.g. the top rows of an image) are kept and
     the rest completed (the paper's image-to-image translation). One `lax.fori_loop` over
@@ -129,6 +158,9 @@ def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
     if text.ndim != 2 or text.shape[1] != model.text_len:
         raise ValueError(f'text must be [batch, text_len={model.text_len}]; got {text.shape}.')
     batch = text.shape[0]
+    first, end = _check_rows(rows, batch if batch_size is None else batch_size)
+    if end - first != batch:
+        raise ValueError(f'text has {batch} rows but rows={rows} names {end - first}.')
     if image_prompt is None:
         image_prompt = jnp.zeros((batch, 0), jnp.int32)
     image_prompt = jnp.asarray(image_prompt, jnp.int32)
@@ -137,10 +169,14 @@ def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
         raise ValueError(f'image_prompt must be [batch={batch}, P] with P <= '
                          f'{model.num_image_tokens}; got {image_prompt.shape}.')
     _check_filters(temperature, top_k, top_p, model.image_vocab_size)
+    if batch == 0:
+        return jnp.zeros((0, model.num_image_tokens), jnp.int32)
     graphdef, state = nnx.split(model)
-    run = functools.partial(_generate_jit, graphdef, batch_size=batch,
+    run = functools.partial(_generate_jit, graphdef,
+                            batch_size=batch if batch_size is None else batch_size,
                             temperature=float(temperature), top_k=top_k, top_p=top_p)
-    return decode_on_cpu_clients(run, state, [rng], [text, image_prompt], batch)
+    return decode_on_cpu_clients(_offset_rows(run, first), state, [rng], [text, image_prompt],
+                                 batch)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',

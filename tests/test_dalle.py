@@ -148,6 +148,10 @@ def test_generation_keeps_the_prompt_and_follows_the_model(model, batch, forward
                                                   temperature=1.5, top_p=0.9))
     with pytest.raises(ValueError, match='text_len=6'):
         generate(model, jax.random.key(0), text[:, :4])
+    # A process of a multi-host job draws its rows of the batch, exactly.
+    part = generate(model, jax.random.key(2), text[1:], temperature=1.5, top_p=0.9, rows=(1, 3),
+                    batch_size=3)
+    np.testing.assert_array_equal(part, np.asarray(drawn)[1:])
 
 
 def test_top_k_and_top_p_filtering():

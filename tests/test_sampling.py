@@ -85,6 +85,15 @@ def test_top_k_1_completes_the_prompt_greedily(model, forward):
     np.testing.assert_array_equal(out, greedy)
 
 
+def test_a_row_range_draws_those_rows_of_the_whole_batch(model, samples):
+    """How a multi-host job splits one batch: each process draws its rows, the same ones."""
+    for rows in ((0, 1), (1, 3), (2, 2)):
+        part = sample(model, jax.random.key(0), batch_size=BATCH, rows=rows)
+        np.testing.assert_array_equal(part, np.asarray(samples)[rows[0]:rows[1]])
+    with pytest.raises(ValueError, match='rows'):
+        sample(model, jax.random.key(0), batch_size=BATCH, rows=(2, 4))
+
+
 @pytest.mark.parametrize('kwargs, message', [
     (dict(temperature=0.0), 'temperature'),
     (dict(top_k=0), 'top_k=0'),

@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 from pixelgen import storage
 from pixelgen.data import builders, streaming
 from pixelgen.data.decode import DataError, Filters, to_rgb_square
+from pixelgen.parallel import host_range
 
 Example = dict[str, np.ndarray]
 
@@ -215,23 +216,33 @@ def train_iterator(source, *, batch_size: int, seed: int, prepare: Callable[[dic
 def eval_batches(source, *, batch_size: int, prepare: Callable[[dict], Example],
                  batch_map: Callable[[Example], Example] | None = None,
                  num_examples: int | None = None) -> Iterator[Example]:
-    """This host's share of the first `num_examples` examples (all if None), in fixed order.
+    """This host's share of the first `num_examples` examples (all if None), in fixed order:
+    a contiguous range of them (`parallel.host_range`).
 
-    Every batch has exactly `batch_size` rows, so one compiled step serves them all; the
-    padding rows of the last batch carry `mask == 0`.
+    Every batch has exactly `batch_size` rows, so one compiled step serves them all; padding
+    rows carry `mask == 0`. Every host yields the same number of batches, enough for the
+    longest share (a host with a shorter one ends with padding), so a step that is a
+    collective across hosts runs as often on each of them and cannot hang.
     """
     if isinstance(source, streaming.StreamingSource):
         yield from streaming.eval_batches(
             source, batch_size=batch_size, host=jax.process_index(), hosts=jax.process_count(),
             prepare=prepare, batch_map=batch_map, num_examples=num_examples)
         return
-    host, hosts = jax.process_index(), jax.process_count()
     n = len(source) if not num_examples else min(num_examples, len(source))
-    ds = grain.MapDataset.source(source)[:n][host::hosts].map(prepare)
-    for start in range(0, len(ds), batch_size):
-        rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+    start, end = host_range(n)
+    if jax.process_count() > 1:
+        print(f'[eval] process {jax.process_index()} of {jax.process_count()}: examples '
+              f'{start}..{end} of {n} ({end - start} rows)', flush=True)
+    ds = grain.MapDataset.source(source)[start:end].map(prepare)
+    longest = -(-n // jax.process_count())
+    for first in range(0, longest, batch_size):
+        rows = [ds[i] for i in range(first, min(first + batch_size, len(ds)))]
+        real = len(rows)
+        if not rows:  # this host's share is over: a batch of padding only
+            rows = [prepare(source[0])]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-        batch['mask'] = np.ones(len(rows), np.float32)
+        batch['mask'] = (np.arange(len(rows)) < real).astype(np.float32)
         pad = batch_size - len(rows)
         if pad:
             batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pixelgen import parallel
 from pixelgen.config import ConfigError
 from pixelgen.data import pipeline
 from pixelgen.data.builders import fashion_mnist, shapes
@@ -82,13 +83,17 @@ def zeroshot(ctx) -> dict[str, float]:
         tasks = {name: dataclasses.replace(task, templates=templates)
                  for name, task in tasks.items()}
     n = min(ctx.num_examples or len(source), len(source))
-    examples = [source[i] for i in range(n)]
-    imgs = np.stack([pipeline.to_rgb_square(e['image'], d.image_size) for e in examples])
+    start, end = parallel.host_range(n)  # each process classifies its own share
+    examples = [source[i] for i in range(start, end)]
+    imgs = np.stack([pipeline.to_rgb_square(e['image'], d.image_size) for e in examples]
+                    ) if examples else np.zeros((0, d.image_size, d.image_size, 3), np.uint8)
     results = {'num_examples': float(n)}
     for name, task in tasks.items():
-        labels = np.array([int(e[task.key]) for e in examples])
-        predicted = zeroshot_predictions(ctx.loaded, imgs, task)
-        results[f'{name}_accuracy'] = float(np.mean(predicted == labels))
+        labels = np.array([int(e[task.key]) for e in examples], np.int32)
+        predicted = (zeroshot_predictions(ctx.loaded, imgs, task) if examples
+                     else np.zeros(0, np.int32))
+        right = parallel.gather_rows((predicted == labels).astype(np.int32), n)
+        results[f'{name}_accuracy'] = float(np.mean(right))
         results[f'{name}_chance'] = 1.0 / len(task.class_names)
     return results
 

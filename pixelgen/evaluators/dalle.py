@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from pixelgen import images, storage
+from pixelgen import images, parallel, storage
 from pixelgen.config import ConfigError
 from pixelgen.data import pipeline
 from pixelgen.data.builders import shapes
@@ -140,7 +140,8 @@ def attribute_accuracy(ctx) -> dict[str, float]:
 
     kept = []
     rng = jax.random.PRNGKey(int(options.get('seed', 0)))
-    for i, caption in enumerate(captions):
+    first, end = parallel.host_range(len(captions))  # each process draws its own captions
+    for i, caption in enumerate(captions[first:end], first):
         text = tokenizer.encode([caption] * samples, model.text_len, add_sot_eot=True).ids
         codes = generate(model, jax.random.fold_in(rng, i), jnp.asarray(text),
                          temperature=float(options.get('temperature', 1.0)),
@@ -152,8 +153,13 @@ def attribute_accuracy(ctx) -> dict[str, float]:
             from pixelgen.rerank import rerank
             pictures = pictures[rerank(clip, pictures, caption, top)[0]]
         kept.append(pictures)
+    per_caption = top if clip is not None else samples
+    side = dvae.downsampling * model.grid_size  # decoded pictures are side x side
+    kept = parallel.gather_rows(
+        np.stack(kept) if kept else np.zeros((0, per_caption, side, side, 3), np.uint8),
+        len(captions))
     pictures = np.concatenate(kept)
-    truth = np.array([parse_caption(c) for c in captions for _ in range(len(kept[0]))])
+    truth = np.array([parse_caption(c) for c in captions for _ in range(per_caption)])
     metrics = attribute_accuracies(classifier, pictures, truth[:, 0], truth[:, 1], '')
     metrics['num_images'] = float(len(pictures))
     metrics['num_captions'] = float(len(captions))
@@ -171,10 +177,11 @@ def attribute_accuracy(ctx) -> dict[str, float]:
             np.stack([r['codes'] for r in test_records]), jnp.int32)))
         metrics.update(attribute_accuracies(classifier, decoded, truth[:, 0], truth[:, 1],
                                    'reconstructions_'))
-    images.save_png(images.make_grid(kept), storage.join(ctx.out_dir,
-                                                         f'attributes_{which}.png'))
-    storage.write_text(storage.join(ctx.out_dir, f'attributes_{which}.txt'),
-                       '\n'.join(captions) + '\n')
+    if jax.process_index() == 0:
+        images.save_png(images.make_grid(list(kept)),
+                        storage.join(ctx.out_dir, f'attributes_{which}.png'))
+        storage.write_text(storage.join(ctx.out_dir, f'attributes_{which}.txt'),
+                           '\n'.join(captions) + '\n')
     return metrics
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 
-from pixelgen import storage
+from pixelgen import parallel, storage
 from pixelgen.data import pipeline
 from pixelgen.evaluators import EvalContext
 
@@ -49,7 +50,9 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
                 pictures.append(picture)
         return float(np.sum(np.mean(np.square(decoded - x), axis=(1, 2, 3))))
 
-    for example in encode_source(model, source, image_size=d.image_size, batch_size=64, end=n):
+    start, end = parallel.host_range(n)  # each process its own share; summed below
+    for example in encode_source(model, source, image_size=d.image_size, batch_size=64,
+                                 start=start, end=end):
         counts += np.bincount(example['codes'].ravel(), minlength=model.codebook_size)
         if len(originals) < GRID_IMAGES:
             originals.append(example['image'])
@@ -58,10 +61,21 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
             sq_err, batch = sq_err + flush(), []
     if batch:
         sq_err += flush()
+    if jax.process_count() > 1:
+        sq_err = parallel.sum_across_hosts({'sq_err': sq_err})['sq_err']
+        counts = parallel.gather_rows(counts[None].astype(np.int32),
+                                      jax.process_count()).sum(axis=0)
     mse = sq_err / n
     p = counts[counts > 0] / counts.sum()
-    path = storage.join(ctx.out_dir, f'reconstructions_{ctx.loaded.step:07d}.png')
-    write_reconstruction_grid(model, np.stack(originals), path)
+    if jax.process_index() == 0:  # process 0's share holds the split's first images
+        path = storage.join(ctx.out_dir, f'reconstructions_{ctx.loaded.step:07d}.png')
+        write_reconstruction_grid(model, np.stack(originals), path)
+    if jax.process_count() > 1:  # the judged images of every share, in order
+        size = d.image_size
+        pictures = list(parallel.gather_varying(
+            np.stack(pictures) if pictures else np.zeros((0, size, size, 3), np.float32)))
+        attributes = [tuple(a) for a in parallel.gather_varying(
+            np.array(attributes, np.int32).reshape(-1, 2))]
     metrics = {'mse': mse, 'psnr': -10 * math.log10(max(mse, 1e-10)),
                'perplexity': float(np.exp(-np.sum(p * np.log(p)))),
                'codes_used': float(len(p)), 'examples': float(n)}

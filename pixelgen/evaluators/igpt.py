@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pixelgen import images, probe, storage, tasks
+from pixelgen import images, parallel, probe, storage, tasks
 from pixelgen.data import palette as palette_lib
 from pixelgen.data import pipeline
 from pixelgen.evaluators import EvalContext
@@ -62,7 +62,10 @@ def loss(ctx: EvalContext) -> dict[str, float]:
         examples += int(batch['mask'].sum())
         for k, v in jax.device_get(eval_step(params, batch)).items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    return {**task.eval_summary(sums), 'num_examples': float(examples)}
+    sums['num_examples'] = float(examples)
+    sums = parallel.sum_across_hosts(sums)  # each process summed its own share of the split
+    examples = sums.pop('num_examples')
+    return {**task.eval_summary(sums), 'num_examples': examples}
 
 
 def _labelled_batches(ctx: EvalContext, config, split: str):
@@ -106,7 +109,12 @@ def _features_and_pixels(ctx: EvalContext, config, split: str, layer_features):
         return layer_features(batch['tokens'])
 
     feats, labels = probe.collect(_labelled_batches(ctx, config, split), features_fn)
-    return feats, np.concatenate(pixels).astype(np.float32) / 255.0, labels
+    pixels = np.concatenate(pixels)
+    if jax.process_count() > 1:  # every process probes the whole split: gather the shares
+        n = parallel.sum_across_hosts({'n': float(len(labels))})['n']
+        feats = parallel.gather_rows(feats.transpose(1, 0, 2), int(n)).transpose(1, 0, 2)
+        labels, pixels = parallel.gather_rows(labels, int(n)), parallel.gather_rows(pixels, int(n))
+    return feats, pixels.astype(np.float32) / 255.0, labels
 
 
 def linear_probe(ctx: EvalContext) -> dict[str, float]:
@@ -122,9 +130,11 @@ def linear_probe(ctx: EvalContext) -> dict[str, float]:
     results = probe.probe_layers(train_x, train_y, test_x, test_y, seed=config.seed)
     pixels = probe.fit_probe(train_pixels, train_y, test_pixels, test_y, seed=config.seed)
     best = probe.best_layer(results)
-    probe.accuracy_plot(results, storage.join(ctx.out_dir, 'probe_accuracy.png'),
-                        baseline=pixels.test_accuracy,
-                        title=f'Linear probe, step {ctx.loaded.step} ({config.data.dataset})')
+    if jax.process_index() == 0:
+        probe.accuracy_plot(results, storage.join(ctx.out_dir, 'probe_accuracy.png'),
+                            baseline=pixels.test_accuracy,
+                            title=f'Linear probe, step {ctx.loaded.step} '
+                                  f'({config.data.dataset})')
     out = {}
     for layer, r in enumerate(results):
         out.update({f'layer_{layer:02d}/train_accuracy': r.train_accuracy,
@@ -145,8 +155,9 @@ def samples(ctx: EvalContext) -> dict[str, float]:
     num_images = int(ctx.options.get('num_images', config.sampling.num_images))
     per_image = int(ctx.options.get('samples_per_image', config.sampling.samples_per_image))
     rng = jax.random.PRNGKey(int(ctx.options.get('seed', config.seed)))
-    rows = task.completions(ctx.loaded.model, rng, num_images, per_image)
-    images.save_png(images.make_grid(rows), storage.join(ctx.out_dir, 'completions.png'))
+    rows = task.completions(ctx.loaded.model, rng, num_images, per_image)  # on every process
+    if jax.process_index() == 0:
+        images.save_png(images.make_grid(rows), storage.join(ctx.out_dir, 'completions.png'))
     return {'num_images': float(num_images), 'samples_per_image': float(per_image)}
 
 
