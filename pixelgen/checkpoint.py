@@ -22,6 +22,7 @@ that fails is a CorruptCheckpointError, like an unreadable one.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -59,6 +60,12 @@ class CheckpointSaveError(OSError):
 
 # What Orbax writes last into a checkpoint on an object store (which has no atomic rename).
 COMMIT_FILE = 'commit_success.txt'
+
+# Each finished checkpoint gets `<step>/files.sha256.json`: the size of every file, and the
+# SHA-256 of every file up to DIGEST_MAX_BYTES (metadata, the data position, tree nodes; on a
+# small model every file). Larger files are array data, which the array checksums cover.
+DIGEST_FILE = 'files.sha256.json'
+DIGEST_MAX_BYTES = 16 << 20
 
 # The key of the meta item that holds the arrays' checksums (absent in older checkpoints).
 CHECKSUMS = 'checksums'
@@ -126,14 +133,23 @@ class Manager(ocp.CheckpointManager):
     the background thread) become a CheckpointSaveError naming the intact checkpoint."""
 
     _saving: int | None = None  # the step whose save may still be in flight
+    _unsigned: int | None = None  # the saved step whose files.sha256.json is still to write
 
     def save(self, step: int, *args, **kwargs) -> bool:
         self._raise_failed_save(self.wait_until_finished)  # a failure of the previous save
         self._saving = step
-        return self._raise_failed_save(lambda: super(Manager, self).save(step, *args, **kwargs))
+        saved = self._raise_failed_save(
+            lambda: super(Manager, self).save(step, *args, **kwargs))
+        self._unsigned = step
+        return saved
 
     def wait_until_finished(self) -> None:
+        """Waits for the save in flight, then writes its files.sha256.json."""
         self._raise_failed_save(super().wait_until_finished)
+        step, self._unsigned = self._unsigned, None
+        if step is not None and jax.process_index() == 0 and storage.is_dir(
+                storage.join(str(self.directory), str(step))):  # finished: in its place
+            write_digest(str(self.directory), step)
 
     def _raise_failed_save(self, action):
         try:
@@ -154,6 +170,57 @@ class Manager(ocp.CheckpointManager):
                 f'Saving checkpoint {step} in {self.directory} failed ({type(e).__name__}: '
                 f'{e}); {resume}. Free disk space or fix the storage, then rerun the same '
                 'command.') from e
+
+
+def _files(folder: str) -> dict[str, int]:
+    """{path relative to `folder`: size} of every file under it."""
+    if storage.is_remote(folder):
+        return storage._remote_files(folder)
+    return {os.path.relpath(os.path.join(d, f), folder): os.path.getsize(os.path.join(d, f))
+            for d, _, names in os.walk(folder) for f in names}
+
+
+def _sha256(path: str) -> str:
+    return hashlib.sha256(storage.read_bytes(path)).hexdigest()
+
+
+def write_digest(directory: str, step: int) -> None:
+    """Writes `<step>/files.sha256.json` into the finished checkpoint `step` (see
+    DIGEST_FILE). A kill before it is written leaves a checkpoint that only its array
+    checksums vouch for."""
+    folder = storage.join(directory, str(step))
+    sizes = {name: size for name, size in _files(folder).items() if name != DIGEST_FILE}
+    digest = {'size': sizes, 'sha256': {
+        name: _sha256(storage.join(folder, name))
+        for name, size in sizes.items() if size <= DIGEST_MAX_BYTES}}
+    storage.write_text(storage.join(folder, DIGEST_FILE), json.dumps(digest, sort_keys=True))
+
+
+def check_digest(directory: str, step: int) -> None:
+    """CorruptCheckpointError naming the first file of checkpoint `step` that is missing, or
+    whose size or SHA-256 differs from its `files.sha256.json` (nothing to check where that
+    file is absent: a checkpoint killed before it, or written before it existed)."""
+    folder = storage.join(directory, str(step))
+    where = f'{directory}/{step}'
+    path = storage.join(folder, DIGEST_FILE)
+    if not storage.exists(path):
+        return
+    try:
+        digest = json.loads(storage.read_text(path))
+        sizes, hashes = dict(digest['size']), dict(digest['sha256'])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f'Checkpoint {where} is damaged: its {DIGEST_FILE} is '
+                                     f'unreadable ({e}).') from e
+    found = _files(folder)
+    for name, size in sorted(sizes.items()):
+        if name not in found:
+            raise CorruptCheckpointError(f'Checkpoint {where} is damaged: {name} is missing.')
+        if found[name] != size:
+            raise CorruptCheckpointError(f'Checkpoint {where} is damaged: {name} has '
+                                         f'{found[name]} bytes, {size} were written.')
+        if name in hashes and _sha256(storage.join(folder, name)) != hashes[name]:
+            raise CorruptCheckpointError(f'Checkpoint {where} is damaged: the SHA-256 of '
+                                         f'{name} differs from the one written.')
 
 
 def _remove_unfinished(directory: str, step: int) -> None:
@@ -288,6 +355,7 @@ def _check_meta(manager: ocp.CheckpointManager, step: int, config,
     """CheckpointMismatchError unless checkpoint `step` was written for `config`'s model.
     Returns the checkpoint's array checksums (None where it has none)."""
     where = f'{manager.directory}/{step}'
+    check_digest(str(manager.directory), step)
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = meta['meta']
