@@ -145,21 +145,29 @@ def watch(workdir: str, names: list[str], *, timeout_s: float, poll_s: float,
     `timeout_s` seconds without a new checkpoint."""
     total_steps = load_saved_config(workdir).total_steps
     evaluated: list[int] = []
+    damaged: set[int] = set()  # checkpoints that failed their checksums: skipped for good
     last_new = time.monotonic()
     while True:
         # Process 0 decides, so that every process of a multi-host job runs the same steps.
         steps, todo = parallel.from_process_0(lambda: _pending(workdir, names))
         for step in todo:
+            if step in damaged:
+                continue
             try:
                 evaluate_step(workdir, names, step, writer=writer, **kwargs)
             except FileNotFoundError as e:  # training's keep policy deleted it meanwhile
                 print(f'[evaluate] skipped step {step}: {e}', flush=True)
                 continue
+            except checkpoint.CorruptCheckpointError as e:  # every host sees the same sums
+                print(f'[evaluate] WARNING: skipped damaged checkpoint {step}: {e}',
+                      flush=True)
+                damaged.add(step)
+                continue
             evaluated.append(step)
-        if todo:
+        if set(todo) - damaged:
             last_new = time.monotonic()
-        final_done = total_steps in steps and parallel.from_process_0(
-            functools.partial(is_done, workdir, total_steps, names))
+        final_done = total_steps in steps and (total_steps in damaged or parallel.from_process_0(
+            functools.partial(is_done, workdir, total_steps, names)))
         if final_done:
             print(f'[evaluate] final step {total_steps} evaluated; done.', flush=True)
             return evaluated
