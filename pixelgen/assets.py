@@ -66,15 +66,18 @@ def write(workdir: str, name: str, data: bytes) -> str:
     return path
 
 
-def check(workdir: str, name: str, *, what: str) -> bool:
+def check(workdir: str, name: str, *, what: str, required: bool = True) -> bool:
     """Whether `workdir` has the asset `name`, intact: True if it matches its recorded digest
-    (or none is recorded), False if it does not exist and nothing needs it (no digest, no
-    checkpoint); an AssetError naming the file otherwise. `what` says what the file is, for
-    the message (e.g. 'the colour palette that the model's tokens index')."""
+    (or none is recorded), False if it does not exist and nothing needs it (no digest, and no
+    checkpoint, or `required` False); an AssetError naming the file otherwise.
+
+    `what` says what the file is, for the message (e.g. 'the colour palette that the model's
+    tokens index'). `required`: whether checkpoints imply the file (False where a workdir
+    may lack it, e.g. a CLIP converted without its tokenizer, read for image features)."""
     path = storage.join(workdir, name)
     expected = recorded(workdir).get(name)
     if not storage.is_file(path):
-        if expected is None and not has_checkpoints(workdir):
+        if expected is None and not (required and has_checkpoints(workdir)):
             return False
         raise AssetError(f'{path} is missing: it is {what}, and {workdir} holds checkpoints '
                          'trained with it. Restore the file from a copy of the workdir; it is '
@@ -91,9 +94,9 @@ def check(workdir: str, name: str, *, what: str) -> bool:
     return True
 
 
-def read(workdir: str, name: str, *, what: str) -> bytes | None:
+def read(workdir: str, name: str, *, what: str, required: bool = True) -> bytes | None:
     """The asset `name` of `workdir` after `check`; None when it does not exist and nothing
     needs it."""
-    if not check(workdir, name, what=what):
+    if not check(workdir, name, what=what, required=required):
         return None
     return storage.read_bytes(storage.join(workdir, name))

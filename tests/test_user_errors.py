@@ -95,14 +95,12 @@ def test_damaged_config_json_names_the_file(content, named, tmp_path, monkeypatc
     assert f'{tmp_path}/config.json' in line and named in line
 
 
-def test_palette_of_another_size_names_file_and_both_fixes(data_dir, tmp_path, monkeypatch,
-                                                           capsys):
+def test_palette_of_another_size_names_file_and_both_fixes(tmp_path, monkeypatch, capsys):
     from pixelgen.data.palette import save_palette
     workdir = str(tmp_path / 'run')
     save_palette(np.zeros((16, 3), np.float32), workdir)
-    line = user_error(train_main, ['--config', TINY, f'--config.data.data_dir={data_dir}',
-                                   '--config.data.palette_size=8', '--workdir', workdir],
-                      monkeypatch, capsys)
+    line = user_error(train_main, ['--config', TINY, '--config.data.palette_size=8',
+                                   '--workdir', workdir], monkeypatch, capsys)
     assert f'{workdir}/palette.npy has 16 colours' in line
     assert '--config.data.palette_size=16' in line and 'new --workdir' in line
 
@@ -188,3 +186,50 @@ def test_the_real_entry_point_prints_one_line_and_exits_2(tmp_path):
         f"error: --config {SHAPES}:huge: Unknown variant 'huge' of igpt_shapes; expected '' "
         "or 'tiny'."]
     assert not (tmp_path / 'w').exists()
+
+
+# Assets: the files that give a checkpoint's tokens their meaning ---------------------------
+
+def fake_run(workdir, palette: np.ndarray | None) -> str:
+    """A workdir as training leaves it, as far as the asset checks look: config.json, a
+    checkpoint step folder and (if given) palette.npy with its recorded digest."""
+    from pixelgen.data.palette import save_palette
+    os.makedirs(os.path.join(workdir, 'checkpoints', '6'))
+    from conftest import tiny_config
+
+    from pixelgen.config import save_config
+    save_config(tiny_config(''), str(workdir))
+    if palette is not None:
+        save_palette(palette, str(workdir))
+    return str(workdir)
+
+
+def test_missing_palette_beside_checkpoints_is_refused_never_refitted(tmp_path, monkeypatch,
+                                                                      capsys):
+    workdir = fake_run(tmp_path / 'run', None)
+    for main, argv in ((train_main, ['--config', TINY, '--workdir', workdir]),
+                       (sample_main, ['--workdir', workdir, '--num', '1'])):
+        line = user_error(main, argv, monkeypatch, capsys)
+        assert f'{workdir}/palette.npy is missing' in line and 'never rebuilt' in line
+        assert not os.path.exists(os.path.join(workdir, 'palette.npy'))
+
+
+def test_changed_palette_is_refused_naming_the_file(tmp_path, monkeypatch, capsys):
+    workdir = fake_run(tmp_path / 'run', np.zeros((16, 3), np.float32))
+    np.save(os.path.join(workdir, 'palette.npy'), np.ones((16, 3), np.float32))
+    for main, argv in ((train_main, ['--config', TINY, '--workdir', workdir]),
+                       (sample_main, ['--workdir', workdir, '--num', '1'])):
+        line = user_error(main, argv, monkeypatch, capsys)
+        assert f'{workdir}/palette.npy has changed since it was written' in line
+
+
+def test_evaluate_without_a_checkpoint_creates_nothing(tmp_path, monkeypatch, capsys):
+    from conftest import tiny_config
+
+    from pixelgen.config import save_config
+    from pixelgen.evaluate import main as evaluate_main
+    save_config(tiny_config(''), str(tmp_path))
+    line = user_error(evaluate_main, ['--workdir', str(tmp_path), '--eval', 'loss'],
+                      monkeypatch, capsys)
+    assert 'holds no checkpoint yet' in line and '--watch' in line
+    assert sorted(os.listdir(tmp_path)) == ['config.json']

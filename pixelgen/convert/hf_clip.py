@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from pixelgen import storage
+from pixelgen import assets, storage
 from pixelgen.config import ConfigError
 from pixelgen.convert import save_workdir
 from pixelgen.convert._tensors import read_tensor_file
@@ -255,6 +255,7 @@ def convert(src: str, workdir: str) -> str:
     path = save_workdir(config, model, workdir)
     if tokenizer is not None:
         tokenizer.save(storage.join(workdir, TOKENIZER_FILE))
+        assets.record(workdir, TOKENIZER_FILE)
     n = sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return (f'CLIP ViT-{config.model.vision_width}w/{config.model.patch_size} at '
             f'{config.data.image_size}px, {n:,} parameters -> {path}; tokenizer: '

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelgen import flops, images, parallel, storage
+from pixelgen import assets, flops, images, parallel, storage
 from pixelgen.config import ConfigDict, ConfigError
 from pixelgen.cpu.backend import use_native_attention
 from pixelgen.data import pipeline
@@ -24,6 +24,7 @@ from pixelgen.parallel import DEFAULT_RULES
 from pixelgen.tasks import DTYPES, model_problems, raise_problems
 
 TOKENIZER_FILE = 'tokenizer.json'
+TOKENIZER_IS = "the tokenizer that gives the model's text tokens their ids"
 
 
 def base_config() -> ConfigDict:
@@ -150,7 +151,8 @@ def load_or_make_tokenizer(config, workdir: str, train_source=None) -> TextToken
     training captions. Checked against the model's vocabulary and end-of-text id."""
     d, m = config.data, config.model
     path = storage.join(workdir, TOKENIZER_FILE)
-    if storage.exists(path):
+    existed = assets.check(workdir, TOKENIZER_FILE, what=TOKENIZER_IS)  # or refused, if changed
+    if existed:
         tokenizer = load_tokenizer(path)
     else:
         if d.tokenizer:
@@ -171,8 +173,9 @@ def load_or_make_tokenizer(config, workdir: str, train_source=None) -> TextToken
             f'model.eot_id={m.eot_id} (a trained byte-level BPE has at least 259 tokens). Set '
             f'--config.model.vocab_size={tokenizer.vocab_size} '
             f'--config.model.eot_id={tokenizer.eot_id}.')
-    if not storage.exists(path) and jax.process_index() == 0:
+    if not existed and jax.process_index() == 0:
         tokenizer.save(path)
+        assets.record(workdir, TOKENIZER_FILE)
     return tokenizer
 
 
@@ -299,5 +302,6 @@ def make_loss(config) -> CLIPLoss:
 def load_assets(config, workdir: str) -> dict:
     """{'tokenizer': the workdir's TextTokenizer} (what turns texts into `encode_text` ids)."""
     del config
-    path = storage.join(workdir, TOKENIZER_FILE)
-    return {'tokenizer': load_tokenizer(path)} if storage.exists(path) else {}
+    if not assets.check(workdir, TOKENIZER_FILE, what=TOKENIZER_IS, required=False):
+        return {}  # a CLIP converted without its tokenizer: images only
+    return {'tokenizer': load_tokenizer(storage.join(workdir, TOKENIZER_FILE))}

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelgen import flops, images, parallel, storage
+from pixelgen import assets, flops, images, parallel, storage
 from pixelgen.config import ConfigError
 from pixelgen.cpu.backend import use_native_attention
 from pixelgen.data import pipeline
@@ -34,6 +34,7 @@ from pixelgen.sampling import generate
 from pixelgen.tasks import DTYPES, model_problems, raise_problems
 
 TOKENIZER_FILE = 'tokenizer.json'
+TOKENIZER_IS = "the tokenizer that gives the model's caption tokens their ids"
 
 
 def validate_config(config) -> None:
@@ -170,10 +171,12 @@ def load_or_train_tokenizer(config, workdir: str, captions: list[str]) -> TextTo
     """The workdir's tokenizer if it has one (resumed runs keep their ids), else a new one
     trained on `captions` (by process 0; the others read its file)."""
     path = storage.join(workdir, TOKENIZER_FILE)
-    if not storage.exists(path) and jax.process_index() == 0:
+    existed = assets.check(workdir, TOKENIZER_FILE, what=TOKENIZER_IS)  # or refused, if changed
+    if not existed and jax.process_index() == 0:
         print(f'[dalle] training a BPE tokenizer (vocab <= {config.model.text_vocab_size}) on '
               f'{len(captions)} captions...', flush=True)
         TextTokenizer.train(captions, vocab_size=config.model.text_vocab_size).save(path)
+        assets.record(workdir, TOKENIZER_FILE)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices('dalle_tokenizer')
@@ -326,5 +329,6 @@ Task = DalleTask
 
 def load_assets(config, workdir: str) -> dict:
     del config
-    path = storage.join(workdir, TOKENIZER_FILE)
-    return {'tokenizer': TextTokenizer.load(path)} if storage.exists(path) else {}
+    if not assets.check(workdir, TOKENIZER_FILE, what=TOKENIZER_IS, required=False):
+        return {}  # pixelgen.sample says what it needs
+    return {'tokenizer': TextTokenizer.load(storage.join(workdir, TOKENIZER_FILE))}
