@@ -85,6 +85,19 @@ def load_clip_bpe(folder: str) -> ClipBPETokenizer:
                             "(CLIP's BPE files, as in the released checkpoints).")
 
 
+def load_folder_tokenizer(folder: str) -> TextTokenizer:
+    """The tokenizer of a CLIPModel folder: CLIP's BPE (`load_clip_bpe`), or the tokenizer.json
+    of a BPE trained by pixelgen (written by `pixelgen.export --to hf-clip`; its post-processor
+    and truncation are for transformers, TextTokenizer adds [SOT]/[EOT] itself)."""
+    path = storage.join(folder, 'tokenizer.json')
+    if storage.exists(path) and not is_clip_bpe(path):
+        tokenizer = Tokenizer.from_str(storage.read_text(path))
+        tokenizer.post_processor = None
+        tokenizer.no_truncation()
+        return TextTokenizer(tokenizer)
+    return load_clip_bpe(folder)
+
+
 def is_clip_bpe(path: str) -> bool:
     """Whether the tokenizer JSON file at `path` is CLIP's BPE (not a TextTokenizer)."""
     return Tokenizer.from_str(storage.read_text(path)).token_to_id(EOT) is not None
@@ -246,7 +259,7 @@ def load_model(src: str):
 def convert(src: str, workdir: str) -> str:
     config, model = load_model(src)
     try:
-        tokenizer = load_clip_bpe(src)
+        tokenizer = load_folder_tokenizer(src)
     except FileNotFoundError:
         tokenizer = None
     if tokenizer is not None and tokenizer.eot_id != config.model.eot_id:
@@ -259,5 +272,6 @@ def convert(src: str, workdir: str) -> str:
     n = sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return (f'CLIP ViT-{config.model.vision_width}w/{config.model.patch_size} at '
             f'{config.data.image_size}px, {n:,} parameters -> {path}; tokenizer: '
-            + ('CLIP BPE' if tokenizer else 'none (no vocab.json/merges.txt in --src)'))
+            + (type(tokenizer).__name__ if tokenizer else
+               'none (no vocab.json + merges.txt or tokenizer.json in --src)'))
 
