@@ -150,10 +150,13 @@ def hf_state_dict(params: dict, config) -> dict[str, np.ndarray]:
             out[prefix + hf + '.bias'] = block[norm]['bias']
         for (part, name), hf in _BLOCK.items():
             kernel = np.asarray(block[part][name]['kernel'])
-            kernel = kernel.reshape(m.width, -1) if name != 'out' else kernel.reshape(-1, m.width)
+            if name in ('query', 'key', 'value'):
+                kernel = kernel.reshape(m.width, -1)  # [width, heads, head_dim] -> [in, out]
+            elif name == 'out':
+                kernel = kernel.reshape(-1, m.width)  # [heads, head_dim, width]
             out[prefix + hf + '.weight'] = _linear(kernel)
             out[prefix + hf + '.bias'] = np.asarray(block[part][name]['bias']).reshape(-1)
-    return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
+    return {k: np.asarray(v, np.float32).copy(order='C') for k, v in out.items()}
 
 
 def check_exportable(config) -> None:
