@@ -48,6 +48,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument('--temperature', type=float, default=1.0)
     parser.add_argument('--top_k', type=int, default=0, help='0 = sample from the full softmax')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--data_dir', default=None,
+                        help="Image GPT completions: where the run's dataset is prepared "
+                             "(default: the config's data.data_dir)")
     parser.add_argument('--out', default=None,
                         help='the grid PNG to write (default: WORKDIR/samples/...); a folder '
                              'or a name without .png is the folder to write it into')
@@ -125,6 +128,7 @@ def sample_igpt(args, loaded) -> int:
     import numpy as np
 
     from pixelgen import images, parallel, sampling, tasks
+    from pixelgen.data.pipeline import DataError
 
     rng = jax.random.PRNGKey(args.seed)
     top_k = args.top_k or None
@@ -136,19 +140,30 @@ def sample_igpt(args, loaded) -> int:
     with loaded.config.unlocked():
         loaded.config.sampling.temperature = args.temperature
         loaded.config.sampling.top_k = args.top_k
-    completions = task.completions(loaded.model, jax.random.fold_in(rng, 1),
-                                   min(args.num, 8), samples_per_image=3)  # every process
+        if args.data_dir is not None:
+            loaded.config.data.data_dir = args.data_dir
+    try:  # completions continue test images: the only part that needs the dataset
+        completions = task.completions(loaded.model, jax.random.fold_in(rng, 1),
+                                       min(args.num, 8), samples_per_image=3)  # every process
+    except DataError as e:  # e.g. a converted workdir, whose config names imagenet2012
+        completions = []
+        if jax.process_index() == 0:
+            print(f'[samples] no completions: they continue test images of '
+                  f'{loaded.config.data.dataset!r}, which cannot be opened here ({e}) To draw '
+                  'them, pass --data_dir DIR, where that dataset is prepared.', file=sys.stderr)
     if jax.process_index() != 0:
         return 0
     grid = images.make_grid(_grid_rows(pictures, math.ceil(math.sqrt(args.num))))
     path = images.save_png(grid, grid_path(args, f'unconditional_{loaded.step:07d}.png'))
     print(f'[samples] {path}')
-    path = images.save_png(images.make_grid(completions), grid_path(
-        args, f'sample_completions_{loaded.step:07d}.png', main=False))
-    print(f'[samples] {path}')
+    if completions:
+        path = images.save_png(images.make_grid(completions), grid_path(
+            args, f'sample_completions_{loaded.step:07d}.png', main=False))
+        print(f'[samples] {path}')
     if args.out_dir:
         write_images(args.out_dir, 'unconditional', pictures)
-        write_images(args.out_dir, 'completions', [p for row in completions for p in row])
+        if completions:
+            write_images(args.out_dir, 'completions', [p for row in completions for p in row])
     return 0
 
 

@@ -233,3 +233,48 @@ def test_evaluate_without_a_checkpoint_creates_nothing(tmp_path, monkeypatch, ca
                       monkeypatch, capsys)
     assert 'holds no checkpoint yet' in line and '--watch' in line
     assert sorted(os.listdir(tmp_path)) == ['config.json']
+
+
+def tiny_hf_imagegpt(folder) -> str:
+    """A released-format iGPT (HF names) of 1 layer, width 8, 4 colours, 2x2 pixels."""
+    d, colours, positions = 8, 4, 4
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return rng.normal(0, 0.3, shape).astype(np.float32)
+    tensors = {'transformer.wte.weight': w(colours + 1, d),
+               'transformer.wpe.weight': w(positions, d),
+               'transformer.ln_f.weight': np.ones(d, np.float32), 'lm_head.weight': w(colours, d)}
+    for name, shape in {'attn.c_attn': (d, 3 * d), 'attn.c_proj': (d, d),
+                        'mlp.c_fc': (d, 4 * d), 'mlp.c_proj': (4 * d, d)}.items():
+        tensors[f'transformer.h.0.{name}.weight'] = w(*shape)
+        tensors[f'transformer.h.0.{name}.bias'] = np.zeros(shape[1], np.float32)
+    for norm in ('ln_1', 'ln_2'):
+        tensors[f'transformer.h.0.{norm}.weight'] = np.ones(d, np.float32)
+    src = hf_src(folder, tensors)
+    with open(os.path.join(src, 'config.json'), 'w') as f:
+        json.dump({'model_type': 'imagegpt', 'vocab_size': colours + 1, 'n_embd': d,
+                   'n_head': 2, 'n_layer': 1, 'n_positions': positions}, f)
+    with open(os.path.join(src, 'preprocessor_config.json'), 'w') as f:
+        json.dump({'clusters': rng.uniform(-1, 1, (colours, 3)).tolist()}, f)
+    return src
+
+
+def test_converted_workdir_samples_without_its_dataset_and_says_what_completions_need(
+        tmp_path, monkeypatch, capsys):
+    """A converted iGPT's config names the paper's dataset (imagenet2012), absent here:
+    unconditional samples need only the weights and the palette; completions need test
+    images, and the job says which dataset and how to provide it."""
+    workdir = str(tmp_path / 'converted')
+    assert convert_main(['--from', 'hf-imagegpt', '--src', tiny_hf_imagegpt(tmp_path / 'src'),
+                         '--workdir', workdir]) == 0
+    monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'no_datasets_here'))
+    capsys.readouterr()
+    assert sample_main(['--workdir', workdir, '--num', '2']) == 0
+    out, err = capsys.readouterr()
+    assert os.path.isfile(os.path.join(workdir, 'samples', 'unconditional_0000000.png'))
+    assert "test images of 'imagenet2012'" in err and '--data_dir DIR' in err
+    assert not os.path.exists(os.path.join(workdir, 'samples',
+                                           'sample_completions_0000000.png'))
+    assert sorted(os.listdir(workdir)) == ['assets.json', 'checkpoints', 'config.json',
+                                           'palette.npy', 'samples']
