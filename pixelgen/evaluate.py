@@ -34,6 +34,7 @@ import jax
 from pixelgen import checkpoint, cli, parallel, pretrained, storage
 from pixelgen import evaluators as evaluators_lib
 from pixelgen.config import load_saved_config
+from pixelgen.data.pipeline import DataError
 
 REPORT = 'report.json'
 
@@ -242,6 +243,9 @@ def main(argv: list[str]) -> int:
                   **kwargs)
         else:
             evaluate_step(args.workdir, names, args.step, **kwargs)
+    except DataError as e:  # this job takes the data dir as an option, not a config key
+        raise DataError(str(e).replace('--config.data.data_dir=<that dir>',
+                                       '--option data_dir=<that dir>')) from e
     finally:
         if writer is not None:
             writer.close()

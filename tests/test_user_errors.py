@@ -278,3 +278,8 @@ def test_converted_workdir_samples_without_its_dataset_and_says_what_completions
                                            'sample_completions_0000000.png'))
     assert sorted(os.listdir(workdir)) == ['assets.json', 'checkpoints', 'config.json',
                                            'palette.npy', 'samples']
+    from pixelgen.evaluate import main as evaluate_main
+    line = user_error(evaluate_main, ['--workdir', workdir, '--eval', 'loss'], monkeypatch,
+                      capsys)
+    assert "Dataset 'imagenet2012' is not prepared" in line
+    assert '--option data_dir=<that dir>' in line and '--config.data' not in line
