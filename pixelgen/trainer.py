@@ -453,6 +453,7 @@ def _train(config: ConfigDict, workdir: str, t_start: float, stop_after: int | N
             last_saved = step
 
     stop, preempted = _Stop(), _Stop.NONE
+    flat = FlatLossWatch()
     with stop, parallel.activation_sharding(mesh, rules):
         while step < end:
             batch = parallel.global_batch(next(data_iterator), mesh)
@@ -478,6 +479,8 @@ def _train(config: ConfigDict, workdir: str, t_start: float, stop_after: int | N
                 result = {f'train/{k}': v for k, v in means.items()}
                 if jax.process_index() == 0:
                     print(progress.line(step, means), flush=True)
+                    if warning := flat.update(step, means):
+                        print(warning, flush=True)
             if config.eval_every_steps and step % config.eval_every_steps == 0 and step < end:
                 scores = evaluate(task, eval_step, state['params'], mesh, per_host_batch,
                                   config.eval_examples)
@@ -513,6 +516,32 @@ def _train(config: ConfigDict, workdir: str, t_start: float, stop_after: int | N
     writer.close()
     manager.close()
     return result
+
+
+class FlatLossWatch:
+    """Warns, once, when nothing is learning: the logged loss has stayed at its first value
+    (within 1%) for `logs` logged steps in a row while the gradient norm was exactly 0 (a loss
+    that does not depend on the parameters, every example masked out, frozen weights)."""
+
+    def __init__(self, logs: int = 20):
+        self.logs, self.first, self.flat, self.warned = logs, None, 0, False
+
+    def update(self, step: int, means: dict[str, float]) -> str | None:
+        """Takes one logged step's means; returns the warning when it is due."""
+        loss, grad_norm = means.get('loss'), means.get('grad_norm')
+        if loss is None or grad_norm is None or self.warned:
+            return None
+        if self.first is None:
+            self.first = loss
+        still = grad_norm == 0 and abs(loss - self.first) <= 1e-6 + 0.01 * abs(self.first)
+        self.flat = self.flat + 1 if still else 0
+        if self.flat < self.logs:
+            return None
+        self.warned = True
+        return (f'[pixelgen] WARNING: nothing is learning: at step {step} the loss has stayed at '
+                f'{self.first:.4g} for {self.logs} logged steps with a gradient norm of 0. Check '
+                'that the loss depends on the parameters and that the batches are not all '
+                'masked out.')
 
 
 def _check_finite(metrics: list[dict], step: int, last_saved: int | None, opt: ConfigDict,

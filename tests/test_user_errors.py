@@ -283,3 +283,26 @@ def test_converted_workdir_samples_without_its_dataset_and_says_what_completions
                       capsys)
     assert "Dataset 'imagenet2012' is not prepared" in line
     assert '--option data_dir=<that dir>' in line and '--config.data' not in line
+
+
+# Runs that learn nothing ---------------------------------------------------------------
+
+def test_a_run_whose_loss_stays_flat_with_zero_gradients_is_warned_once():
+    from pixelgen.trainer import FlatLossWatch
+    watch = FlatLossWatch(logs=20)
+    warnings = [watch.update(3 * i, {'loss': 2.0 + 1e-4 * (i % 2), 'grad_norm': 0.0})
+                for i in range(1, 26)]
+    assert warnings[:19] == [None] * 19
+    assert 'nothing is learning' in warnings[19] and 'step 60' in warnings[19]
+    assert warnings[20:] == [None] * 5  # once
+
+
+@pytest.mark.parametrize('losses, grad_norms', [
+    ([2.0 - 0.01 * i for i in range(30)], [0.0] * 30),   # the loss moves
+    ([2.0] * 30, [0.0] * 15 + [0.5] + [0.0] * 14),        # a gradient in between
+])
+def test_a_run_that_learns_is_not_warned(losses, grad_norms):
+    from pixelgen.trainer import FlatLossWatch
+    watch = FlatLossWatch(logs=20)
+    assert not any(watch.update(i, {'loss': loss, 'grad_norm': norm})
+                   for i, (loss, norm) in enumerate(zip(losses, grad_norms, strict=True)))
