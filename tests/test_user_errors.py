@@ -306,3 +306,21 @@ def test_a_run_that_learns_is_not_warned(losses, grad_norms):
     watch = FlatLossWatch(logs=20)
     assert not any(watch.update(i, {'loss': loss, 'grad_norm': norm})
                    for i, (loss, norm) in enumerate(zip(losses, grad_norms, strict=True)))
+
+
+@pytest.mark.parametrize('last_saved, says', [
+    (None, 'No checkpoint was saved yet, so a rerun starts from step 0.'),
+    (6, 'Nothing after checkpoint 6 was saved; a rerun resumes from it.')])
+def test_non_finite_message_names_the_checkpoint_a_rerun_starts_from(last_saved, says):
+    from ml_collections import ConfigDict
+
+    from pixelgen.trainer import NonFiniteLossError, _check_finite
+
+    class Manager:
+        def wait_until_finished(self):
+            pass
+    metrics = [{'loss': float('nan'), 'params_finite': True, 'nonfinite_streak': 0}]
+    with pytest.raises(NonFiniteLossError) as e:
+        _check_finite(metrics, 9, last_saved, ConfigDict({'skip_nonfinite_updates': 0}),
+                      Manager())
+    assert says in str(e.value) and 'None' not in str(e.value)
