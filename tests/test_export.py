@@ -216,3 +216,46 @@ def test_a_bert_igpt_is_refused_with_the_reason(tmp_path):
     workdir = igpt_workdir(tmp_path / 'w', '--config.objective=bert')
     with pytest.raises(ConfigError, match="objective='bert'.*autoregressive only.*safetensors"):
         export.export(workdir, 'hf-imagegpt', str(tmp_path / 'hf'))
+
+
+def test_a_vit_without_an_hf_equivalent_is_refused_naming_the_keys():
+    from pixelgen.convert import hf_vit
+    config = config_of('vit_shapes.py', '--config.model.pool=mean',
+                       '--config.model.representation_size=16')
+    with pytest.raises(ConfigError, match="model.pool='mean'.*representation_size=16"):
+        hf_vit.check_exportable(config)
+
+
+@pytest.mark.parity
+def test_an_imported_clip_exports_its_clip_tokenizer_files(transformers, tmp_path):
+    import torch
+    from test_clip_convert import CONTEXT, write_tiny_vocab
+    texts = ['a red star', 'A  Blue STAR!!', "it's 42 stars, redder?"]
+    src = str(tmp_path / 'src')
+    os.makedirs(src)
+    vocab_size = write_tiny_vocab(src)
+    torch.manual_seed(0)
+    original = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=CONTEXT, eos_token_id=vocab_size - 1,
+                         bos_token_id=vocab_size - 2, pad_token_id=vocab_size - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=8),
+        projection_dim=16)).eval()
+    original.save_pretrained(src)
+    workdir, out = str(tmp_path / 'w'), str(tmp_path / 'hf')
+    assert convert_cli.main(['--from', 'hf-clip', '--src', src, '--workdir', workdir]) == 0
+    assert export.main(['--to', 'hf-clip', '--workdir', workdir, '--out', out]) == 0
+    assert {'vocab.json', 'merges.txt', 'tokenizer_config.json'} <= set(os.listdir(out))
+    kwargs = dict(padding='max_length', max_length=CONTEXT, truncation=True,
+                  return_tensors='pt')
+    expected = transformers.CLIPTokenizer.from_pretrained(src)(texts, **kwargs)
+    exported = transformers.CLIPTokenizer.from_pretrained(out)(texts, **kwargs)
+    np.testing.assert_array_equal(exported['input_ids'], expected['input_ids'])
+    reloaded = transformers.CLIPModel.from_pretrained(out).eval()
+    pixels = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(**exported, pixel_values=pixels).text_embeds,
+                                   original(**expected, pixel_values=pixels).text_embeds,
+                                   atol=1e-5)
