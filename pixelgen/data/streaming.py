@@ -41,6 +41,7 @@ import queue
 import re
 import sys
 import tarfile
+import threading
 import traceback
 import zlib
 from collections.abc import Callable, Iterator
@@ -454,7 +455,22 @@ class StreamingSource:
             self.kind = self.eval_kind
         self.shards = self.train_shards if split.split('[')[0] == 'train' else self.eval_shards
         self._sizes: list[int] | None = None
-        self._cursor: tuple[int, int, Iterator] | None = None
+        self._reset_access()
+
+    def _reset_access(self) -> None:
+        self._lock = threading.Lock()
+        self._cursor: tuple[int, int, Iterator] | None = None  # (shard, next record, reader)
+        self._recent: collections.OrderedDict = collections.OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ('_lock', '_cursor', '_recent')}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_access()
+
+    RECENT = 256
 
     def __repr__(self) -> str:
         return f'StreamingSource({self.dataset!r}, {self.split!r}, {len(self.shards)} shards)'
@@ -477,17 +493,35 @@ class StreamingSource:
         for _ in range(n):
             shard = int(np.searchsorted(bounds, index, side='right') - 1)
             record = index - int(bounds[shard])
-            if self._cursor is None or self._cursor[:2] != (shard, record):
-                self._cursor = (shard, record,
-                                read_records(self.kind, self.shards[shard], record))
-            key, fields = next(self._cursor[2], (None, None))
-            self._cursor = (shard, record + 1, self._cursor[2])
+            key, fields = self._raw(shard, record)
             example = decode_pair(fields, self.filters)[0] if fields is not None else None
             if example is not None:
                 example['key'] = key
                 return example
             index = (index + 1) % n
         raise DataError(f'No usable record in {self.dataset!r} {self.split} shards.')
+
+    def _raw(self, shard: int, record: int) -> tuple[str | None, dict | None]:
+        """One record, read forward from an open shard where possible. The last RECENT
+        records stay at hand, so that readers in several threads (grain's) asking for
+        neighbouring indices out of order do not reopen the shard."""
+        with self._lock:
+            if (shard, record) in self._recent:
+                return self._recent[shard, record]
+            cursor = self._cursor
+            if cursor is None or cursor[0] != shard or cursor[1] > record:
+                cursor = (shard, record, read_records(self.kind, self.shards[shard], record))
+            _, position, reader = cursor
+            while True:
+                item = next(reader, (None, None))
+                self._recent[shard, position] = item
+                if len(self._recent) > self.RECENT:
+                    self._recent.popitem(last=False)
+                position += 1
+                if position > record or item == (None, None):
+                    break
+            self._cursor = (shard, position, reader)
+            return item
 
 
 def eval_batches(source: StreamingSource, *, batch_size: int, host: int, hosts: int,
