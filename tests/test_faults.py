@@ -203,6 +203,139 @@ def test_sigterm_that_lands_after_the_save_decision_is_saved_at_the_next_step(
     assert committed_steps(workdir) == [3]
 
 
+# Corruption: every damaged checkpoint is detected ------------------------------------------
+
+def _full_state_target(workdir: str, step: int):
+    """Restore targets for the whole training state of `workdir`'s checkpoint `step`."""
+    import orbax.checkpoint as ocp
+    manager = checkpoint.make_manager(workdir, async_save=False)
+    try:
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))['state']
+    finally:
+        manager.close()
+    return checkpoint.abstract(state)
+
+
+def _damaged_copy(source: str, root: str, name: str, damage) -> tuple[str, str]:
+    """A copy of workdir `source` in `root/name` (a fresh path each time: tensorstore caches
+    by path) whose file picked and changed by `damage(files) -> (relative path, new bytes)`."""
+    import shutil
+    workdir = os.path.join(root, name)
+    shutil.copytree(source, workdir)
+    step_dir = os.path.join(checkpoint.checkpoint_dir(workdir), '12')
+    files = sorted(os.path.relpath(os.path.join(d, f), step_dir)
+                   for d, _, names in os.walk(step_dir) for f in names)
+    rel, data = damage(step_dir, files)
+    with open(os.path.join(step_dir, rel), 'wb') as f:
+        f.write(data)
+    return workdir, rel
+
+
+def _flip_bit(rng, path: str) -> bytes:
+    data = bytearray(open(path, 'rb').read())
+    data[int(rng.integers(len(data)))] ^= 1 << int(rng.integers(8))
+    return bytes(data)
+
+
+def _restore(workdir: str, target, config):
+    """Checkpoint 12 of `workdir`, restored whole and verified: the state, or the message of
+    its CorruptCheckpointError."""
+    manager = checkpoint.make_manager(workdir, async_save=False)
+    try:
+        return checkpoint.restore(manager, 12, target, None, config)
+    except checkpoint.CorruptCheckpointError as e:
+        return str(e)
+    finally:
+        manager.close()
+
+
+def _restore_fails(workdir: str, target, config) -> str:
+    """The CorruptCheckpointError message of restoring checkpoint 12 of `workdir` whole."""
+    result = _restore(workdir, target, config)
+    assert isinstance(result, str), f'{workdir}: the damage was not detected'
+    return result
+
+
+def test_a_flipped_bit_in_any_data_file_fails_the_array_checksums_or_is_never_read(
+        uninterrupted, tmp_path):
+    from pixelgen.config import load_saved_config
+    config, target = load_saved_config(uninterrupted), _full_state_target(uninterrupted, 12)
+    rng = np.random.default_rng(0)
+    step_dir = os.path.join(checkpoint.checkpoint_dir(uninterrupted), '12')
+    data_files = sorted(os.path.relpath(os.path.join(d, f), step_dir)
+                        for d, _, names in os.walk(step_dir) for f in names
+                        if os.path.basename(d) == 'd')
+    intact = [np.asarray(x) for x in jax.tree.leaves(_restore(uninterrupted, target, config))]
+    caught_by_checksums = 0
+    for i, data_file in enumerate(data_files):
+        def flip(step_dir, files, data_file=data_file):
+            os.remove(os.path.join(step_dir, checkpoint.DIGEST_FILE))  # arrays' sums alone
+            return data_file, _flip_bit(rng, os.path.join(step_dir, data_file))
+        workdir, _ = _damaged_copy(uninterrupted, str(tmp_path), f'flip{i}', flip)
+        result = _restore(workdir, target, config)
+        if isinstance(result, str):  # tree nodes carry CRCs (unreadable); arrays the sums
+            assert re.search(r'differ from their saved checksum|unreadable', result), result
+            caught_by_checksums += 'saved checksum' in result
+        else:  # a file that no restore reads (OCDBT nodes superseded by the merged tree)
+            for x, y in zip(intact, jax.tree.leaves(result), strict=True):
+                np.testing.assert_array_equal(x, np.asarray(y))
+    assert caught_by_checksums >= 1
+
+
+def test_campaign_of_bit_flips_and_truncations_across_checkpoint_files_is_all_detected(
+        uninterrupted, tmp_path):
+    from pixelgen.config import load_saved_config
+    config, target = load_saved_config(uninterrupted), _full_state_target(uninterrupted, 12)
+    rng = np.random.default_rng(1)
+    report = []
+    for i in range(12):
+        kind = 'flip' if i % 3 else 'truncate'
+
+        def damage(step_dir, files, kind=kind):
+            rel = str(rng.choice(files))
+            path = os.path.join(step_dir, rel)
+            if kind == 'flip':
+                return rel, _flip_bit(rng, path)
+            data = open(path, 'rb').read()
+            return rel, data[:int(rng.integers(len(data)))]
+        workdir, rel = _damaged_copy(uninterrupted, str(tmp_path), f'{kind}{i}', damage)
+        report.append((kind, rel, _restore_fails(workdir, target, config)))
+    assert len({rel for _, rel, _ in report}) >= 6, report  # spread over the files
+
+
+def test_a_damaged_checkpoint_is_refused_by_readers_skipped_by_watch_set_aside_by_training(
+        uninterrupted, data_dir, tmp_path, capsys):
+    from conftest import tiny_config
+
+    from pixelgen import evaluate
+    from pixelgen.trainer import train
+    rng = np.random.default_rng(2)
+
+    def flip_params(step_dir, files):  # the largest array file: it holds the parameters
+        rel = max((f for f in files if '/d/' in f),
+                  key=lambda f: os.path.getsize(os.path.join(step_dir, f)))
+        return rel, _flip_bit(rng, os.path.join(step_dir, rel))
+    workdir, _ = _damaged_copy(uninterrupted, str(tmp_path), 'damaged', flip_params)
+
+    with pytest.raises(checkpoint.CorruptCheckpointError,
+                       match=r'checkpoints/12 is damaged.*Load another step instead '
+                             r'\(--step 6'):
+        pixelgen.load(workdir)
+    assert pixelgen.load(workdir, 6).step == 6
+
+    assert evaluate.watch(workdir, ['loss'], timeout_s=0, poll_s=0,
+                          num_examples=8) == [6]
+    assert 'WARNING: skipped damaged checkpoint 12' in capsys.readouterr().out
+
+    train(tiny_config(data_dir, *QUIET), workdir)  # moves 12 aside, resumes from 6
+    out = capsys.readouterr().out
+    assert re.search(r'WARNING: Checkpoint .*/12 is damaged.*Moved it to .*checkpoints_corrupt'
+                     r'/12-.*falling back to the previous checkpoint', out), out
+    assert 'resumed from' in out and out.count('resumed from') == 1
+    assert_same_params(uninterrupted, workdir)
+
+
 # The longer campaign ------------------------------------------------------------------------
 
 def campaign(kills: int, data_dir: str, root: str, seed: int = 0) -> dict:
