@@ -323,3 +323,57 @@ def test_random_access_in_name_order_is_safe_from_grain_threads(tmp_path):
     keys = list(ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)))
     assert keys == expected
     assert [source[i]['key'] for i in (20, 3, 4)] == [expected[20], expected[3], expected[4]]
+
+
+@pytest.mark.slow
+def test_shards_on_gcs_stream_like_local_ones(tmp_path):
+    """Glob and range patterns on gs:// (a GCS emulator) give the stream of the same local
+    shards. The reader runs as a job: gcsfs reads the emulator's address when it starts."""
+    pytest.importorskip('gcp_storage_emulator')
+    gcsfs = pytest.importorskip('gcsfs')
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    from gcp_storage_emulator.server import create_server
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        port = s.getsockname()[1]
+    server = create_server('localhost', port, in_memory=True, default_bucket='bkt')
+    server.start()
+    try:
+        url = f'http://localhost:{port}'
+        fs = gcsfs.core.GCSFileSystem(endpoint_url=url, token='anon', use_listings_cache=False,
+                                      skip_instance_cache=True)
+        records = pairs(24)
+        local = {}
+        for kind in ('webdataset', 'parquet'):
+            local[kind] = write_shards(tmp_path / kind, records, per_shard=6, kind=kind)
+            for path in sorted((tmp_path / kind).iterdir()):
+                fs.put(str(path), f'bkt/{kind}/{path.name}')
+        code = textwrap.dedent('''
+            import json
+            from pixelgen.data import streaming
+            out = {}
+            for dataset in ('webdataset:gs://bkt/webdataset/*.tar',
+                            'parquet:gs://bkt/parquet/{00000..00003}.parquet'):
+                source = streaming.StreamingSource(dataset, 'train', eval_dataset=dataset)
+                it = streaming.StreamIterator(source, local_batch=5, seed=3, host=0, hosts=1,
+                                              prepare=lambda e: {'key': e['key']})
+                out[dataset.split(':')[0]] = [str(k) for _ in range(6) for k in next(it)['key']]
+            print(json.dumps(out))
+        ''')
+        env = {**os.environ, 'STORAGE_EMULATOR_HOST': url, 'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'x',
+               'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+        result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                                text=True, timeout=300, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        remote = json.loads(result.stdout.strip().splitlines()[-1])
+    finally:
+        server.stop()
+    for kind, dataset in local.items():
+        source = streaming.StreamingSource(dataset, 'train', eval_dataset=dataset)
+        it = streaming.StreamIterator(source, local_batch=5, seed=3, host=0, hosts=1,
+                                      prepare=lambda e: {'key': e['key']})
+        assert remote[kind] == [str(k) for _ in range(6) for k in next(it)['key']]
