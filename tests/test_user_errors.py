@@ -66,6 +66,7 @@ def test_none_for_a_typed_key_is_refused(tmp_path, monkeypatch, capsys):
     ('--config.total_steps=0', 'total_steps=0 must be at least 1'),
     ('--config.optimizer.warmup_steps=12', 'optimizer.warmup_steps=12 must be in [0, '
                                            'total_steps=12)'),
+    ('--config.model.num_heads=3', 'model.num_heads=3 must divide model.width=32'),
 ])
 def test_loop_settings_are_refused_before_anything_is_written(override, named, tmp_path,
                                                               monkeypatch, capsys):

@@ -60,6 +60,14 @@ def module(config_or_name) -> ModuleType:
     return importlib.import_module(f'{__name__}.{name}')
 
 
+def validate(config) -> None:
+    """The task's own checks of a config (its `validate_config`), from the config alone: a
+    job runs them before it writes anything."""
+    check = getattr(module(config), 'validate_config', None)
+    if check is not None:
+        check(config)
+
+
 def model_builder(config):
     """`build(rngs) -> model` for `config`, without touching any data (used by pixelgen.load)."""
     build = module(config).build_model
