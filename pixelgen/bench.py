@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pixelgen import flops, sampling, trainer
+from pixelgen import cli, flops, sampling, trainer
 from pixelgen.cpu import core_split, decode_clients, host_memory, native_attention
 from pixelgen.cpu.backend import use_native_attention
 from pixelgen.cpu.native_attention import native_plan
@@ -623,4 +623,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)
