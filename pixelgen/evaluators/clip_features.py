@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pixelgen import probe, storage
+from pixelgen import parallel, probe, storage
 from pixelgen.config import ConfigError
 from pixelgen.data import pipeline
 from pixelgen.rerank import embed_images, embed_texts
@@ -81,7 +81,8 @@ def _examples(ctx, split: str, keys: tuple[str, ...]):
 
 
 def retrieval(ctx) -> dict[str, float]:
-    """Image->text and text->image recall@1/5/10 over the split's pairs."""
+    """Image->text and text->image recall@1/5/10 over the split's pairs (every process
+    embeds them all: the gallery is the whole split)."""
     d = ctx.loaded.config.data
     split = ctx.options.get('split', d.eval_split)
     source, n = _examples(ctx, split, (d.caption_key,))
@@ -128,8 +129,9 @@ def linear_probe(ctx) -> dict[str, float]:
         source, n = _examples(ctx, split, (label_key,))
         batches = pipeline.eval_batches(source, batch_size=batch_size, prepare=prepare,
                                         num_examples=n)
-        feats, labels = probe.collect(batches, features_fn)
-        return feats[0], labels
+        feats, labels = probe.collect(batches, features_fn)  # this process's share
+        return (parallel.gather_rows(feats[0].astype(np.float32), n),
+                parallel.gather_rows(labels.astype(np.int32), n))
 
     train_x, train_y = split_features(ctx.options.get('train_split', d.train_split))
     test_x, test_y = split_features(ctx.options.get('test_split', d.eval_split))

@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw
 
-from pixelgen import images, storage, tasks
+from pixelgen import images, parallel, storage, tasks
+from pixelgen.data import pipeline
 from pixelgen.evaluators import EvalContext
 from pixelgen.probe import _font
 
@@ -83,7 +84,14 @@ def accuracy(ctx: EvalContext) -> dict[str, float]:
         nll.append(-log_probs[np.arange(len(labels)), labels])
         true.append(labels)
         predicted.append(logits.argmax(axis=-1))
-    true, predicted, nll = (np.concatenate(x) for x in (true, predicted, nll))
+    # each process evaluated its own share of the split; every process gets all of it
+    d = config.data
+    source = task.eval_source if split == d.eval_split else pipeline.open_source(
+        d.dataset, split, d.data_dir)
+    n = min(ctx.num_examples or len(source), len(source))
+    true, predicted = (parallel.gather_rows(np.concatenate(x).astype(np.int32), n)
+                       for x in (true, predicted))
+    nll = parallel.gather_rows(np.concatenate(nll).astype(np.float32), n)
     k = config.model.num_classes
     matrix = confusion_matrix(true, predicted, k)
     names = task.class_names
