@@ -12,9 +12,10 @@ when it ends.
 A lock is stale, and is taken over with a message, when its holder is a process of this host
 that no longer exists, or when its heartbeat is older than `stale_minutes` (a holder on
 another host that died). A stale lock is taken over by removing exactly the object that was
-judged stale (locally: renamed away and checked; on gs://: deleted with
-`ifGenerationMatch=<its generation>`), then creating a new one as above, so two trainers
-taking over the same stale lock cannot both win.
+judged stale (locally: checked and removed under an flock of `trainer.lock.takeover`, which
+only takeovers take; on gs://: deleted with `ifGenerationMatch=<its generation>`), then
+creating a new one as above, so two trainers taking over the same stale lock cannot both win
+and a fresh lock is never removed.
 
 Evaluation, sampling and other read-only jobs take no lock.
 """
@@ -148,22 +149,19 @@ class Lease:
             except (FileExistsError, FileNotFoundError):  # 412: another generation by now
                 return False
             return True
-        aside = f'{self.path}.stale-{uuid.uuid4().hex[:8]}'
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return False
-        with open(aside) as f:
-            taken = f.read()
-        if taken == version:
-            os.remove(aside)
-            return True
-        try:  # a successor's fresh lock: put it back (never over another one)
-            os.link(aside, self.path)
-        except FileExistsError:
-            pass
-        os.remove(aside)
-        return False
+        import fcntl  # takeovers on this disk, one at a time: the check and the removal
+        with open(f'{self.path}.takeover', 'a') as guard:  # are then one step
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                with open(self.path) as f:
+                    if f.read() != version:
+                        return False
+                os.remove(self.path)
+                return True
+            except FileNotFoundError:
+                return False
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
 
     # Acquire, heartbeat, release. ---------------------------------------------------------
 
