@@ -90,6 +90,7 @@ def get_config(arg=None):
     c.loss = ml_collections.ConfigDict()
     c.loss.text_weight = 1 / 8
     c.loss.image_weight = 7 / 8
+    c.loss.caption_dropout = 0.0  # > 0 (e.g. 0.1): also learn p(image), for guidance sampling
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 4.5e-4

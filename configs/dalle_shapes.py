@@ -64,6 +64,7 @@ def get_config(arg=None):
     c.loss = ml_collections.ConfigDict()
     c.loss.text_weight = 1 / 8     # the paper's weights; each part is a mean over its tokens
     c.loss.image_weight = 7 / 8
+    c.loss.caption_dropout = 0.0   # > 0: learn p(image) too, for classifier-free guidance
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-3

@@ -36,7 +36,7 @@ import sys
 from pixelgen import cli, parallel, pretrained, storage
 
 DALLE_ONLY = ('prompt', 'top', 'top_p', 'clip_workdir', 'dvae_workdir', 'prime_index',
-              'prime_rows')
+              'prime_rows', 'guidance_scale')
 
 
 def main(argv: list[str]) -> int:
@@ -64,6 +64,10 @@ def main(argv: list[str]) -> int:
                        help='keep the best TOP of --num by CLIP score (needs --clip_workdir)')
     dalle.add_argument('--top_p', type=float, default=None, help='nucleus sampling mass')
     dalle.add_argument('--clip_workdir', default=None, help='a CLIP workdir for reranking')
+    dalle.add_argument('--guidance_scale', type=float, default=None,
+                       help='classifier-free guidance scale s: logits u + s (c - u) of the '
+                            'empty caption u and the caption c (1 = off; the model needs '
+                            'training with loss.caption_dropout > 0)')
     dalle.add_argument('--dvae_workdir', default=None,
                        help="decode with this dVAE (default: the config's dvae_workdir)")
     dalle.add_argument('--prime_index', type=int, default=None,
@@ -221,7 +225,8 @@ def sample_dalle(args, loaded, parser) -> int:
         model, jax.random.PRNGKey(args.seed), text,
         image_prompt=None if image_prompt is None else image_prompt[first:end],
         temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-        rows=(first, end), batch_size=args.num))
+        rows=(first, end), batch_size=args.num,
+        guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale))
     side = model.grid_size
     pictures = (render_codes(codes.reshape(end - first, side, side), dvae) if end > first else
                 np.zeros((0, side * dvae.downsampling, side * dvae.downsampling, 3), np.uint8))

@@ -143,8 +143,15 @@ def _sample_jit(graphdef: nnx.GraphDef, state: nnx.State, rng: jax.Array, prompt
 def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
              image_prompt: jax.Array | None = None, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
-             rows: tuple[int, int] | None = None, batch_size: int | None = None) -> jax.Array:
+             rows: tuple[int, int] | None = None, batch_size: int | None = None,
+             guidance_scale: float = 1.0) -> jax.Array:
     """DALL·E's image codes for captions: text [b, T] token ids -> codes int32 [b, N].
+
+    guidance_scale s != 1 is classifier-free guidance: each row is decoded twice in the same
+    loop, with its caption and with the empty one (every text position its pad; a model
+    trained with loss.caption_dropout > 0 knows it), each with its own KV cache, and the code
+    is drawn from logits u + s (c - u) of the unconditional u and conditional c. s = 1 is
+    plain conditional sampling (one pass); s = 0 ignores the caption.
 
     With `rows` (start, end) of a batch of `batch_size`, text (and image_prompt) hold only
     those rows, and they are drawn exactly as the whole batch draws them (see `sample`).
@@ -169,41 +176,50 @@ def generate(model: DallE, rng: jax.Array, text: jax.Array, *,
         raise ValueError(f'image_prompt must be [batch={batch}, P] with P <= '
                          f'{model.num_image_tokens}; got {image_prompt.shape}.')
     _check_filters(temperature, top_k, top_p, model.image_vocab_size)
+    if not guidance_scale >= 0:
+        raise ValueError(f'guidance_scale={guidance_scale} must be >= 0 (1 = no guidance).')
     if batch == 0:
         return jnp.zeros((0, model.num_image_tokens), jnp.int32)
     graphdef, state = nnx.split(model)
     run = functools.partial(_generate_jit, graphdef,
                             batch_size=batch if batch_size is None else batch_size,
-                            temperature=float(temperature), top_k=top_k, top_p=top_p)
+                            temperature=float(temperature), top_k=top_k, top_p=top_p,
+                            guidance=None if guidance_scale == 1 else float(guidance_scale))
     return decode_on_cpu_clients(_offset_rows(run, first), state, [rng], [text, image_prompt],
                                  batch)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'batch_size', 'temperature', 'top_k',
-                                             'top_p', 'row_count', 'party', 'packed'))
+                                             'top_p', 'guidance', 'row_count', 'party',
+                                             'packed'))
 def _generate_jit(graphdef, state, rng, text, image_prompt, *, batch_size, temperature, top_k,
-                  top_p, row_start, row_count, party=None, packed=False):
+                  top_p, row_start, row_count, guidance=None, party=None, packed=False):
     """The codes of the batch's rows [row_start, row_start + row_count) (text and image_prompt
-    hold only those). `party` and `packed`: see `pixelgen.cpu.backend.decode_ops`."""
+    hold only those). With `guidance`, the sequences of the empty caption follow them in the
+    same arrays (rows row_count..2 row_count). `party` and `packed`: see
+    `pixelgen.cpu.backend.decode_ops`."""
     model: DallE = nnx.merge(graphdef, state)
     ops = decode_ops(model, party, packed)
     t, n = model.text_len, model.num_image_tokens
-    sequence = jnp.zeros((row_count, t + n), jnp.int32)
+    if guidance is not None:  # the empty caption: every text position its pad (PAD_ID = 0)
+        text = jnp.concatenate([text, jnp.zeros_like(text)])
+        image_prompt = jnp.concatenate([image_prompt, image_prompt])
+    sequence = jnp.zeros((text.shape[0], t + n), jnp.int32)
     sequence = jax.lax.dynamic_update_slice(sequence, text, (0, 0))
     sequence = jax.lax.dynamic_update_slice(sequence, image_prompt, (0, t))
     # Position i reads token i and predicts token i + 1 (the first image code at i = T - 1).
     sequence = _decode(model, ops, sequence, rng, shift=1,
                        forced_until=t + image_prompt.shape[1], phase_ends=(t + n - 1,),
-                       init_cache=lambda _: model.init_cache(row_count, ops),
+                       init_cache=lambda _: model.init_cache(sequence.shape[0], ops),
                        filters=dict(temperature=temperature, top_k=top_k, top_p=top_p),
                        batch_size=batch_size, row_start=row_start,
-                       vocab=model.image_vocab_size)
-    return sequence[:, t:]
+                       vocab=model.image_vocab_size, guidance=guidance)
+    return sequence[:row_count, t:]
 
 
 def _decode(model, ops, sequence: jax.Array, rng: jax.Array, *, shift: int, forced_until: int,
             phase_ends: tuple[int, ...], init_cache, filters: dict, batch_size: int,
-            row_start: jax.Array, vocab: int) -> jax.Array:
+            row_start: jax.Array, vocab: int, guidance: float | None = None) -> jax.Array:
     """The decoding loop of both models: for each position i in [0, phase_ends[-1]),
     `model.decode_step(sequence[:, max(i + shift - 1, 0)], i, cache, ops)` gives the logits of
     sequence[:, i + shift], which keeps its value below `forced_until` (the prompt) and is
@@ -211,8 +227,11 @@ def _decode(model, ops, sequence: jax.Array, rng: jax.Array, *, shift: int, forc
 
     In phases, each with a cache only as long as its positions need (`init_cache(length)`,
     then zero-padded): the cache is a large part of each step's memory traffic, and the step
-    is bound by memory traffic."""
-    row_count = sequence.shape[0]
+    is bound by memory traffic.
+
+    With `guidance` s, sequence holds 2r rows, the conditional ones then their unconditional
+    twins: a code is drawn from u + s (c - u) for each pair and written into both."""
+    row_count = sequence.shape[0] // (1 if guidance is None else 2)
 
     def step(position, carry, noise):
         sequence, cache = carry
@@ -220,8 +239,13 @@ def _decode(model, ops, sequence: jax.Array, rng: jax.Array, *, shift: int, forc
         token = jax.lax.dynamic_index_in_dim(sequence, jnp.maximum(target - 1, 0), axis=1,
                                              keepdims=False)  # [rows]
         logits, cache = model.decode_step(token, position, cache, ops)  # [rows, vocab]
+        if guidance is not None:
+            conditional, unconditional = logits[:row_count], logits[row_count:]
+            logits = unconditional + guidance * (conditional - unconditional)
         logits = filter_logits(logits, **filters)
         drawn = jnp.argmax(logits + noise(position), axis=-1)  # jax.random.categorical's draw
+        if guidance is not None:
+            drawn = jnp.concatenate([drawn, drawn])
         kept = jax.lax.dynamic_index_in_dim(sequence, target, axis=1, keepdims=False)
         token = jnp.where(target < forced_until, kept, drawn.astype(jnp.int32))
         return jax.lax.dynamic_update_slice(sequence, token[:, None], (0, target)), cache

@@ -154,6 +154,48 @@ def test_generation_keeps_the_prompt_and_follows_the_model(model, batch, forward
     np.testing.assert_array_equal(part, np.asarray(drawn)[1:])
 
 
+def test_guided_generation_draws_from_the_mixed_logits_of_caption_and_empty_caption(
+        model, batch, forward):
+    """Classifier-free guidance: greedy codes are the argmax of u + s (c - u), with c the
+    logits given the caption and u those given the empty caption (every position a pad)."""
+    text, _ = batch
+    scale = 3.0
+    codes = generate(model, jax.random.key(1), text, top_k=1, guidance_scale=scale)
+    _, conditional = forward(model, text, codes)
+    _, unconditional = forward(model, jnp.full_like(text, PAD_ID), codes)
+    guided = unconditional + scale * (conditional - unconditional)
+    np.testing.assert_array_equal(codes, jnp.argmax(guided, -1))
+    assert (np.asarray(codes) != np.asarray(generate(model, jax.random.key(1), text,
+                                                     top_k=1))).any()
+    np.testing.assert_array_equal(  # s = 1 is plain conditional sampling
+        generate(model, jax.random.key(4), text, guidance_scale=1.0),
+        generate(model, jax.random.key(4), text))
+    with pytest.raises(ValueError, match='guidance_scale'):
+        generate(model, jax.random.key(0), text, guidance_scale=-1.0)
+
+
+def test_caption_dropout_trains_on_the_empty_caption(model, batch):
+    from pixelgen.tasks.dalle import DalleLoss
+    text, image = batch
+    config = parse_config_args(['--config', TINY])[0]
+    with config.unlocked():
+        config.loss.caption_dropout = 0.999999
+    dropped, _ = nnx.jit(lambda m, b: DalleLoss(config).loss(m, b, jax.random.key(0)))(
+        model, {'text': text, 'image': image})
+    with config.unlocked():
+        config.loss.caption_dropout = 0.0
+    empty, _ = nnx.jit(lambda m, b: DalleLoss(config).loss(m, b, None))(
+        model, {'text': jnp.full_like(text, PAD_ID), 'image': image})
+    kept, _ = nnx.jit(lambda m, b: DalleLoss(config).loss(m, b, None))(
+        model, {'text': text, 'image': image})
+    np.testing.assert_allclose(dropped, empty, rtol=1e-6)
+    assert abs(float(kept) - float(empty)) > 1e-3
+    with config.unlocked():
+        config.loss.caption_dropout = 1.0
+    with pytest.raises(ConfigError, match='caption_dropout'):
+        DalleLoss(config)
+
+
 def test_top_k_and_top_p_filtering():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     kept = np.isfinite(np.asarray(filter_logits(logits, top_p=0.7)))
@@ -255,6 +297,20 @@ def test_sample_cli_writes_a_grid_and_warns_on_long_prompts(trained, capsys, tmp
     assert sample.main(['--workdir', trained['workdir'], '--prime_index', '0', '--prime_rows',
                         '1', '--num', '4', '--out', out]) == 0
     assert len(os.listdir(out)) == 2
+    # --out naming a PNG is the grid; --out_dir gets each image; guidance draws other images.
+    grid, each = str(tmp_path / 'g' / 'grid.png'), str(tmp_path / 'each')
+    for scale, name in (('1', 'grid.png'), ('3', 'guided.png')):
+        assert sample.main(['--workdir', trained['workdir'], '--prompt', 'a large red star',
+                            '--num', '3', '--out', str(tmp_path / 'g' / name),
+                            '--out_dir', each + scale, '--guidance_scale', scale]) == 0
+    assert sorted(os.listdir(tmp_path / 'g')) == ['grid.png', 'guided.png']
+    assert sorted(os.listdir(each + '1')) == [f'a_large_red_star_00{i}.png' for i in range(3)]
+    with Image.open(grid) as g, Image.open(os.path.join(each + '1', 'a_large_red_star_001.png')
+                                           ) as tile:
+        scale = -(-64 // tile.size[0])  # make_grid enlarges tiles to at least 64 pixels
+        big = tile.size[0] * scale
+        np.testing.assert_array_equal(  # the second tile of the grid (2-pixel gaps)
+            np.asarray(g)[2:2 + big:scale, 4 + big:4 + 2 * big:scale], np.asarray(tile))
     with pytest.raises(SystemExit):  # --top ranks by CLIP: refused without a CLIP workdir
         sample.main(['--workdir', trained['workdir'], '--prompt', 'a red star', '--num', '4',
                      '--top', '2'])

@@ -4,13 +4,14 @@
         [--option captions=holdout|test] [--option samples=8] [--option clip_workdir=C]
         [--option top=2] [--option dvae_workdir=D] [--option data_dir=TFDS_DIR]
         [--option classifier_images=3000] [--option temperature=1] [--option top_k=K]
-        [--option top_p=P] [--option seed=0]
+        [--option top_p=P] [--option guidance_scale=S] [--option seed=0]
 
 For a model trained on codes of the `shapes` dataset. Captions are one-object captions
 "a {size} {colour} {shape}": with captions=holdout (the default when the config holds phrases
 out) every size of every held-out colour/shape pair, which training never saw together;
 with captions=test the one-object captions of the test split. Each caption gets `samples`
-images (decoded by the dVAE); with clip_workdir, CLIP keeps the best `top` of them.
+images (decoded by the dVAE); with clip_workdir, CLIP keeps the best `top` of them. With
+guidance_scale S != 1 they are drawn with classifier-free guidance (`sampling.generate`).
 
 An image's attributes are read by a classifier fitted on `shapes` training images: colour =
 the palette colour nearest the mean of the pixels that differ from the border's median
@@ -146,7 +147,8 @@ def attribute_accuracy(ctx) -> dict[str, float]:
         codes = generate(model, jax.random.fold_in(rng, i), jnp.asarray(text),
                          temperature=float(options.get('temperature', 1.0)),
                          top_k=int(options['top_k']) if 'top_k' in options else None,
-                         top_p=float(options['top_p']) if 'top_p' in options else None)
+                         top_p=float(options['top_p']) if 'top_p' in options else None,
+                         guidance_scale=float(options.get('guidance_scale', 1.0)))
         side = model.grid_size
         pictures = to_uint8(decode_codes(dvae, codes.reshape(samples, side, side)))
         if clip is not None:

@@ -121,10 +121,20 @@ class DalleLoss:
     def __init__(self, config):
         self.text_weight = float(config.loss.text_weight)
         self.image_weight = float(config.loss.image_weight)
+        self.caption_dropout = float(config.loss.caption_dropout)
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError(f'loss.caption_dropout={self.caption_dropout} must be in [0, 1): '
+                              'the share of captions replaced by the empty caption.')
 
     def loss(self, model: DallE, batch: dict, rng: jax.Array,
              step: jax.Array | None = None) -> tuple[jax.Array, dict]:
-        del rng, step  # deterministic given the batch (BPE dropout happens in the pipeline)
+        """With loss.caption_dropout p, each row's caption is the empty one (every position
+        its pad) with probability p, so the model also learns p(image) alone: what
+        classifier-free guidance (`sampling.generate(guidance_scale=...)`) contrasts with."""
+        del step
+        if self.caption_dropout:
+            dropped = jax.random.bernoulli(rng, self.caption_dropout, (batch['text'].shape[0],))
+            batch = {**batch, 'text': jnp.where(dropped[:, None], PAD_ID, batch['text'])}
         sums = nll_sums(model, batch, jnp.ones(batch['text'].shape[0]))
         metrics = combine(sums, self.text_weight, self.image_weight)
         if 'truncated' in batch:
