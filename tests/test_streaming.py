@@ -377,3 +377,29 @@ def test_shards_on_gcs_stream_like_local_ones(tmp_path):
         it = streaming.StreamIterator(source, local_batch=5, seed=3, host=0, hosts=1,
                                       prepare=lambda e: {'key': e['key']})
         assert remote[kind] == [str(k) for _ in range(6) for k in next(it)['key']]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config_file', ['igpt_shapes.py', 'dvae_shapes.py'])
+def test_igpt_and_dvae_train_from_streamed_shards(tmp_path, config_file):
+    """iGPT fits its palette on the stream's images; both train and evaluate on held-out
+    shards, keeping images without a caption."""
+    from pixelgen import trainer
+    records = pairs(48)
+    for r in records[::3]:
+        r['txt'] = None
+    dataset = write_shards(tmp_path / 'w', records, per_shard=6, kind='webdataset')
+    config, rest = parse_config_args([
+        '--config', os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                 config_file) + ':tiny',
+        f'--config.data.dataset={dataset}', '--config.data.eval_shard_fraction=0.25',
+        '--config.total_steps=3', '--config.checkpoint_every_steps=3',
+        '--config.optimizer.warmup_steps=1', '--config.sample_every_steps=100',
+        '--config.eval_examples=8'])
+    assert not rest
+    result = trainer.train(config, str(tmp_path / 'run'))
+    test_metric = 'test/psnr' if config.task == 'dvae' else 'test/loss'
+    assert np.isfinite(result['train/loss']) and np.isfinite(result[test_metric])
+    state = json.loads((tmp_path / 'run' / 'checkpoints' / '3' / 'data' /
+                        'process_0-of-1.json').read_text())
+    assert state['slots'][0]['skipped']['no_caption'] == 0
