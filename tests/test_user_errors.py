@@ -325,3 +325,11 @@ def test_non_finite_message_names_the_checkpoint_a_rerun_starts_from(last_saved,
         _check_finite(metrics, 9, last_saved, ConfigDict({'skip_nonfinite_updates': 0}),
                       Manager())
     assert says in str(e.value) and 'None' not in str(e.value)
+
+
+def test_truncated_clip_config_names_the_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'src').mkdir()
+    (tmp_path / 'src' / 'config.json').write_text('{"text_config": {"hidden')
+    line = user_error(convert_main, ['--from', 'hf-clip', '--src', str(tmp_path / 'src'),
+                                     '--workdir', str(tmp_path / 'out')], monkeypatch, capsys)
+    assert f'{tmp_path}/src/config.json is not valid JSON' in line

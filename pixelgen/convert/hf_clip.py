@@ -22,7 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from pixelgen import assets, storage
 from pixelgen.config import ConfigError
 from pixelgen.convert import save_workdir
-from pixelgen.convert._tensors import read_tensor_file
+from pixelgen.convert._tensors import ConversionError, read_tensor_file
 from pixelgen.data.text import TextTokenizer
 from pixelgen.models.clip import OPENAI_MEAN, OPENAI_STD
 from pixelgen.tasks.clip import TOKENIZER_FILE, base_config, build_model
@@ -237,18 +237,26 @@ def load_model(src: str):
         raise FileNotFoundError(f'{src} has no config.json; pass the folder that '
                                 'CLIPModel.save_pretrained wrote.')
     with open(path) as f:
-        hf = json.load(f)
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConversionError(f'{path} is not valid JSON (line {e.lineno}: {e.msg}); it is '
+                                  'truncated or damaged. Download it again.') from e
     config = config_from_hf(hf, src)
     model = build_model(config, nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     expected = nnx.to_pure_dict(state)
-    loaded = params_from_hf(read_state_dict(src), config)
+    try:
+        loaded = params_from_hf(read_state_dict(src), config)
+    except KeyError as e:
+        raise ConversionError(f'{src}: tensor {e} is missing from the checkpoint; --src must be '
+                              'a folder that CLIPModel.save_pretrained wrote.') from e
 
     def check(path, want, got):
         if np.shape(want) != np.shape(got):
-            raise ValueError(f'{src}: parameter {"/".join(map(str, path))} has shape '
-                             f'{np.shape(got)} in the checkpoint but {np.shape(want)} in the '
-                             'model its config.json describes.')
+            raise ConversionError(f'{src}: parameter {"/".join(map(str, path))} has shape '
+                                  f'{np.shape(got)} in the checkpoint but {np.shape(want)} in the '
+                                  'model its config.json describes.')
     import jax
     jax.tree_util.tree_map_with_path(check, expected, loaded)
     nnx.replace_by_pure_dict(state, loaded)
