@@ -106,6 +106,8 @@ def test_patterns_expand_ranges_alternatives_and_globs(tmp_path):
         '00000.tar', '00001.tar', '00002.tar']
     with pytest.raises(DataError, match='matches no file'):
         streaming.list_shards(f'{tmp_path}/*.zip')
+    with pytest.raises(DataError, match=r'1 of the 4 shards .* e.g. .*00003.tar'):
+        streaming.list_shards(f'{tmp_path}/{{00000..00003}}.tar')
     assert streaming.is_streaming('webdataset:/a/*.tar') and not streaming.is_streaming('shapes')
 
 

@@ -91,12 +91,17 @@ def _glob(pattern: str) -> list[str]:
 
 
 def list_shards(pattern: str) -> list[str]:
-    """The shard paths a pattern names, sorted. Brace-expanded names without glob characters
-    are taken as written (no listing; a missing one fails when it is read)."""
+    """The shard paths a pattern names, sorted. Brace-expanded URLs without glob characters
+    are taken as written (no listing; a missing one fails when it is read); local ones are
+    checked here."""
     shards = sorted({path for p in expand_braces(pattern) for path in _glob(p)})
     if not shards:
         raise DataError(f'The pattern {pattern!r} matches no file. Check the path; patterns '
                         'take globs (shards/*.tar) and ranges (shards/{00000..00127}.tar).')
+    missing = [p for p in shards if '://' not in p and not os.path.exists(p)]
+    if missing:
+        raise DataError(f'{len(missing)} of the {len(shards)} shards that {pattern!r} names do '
+                        f'not exist, e.g. {missing[0]}. Fix the range or use a glob.')
     return shards
 
 
