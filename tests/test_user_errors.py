@@ -333,3 +333,25 @@ def test_truncated_clip_config_names_the_file(tmp_path, monkeypatch, capsys):
     line = user_error(convert_main, ['--from', 'hf-clip', '--src', str(tmp_path / 'src'),
                                      '--workdir', str(tmp_path / 'out')], monkeypatch, capsys)
     assert f'{tmp_path}/src/config.json is not valid JSON' in line
+
+
+def test_a_tokenizer_is_checked_like_a_palette(tmp_path):
+    """`pixelgen.assets` on its own: written with a digest, refused when changed, optional
+    where a workdir may lack it (a CLIP converted without its tokenizer)."""
+    from pixelgen import assets
+    workdir = str(tmp_path)
+    what = 'the tokenizer'
+    assert assets.read(workdir, 'tokenizer.json', what=what) is None  # a new run: none yet
+    os.makedirs(os.path.join(workdir, 'checkpoints', '0'))
+    with pytest.raises(assets.AssetError, match='tokenizer.json is missing'):
+        assets.check(workdir, 'tokenizer.json', what=what)
+    assert not assets.check(workdir, 'tokenizer.json', what=what, required=False)
+    assets.write(workdir, 'tokenizer.json', b'{"model": 1}')
+    assert assets.read(workdir, 'tokenizer.json', what=what) == b'{"model": 1}'
+    (tmp_path / 'tokenizer.json').write_bytes(b'{"model": 2}')
+    for required in (True, False):
+        with pytest.raises(assets.AssetError, match='tokenizer.json has changed'):
+            assets.check(workdir, 'tokenizer.json', what=what, required=required)
+    (tmp_path / 'tokenizer.json').unlink()  # recorded, so missing even where optional
+    with pytest.raises(assets.AssetError, match='tokenizer.json is missing'):
+        assets.check(workdir, 'tokenizer.json', what=what, required=False)
