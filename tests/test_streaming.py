@@ -319,6 +319,9 @@ def test_random_access_in_name_order_is_safe_from_grain_threads(tmp_path):
     dataset = write_shards(tmp_path / 'w', records, per_shard=5, kind='webdataset')
     source = streaming.StreamingSource(dataset, 'train', eval_dataset=dataset)
     assert len(source) == 24
+    first = streaming.list_shards(dataset.split(':', 1)[1])[0]
+    open(first[:-4] + '_stats.json', 'w').write(json.dumps({'successes': 7, 'failed': 2}))
+    assert streaming.shard_size('webdataset', first) == 7  # img2dataset's count: no scan
     expected = [r['key'] for r in records]
     expected[5] = expected[6]  # a record that does not decode gives the next usable one
     ds = grain.MapDataset.source(source).map(lambda e: e['key'])

@@ -181,6 +181,12 @@ def shard_size(kind: str, path: str) -> int:
         import pyarrow.parquet as pq
         with epath.Path(path).open('rb') as f:
             return pq.ParquetFile(f).metadata.num_rows
+    stats = epath.Path(re.sub(r'\.tar$', '', path) + '_stats.json')
+    if stats.exists():
+        try:
+            return int(json.loads(stats.read_text())['successes'])
+        except (ValueError, KeyError, TypeError):
+            pass  # not img2dataset's: count
     return sum(1 for _ in _tar_records(path, 0))
 
 
