@@ -409,17 +409,24 @@ class StreamIterator:
                           indent=1).encode()
 
     def set_state(self, state: bytes) -> None:
+        """Resumes at a saved position. Saved with other shards, `data.num_workers` or host
+        count, it cannot be mapped exactly: the stream then restarts the earliest epoch any
+        slot was in, over the shards it has now, and says so (the checkpoint stays good)."""
         state = json.loads(state)
         saved = (state['shards'], state['slots_per_host'], state['hosts'])
         here = (len(self._source.shards), self._slots_per_host, self._hosts)
-        if saved != here:
-            raise DataError(
-                f'The checkpoint\'s data position was saved with {saved[0]} shards, '
-                f'{saved[1]} decoding slot(s) per host (data.num_workers) and {saved[2]} '
-                f'host(s); this run has {here[0]}, {here[1]} and {here[2]}. An exact resume '
-                'needs the same shards, data.num_workers and host count.')
         self.close()
-        self._states, self._next_slot = state['slots'], state['next_slot']
+        if saved == here:
+            self._states, self._next_slot = state['slots'], state['next_slot']
+            return
+        epoch = min(s['epoch'] for s in state['slots'])
+        print(f'[data] WARNING: the checkpoint\'s data position was saved with {saved[0]} '
+              f'shards, {saved[1]} decoding slot(s) per host (data.num_workers) and {saved[2]} '
+              f'host(s); this run has {here[0]}, {here[1]} and {here[2]}. An exact resume '
+              f'needs the same three; host {self._host} restarts epoch {epoch} instead.',
+              flush=True)
+        self._states = [dict(new_slot_state(), epoch=epoch) for _ in self._states]
+        self._next_slot = 0
 
 
 # The source --------------------------------------------------------------------------------
