@@ -409,3 +409,26 @@ def test_igpt_and_dvae_train_from_streamed_shards(tmp_path, config_file):
     state = json.loads((tmp_path / 'run' / 'checkpoints' / '3' / 'data' /
                         'process_0-of-1.json').read_text())
     assert state['slots'][0]['skipped']['no_caption'] == 0
+
+
+@pytest.mark.slow
+def test_dvae_encode_reads_a_streamed_source_in_name_order(tmp_path):
+    from flax import nnx
+
+    from pixelgen import dvae
+    from pixelgen.config import load_config_file
+    from pixelgen.tasks import dvae as dvae_task
+    records = pairs(20)
+    records[3] = {**records[3], 'jpg': b'broken'}
+    dataset = write_shards(tmp_path / 'w', records, per_shard=5, kind='webdataset')
+    config = load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                           'dvae_shapes.py') + ':tiny')
+    model = dvae_task.build_model(config, nnx.Rngs(0))
+    source = pipeline.open_source(dataset, 'train')  # 3 training shards, 1 held out
+    out = list(dvae.encode_source(model, source, image_size=config.data.image_size,
+                                  batch_size=4))
+    captions = [r['txt'] for r in records[:15]]
+    captions[3] = captions[4]  # the broken record gives the next usable one
+    assert [o['caption'] for o in out] == captions
+    side = config.data.image_size // model.downsampling
+    assert all(o['codes'].shape == (side, side) for o in out)
