@@ -44,6 +44,7 @@ def get_config(arg=None):
     c.data.train_split = 'train'
     c.data.eval_split = 'validation'
     c.data.image_size = 256
+    c.data.holdout_phrases = ()    # training drops images whose caption contains any of them
     c.data.num_threads = 16
     c.data.prefetch = 8
     add_stream_config(c.data, captions=False)  # webdataset: / parquet: (docs/data.md)

@@ -41,6 +41,7 @@ def get_config(arg=None):
     c.data.train_split = 'train'
     c.data.eval_split = 'test'
     c.data.image_size = 64
+    c.data.holdout_phrases = ()    # training drops images whose caption contains any of them
     c.data.num_threads = 2
     c.data.prefetch = 4
     add_stream_config(c.data, captions=False)  # webdataset: / parquet: (docs/data.md)

@@ -64,6 +64,22 @@ def test_eval_batches_pad_the_last_batch_with_mask_zero(source):
     assert sum(b['mask'].sum() for b in batches) == 10
 
 
+def test_holdout_phrases_split_a_source_by_caption(source):
+    """The held-out pairs: left out of training (dVAE, CLIP, DALL·E), kept for evaluation."""
+    first = pipeline.Subset(source, np.arange(200))
+    phrases = ('red star', 'blue circle')
+    train = pipeline.without_phrases(first, phrases)
+    held = pipeline.with_phrases(first, phrases)
+    assert len(train) + len(held) == 200 and len(held) > 0
+    assert not any(p in train[i]['caption'].decode().lower() for i in range(len(train))
+                   for p in phrases)
+    assert all(any(p in held[i]['caption'].decode().lower() for p in phrases)
+               for i in range(len(held)))
+    assert pipeline.without_phrases(first, ()) is first
+    with pytest.raises(pipeline.DataError, match='No example'):
+        pipeline.with_phrases(first, ('a striped unicorn',))
+
+
 @pytest.mark.slow
 def test_unknown_and_unprepared_datasets_say_what_to_do(tmp_path, data_dir):
     with pytest.raises(pipeline.DataError, match='nor a tfds catalog name'):

@@ -81,6 +81,48 @@ def open_split(data, which: str):
     return source
 
 
+class Subset:
+    """Rows `indices` of a random-access source."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._source[int(self._indices[index])]
+
+
+def without_phrases(source, phrases, caption_key: str = 'caption'):
+    """The examples of `source` whose caption contains none of `phrases` (case-insensitive),
+    e.g. held-out colour/shape pairs that a DALL·E run, its dVAE and its CLIP must all never
+    see in training. The source itself when `phrases` is empty."""
+    return _by_phrases(source, phrases, caption_key, matching=False) if phrases else source
+
+
+def with_phrases(source, phrases, caption_key: str = 'caption'):
+    """The examples of `source` whose caption contains one of `phrases`: the held-out pairs'
+    test images, to evaluate on."""
+    return _by_phrases(source, phrases, caption_key, matching=True)
+
+
+def _by_phrases(source, phrases, caption_key: str, *, matching: bool):
+    if isinstance(source, streaming.StreamingSource):
+        raise DataError(f'data.holdout_phrases={tuple(phrases)} needs a random-access dataset; '
+                        'filter streamed shards before training instead.')
+    phrases = [p.lower() for p in phrases]
+
+    def text(value) -> str:
+        return (value.decode() if isinstance(value, bytes) else str(value)).lower()
+    keep = [i for i in range(len(source))
+            if any(p in text(source[i][caption_key]) for p in phrases) == matching]
+    if not keep:
+        raise DataError(f'No example of the dataset is {"with" if matching else "without"} the '
+                        f'phrases {tuple(phrases)} (data.holdout_phrases).')
+    return Subset(source, np.array(keep))
+
+
 def open_source(dataset: str, split: str, data_dir: str = ''):
     """A random-access source of one split: `len(src)` examples, `src[i]` a feature dict.
 

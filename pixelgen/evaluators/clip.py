@@ -2,6 +2,7 @@
 
     python -m pixelgen.evaluate --workdir runs/clip_shapes --eval zeroshot
         [--num_examples K] [--option split=test] [--option data_dir=DIR]
+        [--option captions=holdout]
 
 Each class is embedded as the normalised mean of its prompts' text embeddings (the paper's
 prompt ensembling, §3.1.4); an image is assigned the class of highest cosine similarity.
@@ -9,7 +10,9 @@ Which attributes are classified, their class names and their prompt templates de
 dataset: `shapes` -> the (first) object's shape and colour; `fashion_mnist` -> the garment;
 any other labelled tfds dataset -> its `label` names with generic photo prompts.
 Option templates=FILE (one template per line, {} for the class name) or templates=imagenet
-(the paper's 80 ImageNet templates) replaces the prompts of every attribute.
+(the paper's 80 ImageNet templates) replaces the prompts of every attribute. Option
+captions=holdout classifies only the images whose caption names one of the run's
+`data.holdout_phrases` (the pairs that training never saw).
 linear_probe and retrieval: see pixelgen/evaluators/clip_features.py.
 """
 
@@ -82,6 +85,8 @@ def zeroshot(ctx) -> dict[str, float]:
         templates = clip_features.load_templates(ctx.options['templates'])
         tasks = {name: dataclasses.replace(task, templates=templates)
                  for name, task in tasks.items()}
+    if ctx.options.get('captions', 'test') == 'holdout':
+        source = pipeline.with_phrases(source, d.holdout_phrases, d.caption_key)
     n = min(ctx.num_examples or len(source), len(source))
     start, end = parallel.host_range(n)  # each process classifies its own share
     examples = [source[i] for i in range(start, end)]

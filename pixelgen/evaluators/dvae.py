@@ -1,11 +1,14 @@
 """Eval-job evaluators of the dVAE: reconstruction quality and codebook usage, with a PNG.
 
   python -m pixelgen.evaluate --workdir W --eval reconstruction [--num_examples 1000]
+      [--option captions=holdout]
 
 For the `shapes` dataset it also reports whether the reconstructions are recognisably right:
 the colour and shape that the DALL·E evaluators' attribute classifier reads from the
 reconstructions of one-object test images (`color_accuracy`, `shape_accuracy`,
-`both_accuracy`; the classifier is right on 100% of real test images).
+`both_accuracy`; the classifier is right on 100% of real test images). With
+--option captions=holdout only the test images whose caption names one of the run's
+`data.holdout_phrases` are evaluated: the pairs that training never saw.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax
 import numpy as np
 
 from pixelgen import parallel, storage
+from pixelgen.config import ConfigError
 from pixelgen.data import pipeline
 from pixelgen.evaluators import EvalContext
 
@@ -33,6 +37,11 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
     model, config = ctx.loaded.model, ctx.loaded.config
     d = config.data
     source = pipeline.open_source(d.dataset, d.eval_split, d.data_dir)
+    if ctx.options.get('captions', 'test') == 'holdout':
+        source = pipeline.with_phrases(source, d.holdout_phrases)
+    elif ctx.options.get('captions', 'test') != 'test':
+        raise ConfigError(f'--option captions={ctx.options["captions"]!r}: expected test (the '
+                          'whole split) or holdout (its images of data.holdout_phrases).')
     n = min(len(source), ctx.num_examples) if ctx.num_examples else len(source)
     decode = compiled(model, 'decode')
     counts = np.zeros(model.codebook_size, np.int64)

@@ -53,6 +53,7 @@ def base_config() -> ConfigDict:
     c.data.eval_split = 'test'
     c.data.image_size = 64         # shapes' own size: 8x8 patches of 8 pixels
     c.data.caption_key = 'caption'
+    c.data.holdout_phrases = ()    # training drops captions containing any (as DALL·E's)
     c.data.tokenizer = ''          # '' = train a BPE on the captions; or a folder holding
     #                                CLIP's vocab.json + merges.txt (then model.eot_id=49407)
     c.data.tokenizer_train_captions = 10000
@@ -207,7 +208,8 @@ class CLIPTask(CLIPLoss):
         validate_config(config)  # before any data is built
         self.config, self.workdir = config, workdir
         d = config.data
-        self.train_source = pipeline.open_split(d, 'train')
+        self.train_source = pipeline.without_phrases(pipeline.open_split(d, 'train'),
+                                                     d.holdout_phrases, d.caption_key)
         self.eval_source = pipeline.open_split(d, 'eval')
         self.tokenizer = load_or_make_tokenizer(config, workdir, self.train_source)
         m = config.model

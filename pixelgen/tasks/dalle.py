@@ -147,19 +147,6 @@ def make_loss(config) -> DalleLoss:
 
 
 # Data -----------------------------------------------------------------------------------
-class Subset:
-    """Rows `indices` of a random-access source."""
-
-    def __init__(self, source, indices: np.ndarray):
-        self._source, self._indices = source, np.asarray(indices)
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def __getitem__(self, index: int) -> dict:
-        return self._source[int(self._indices[index])]
-
-
 def captions_of(source) -> list[str]:
     return [source[i]['caption'] for i in range(len(source))]
 
@@ -247,7 +234,8 @@ class DalleTask(DalleLoss):
         if not keep.any():
             raise ConfigError(f'data.holdout_phrases={tuple(d.holdout_phrases)} leaves no '
                               'training caption. Hold out fewer phrases.')
-        self.train_source = Subset(source, np.flatnonzero(keep)) if not keep.all() else source
+        self.train_source = (pipeline.Subset(source, np.flatnonzero(keep)) if not keep.all()
+                             else source)
         train_captions = [c for c, k in zip(captions, keep, strict=True) if k]
         self.tokenizer = load_or_train_tokenizer(config, workdir, train_captions)
         truncated = self.tokenizer.encode(train_captions, m.text_len,

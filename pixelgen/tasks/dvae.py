@@ -238,7 +238,8 @@ class DVAETask(DVAELoss):
         super().__init__(config)
         self.config, self.workdir = config, workdir
         d = config.data
-        self.train_source = pipeline.open_split(d, 'train')
+        self.train_source = pipeline.without_phrases(pipeline.open_split(d, 'train'),
+                                                     d.holdout_phrases)
         self.eval_source = pipeline.open_split(d, 'eval')
         self.tokens_per_example = d.image_size ** 2  # throughput is counted in pixels
 
