@@ -169,12 +169,13 @@ class Lease:
         """Takes the lock, taking over a stale one with a message; WorkdirLockedError if a
         live trainer holds it."""
         for _ in range(5):
-            if self._create(self._record()):
-                self._start_heartbeat()
-                return
+            # Read first, then create only if absent: the precondition alone decides a race.
             found = self._read()
-            if found is None:  # released meanwhile
-                continue
+            if found is None:
+                if self._create(self._record()):
+                    self._start_heartbeat()
+                    return
+                continue  # another trainer created it meanwhile: judge that one
             holder, version = found
             reason = stale_reason(holder, self.stale_minutes)
             if reason is None:
