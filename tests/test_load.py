@@ -56,6 +56,9 @@ def delete_optimizer_state(workdir: str, step: int) -> list[str]:
     removed = sorted(f for f in optimizer_files - other_files if f)
     for name in removed:
         os.remove(os.path.join(state_dir, name))
+    # The checkpoint no longer matches the file digest written with it: drop the digest, as
+    # anyone editing a checkpoint must (its arrays' checksums still verify what is read).
+    os.remove(os.path.join(workdir, 'checkpoints', str(step), checkpoint.DIGEST_FILE))
     return removed
 
 
