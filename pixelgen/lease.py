@@ -224,14 +224,19 @@ class Lease:
             storage.remove(self.path)
 
 
+def check_stale_minutes(stale_minutes: float) -> None:
+    """ConfigError unless `stale_minutes` (--lock_stale_minutes) is positive."""
+    if not stale_minutes > 0:
+        from pixelgen.config import ConfigError
+        raise ConfigError(f'--lock_stale_minutes={stale_minutes:g} must be positive (default '
+                          f'{STALE_MINUTES:g}).')
+
+
 @contextlib.contextmanager
 def hold(workdir: str, stale_minutes: float = STALE_MINUTES) -> Iterator[Lease | None]:
     """The workdir's lock for the duration of the block: process 0 takes it for the whole
     job, and every process raises WorkdirLockedError if it could not."""
-    if stale_minutes <= 0:
-        from pixelgen.config import ConfigError
-        raise ConfigError(f'--lock_stale_minutes={stale_minutes:g} must be positive (default '
-                          f'{STALE_MINUTES:g}).')
+    check_stale_minutes(stale_minutes)
     lease, error = None, None
     if jax.process_index() == 0:
         lease = Lease(workdir, stale_minutes)

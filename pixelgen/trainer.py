@@ -369,6 +369,7 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     t_start = time.perf_counter()
     validate_loop_config(config)
     tasks.validate(config)  # every config check before anything is written
+    lease.check_stale_minutes(lock_stale_minutes)
     checkpoint.probe_workdir(workdir)  # before anything (data, palette) is written there
     with lease.hold(workdir, lock_stale_minutes):  # one trainer per workdir
         return _train(config, workdir, t_start, stop_after, restore_step, overwrite_later)

@@ -120,11 +120,16 @@ def test_the_holder_beats_its_heartbeat_and_removes_its_lock(tmp_path):
     assert not os.path.exists(path)
 
 
-def test_lock_stale_minutes_must_be_positive(tmp_path):
+def test_lock_stale_minutes_must_be_positive_and_is_checked_before_anything_is_written(
+        tmp_path):
+    from conftest import TINY
+
+    from pixelgen import train
     from pixelgen.config import ConfigError
-    with pytest.raises(ConfigError, match='--lock_stale_minutes=0 must be positive'), \
-            lease.hold(str(tmp_path), 0):
-        pass
+    workdir = tmp_path / 'w'
+    with pytest.raises(ConfigError, match='--lock_stale_minutes=0 must be positive'):
+        train.main(['--config', TINY, '--workdir', str(workdir), '--lock_stale_minutes', '0'])
+    assert not workdir.exists()
 
 
 @pytest.mark.slow
