@@ -117,6 +117,7 @@ def test_released_looped_weights_finetune_a_scanned_model_and_back(data_dir, pre
     scanned_config = with_layout(load_saved_config(pretrained_workdir), True, pretrained_workdir)
     scanned_workdir = str(tmp_path / 'scanned')
     save_workdir(scanned_config, finetuned_model(scanned_config), scanned_workdir)
+    palette_lib.save_palette(source.palette, scanned_workdir)  # an iGPT workdir has its palette
     looped = finetune(scanned_workdir, False)
     np.testing.assert_array_equal(looped.transformer.blocks[1].mlp.fc.kernel[...],
                                   source.model.transformer.blocks[1].mlp.fc.kernel[...])

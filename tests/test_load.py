@@ -78,6 +78,9 @@ def saved_workdir(path, *overrides: str, state=None) -> str:
     manager.wait_until_finished()
     manager.close()
     save_config(config, workdir)
+    from pixelgen.data.palette import save_palette  # training writes it before any checkpoint
+    save_palette(np.linspace(-1, 1, config.data.palette_size * 3, dtype=np.float32).reshape(
+        -1, 3), workdir)
     return workdir
 
 
