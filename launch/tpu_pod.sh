@@ -8,7 +8,8 @@
 #   1. reuse the TPU VM slice NAME if it is READY, else create it
 #      (gcloud compute tpus tpu-vm create NAME --zone ZONE --accelerator-type TYPE --version V)
 #   2. on every worker (--worker=all): make a Python venv ~/pixelgen_venv (uv, Python 3.12),
-#      put the source in ~/pixelgen_src/pixelgen and pip install it with jax[tpu]; the source is
+#      put the source in ~/pixelgen_src/pixelgen and pip install it with its [tpu] extra (the
+#      jax and libtpu pair tested together); the source is
 #      either --repo (pip install -e 'git+URL@REF') or a tarball of this checkout (tracked and
 #      untracked files that git does not ignore, uncommitted edits included) copied with
 #      gcloud compute tpus tpu-vm scp --worker=all
@@ -172,18 +173,17 @@ if [[ -n $repo ]]; then
   pip_url=$repo
   [[ $pip_url == git+* ]] || pip_url="git+$pip_url"
   [[ $pip_url == *'#egg='* ]] || pip_url="$pip_url#egg=pixelgen"
-  # pip clones into ~/pixelgen_src/pixelgen (configs/ included) and installs it editable.
-  get_source=''
-  install_source="--src \"\$HOME/pixelgen_src\" --exists-action w -e $(shquote "$pip_url")"
+  # pip clones into ~/pixelgen_src/pixelgen (configs/ included); installed below with [tpu].
+  get_source="$remote_venv/bin/python -m pip install -q --no-deps --src \"\$HOME/pixelgen_src\" --exists-action w -e $(shquote "$pip_url") && "
 else
   get_source="rm -rf $remote_src && mkdir -p $remote_src && tar -xzf \"\$HOME/$remote_tarball\" -C $remote_src && "
-  install_source="-e $remote_src"
 fi
+remote_src_tpu="\"\$HOME/pixelgen_src/pixelgen[tpu]\""  # with the tested jax and libtpu
 setup_cmd="set -euo pipefail; export PATH=\"\$HOME/.local/bin:\$PATH\"; "
 setup_cmd+="command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; "
 setup_cmd+="[ -x $remote_venv/bin/python ] || uv venv --seed --python $(shquote "$python_version") $remote_venv; "
-setup_cmd+="$get_source$remote_venv/bin/python -m pip install -q -U pip && "
-setup_cmd+="$remote_venv/bin/python -m pip install -q -U \"jax[tpu]\" $install_source"
+setup_cmd+="$remote_venv/bin/python -m pip install -q -U pip && $get_source"
+setup_cmd+="$remote_venv/bin/python -m pip install -q -e $remote_src_tpu"
 
 run_env=()
 if [[ -n $data_dir ]]; then
@@ -222,7 +222,7 @@ if [[ $dry_run -eq 1 ]]; then
       scp_cmd LOCAL_TARBALL
       printf '%s\n' "$(join_quoted "${scp[@]}")"
     fi
-    printf '# install pixelgen and jax[tpu] on every worker\n'
+    printf '# install pixelgen[tpu] (the tested jax and libtpu) on every worker\n'
     printf '%s\n' "$(join_quoted "${setup[@]}")"
   fi
   printf '# train on every worker\n'
