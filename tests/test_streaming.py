@@ -432,3 +432,24 @@ def test_dvae_encode_reads_a_streamed_source_in_name_order(tmp_path):
     assert [o['caption'] for o in out] == captions
     side = config.data.image_size // model.downsampling
     assert all(o['codes'].shape == (side, side) for o in out)
+
+
+def test_augmentation_is_seeded_by_the_place_in_the_stream(tmp_path):
+    dataset = write_shards(tmp_path / 'w', pairs(16), per_shard=4, kind='webdataset')
+    source = streaming.StreamingSource(dataset, 'train', eval_dataset=dataset)
+    augment = pipeline.random_crop_flip(crop_padding=4, flip=True)
+
+    def batches(state=None, n=3):
+        it = streaming.StreamIterator(source, local_batch=4, seed=1, host=0, hosts=1,
+                                      prepare=keep, augment=augment)
+        if state is not None:
+            it.set_state(state)
+        return it, [next(it)['image'] for _ in range(n)]
+
+    _, whole = batches(n=6)
+    first, head = batches(n=3)
+    _, tail = batches(first.get_state(), n=3)
+    for a, b in zip(whole, head + tail, strict=True):
+        np.testing.assert_array_equal(a, b)
+    plain = next(iterator(source, seed=1))['image']
+    assert not np.array_equal(whole[0], plain)  # the crops and flips did happen
