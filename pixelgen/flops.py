@@ -112,11 +112,10 @@ def _cpuinfo() -> dict[str, str]:
     for line in text.splitlines():
         key, _, value = line.partition(':')
         key, value = key.strip().lower(), value.strip()
-        if key in ('cpu mhz', 'bogomips'):
-            if key == 'cpu mhz':
-                mhz.append(float(value))
-            continue
-        info.setdefault(key, value)
+        if key == 'cpu mhz':
+            mhz.append(float(value))
+        else:
+            info.setdefault(key, value)
     try:
         with open('/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq') as f:
             mhz.append(int(f.read()) / 1000)
