@@ -270,3 +270,21 @@ def test_fifos_are_skipped_unopened_and_captions_of_skipped_images_counted(tmp_p
     assert counts['caption_of_skipped_image'] == 1
     assert counts['files_seen'] == 4  # the captions file is not counted
     assert counts['written_train'] + counts['written_test'] == 2
+
+
+def test_a_changed_folder_is_built_again_and_an_unchanged_one_reused(tmp_path):
+    root = tmp_path / 'grows'
+    image = _png(np.full((10, 10, 3), 9, np.uint8))
+    for i in range(4):
+        _write(str(root / f'{i}.png'), image)
+    data_dir = str(tmp_path / 'tfds')
+    first = ensure_built(f'image_folder:{root}', data_dir)
+    assert ensure_built(f'image_folder:{root}', data_dir).data_dir == first.data_dir
+    _write(str(root / '4.png'), image)  # an image added later
+    second = ensure_built(f'image_folder:{root}', data_dir)
+    assert second.data_dir != first.data_dir
+    sizes = {b.data_dir: sum(s.num_examples for s in b.info.splits.values())
+             for b in (first, second)}
+    assert sizes == {first.data_dir: 4, second.data_dir: 5}
+    os.utime(root / '0.png', ns=(1, 1))  # same names and sizes, another modification time
+    assert ensure_built(f'image_folder:{root}', data_dir).data_dir not in sizes

@@ -75,10 +75,26 @@ def folder_of(dataset: str) -> str:
 
 
 def config_name(folder: str) -> str:
-    """A tfds config name per folder: readable, and unique through a hash of the real path."""
+    """A tfds config name per folder and contents: readable, and unique through a hash of the
+    real path and of every file's name, size and modification time (`contents_digest`). A
+    folder that changed is a new config, built afresh, never the old build reused."""
     slug = re.sub(r'[^A-Za-z0-9_]+', '_', os.path.basename(folder))[:40] or 'root'
-    digest = hashlib.sha1(os.path.realpath(folder).encode()).hexdigest()[:10]
+    identity = os.path.realpath(folder) + '\n' + contents_digest(folder)
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:10]
     return f'{slug}-{digest}'
+
+
+def contents_digest(folder: str) -> str:
+    """A hash of the relative path, size and modification time of every file below `folder`
+    (hidden entries aside, links followed), read from the file system's metadata only."""
+    h = hashlib.sha1()
+    for rel in _walk(folder):
+        try:
+            st = os.stat(os.path.join(folder, rel))
+            h.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+        except OSError:  # a broken link or a file that vanished: its name still counts
+            h.update(f'{rel}\0-\n'.encode())
+    return h.hexdigest()
 
 
 class Report:
