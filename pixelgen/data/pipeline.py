@@ -11,6 +11,10 @@ Training batches come from a grain `MapDataset`: seeded shuffle (a fresh permuta
 epoch), repeat, this host's rows of each global batch, decode/resize, batch, task map,
 threaded prefetch. The iterator's state is saved in every checkpoint, so a resumed run sees
 the same batches.
+
+Streamed image–text shards ('webdataset:<pattern>', 'parquet:<pattern>') plug in at the same
+three places, `open_split` / `open_source`, `train_iterator` and `eval_batches`: see
+pixelgen/data/streaming.py. `add_stream_config` adds their config keys.
 """
 
 from __future__ import annotations
