@@ -453,3 +453,16 @@ def test_augmentation_is_seeded_by_the_place_in_the_stream(tmp_path):
         np.testing.assert_array_equal(a, b)
     plain = next(iterator(source, seed=1))['image']
     assert not np.array_equal(whole[0], plain)  # the crops and flips did happen
+
+
+def test_held_out_phrases_are_filtered_in_the_stream_and_counted(tmp_path):
+    dataset = write_shards(tmp_path / 'w', pairs(24), per_shard=24, kind='webdataset')
+    source = streaming.StreamingSource(dataset, 'train', eval_dataset=dataset)
+    train = pipeline.without_phrases(source, ('Red Square',))  # records 0, 4, 8, ...: red
+    it = iterator(train, batch=9)
+    captions = set(next(it)['caption'].tolist())
+    assert captions == {'a green square', 'a blue square', 'a yellow square'}
+    assert it.counts()['skipped']['held_out'] == 3
+    held = pipeline.with_phrases(source, ('red square',))
+    assert {str(c) for c in next(iterator(held, batch=4))['caption']} == {'a red square'}
+    assert pipeline.without_phrases(source, ()) is source and source.filters.exclude_phrases == ()

@@ -26,6 +26,8 @@ SKIP_REASONS = {
     'caption_length': 'caption outside [min_caption_length, max_caption_length]',
     'aspect_ratio': 'aspect ratio beyond max_aspect_ratio',
     'min_side': 'shorter side below min_image_side',
+    'held_out': 'caption with a held-out phrase (data.holdout_phrases), or without one where '
+                'only those are kept',
 }
 IMAGE_FIELDS = ('jpg', 'jpeg', 'png', 'webp')
 
@@ -42,8 +44,9 @@ class Filters:
     min 0 keeps images without a caption). max_aspect_ratio: longer side / shorter side
     (2.0 keeps 1:2 to 2:1, as the DALL·E paper; 0 = any). min_image_side: pixels of the
     shorter side before resizing. require_success_status: drop records whose img2dataset json
-    `status` is present and not 'success'. image_size: the side of the square the image is
-    centre-cropped and resized to (0 = the decoded image as it is).
+    `status` is present and not 'success'. exclude_phrases / require_phrases: lowercase
+    phrases a kept caption must not contain / must contain one of. image_size: the side of
+    the square the image is centre-cropped and resized to (0 = the decoded image as it is).
     """
     image_size: int = 0
     min_caption_length: int = 1
@@ -51,6 +54,8 @@ class Filters:
     max_aspect_ratio: float = 2.0
     min_image_side: int = 0
     require_success_status: bool = True
+    exclude_phrases: tuple[str, ...] = ()
+    require_phrases: tuple[str, ...] = ()
 
 
 def to_rgb_square(image: np.ndarray, size: int) -> np.ndarray:
@@ -106,6 +111,11 @@ def decode_pair(fields: dict, filters: Filters) -> tuple[dict | None, str]:
             return None, 'caption_length'
     if filters.max_caption_length and len(caption) > filters.max_caption_length:
         return None, 'caption_length'
+    if filters.exclude_phrases or filters.require_phrases:
+        lower = caption.lower()
+        if any(p in lower for p in filters.exclude_phrases) or (
+                filters.require_phrases and not any(p in lower for p in filters.require_phrases)):
+            return None, 'held_out'
     data = next((fields[k] for k in IMAGE_FIELDS if fields.get(k) is not None), None)
     if data is None:
         return None, 'no_image'

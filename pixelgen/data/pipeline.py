@@ -112,9 +112,10 @@ def with_phrases(source, phrases, caption_key: str = 'caption'):
 
 
 def _by_phrases(source, phrases, caption_key: str, *, matching: bool):
-    if isinstance(source, streaming.StreamingSource):
-        raise DataError(f'data.holdout_phrases={tuple(phrases)} needs a random-access dataset; '
-                        'filter streamed shards before training instead.')
+    if isinstance(source, streaming.StreamingSource):  # filtered as the shards stream
+        phrases = tuple(p.lower() for p in phrases)
+        return source.with_filters(**{'require_phrases' if matching else 'exclude_phrases':
+                                      phrases})
     phrases = [p.lower() for p in phrases]
 
     def text(value) -> str:

@@ -32,6 +32,8 @@ shards in name order (at least one), which training then never reads.
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
 import glob
 import itertools
 import json
@@ -489,6 +491,13 @@ class StreamingSource:
         self._reset_access()
 
     RECENT = 256
+
+    def with_filters(self, **changes) -> StreamingSource:
+        """This source with some of its `Filters` changed (e.g. exclude_phrases)."""
+        other = copy.copy(self)
+        other.filters = dataclasses.replace(self.filters, **changes)
+        other._reset_access()
+        return other
 
     def __repr__(self) -> str:
         return f'StreamingSource({self.dataset!r}, {self.split!r}, {len(self.shards)} shards)'
