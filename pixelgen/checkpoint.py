@@ -271,12 +271,17 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
     the result does not depend on how the array is sharded."""
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
+    bits = x.dtype.itemsize * 8
     if x.dtype == jnp.bool_:
         words = x.astype(jnp.uint32)
-    else:
-        bits = x.dtype.itemsize * 8
-        words = jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{bits}')).astype(jnp.uint32) \
-            if bits < 32 else jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif bits < 32:
+        words = jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{bits}')).astype(jnp.uint32)
+    elif bits == 32:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:  # [..., bits // 32] words: each weighted by an odd factor
+        parts = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        odd = jnp.arange(1, 2 * parts.shape[-1], 2, dtype=jnp.uint32)
+        words = jnp.sum(parts * odd, axis=-1, dtype=jnp.uint32)
     index = jnp.zeros(x.shape, jnp.uint32)  # the element's index in the whole array,
     stride = 1                              # built per axis so that no axis is gathered
     for axis in reversed(range(x.ndim)):
