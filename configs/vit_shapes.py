@@ -5,7 +5,8 @@
   python -m pixelgen.evaluate --workdir runs/vit_shapes --eval accuracy
 
 The label is `data.label_key` ('shape', 6 classes; or 'color', 'size').
-Variants: '' (default, a few minutes on 2 CPU cores), 'tiny' (for tests and smoke runs).
+Variants: '' (default: 64×64 images, 2400 steps, about 14 minutes on 2 busy CPU cores),
+'tiny' (for tests and smoke runs).
 """
 
 from pixelgen.tasks.vit import base_config

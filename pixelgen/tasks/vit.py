@@ -43,16 +43,16 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.task = 'vit'
     c.seed = 0
-    c.total_steps = 600
+    c.total_steps = 2400
     c.batch_size = 64
     c.grad_accum_steps = 1
     c.concurrent_microbatches = 1
-    c.checkpoint_every_steps = 300
+    c.checkpoint_every_steps = 1200
     c.keep_checkpoints = 3
     c.log_every_steps = 50
-    c.eval_every_steps = 300
+    c.eval_every_steps = 1200
     c.eval_examples = 512          # periodic eval; the final one uses the whole test split
-    c.sample_every_steps = 600
+    c.sample_every_steps = 2400
     c.mesh = ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
     c.sharding_rules = DEFAULT_RULES
     c.init_from = ''               # a workdir to fine-tune from (see the module docstring)
@@ -63,12 +63,12 @@ def base_config() -> ConfigDict:
     c.data.data_dir = ''           # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.data.train_split = 'train'
     c.data.eval_split = 'test'
-    c.data.image_size = 32
+    c.data.image_size = 64           # shapes' own size: 8x8 patches of 8 pixels
     c.data.label_key = 'shape'     # shapes: also 'color', 'size'; most tfds datasets: 'label'
     c.data.mean = (0.5, 0.5, 0.5)  # images in [0, 1] -> (x - mean) / std inside the model
     c.data.std = (0.5, 0.5, 0.5)
     c.data.random_crop_padding = 0
-    c.data.random_flip = False
+    c.data.random_flip = True      # shapes' classes survive a mirror image
     c.data.num_threads = 2
     c.data.prefetch = 4
 
