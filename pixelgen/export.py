@@ -294,6 +294,11 @@ def export_hf_clip(loaded, out: str) -> str:
             'padding_side': 'right'})
         sot, pad = tokenizer.sot_id, tokenizer.pad_id
         kind = 'the trained byte-level BPE (tokenizer.json, PreTrainedTokenizerFast)'
+    elif eot == 2:  # no tokenizer to renumber, but the same pooling rule applies
+        eot = m.vocab_size - 1
+        table = tensors['text_model.embeddings.token_embedding.weight']
+        tensors['text_model.embeddings.token_embedding.weight'] = _swap_rows(table, 2, eot)
+        kind += f'; end-of-text id 2 renumbered to {eot}'
     _write_weights(out, tensors)
     act = m.activation
     text = {'vocab_size': m.vocab_size, 'hidden_size': m.text_width,
