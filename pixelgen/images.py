@@ -1,10 +1,24 @@
-"""PNG grids that a person can look at."""
+"""PNG grids that a person can look at, and reading the user's own pictures."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from pixelgen import storage
+from pixelgen.config import ConfigError
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """uint8 [h, w, 3] of a PIL-readable picture file (local or a URL)."""
+    try:
+        with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
+            return np.asarray(im.convert('RGB'))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f'{path}: not a readable picture ({e}); pass a PNG or JPEG file.'
+                          ) from e
 
 
 def make_grid(rows: list[np.ndarray], *, min_tile: int = 64, gap: int = 2) -> np.ndarray:

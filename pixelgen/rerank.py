@@ -22,7 +22,6 @@ writes the result.
 from __future__ import annotations
 
 import argparse
-import io
 from collections.abc import Sequence
 
 import jax
@@ -31,7 +30,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from pixelgen import cli, images, parallel, pretrained, storage
+from pixelgen import cli, images, parallel, pretrained
 from pixelgen.data import pipeline
 
 BATCH = 64  # images or texts per compiled call (the last batch is padded)
@@ -114,11 +113,6 @@ def split_grid(grid: np.ndarray, rows: int, cols: int, gap: int = 2) -> np.ndarr
                      for r in range(rows) for c in range(cols)])
 
 
-def _read_rgb(path: str) -> np.ndarray:
-    with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
-        return np.asarray(im.convert('RGB'))
-
-
 def main(argv: list[str]) -> int:
     import pixelgen
 
@@ -143,10 +137,10 @@ def main(argv: list[str]) -> int:
         if not args.grid_shape or 'x' not in args.grid_shape:
             parser.error('--grid needs --grid_shape ROWSxCOLS, e.g. --grid_shape 4x8.')
         rows, cols = (int(v) for v in args.grid_shape.split('x'))
-        imgs = split_grid(_read_rgb(args.grid), rows, cols, args.gap)
+        imgs = split_grid(images.read_rgb(args.grid), rows, cols, args.gap)
         names = [f'{args.grid}[{r},{c}]' for r in range(rows) for c in range(cols)]
     else:
-        imgs, names = [_read_rgb(p) for p in args.images], list(args.images)
+        imgs, names = [images.read_rgb(p) for p in args.images], list(args.images)
         if len({im.shape for im in imgs}) > 1:  # resize each alone, then stack
             imgs = [np.asarray(Image.fromarray(im).resize(imgs[0].shape[1::-1])) for im in imgs]
         imgs = np.stack(imgs)

@@ -5,7 +5,9 @@ Writes PNG grids from a trained model into W/samples/ (or --out); what it draws 
 workdir's task:
 
 Image GPT: unconditional samples, and completions of test images (the top half given, the
-bottom half sampled).
+bottom half sampled). With --prime_image FILE [--prime_rows N], completions of your own
+picture instead: it is resized to the model's image size and quantised by the palette, its
+top N pixel rows (default half) are given and the rest drawn (--num of them).
 
 DALL·E: images for a caption, decoded by the config's dVAE (or --dvae_workdir):
   python -m pixelgen.sample --workdir runs/dalle_shapes --prompt "a large red star" \\
@@ -13,6 +15,8 @@ DALL·E: images for a caption, decoded by the config's dVAE (or --dvae_workdir):
 With --clip_workdir the --num candidates are reranked by CLIP and the best --top kept (best
 first). With --prime_index I --prime_rows R the top R rows of test example I's codes are
 given and the rest completed (image-to-image); its caption is used unless --prompt is given.
+With --prime_image FILE --prime_rows R, your own picture is encoded by the dVAE and its top R
+code rows given (--prompt is then required).
 
 --out names the grid PNG (default: W/samples/<what>_<step>.png; a folder, or a name without
 .png, is taken as the folder to write into). --out_dir DIR also writes every generated image
@@ -35,8 +39,7 @@ import sys
 
 from pixelgen import cli, parallel, pretrained, storage
 
-DALLE_ONLY = ('prompt', 'top', 'top_p', 'clip_workdir', 'dvae_workdir', 'prime_index',
-              'prime_rows', 'guidance_scale')
+DALLE_ONLY = ('prompt', 'top', 'clip_workdir', 'dvae_workdir', 'prime_index', 'guidance_scale')
 
 
 def main(argv: list[str]) -> int:
@@ -62,7 +65,6 @@ def main(argv: list[str]) -> int:
     dalle.add_argument('--prompt', default=None, help='the caption to draw')
     dalle.add_argument('--top', type=int, default=None,
                        help='keep the best TOP of --num by CLIP score (needs --clip_workdir)')
-    dalle.add_argument('--top_p', type=float, default=None, help='nucleus sampling mass')
     dalle.add_argument('--clip_workdir', default=None, help='a CLIP workdir for reranking')
     dalle.add_argument('--guidance_scale', type=float, default=None,
                        help='classifier-free guidance scale s: logits u + s (c - u) of the '
@@ -72,8 +74,13 @@ def main(argv: list[str]) -> int:
                        help="decode with this dVAE (default: the config's dvae_workdir)")
     dalle.add_argument('--prime_index', type=int, default=None,
                        help='complete test example PRIME_INDEX of the codes dataset')
-    dalle.add_argument('--prime_rows', type=int, default=None,
-                       help='rows of that example given to the model (with --prime_index)')
+    parser.add_argument('--top_p', type=float, default=None, help='nucleus sampling mass')
+    parser.add_argument('--prime_image', default=None,
+                        help='complete this image (any PIL-readable file, local or gs://): its '
+                             'top --prime_rows rows are given, the rest drawn')
+    parser.add_argument('--prime_rows', type=int, default=None,
+                        help='rows given to the model with --prime_image or --prime_index: '
+                             'pixel rows for Image GPT (default half), code rows for DALL·E')
     args = parser.parse_args(argv)
     if args.num < 1:
         parser.error(f'--num must be at least 1, got {args.num}')
@@ -111,6 +118,11 @@ def slug(text: str) -> str:
     return re.sub(r'[^a-z0-9]+', '_', text.lower()).strip('_')[:60] or 'empty'
 
 
+def file_stem(path: str) -> str:
+    """'photos/My Cat.png' -> 'my_cat'."""
+    return slug(path.rstrip('/').rsplit('/', 1)[-1].rsplit('.', 1)[0])
+
+
 def grid_path(args, name: str, *, main: bool = True) -> str:
     """Where the grid file `name` goes: when --out names a PNG, the main grid is --out and the
     others go beside it; else every grid goes into the folder --out (default W/samples)."""
@@ -134,11 +146,15 @@ def sample_igpt(args, loaded) -> int:
     from pixelgen import images, parallel, sampling, tasks
     from pixelgen.data.pipeline import DataError
 
+    if args.prime_image is not None:
+        return complete_igpt(args, loaded)
+    if args.prime_rows is not None:
+        raise cli.ConfigError('--prime_rows goes with --prime_image FILE for Image GPT.')
     rng = jax.random.PRNGKey(args.seed)
     top_k = args.top_k or None
     rows = parallel.host_range(args.num)  # this process's rows of the --num
     tokens = sampling.sample(loaded.model, rng, batch_size=args.num, rows=rows,
-                             temperature=args.temperature, top_k=top_k)
+                             temperature=args.temperature, top_k=top_k, top_p=args.top_p)
     task = tasks.make(loaded.config, args.workdir)
     pictures = parallel.gather_rows(task.to_images(np.asarray(tokens)), args.num)
     with loaded.config.unlocked():
@@ -171,6 +187,47 @@ def sample_igpt(args, loaded) -> int:
     return 0
 
 
+def complete_igpt(args, loaded) -> int:
+    """--prime_image: --num completions of the picture's top --prime_rows pixel rows."""
+    import jax
+    import numpy as np
+
+    from pixelgen import images, parallel, sampling, tasks
+    from pixelgen.data import palette as palette_lib
+    from pixelgen.data import pipeline
+
+    task = tasks.make(loaded.config, args.workdir)
+    if task.objective == 'bert':
+        raise cli.ConfigError(f'{args.workdir} holds a BERT-objective Image GPT, which fills in '
+                              'masked pixels and cannot complete rows; prime an '
+                              'autoregressive one.')
+    side = loaded.config.data.image_size
+    given_rows = side // 2 if args.prime_rows is None else args.prime_rows
+    if not 1 <= given_rows < side:
+        raise cli.ConfigError(f'--prime_rows {given_rows} must be in [1, {side - 1}]: pixel '
+                              f'rows of the model\'s {side}x{side} images.')
+    original = pipeline.to_rgb_square(images.read_rgb(args.prime_image), side)
+    tokens = palette_lib.quantize(original[None], loaded.palette).reshape(1, -1)
+    first, end = parallel.host_range(args.num)  # this process's rows of the --num
+    drawn = sampling.sample(
+        loaded.model, jax.random.PRNGKey(args.seed), batch_size=args.num, rows=(first, end),
+        prompt=np.repeat(tokens[:, :given_rows * side], end - first, axis=0),
+        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
+    pictures = parallel.gather_rows(task.to_images(np.asarray(drawn)), args.num)
+    if jax.process_index() != 0:
+        return 0
+    stem = file_stem(args.prime_image)
+    rows = [np.stack([original, task.to_images(tokens)[0]]),
+            *_grid_rows(pictures, math.ceil(math.sqrt(args.num)))]
+    path = images.save_png(images.make_grid(rows), grid_path(
+        args, f'prime_{stem}_{given_rows}rows_{loaded.step:07d}.png'))
+    print(f'[samples] {path}  (the picture and its quantisation, then {args.num} completions '
+          f'of its top {given_rows} rows)')
+    if args.out_dir:
+        write_images(args.out_dir, f'prime_{stem}', pictures)
+    return 0
+
+
 def sample_dalle(args, loaded, parser) -> int:
     import jax
     import jax.numpy as jnp
@@ -191,8 +248,14 @@ def sample_dalle(args, loaded, parser) -> int:
     if args.top is not None and args.top < args.num and not args.clip_workdir:
         parser.error('--top keeps the best images by CLIP score: pass --clip_workdir too '
                      '(or leave --top out to keep all --num).')
-    if (args.prime_index is None) != (args.prime_rows is None):
-        parser.error('--prime_index and --prime_rows go together.')
+    primed = args.prime_index is not None or args.prime_image is not None
+    if args.prime_index is not None and args.prime_image is not None:
+        parser.error('--prime_index and --prime_image are two ways to give the top rows; '
+                     'pass one.')
+    if primed != (args.prime_rows is not None):
+        parser.error('--prime_rows goes with --prime_index or --prime_image (code rows).')
+    if args.prime_image is not None and args.prompt is None:
+        parser.error('--prime_image needs --prompt "a caption" (what the rest should show).')
     prompt, image_prompt = args.prompt, None
     if args.prime_index is not None:
         from pixelgen.data.codes import open_codes
@@ -218,6 +281,15 @@ def sample_dalle(args, loaded, parser) -> int:
         raise cli.ConfigError(f'The dVAE in {dvae_dir} has {dvae.codebook_size} codes but the '
                               f'model draws from {model.image_vocab_size}: pass the dVAE that '
                               'encoded its training data.')
+    if args.prime_image is not None:  # the top code rows of the user's picture
+        from pixelgen.data import pipeline
+        if not 1 <= args.prime_rows < model.grid_size:
+            parser.error(f'--prime_rows must be in [1, {model.grid_size - 1}] (code rows).')
+        side = dvae.downsampling * model.grid_size
+        picture = pipeline.to_rgb_square(images.read_rgb(args.prime_image), side)
+        codes = np.asarray(dvae.encode(jnp.asarray(picture[None], jnp.float32) / 255.0))
+        given = codes[0, :args.prime_rows].reshape(-1).astype(np.int32)
+        image_prompt = jnp.asarray(np.repeat(given[None], args.num, axis=0))
 
     first, end = parallel.host_range(args.num)  # this process's rows of the --num
     text = jnp.asarray(np.repeat(encoded.ids, end - first, axis=0))
@@ -241,8 +313,9 @@ def sample_dalle(args, loaded, parser) -> int:
         print('[rerank] CLIP scores of the kept images, best first: '
               + ', '.join(f'{scores[i]:.3f}' for i in order))
     kept = pictures[order]
+    primed_by = args.prime_index if args.prime_image is None else file_stem(args.prime_image)
     name = f'dalle_{slug(prompt)}_{loaded.step:07d}' + (
-        f'_prime{args.prime_index}x{args.prime_rows}' if image_prompt is not None else '')
+        f'_prime{primed_by}x{args.prime_rows}' if image_prompt is not None else '')
     path = images.save_png(images.make_grid(_grid_rows(kept, math.ceil(math.sqrt(len(kept))))),
                            grid_path(args, name + '.png'))
     print(f'[samples] {path}  ({len(kept)} images for "{prompt}")')

@@ -297,6 +297,16 @@ def test_sample_cli_writes_a_grid_and_warns_on_long_prompts(trained, capsys, tmp
     assert sample.main(['--workdir', trained['workdir'], '--prime_index', '0', '--prime_rows',
                         '1', '--num', '4', '--out', out]) == 0
     assert len(os.listdir(out)) == 2
+    # The user's own picture, encoded by the dVAE: its top code row given.
+    picture = str(tmp_path / 'mine.png')
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(picture)
+    assert sample.main(['--workdir', trained['workdir'], '--prime_image', picture,
+                        '--prime_rows', '1', '--prompt', 'a small red star', '--num', '2',
+                        '--out', out]) == 0
+    assert any('_primemine' in f for f in os.listdir(out))
+    with pytest.raises(SystemExit):  # what should the rest show? --prompt is required
+        sample.main(['--workdir', trained['workdir'], '--prime_image', picture,
+                     '--prime_rows', '1'])
     # --out naming a PNG is the grid; --out_dir gets each image; guidance draws other images.
     grid, each = str(tmp_path / 'g' / 'grid.png'), str(tmp_path / 'each')
     for scale, name in (('1', 'grid.png'), ('3', 'guided.png')):
