@@ -48,6 +48,8 @@ def _contend(workdir: str, start, done, results, index: int) -> None:
 
 
 def _race(workdir: str, contenders: int = 6) -> list[str]:
+    # Forked, not spawned (which would import JAX in each): the children run only the lock's
+    # plain-Python code, never JAX, so JAX's threads in the parent cannot deadlock them.
     context = multiprocessing.get_context('fork')
     start, done = context.Barrier(contenders), context.Barrier(contenders)
     results = context.Manager().list([''] * contenders)
@@ -61,6 +63,10 @@ def _race(workdir: str, contenders: int = 6) -> list[str]:
     return list(results)
 
 
+FORK_OK = pytest.mark.filterwarnings('ignore:os.fork:RuntimeWarning')
+
+
+@FORK_OK
 def test_of_trainers_starting_together_exactly_one_takes_the_lock(tmp_path):
     results = _race(str(tmp_path))
     assert results.count('won') == 1, results
@@ -68,6 +74,7 @@ def test_of_trainers_starting_together_exactly_one_takes_the_lock(tmp_path):
     assert not os.path.exists(lease.lock_path(str(tmp_path)))  # released at the end
 
 
+@FORK_OK
 def test_of_trainers_taking_over_one_stale_lock_together_exactly_one_wins(tmp_path):
     _write_lock(tmp_path, pid=_dead_pid())
     results = _race(str(tmp_path))
