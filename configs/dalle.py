@@ -83,6 +83,7 @@ def get_config(arg=None):
     c.model.num_heads = num_heads
     c.model.mlp_ratio = 4
     c.model.layer_kinds = ()       # the paper's schedule: row, column, row, row, ..., conv
+    c.model.conv_wraparound = False  # True: the conv window wraps across rows (nn/masks.py)
     c.model.dtype = 'bfloat16'
     c.model.attention = 'auto'  # splash on TPU (every mask kind), block_sparse elsewhere
     c.model.remat = 'full'

@@ -57,6 +57,7 @@ def get_config(arg=None):
     c.model.num_heads = 4
     c.model.mlp_ratio = 4
     c.model.layer_kinds = ()       # () = the paper's schedule; or e.g. ('causal',) * 4 (dense)
+    c.model.conv_wraparound = False  # True: the conv window wraps across rows (pixelgen.nn.masks)
     c.model.dtype = 'float32'
     c.model.attention = 'block_sparse'  # 'dense' (the reference), 'splash', 'cudnn', 'auto'
     c.model.remat = 'none'

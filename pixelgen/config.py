@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
@@ -28,6 +29,16 @@ REQUIRED_KEYS = (
 # What every saved config.json holds: the required keys and the mesh that loading needs.
 SAVED_KEYS = REQUIRED_KEYS + ('mesh', 'sharding_rules')
 CONFIG_FILE = 'config.json'
+
+# config.json carries `config_version`. Each version lists, per task, the keys it added and
+# the value that reproduces what runs saved before it did; `load_saved_config` fills them in,
+# so an older workdir loads, resumes and evaluates as it was trained.
+CONFIG_VERSION = 2
+ADDED_KEYS: dict[int, dict[str, dict[str, Any]]] = {
+    2: {'dalle': {'model.conv_wraparound': False, 'loss.caption_dropout': 0.0},
+        'dvae': {'data.holdout_phrases': ()},
+        'clip': {'data.holdout_phrases': ()}},
+}
 
 
 class UserError(Exception):
@@ -167,8 +178,10 @@ def parse_config_args(argv: Sequence[str]) -> tuple[ConfigDict, list[str]]:
 def save_config(config: ConfigDict, workdir: str) -> str:
     """Writes the resolved config as `<workdir>/config.json` (a local path or a URL) whole or
     not at all; returns its path."""
+    tree = json.loads(config.to_json())
+    tree['config_version'] = CONFIG_VERSION
     return storage.write_text(storage.join(workdir, CONFIG_FILE),
-                              config.to_json(indent=2, sort_keys=True))
+                              json.dumps(tree, indent=2, sort_keys=True))
 
 
 def load_saved_config(workdir: str) -> ConfigDict:
@@ -190,9 +203,28 @@ def load_saved_config(workdir: str) -> ConfigDict:
                 if isinstance(tree, dict) and k in tree and not isinstance(tree[k], dict)]
     if missing:
         raise ConfigError(f'{path} is incomplete: it lacks {", ".join(missing)}. {fix}')
-    config = ConfigDict(_tuples(tree))
+    config = ConfigDict(_tuples(upgrade(tree, path)))
     config.lock()
     return config
+
+
+def upgrade(tree: dict, path: str = CONFIG_FILE) -> dict:
+    """A saved config tree brought to CONFIG_VERSION: the keys added since its version
+    (`ADDED_KEYS`) with the values that reproduce it. Files without `config_version` are
+    version 1."""
+    tree = dict(tree)
+    version = tree.pop('config_version', 1)
+    if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+        raise ConfigError(f'{path}: config_version {version!r} is not one this pixelgen reads '
+                          f'(1..{CONFIG_VERSION}); a newer pixelgen wrote it: upgrade pixelgen.')
+    for added in range(version + 1, CONFIG_VERSION + 1):
+        for dotted, value in ADDED_KEYS[added].get(tree.get('task'), {}).items():
+            node = tree
+            *parents, leaf = dotted.split('.')
+            for name in parents:
+                node = node.setdefault(name, {})
+            node.setdefault(leaf, value)
+    return tree
 
 
 def _tuples(tree):

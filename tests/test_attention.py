@@ -137,6 +137,7 @@ def test_block_sparse_only_where_it_pays_off():
 DALLE_SPECS = {
     'row': MaskSpec('row', 3, 8), 'column': MaskSpec('column', 3, 8),
     'conv': MaskSpec('conv', 3, 8), 'conv3': MaskSpec('conv', 4, 6, conv_window=3),
+    'conv5_wraparound': MaskSpec('conv', 3, 8, conv_window=5, conv_wraparound=True),
 }
 
 
@@ -148,7 +149,8 @@ def _sparse_fn(name, block):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name, block', [('row', 5), ('column', 8), ('conv', 5), ('conv3', 8)])
+@pytest.mark.parametrize('name, block', [('row', 5), ('column', 8), ('conv', 5), ('conv3', 8),
+                                         ('conv5_wraparound', 5)])
 def test_dalle_masks_equal_dense_forward_and_gradients(name, block):
     mask = DALLE_SPECS[name]
     q, k, v = _qkv(mask.sequence_length, seed=2)
@@ -205,7 +207,7 @@ def dalle_modules():
     """name -> (module, x [2, n, 16], full forward y [2, n, 16]) for each DALL·E kind."""
     x = jax.random.normal(jax.random.PRNGKey(4), (2, 67, 16))
     built = {}
-    for name in ('row', 'column', 'conv'):
+    for name in ('row', 'column', 'conv', 'conv5_wraparound'):
         module = MultiHeadAttention(16, 2, mask=DALLE_SPECS[name], num_layers=1,
                                     block_size=8, rngs=nnx.Rngs(0))
         built[name] = module, x, module(x)
@@ -213,7 +215,7 @@ def dalle_modules():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['row', 'column', 'conv'])
+@pytest.mark.parametrize('name', ['row', 'column', 'conv', 'conv5_wraparound'])
 def test_dalle_module_block_sparse_equals_dense_and_decoding(name, dalle_modules):
     module, x, y = dalle_modules[name]
     dense = nnx.merge(*nnx.split(module))

@@ -64,6 +64,27 @@ def test_saved_config_round_trips(tmp_path):
     assert again.to_dict() == config.to_dict()
 
 
+def test_an_older_saved_config_is_upgraded_on_load(tmp_path):
+    """config.json from before config_version 2 lacks the DALL·E keys added since; loading
+    fills in the values that reproduce those runs, and a newer file's version is refused."""
+    import json
+    import os
+    config, _ = parse_config_args(['--config', os.path.join(REPO, 'configs',
+                                                            'dalle_shapes.py:tiny')])
+    save_config(config, str(tmp_path))
+    path = tmp_path / 'config.json'
+    tree = json.loads(path.read_text())
+    assert tree['config_version'] == 2
+    del tree['config_version'], tree['model']['conv_wraparound'], tree['loss']['caption_dropout']
+    path.write_text(json.dumps(tree))
+    old = load_saved_config(str(tmp_path))
+    assert old.model.conv_wraparound is False and old.loss.caption_dropout == 0.0
+    assert old.to_dict() == config.to_dict()
+    path.write_text(json.dumps({**tree, 'config_version': 99}))
+    with pytest.raises(ConfigError, match='config_version 99'):
+        load_saved_config(str(tmp_path))
+
+
 @pytest.mark.slow
 def test_cli_reports_unknown_key_without_traceback(tmp_path):
     result = subprocess.run(

@@ -68,15 +68,41 @@ def test_conv_window_is_11x11_centred_and_does_not_wrap_columns():
     assert mask[left_edge, t:].sum() == 5 * 6 + 1
 
 
+# Fig. 11 (d)'s toy case read with wraparound: 6 text tokens, a 4x4 image, a 3x3 window.
+# Image keys of each image query, written out one by one: the query and its left neighbour,
+# and the three tokens centred on the one above it, all taken in raster order, so that the
+# left neighbour of a row's first token is the previous row's last, and the upper-right
+# neighbour of a row's last token is that row's first.
+WRAPAROUND_4X4 = {0: [0], 1: [0, 1], 2: [1, 2], 3: [0, 2, 3], 4: [0, 1, 3, 4],
+                  5: [0, 1, 2, 4, 5], 6: [1, 2, 3, 5, 6], 7: [2, 3, 4, 6, 7],
+                  8: [3, 4, 5, 7, 8], 9: [4, 5, 6, 8, 9], 10: [5, 6, 7, 9, 10],
+                  11: [6, 7, 8, 10, 11], 12: [7, 8, 9, 11, 12], 13: [8, 9, 10, 12, 13],
+                  14: [9, 10, 11, 13, 14], 15: [10, 11, 12, 14, 15]}
+
+
+def test_conv_wraparound_matches_the_toy_case_written_out_by_hand():
+    spec = MaskSpec('conv', 6, 4, conv_window=3, conv_wraparound=True)
+    mask = spec.dense(spec.sequence_length)
+    for p, keys in WRAPAROUND_4X4.items():
+        np.testing.assert_array_equal(np.flatnonzero(mask[6 + p, 6:]), keys, err_msg=str(p))
+        assert mask[6 + p, :6].all()  # every text token
+    clipped = MaskSpec('conv', 6, 4, conv_window=3).dense(22)
+    assert not clipped[6 + 4, 6 + 3]  # clipped: row 1's first token never sees row 0's last
+    assert dalle_mask_spec('conv', 6, 4) == MaskSpec('conv', 6, 4)  # clipped is the default
+    with pytest.raises(ValueError, match='conv_wraparound needs an image at least as wide'):
+        MaskSpec('conv', 6, 4, conv_window=5, conv_wraparound=True)
+
+
 def test_column_sees_its_column_in_every_row_above():
     t, w = 1, 4
     mask = dalle_mask('column', t, w)
     np.testing.assert_array_equal(np.flatnonzero(mask[t + 14, t:]), [2, 6, 10, 14])
 
 
-@pytest.mark.parametrize('kind', ['row', 'column', 'conv'])
+@pytest.mark.parametrize('kind', ['row', 'column', 'conv', 'conv_wraparound'])
 def test_allowed_keys_and_decode_keys_agree_with_the_dense_mask(kind):
-    spec = MaskSpec(kind, 3, 8, conv_window=5)
+    spec = MaskSpec(kind.split('_')[0], 3, 8, conv_window=5,
+                    conv_wraparound=kind == 'conv_wraparound')
     n = spec.sequence_length
     dense = spec.dense(n)
     row = jax.jit(lambda i: spec.allowed_keys(i, n))

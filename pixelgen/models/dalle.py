@@ -44,7 +44,7 @@ class DallE(nnx.Module):
                  grid_size: int, num_layers: int, width: int, num_heads: int,
                  mlp_ratio: int = 4, layer_kinds: tuple[str, ...] | None = None,
                  dtype: Any = jnp.float32, attention_impl: str = 'block_sparse',
-                 remat: str = 'none', rngs: nnx.Rngs):
+                 remat: str = 'none', conv_wraparound: bool = False, rngs: nnx.Rngs):
         """Args:
           text_vocab_size: BPE vocabulary (16384 in the paper), special tokens included.
           image_vocab_size: dVAE codebook size (8192 in the paper).
@@ -54,6 +54,8 @@ class DallE(nnx.Module):
           layer_kinds: one of 'row', 'column', 'conv', 'causal' per layer; default the
             paper's schedule (`dalle_layer_kinds`). All 'causal' is the dense baseline.
           dtype, attention_impl, remat: as for the shared Transformer.
+          conv_wraparound: conv layers' window in raster order, wrapping across rows
+            (`pixelgen.nn.masks`); default the window clipped at the image's edges.
         """
         for name, value in dict(text_vocab_size=text_vocab_size,
                                 image_vocab_size=image_vocab_size, grid_size=grid_size,
@@ -71,8 +73,11 @@ class DallE(nnx.Module):
         if len(self.layer_kinds) != num_layers:
             raise ValueError(f'layer_kinds has {len(self.layer_kinds)} entries; expected one per '
                              f'layer (num_layers={num_layers}).')
-        masks = (dalle_layer_masks(num_layers, text_len, grid_size) if layer_kinds is None
-                 else tuple(dalle_mask_spec(k, text_len, grid_size) for k in self.layer_kinds))
+        masks = (dalle_layer_masks(num_layers, text_len, grid_size,
+                                   conv_wraparound=conv_wraparound) if layer_kinds is None
+                 else tuple(dalle_mask_spec(k, text_len, grid_size,
+                                            conv_wraparound=conv_wraparound)
+                            for k in self.layer_kinds))
 
         def param(shape, names, std):
             return nnx.Param(logical_init(nnx.initializers.normal(std), names)(

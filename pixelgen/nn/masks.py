@@ -18,12 +18,19 @@ Kinds:
     column: (p − q) mod W == 0             (same column, all rows above, and self)
     conv:   |Δrow| <= 5 and |Δcol| <= 5    (an 11×11 window centred on the query, causal).
 
-  "Wraparound" (the paper's Fig. 11 d): we read it as the window seen in raster order, where
-  the rows above the query and the left part of its own row follow each other in the flattened
-  sequence, as the row mask's window wraps from the end of one row to the start of the next.
-  Columns do NOT wrap around the image edge: a query near the left edge sees fewer keys, and
-  never keys from the far right of the image (ru-dalle's `hf_version='v3'`; its older 'v2'
-  wrapped both coordinates modulo W, a torus). The paper shows the conv rule only as a picture.
+  By default columns do not wrap around the image edge: a query near the left edge sees fewer
+  keys, and never keys from the far right of the image (ru-dalle's `hf_version='v3'`; its
+  older 'v2' wrapped both coordinates modulo W, a torus).
+
+  With conv_wraparound, the paper's Fig. 11 caption ("causal convolutional attention pattern
+  with wraparound behavior (similar to the row attention)"): the window is taken in raster
+  order, as the row mask's window is, so a column offset past the left edge continues at the
+  end of the row above, and one past the right edge at the start of the row below. With
+  d = p − q = dr·W + dc, dc in [−half, half] (unique for W > 2·half), the rule is
+    conv_wraparound: 0 <= dr <= half and |dc| <= half   (dr = ⌊(d + half) / W⌋).
+  It keeps the window's size, 5·11 + 6 = 61 keys for every query past the first rows, where
+  the clipped window has fewer near the left and right edges. The caption gives no formula
+  and the figure is 3 × 3 on a 4 × 4 grid; both readings are offered, clipped is the default.
 
 Positions beyond text_len + W² follow the same formulas (their rows lie below the grid), so a
 DALL·E mask is defined at any length; the model uses length text_len + W².
@@ -51,12 +58,14 @@ class MaskSpec:
       text_len: T, the text prefix of a DALL·E sequence (row, column, conv only).
       grid_width: W, the image grid is W × W tokens after the text (row, column, conv only).
       conv_window: side of the conv kind's window, odd (11 in the paper).
+      conv_wraparound: the conv window in raster order, wrapping across rows (see above).
     """
 
     kind: str
     text_len: int = 0
     grid_width: int = 0
     conv_window: int = 11
+    conv_wraparound: bool = False
 
     def __post_init__(self):
         if self.kind not in VALID_KINDS:
@@ -74,6 +83,11 @@ class MaskSpec:
             if self.conv_window < 1 or self.conv_window % 2 == 0:
                 raise ValueError(f'conv_window={self.conv_window} must be odd and >= 1 (the '
                                  'window is centred on the query); the paper uses 11.')
+            if self.conv_wraparound and self.grid_width < self.conv_window:
+                raise ValueError(f'conv_wraparound needs an image at least as wide as the '
+                                 f'conv window ({self.conv_window}); grid_width='
+                                 f'{self.grid_width}. Use the clipped window '
+                                 '(conv_wraparound=False) for so small a grid.')
 
     @property
     def is_dalle(self) -> bool:
@@ -140,7 +154,11 @@ class MaskSpec:
             rule = p - q <= w
         elif self.kind == 'column':
             rule = (p - q) % w == 0
-        else:  # conv
+        elif self.conv_wraparound:  # the window in raster order: offsets d = dr·W + dc
+            half = self.conv_window // 2
+            rows_up = (p - q + half) // w
+            rule = (rows_up >= 0) & (rows_up <= half) & (xp.abs(p - q - rows_up * w) <= half)
+        else:  # conv, clipped at the image's edges
             half = self.conv_window // 2
             rule = (xp.abs(p // w - q // w) <= half) & (xp.abs(p % w - q % w) <= half)
         return causal & ((j < t) | rule)
@@ -150,14 +168,18 @@ CAUSAL = MaskSpec('causal')
 FULL = MaskSpec('full')
 
 
-def dalle_mask(kind: str, text_len: int, grid_width: int) -> np.ndarray:
+def dalle_mask(kind: str, text_len: int, grid_width: int, *,
+               conv_wraparound: bool = False) -> np.ndarray:
     """DALL·E's dense mask of `kind` (row, column, conv or causal), bool [n, n] (query, key),
     n = text_len + grid_width**2."""
-    return dalle_mask_spec(kind, text_len, grid_width).dense(text_len + grid_width ** 2)
+    return dalle_mask_spec(kind, text_len, grid_width, conv_wraparound=conv_wraparound).dense(
+        text_len + grid_width ** 2)
 
 
-def dalle_mask_spec(kind: str, text_len: int, grid_width: int) -> MaskSpec:
-    """The MaskSpec of a DALL·E layer of `kind` (row, column, conv or causal)."""
+def dalle_mask_spec(kind: str, text_len: int, grid_width: int, *,
+                    conv_wraparound: bool = False) -> MaskSpec:
+    """The MaskSpec of a DALL·E layer of `kind` (row, column, conv or causal);
+    conv_wraparound applies to conv layers."""
     if kind not in DALLE_KINDS:
         raise ValueError(f'DALL·E mask kind={kind!r} is not supported; valid kinds are '
                          f'{DALLE_KINDS} (the paper uses row, column and conv; causal is the '
@@ -167,7 +189,8 @@ def dalle_mask_spec(kind: str, text_len: int, grid_width: int) -> MaskSpec:
             raise ValueError(f'grid_width={grid_width} must be >= 1 and text_len={text_len} '
                              '>= 0.')
         return CAUSAL
-    return MaskSpec(kind, text_len, grid_width)
+    return MaskSpec(kind, text_len, grid_width,
+                    conv_wraparound=conv_wraparound and kind == 'conv')
 
 
 def dalle_layer_kinds(num_layers: int) -> tuple[str, ...]:
@@ -179,7 +202,8 @@ def dalle_layer_kinds(num_layers: int) -> tuple[str, ...]:
                  for i in range(1, num_layers + 1))
 
 
-def dalle_layer_masks(num_layers: int, text_len: int, grid_width: int) -> tuple[MaskSpec, ...]:
+def dalle_layer_masks(num_layers: int, text_len: int, grid_width: int, *,
+                      conv_wraparound: bool = False) -> tuple[MaskSpec, ...]:
     """One MaskSpec per layer following `dalle_layer_kinds`, for `Transformer(mask=...)`."""
-    return tuple(dalle_mask_spec(kind, text_len, grid_width)
+    return tuple(dalle_mask_spec(kind, text_len, grid_width, conv_wraparound=conv_wraparound)
                  for kind in dalle_layer_kinds(num_layers))

@@ -78,7 +78,8 @@ def build_model(config, rngs: nnx.Rngs) -> DallE:
                   text_len=m.text_len, grid_size=m.grid_size, num_layers=m.num_layers,
                   width=m.width, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio,
                   layer_kinds=layer_kinds(config), dtype=DTYPES[m.dtype],
-                  attention_impl=m.attention, remat=m.remat, rngs=rngs)
+                  attention_impl=m.attention, remat=m.remat,
+                  conv_wraparound=m.conv_wraparound, rngs=rngs)
     return use_native_attention(model)
 
 
