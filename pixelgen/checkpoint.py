@@ -39,7 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pixelgen import storage
-from pixelgen.config import ConfigDict
+from pixelgen.config import ADDED_KEYS, ConfigDict
 
 
 class CheckpointMismatchError(ValueError):
@@ -257,6 +257,11 @@ def describe(config: ConfigDict) -> dict[str, Any]:
         del model['num_classes']
     if not model.get('scan_layers', False):
         model.pop('scan_layers', None)
+    for added in ADDED_KEYS.values():  # model keys added later, at the value older runs had
+        for dotted, old_value in added.get(config.task, {}).items():
+            section, _, key = dotted.partition('.')
+            if section == 'model' and model.get(key, old_value) == old_value:
+                model.pop(key, None)
     signature = {'task': config.task, 'model': model, 'data': data}
     if config.get('objective', 'ar') != 'ar':
         signature['objective'] = config.objective
