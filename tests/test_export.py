@@ -99,6 +99,7 @@ def transformers():
     return pytest.importorskip('transformers', reason='the parity tests need .[test]')
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_hf_vit_export_gives_pixelgens_logits_and_imports_back(vit_workdir, transformers,
                                                                tmp_path):
@@ -135,6 +136,7 @@ def clip_workdir(data_dir, tmp_path_factory) -> str:
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_hf_clip_export_gives_pixelgens_embeddings_through_its_tokenizer_json(
         clip_workdir, transformers, tmp_path):
@@ -186,6 +188,7 @@ def igpt_workdir(root, *overrides: str) -> str:
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 @pytest.mark.parametrize('scan_layers', [False, True])
 def test_hf_imagegpt_export_gives_pixelgens_logits_and_imports_back(scan_layers, transformers,
@@ -226,6 +229,7 @@ def test_a_vit_without_an_hf_equivalent_is_refused_naming_the_keys():
         hf_vit.check_exportable(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_an_imported_clip_exports_its_clip_tokenizer_files(transformers, tmp_path):
     import torch

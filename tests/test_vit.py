@@ -176,6 +176,7 @@ def hf_vit_folder(tmp_path_factory) -> str:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_hf_vit_converts_to_the_same_logits(hf_vit_folder, tmp_path):
     import torch
