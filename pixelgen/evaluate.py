@@ -226,10 +226,15 @@ def main(argv: list[str]) -> int:
                                 'of a training run (python -m pixelgen.train --workdir ...).')
     config = load_saved_config(args.workdir)
     evaluators_lib.get(config.task, names)  # unknown names fail before anything is loaded
-    if not args.watch and not checkpoint_steps(args.workdir):  # before W/eval is created
+    steps = [] if args.watch else checkpoint_steps(args.workdir)  # before W/eval is created
+    if not args.watch and not steps:
         raise FileNotFoundError(f'{checkpoint.checkpoint_dir(args.workdir)} holds no '
                                 'checkpoint yet; evaluate after training saved one, or pass '
                                 '--watch to wait for it.')
+    if args.step is not None and args.step not in steps:
+        raise FileNotFoundError(f'No checkpoint for step {args.step} in {args.workdir}; '
+                                f'available steps: {steps}. Pass one of them (or no --step for '
+                                'the latest).')
     parallel.initialize_from_args(args)
 
     from pixelgen.metric_writer import MetricWriter

@@ -234,6 +234,12 @@ def test_evaluate_without_a_checkpoint_creates_nothing(tmp_path, monkeypatch, ca
                       monkeypatch, capsys)
     assert 'holds no checkpoint yet' in line and '--watch' in line
     assert sorted(os.listdir(tmp_path)) == ['config.json']
+    os.makedirs(tmp_path / 'checkpoints' / '6')
+    (tmp_path / 'checkpoints' / '6' / 'commit_success.txt').write_text('')
+    line = user_error(evaluate_main, ['--workdir', str(tmp_path), '--eval', 'loss',
+                                      '--step', '7'], monkeypatch, capsys)
+    assert 'No checkpoint for step 7' in line and 'available steps: [6]' in line
+    assert sorted(os.listdir(tmp_path)) == ['checkpoints', 'config.json']
 
 
 def tiny_hf_imagegpt(folder) -> str:
