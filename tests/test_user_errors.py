@@ -12,13 +12,18 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY
+from conftest import REPO, TINY, tiny_config
+from ml_collections import ConfigDict
 from safetensors.numpy import save_file
 
-from pixelgen import cli
+from pixelgen import assets, cli
+from pixelgen.config import save_config
 from pixelgen.convert.__main__ import main as convert_main
+from pixelgen.data.palette import save_palette
+from pixelgen.evaluate import main as evaluate_main
 from pixelgen.sample import main as sample_main
 from pixelgen.train import main as train_main
+from pixelgen.trainer import FlatLossWatch, NonFiniteLossError, _check_finite
 
 SHAPES = os.path.join(REPO, 'configs', 'igpt_shapes.py')
 
@@ -97,7 +102,6 @@ def test_damaged_config_json_names_the_file(content, named, tmp_path, monkeypatc
 
 
 def test_palette_of_another_size_names_file_and_both_fixes(tmp_path, monkeypatch, capsys):
-    from pixelgen.data.palette import save_palette
     workdir = str(tmp_path / 'run')
     save_palette(np.zeros((16, 3), np.float32), workdir)
     line = user_error(train_main, ['--config', TINY, '--config.data.palette_size=8',
@@ -194,11 +198,7 @@ def test_the_real_entry_point_prints_one_line_and_exits_2(tmp_path):
 def fake_run(workdir, palette: np.ndarray | None) -> str:
     """A workdir as training leaves it, as far as the asset checks look: config.json, a
     checkpoint step folder and (if given) palette.npy with its recorded digest."""
-    from pixelgen.data.palette import save_palette
     os.makedirs(os.path.join(workdir, 'checkpoints', '6'))
-    from conftest import tiny_config
-
-    from pixelgen.config import save_config
     save_config(tiny_config(''), str(workdir))
     if palette is not None:
         save_palette(palette, str(workdir))
@@ -225,10 +225,6 @@ def test_changed_palette_is_refused_naming_the_file(tmp_path, monkeypatch, capsy
 
 
 def test_evaluate_without_a_checkpoint_creates_nothing(tmp_path, monkeypatch, capsys):
-    from conftest import tiny_config
-
-    from pixelgen.config import save_config
-    from pixelgen.evaluate import main as evaluate_main
     save_config(tiny_config(''), str(tmp_path))
     line = user_error(evaluate_main, ['--workdir', str(tmp_path), '--eval', 'loss'],
                       monkeypatch, capsys)
@@ -285,7 +281,6 @@ def test_converted_workdir_samples_without_its_dataset_and_says_what_completions
                                            'sample_completions_0000000.png'))
     assert sorted(os.listdir(workdir)) == ['assets.json', 'checkpoints', 'config.json',
                                            'palette.npy', 'samples']
-    from pixelgen.evaluate import main as evaluate_main
     line = user_error(evaluate_main, ['--workdir', workdir, '--eval', 'loss'], monkeypatch,
                       capsys)
     assert "Dataset 'imagenet2012' is not prepared" in line
@@ -295,7 +290,6 @@ def test_converted_workdir_samples_without_its_dataset_and_says_what_completions
 # Runs that learn nothing ---------------------------------------------------------------
 
 def test_a_run_whose_loss_stays_flat_with_zero_gradients_is_warned_once():
-    from pixelgen.trainer import FlatLossWatch
     watch = FlatLossWatch(logs=20)
     warnings = [watch.update(3 * i, {'loss': 2.0 + 1e-4 * (i % 2), 'grad_norm': 0.0})
                 for i in range(1, 26)]
@@ -309,7 +303,6 @@ def test_a_run_whose_loss_stays_flat_with_zero_gradients_is_warned_once():
     ([2.0] * 30, [0.0] * 15 + [0.5] + [0.0] * 14),        # a gradient in between
 ])
 def test_a_run_that_learns_is_not_warned(losses, grad_norms):
-    from pixelgen.trainer import FlatLossWatch
     watch = FlatLossWatch(logs=20)
     assert not any(watch.update(i, {'loss': loss, 'grad_norm': norm})
                    for i, (loss, norm) in enumerate(zip(losses, grad_norms, strict=True)))
@@ -319,9 +312,6 @@ def test_a_run_that_learns_is_not_warned(losses, grad_norms):
     (None, 'No checkpoint was saved yet, so a rerun starts from step 0.'),
     (6, 'Nothing after checkpoint 6 was saved; a rerun resumes from it.')])
 def test_non_finite_message_names_the_checkpoint_a_rerun_starts_from(last_saved, says):
-    from ml_collections import ConfigDict
-
-    from pixelgen.trainer import NonFiniteLossError, _check_finite
 
     class Manager:
         def wait_until_finished(self):
@@ -344,7 +334,6 @@ def test_truncated_clip_config_names_the_file(tmp_path, monkeypatch, capsys):
 def test_a_tokenizer_is_checked_like_a_palette(tmp_path):
     """`pixelgen.assets` on its own: written with a digest, refused when changed, optional
     where a workdir may lack it (a CLIP converted without its tokenizer)."""
-    from pixelgen import assets
     workdir = str(tmp_path)
     what = 'the tokenizer'
     assert assets.read(workdir, 'tokenizer.json', what=what) is None  # a new run: none yet
