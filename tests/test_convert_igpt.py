@@ -366,10 +366,19 @@ def test_bundle_reader_round_trips_dtypes_and_detects_corruption(tmp_path):
         _tf_bundle.Bundle(prefix)
 
 
+def with_nan(array: np.ndarray) -> np.ndarray:
+    """A copy of `array` (which may share memory with a fixture's model) with one NaN."""
+    array = np.array(array, copy=True)
+    array.flat[3] = np.nan
+    return array
+
+
 @pytest.mark.parametrize('change, message', [
     (lambda v: v.pop('model/h1/ln_2/g'), 'missing'),
     (lambda v: v.update({'model/extra': np.zeros(3, np.float32)}), 'no place'),
     (lambda v: v.update({'model/wtet': np.zeros((COLOURS, WIDTH + 1), np.float32)}), 'shape'),
+    (lambda v: v.update({'model/h0/mlp/c_fc/w': with_nan(v['model/h0/mlp/c_fc/w'])}),
+     r"tensor 'model/h0/mlp/c_fc/w' holds 1 NaN"),
 ])
 def test_openai_bad_checkpoints_are_refused(hf_model, tmp_path, change, message):
     variables = openai_variables(hf_model)
