@@ -61,6 +61,8 @@ def get_config(arg=None):
     c.eval_examples = 8192
     c.sample_every_steps = 10_000
     c.dvae_workdir = ''            # the dVAE that encoded data.codes_dir (decodes samples)
+    c.init_from = ''               # fine-tuning: a DALL·E workdir (its tokenizer is kept)
+    c.init_from_step = -1          # -1: its latest checkpoint
     c.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})
     c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
 

@@ -35,6 +35,8 @@ def get_config(arg=None):
     c.eval_examples = 128          # periodic eval; the final one uses the whole test split
     c.sample_every_steps = 500
     c.dvae_workdir = 'runs/dvae_shapes'  # decodes samples ('' = show codes in false colour)
+    c.init_from = ''               # fine-tuning: a DALL·E workdir (its tokenizer is kept)
+    c.init_from_step = -1          # -1: its latest checkpoint
     c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
     c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
 

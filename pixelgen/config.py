@@ -35,7 +35,8 @@ CONFIG_FILE = 'config.json'
 # so an older workdir loads, resumes and evaluates as it was trained.
 CONFIG_VERSION = 2
 ADDED_KEYS: dict[int, dict[str, dict[str, Any]]] = {
-    2: {'dalle': {'model.conv_wraparound': False, 'loss.caption_dropout': 0.0},
+    2: {'dalle': {'model.conv_wraparound': False, 'loss.caption_dropout': 0.0,
+                  'init_from': '', 'init_from_step': -1},
         'dvae': {'data.holdout_phrases': ()},
         'clip': {'data.holdout_phrases': ()}},
 }

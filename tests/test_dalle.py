@@ -279,6 +279,27 @@ def test_training_reports_both_losses_and_keeps_its_tokenizer(trained, capsys):
 
 
 @pytest.mark.slow
+def test_fine_tuning_from_a_dalle_workdir_keeps_its_tokenizer(trained, tmp_path, capsys):
+    import pixelgen
+    from pixelgen.trainer import train
+    config = trained['config'].copy_and_resolve_references()
+    with config.unlocked():
+        config.init_from, config.total_steps = trained['workdir'], 2
+        config.eval_every_steps = config.sample_every_steps = config.checkpoint_every_steps = 2
+    workdir = str(tmp_path / 'finetuned')
+    train(config, workdir)
+    with open(os.path.join(trained['workdir'], 'tokenizer.json'), 'rb') as a, \
+            open(os.path.join(workdir, 'tokenizer.json'), 'rb') as b:
+        assert a.read() == b.read()
+    assert f'initialised from {trained["workdir"]}' in capsys.readouterr().out
+    assert pixelgen.load(workdir).step == 2  # a fresh run of 2 steps, not a resume of 6
+    with config.unlocked():
+        config.init_from = str(tmp_path)  # no tokenizer.json there
+    with pytest.raises(ConfigError, match='has no tokenizer.json'):
+        train(config, str(tmp_path / 'refused'))
+
+
+@pytest.mark.slow
 def test_sample_cli_writes_a_grid_and_warns_on_long_prompts(trained, capsys, tmp_path):
     from PIL import Image
 

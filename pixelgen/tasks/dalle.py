@@ -166,11 +166,23 @@ def check_codes(config) -> dict:
 
 
 def load_or_train_tokenizer(config, workdir: str, captions: list[str]) -> TextTokenizer:
-    """The workdir's tokenizer if it has one (resumed runs keep their ids), else a new one
-    trained on `captions` (by process 0; the others read its file)."""
+    """The workdir's tokenizer if it has one (resumed runs keep their ids); else, fine-tuning
+    (`config.init_from`), the pretrained run's, copied, since its embeddings are indexed by
+    those ids; else a new one trained on `captions` (by process 0; the others read its
+    file)."""
     path = storage.join(workdir, TOKENIZER_FILE)
     existed = assets.check(workdir, TOKENIZER_FILE, what=TOKENIZER_IS)  # or refused, if changed
-    if not existed and jax.process_index() == 0:
+    if not existed and config.init_from:
+        source = storage.join(config.init_from, TOKENIZER_FILE)
+        if not storage.is_file(source):
+            raise ConfigError(f'config.init_from={config.init_from!r} has no {TOKENIZER_FILE}, '
+                              'and fine-tuning must keep the token ids its text embeddings '
+                              'were trained with: pass the workdir of a DALL·E run.')
+        if jax.process_index() == 0:
+            print(f'[dalle] fine-tuning: the tokenizer of {config.init_from}', flush=True)
+            storage.write_bytes(path, storage.read_bytes(source))
+            assets.record(workdir, TOKENIZER_FILE)
+    elif not existed and jax.process_index() == 0:
         print(f'[dalle] training a BPE tokenizer (vocab <= {config.model.text_vocab_size}) on '
               f'{len(captions)} captions...', flush=True)
         TextTokenizer.train(captions, vocab_size=config.model.text_vocab_size).save(path)
