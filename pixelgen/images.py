@@ -13,11 +13,17 @@ from pixelgen.config import ConfigError
 
 def read_rgb(path: str) -> np.ndarray:
     """uint8 [h, w, 3] of a PIL-readable picture file (local or a URL)."""
+    return decode_rgb(storage.read_bytes(path), path)
+
+
+def decode_rgb(data: bytes, name: str) -> np.ndarray:
+    """uint8 [h, w, 3] of a PIL-readable picture's bytes; `name` says where they came from in
+    the error."""
     try:
-        with Image.open(io.BytesIO(storage.read_bytes(path))) as im:
+        with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert('RGB'))
     except (UnidentifiedImageError, OSError) as e:
-        raise ConfigError(f'{path}: not a readable picture ({e}); pass a PNG or JPEG file.'
+        raise ConfigError(f'{name}: not a readable picture ({e}); pass a PNG or JPEG file.'
                           ) from e
 
 

@@ -187,14 +187,41 @@ def sample_igpt(args, loaded) -> int:
     return 0
 
 
+def quantize_picture(loaded, picture):
+    """A picture (uint8 [h, w, 3]) as an Image GPT prompt: (uint8 [side, side, 3] resized and
+    centre-cropped to the model's images, its palette tokens int [1, side * side])."""
+    from pixelgen.data import palette as palette_lib
+    from pixelgen.data import pipeline
+
+    original = pipeline.to_rgb_square(picture, loaded.config.data.image_size)
+    return original, palette_lib.quantize(original[None], loaded.palette).reshape(1, -1)
+
+
+def complete_rows(loaded, task, tokens, given_rows: int, num: int, seed: int, *,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float | None = None):
+    """uint8 [num, side, side, 3]: `num` Image GPT completions of the top `given_rows` pixel
+    rows of `tokens` [1, side * side], drawn from PRNGKey(seed) (each process its rows of the
+    num; every process gets all of them)."""
+    import jax
+    import numpy as np
+
+    from pixelgen import parallel, sampling
+
+    side = loaded.config.data.image_size
+    first, end = parallel.host_range(num)  # this process's rows of the num
+    drawn = sampling.sample(
+        loaded.model, jax.random.PRNGKey(seed), batch_size=num, rows=(first, end),
+        prompt=np.repeat(tokens[:, :given_rows * side], end - first, axis=0),
+        temperature=temperature, top_k=top_k or None, top_p=top_p)
+    return parallel.gather_rows(task.to_images(np.asarray(drawn)), num)
+
+
 def complete_igpt(args, loaded) -> int:
     """--prime_image: --num completions of the picture's top --prime_rows pixel rows."""
     import jax
     import numpy as np
 
-    from pixelgen import images, parallel, sampling, tasks
-    from pixelgen.data import palette as palette_lib
-    from pixelgen.data import pipeline
+    from pixelgen import images, tasks
 
     task = tasks.make(loaded.config, args.workdir)
     if task.objective == 'bert':
@@ -206,14 +233,9 @@ def complete_igpt(args, loaded) -> int:
     if not 1 <= given_rows < side:
         raise cli.ConfigError(f'--prime_rows {given_rows} must be in [1, {side - 1}]: pixel '
                               f'rows of the model\'s {side}x{side} images.')
-    original = pipeline.to_rgb_square(images.read_rgb(args.prime_image), side)
-    tokens = palette_lib.quantize(original[None], loaded.palette).reshape(1, -1)
-    first, end = parallel.host_range(args.num)  # this process's rows of the --num
-    drawn = sampling.sample(
-        loaded.model, jax.random.PRNGKey(args.seed), batch_size=args.num, rows=(first, end),
-        prompt=np.repeat(tokens[:, :given_rows * side], end - first, axis=0),
-        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p)
-    pictures = parallel.gather_rows(task.to_images(np.asarray(drawn)), args.num)
+    original, tokens = quantize_picture(loaded, images.read_rgb(args.prime_image))
+    pictures = complete_rows(loaded, task, tokens, given_rows, args.num, args.seed,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if jax.process_index() != 0:
         return 0
     stem = file_stem(args.prime_image)
@@ -228,15 +250,58 @@ def complete_igpt(args, loaded) -> int:
     return 0
 
 
+def load_dvae(loaded, dvae_workdir: str | None = None):
+    """The dVAE model that decodes the DALL·E `loaded`'s codes: that of `dvae_workdir`, or of
+    its config's dvae_workdir; a ConfigError when there is none or its codebook differs."""
+    import pixelgen
+
+    dvae_dir = dvae_workdir or loaded.config.get('dvae_workdir', '')
+    if not dvae_dir:
+        raise cli.ConfigError('No dVAE to decode with: the config has no dvae_workdir. Pass '
+                              '--dvae_workdir DIR (the dVAE that wrote the training codes).')
+    dvae = pixelgen.load(dvae_dir).model
+    if dvae.codebook_size != loaded.model.image_vocab_size:
+        raise cli.ConfigError(f'The dVAE in {dvae_dir} has {dvae.codebook_size} codes but the '
+                              f'model draws from {loaded.model.image_vocab_size}: pass the '
+                              'dVAE that encoded its training data.')
+    return dvae
+
+
+def draw_dalle(model, dvae, text_ids, num: int, seed: int, *, image_prompt=None,
+               temperature: float = 1.0, top_k: int = 0, top_p: float | None = None,
+               guidance_scale: float | None = None):
+    """uint8 [num, h, w, 3]: `num` DALL·E images for one caption's ids [1, text_len], drawn
+    from PRNGKey(seed) and decoded by `dvae`; image_prompt [num, given codes] or None. Each
+    process draws its rows of the num; every process gets all of them."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pixelgen import parallel
+    from pixelgen.sampling import generate
+    from pixelgen.tasks.dalle import render_codes
+
+    first, end = parallel.host_range(num)  # this process's rows of the num
+    text = jnp.asarray(np.repeat(text_ids, end - first, axis=0))
+    codes = np.asarray(generate(
+        model, jax.random.PRNGKey(seed), text,
+        image_prompt=None if image_prompt is None else image_prompt[first:end],
+        temperature=temperature, top_k=top_k or None, top_p=top_p,
+        rows=(first, end), batch_size=num,
+        guidance_scale=1.0 if guidance_scale is None else guidance_scale))
+    side = model.grid_size
+    pictures = (render_codes(codes.reshape(end - first, side, side), dvae) if end > first else
+                np.zeros((0, side * dvae.downsampling, side * dvae.downsampling, 3), np.uint8))
+    return parallel.gather_rows(pictures, num)
+
+
 def sample_dalle(args, loaded, parser) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     import pixelgen
-    from pixelgen import images, parallel
-    from pixelgen.sampling import generate
-    from pixelgen.tasks.dalle import render_codes
+    from pixelgen import images
 
     config, model = loaded.config, loaded.model
     tokenizer = loaded.assets.get('tokenizer')
@@ -272,15 +337,7 @@ def sample_dalle(args, loaded, parser) -> int:
     if encoded.num_truncated:
         print(f'warning: the prompt is longer than model.text_len={model.text_len} tokens; '
               f'it was cut to "{tokenizer.decode(encoded.ids)[0]}"', file=sys.stderr)
-    dvae_dir = args.dvae_workdir or config.get('dvae_workdir', '')
-    if not dvae_dir:
-        raise cli.ConfigError('No dVAE to decode with: the config has no dvae_workdir. Pass '
-                              '--dvae_workdir DIR (the dVAE that wrote the training codes).')
-    dvae = pixelgen.load(dvae_dir).model
-    if dvae.codebook_size != model.image_vocab_size:
-        raise cli.ConfigError(f'The dVAE in {dvae_dir} has {dvae.codebook_size} codes but the '
-                              f'model draws from {model.image_vocab_size}: pass the dVAE that '
-                              'encoded its training data.')
+    dvae = load_dvae(loaded, args.dvae_workdir)
     if args.prime_image is not None:  # the top code rows of the user's picture
         from pixelgen.data import pipeline
         if not 1 <= args.prime_rows < model.grid_size:
@@ -291,18 +348,10 @@ def sample_dalle(args, loaded, parser) -> int:
         given = codes[0, :args.prime_rows].reshape(-1).astype(np.int32)
         image_prompt = jnp.asarray(np.repeat(given[None], args.num, axis=0))
 
-    first, end = parallel.host_range(args.num)  # this process's rows of the --num
-    text = jnp.asarray(np.repeat(encoded.ids, end - first, axis=0))
-    codes = np.asarray(generate(
-        model, jax.random.PRNGKey(args.seed), text,
-        image_prompt=None if image_prompt is None else image_prompt[first:end],
-        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-        rows=(first, end), batch_size=args.num,
-        guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale))
-    side = model.grid_size
-    pictures = (render_codes(codes.reshape(end - first, side, side), dvae) if end > first else
-                np.zeros((0, side * dvae.downsampling, side * dvae.downsampling, 3), np.uint8))
-    pictures = parallel.gather_rows(pictures, args.num)
+    pictures = draw_dalle(model, dvae, encoded.ids, args.num, args.seed,
+                          image_prompt=image_prompt, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p,
+                          guidance_scale=args.guidance_scale)
     if jax.process_index() != 0:
         return 0
     order = np.arange(args.num)
