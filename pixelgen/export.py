@@ -265,7 +265,7 @@ def _clip_bpe_files(tokenizer, out: str, context_length: int) -> None:
 
 
 def export_hf_clip(loaded, out: str) -> str:
-    from pixelgen.convert import hf_clip
+    from pixelgen.data.clip_bpe import ClipBPETokenizer
     config = loaded.config
     m = config.model
     tokenizer = loaded.assets.get('tokenizer')
@@ -273,7 +273,7 @@ def export_hf_clip(loaded, out: str) -> str:
     tensors = clip_state_dict(p, config)
     eot, sot, pad = m.eot_id, None, None
     kind = 'no tokenizer (none in the workdir)'
-    if isinstance(tokenizer, hf_clip.ClipBPETokenizer):
+    if isinstance(tokenizer, ClipBPETokenizer):
         _clip_bpe_files(tokenizer, out, m.context_length)
         storage.write_text(storage.join(out, 'tokenizer.json'),
                            tokenizer._tokenizer.to_str(pretty=True))

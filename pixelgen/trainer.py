@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pixelgen import checkpoint, flops, lease, parallel, tasks
+from pixelgen import checkpoint, flops, lease, parallel, pretrained, tasks
 from pixelgen.config import ConfigDict, ConfigError, format_config, save_config
 from pixelgen.metric_writer import MetricWriter, Progress
 from pixelgen.nn.transformer import LAYERS_AXIS
@@ -140,8 +140,6 @@ def init_params_from(state: State, config: ConfigDict) -> State:
     `adapt_pretrained(config, loaded, shapes)` may fit them to this model. Optimizer state
     and step stay fresh: a fine-tuning run starts at step 0. Only the checkpoint's parameters
     are read, straight into the shards of this run's mesh (`pretrained.load`)."""
-    from pixelgen import pretrained
-
     step = None if config.get('init_from_step', -1) < 0 else config.init_from_step
     sharding = jax.tree.leaves(state['params'])[0].sharding
     try:

@@ -14,6 +14,7 @@ import pixelgen
 from pixelgen.config import ConfigError
 from pixelgen.convert import __main__ as convert_cli
 from pixelgen.convert import hf_clip
+from pixelgen.data import clip_bpe
 
 pytestmark = [pytest.mark.parity]
 torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch: .[test]')
@@ -82,7 +83,7 @@ def test_clip_bpe_matches_transformers_clip_tokenizer(hf_folder):
     reference = CLIPTokenizer.from_pretrained(hf_folder)
     expected = reference(TEXTS, padding='max_length', max_length=CONTEXT,
                          truncation=True)['input_ids']
-    ours = hf_clip.load_clip_bpe(hf_folder)
+    ours = clip_bpe.load_clip_bpe(hf_folder)
     encoded = ours.encode(TEXTS, CONTEXT, add_sot_eot=True)
     np.testing.assert_array_equal(encoded.ids, np.array(expected))
     assert encoded.num_truncated == 3  # the last three are longer than CONTEXT

@@ -1,6 +1,7 @@
 """The CPU seam: nn/ and models/ never import pixelgen.cpu, and a step lowered for TPU or GPU
 on this CPU host holds none of the CPU-only machinery (native custom calls, XLA:CPU layout
-barriers), while the same step lowered for the CPU does."""
+barriers), while the same step lowered for the CPU does. And no import inside a function
+hides an import cycle."""
 
 from __future__ import annotations
 
@@ -111,3 +112,51 @@ def test_auto_attention_resolves_per_lowering_platform():
     tpu = jax.export.export(jax.jit(layer), platforms=['tpu'])(x).mlir_module()
     assert 'tpu_custom_call' in tpu
     np.testing.assert_allclose(layer(x), layer(x))  # and it runs here, on the CPU
+
+
+def _pixelgen_imports(package_dir: str) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(module -> pixelgen modules imported at module level, module -> those imported inside
+    functions) for every module under `package_dir`."""
+    modules, top, inner = {}, {}, {}
+    for folder, _, files in os.walk(package_dir):
+        for name in files:
+            if name.endswith('.py'):
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, os.path.dirname(package_dir))[:-3]
+                modules[rel.replace(os.sep, '.').removesuffix('.__init__')] = path
+    for module, path in modules.items():
+        top[module], inner[module] = set(), set()
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('pixelgen'):
+                names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith('pixelgen')]
+            else:
+                continue
+            found = {n for n in names if n in modules and n != module}
+            (top if node.col_offset == 0 else inner)[module] |= found
+    return top, inner
+
+
+def test_no_import_inside_a_function_hides_an_import_cycle():
+    """An import moved into a function to dodge a cycle hides a layering problem: the arrows
+    must point one way (entry points -> trainer -> tasks -> models -> nn). The package's
+    `pixelgen.load` stays lazy so that `import pixelgen` is cheap."""
+    top, inner = _pixelgen_imports(os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), 'pixelgen'))
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            module = todo.pop()
+            if module == goal:
+                return True
+            if module not in seen:
+                seen.add(module)
+                todo += top.get(module, ())
+        return False
+    cycles = sorted(f'{m} -> {n}' for m, names in inner.items() if m != 'pixelgen'
+                    for n in names if reaches(n, m))
+    assert not cycles, cycles

@@ -16,7 +16,7 @@ from flax import nnx
 from pixelgen import assets, flops, images, parallel, storage
 from pixelgen.config import ConfigDict, ConfigError
 from pixelgen.cpu.backend import use_native_attention
-from pixelgen.data import pipeline
+from pixelgen.data import clip_bpe, pipeline
 from pixelgen.data.text import TextTokenizer
 from pixelgen.models.clip import CLIP, OPENAI_MEAN, OPENAI_STD, contrastive_loss
 from pixelgen.nn.transformer import ACTIVATIONS
@@ -140,9 +140,8 @@ def caption_text(value) -> str:
 def load_tokenizer(path: str) -> TextTokenizer:
     """A saved tokenizer: CLIP's own BPE (special tokens <|startoftext|>, <|endoftext|>) or
     one trained by TextTokenizer."""
-    from pixelgen.convert import hf_clip
-    if hf_clip.is_clip_bpe(path):
-        return hf_clip.ClipBPETokenizer.load(path)
+    if clip_bpe.is_clip_bpe(path):
+        return clip_bpe.ClipBPETokenizer.load(path)
     return TextTokenizer.load(path)
 
 
@@ -157,8 +156,7 @@ def load_or_make_tokenizer(config, workdir: str, train_source=None) -> TextToken
         tokenizer = load_tokenizer(path)
     else:
         if d.tokenizer:
-            from pixelgen.convert import hf_clip
-            tokenizer = hf_clip.load_clip_bpe(d.tokenizer)  # a local or remote folder
+            tokenizer = clip_bpe.load_clip_bpe(d.tokenizer)  # a local or remote folder
         else:
             if train_source is None:
                 train_source = pipeline.open_split(d, 'train')

@@ -15,13 +15,13 @@ import jax
 import tensorflow_datasets as tfds
 
 from pixelgen import storage
+from pixelgen.data.builders import image_folder
 from pixelgen.data.builders.fashion_mnist import FashionMnist
+from pixelgen.data.builders.image_folder import IMAGE_FOLDER_PREFIX
 from pixelgen.data.builders.shapes import COLORS, SHAPES, SIZES, Shapes
 
 __all__ = ['COLORS', 'EMBEDDED', 'IMAGE_FOLDER_PREFIX', 'SHAPES', 'SIZES', 'FashionMnist',
            'Shapes', 'builds_locally', 'ensure_built']
-
-IMAGE_FOLDER_PREFIX = 'image_folder:'
 
 EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     'shapes': Shapes,
@@ -37,7 +37,6 @@ def builds_locally(name: str) -> bool:
 def make_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     """The builder of `name` in `data_dir`, prepared or not."""
     if name.startswith(IMAGE_FOLDER_PREFIX):
-        from pixelgen.data.builders import image_folder  # imports pipeline, which imports us
         return image_folder.ImageFolder(folder=image_folder.folder_of(name),
                                         data_dir=data_dir, file_format='array_record')
     if name in EMBEDDED:

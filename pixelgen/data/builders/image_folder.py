@@ -48,9 +48,10 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
 from pixelgen import storage
-from pixelgen.data.builders import IMAGE_FOLDER_PREFIX
 from pixelgen.data.builders.shapes import png_bytes
-from pixelgen.data.pipeline import DataError
+from pixelgen.data.decode import DataError
+
+IMAGE_FOLDER_PREFIX = 'image_folder:'  # config.data.dataset = 'image_folder:/path/to/images'
 
 CAPTION_FILES = ('captions.csv', 'captions.jsonl', 'metadata.csv', 'metadata.jsonl')
 FILE_KEYS = ('file_name', 'file', 'filename', 'image', 'path')
