@@ -120,8 +120,10 @@ def _trainer_pid(launcher: subprocess.Popen, process_id: int) -> int:
     raise AssertionError(f'no trainer with --process_id {process_id} is running')
 
 
-def test_sigterm_on_one_host_saves_the_same_step_on_both_and_the_rerun_resumes(
-        tiny_config_args, tmp_path):
+@pytest.mark.parametrize('signum, name, status', [(signal.SIGTERM, 'SIGTERM', 0),
+                                                   (signal.SIGINT, 'SIGINT', 130)])
+def test_a_signal_to_one_host_saves_the_same_step_on_both_and_the_rerun_resumes(
+        tiny_config_args, tmp_path, signum, name, status):
     workdir = str(tmp_path / 'preempted')
     quiet = ['--config.eval_every_steps=0', '--config.sample_every_steps=0',
              '--config.log_every_steps=1']
@@ -134,18 +136,21 @@ def test_sigterm_on_one_host_saves_the_same_step_on_both_and_the_rerun_resumes(
             break
     else:
         raise AssertionError(f'the job ended before step 3:\n{output}')
-    os.kill(_trainer_pid(proc, 1), signal.SIGTERM)  # only process 1 is preempted
+    os.kill(_trainer_pid(proc, 1), signum)  # only process 1 gets it
     output += proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output
+    assert proc.returncode == status, output  # SIGINT: 130, on both hosts
     log_1 = open(os.path.join(workdir, 'logs', 'process_1.log')).read()
-    saved_1 = re.findall(r'^\[pixelgen\] SIGTERM: saved step (\d+)', log_1, re.M)
-    saved_0 = re.findall(r'SIGTERM \(received by another host\): saved step (\d+)', output)
+    saved_1 = re.findall(rf'^\[pixelgen\] {name}: saved step (\d+)', log_1, re.M)
+    saved_0 = re.findall(rf'{name} \(received by another host\): saved step (\d+)', output)
     assert saved_1 and saved_0 == saved_1, (output, log_1)
     step = int(saved_1[0])
     assert 3 <= step < 1000
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [step]
     data_state = os.listdir(os.path.join(workdir, 'checkpoints', str(step), 'data'))
     assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(data_state)
+    if signum == signal.SIGINT:
+        assert 'interrupted; rerun the same command' in log_1
+        return  # the rerun is the same as after SIGTERM
 
     rerun = _launch([*tiny_config_args, *quiet, f'--config.total_steps={step + 2}',
                      '--config.checkpoint_every_steps=1000'], workdir)
