@@ -22,7 +22,10 @@ def decode_rgb(data: bytes, name: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert('RGB'))
-    except (UnidentifiedImageError, OSError) as e:
+    except UnidentifiedImageError:
+        raise ConfigError(f'{name}: not a readable picture (no image format that PIL reads); '
+                          'pass a PNG or JPEG file.') from None
+    except OSError as e:  # a known format, damaged
         raise ConfigError(f'{name}: not a readable picture ({e}); pass a PNG or JPEG file.'
                           ) from e
 

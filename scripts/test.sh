@@ -4,13 +4,16 @@
 #   TORCH_INDEX_URL  where torch's CPU build is found (default: PyTorch's CPU wheel index)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Debian tools for two test groups, when we may install them: g++ builds pixelgen's native CPU
-# kernels (marker `native`), shellcheck lints launch/ (marker `launch`). Without them those
-# tests are skipped with the reason.
+# Debian tools for three test groups, when we may install them: g++ builds pixelgen's native
+# CPU kernels (marker `native`), shellcheck lints launch/ (marker `launch`), chromium and its
+# driver run the browser demo's test (tests/test_demo.py). Without them those tests are
+# skipped with the reason.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   missing=()
   command -v g++ >/dev/null 2>&1 || missing+=(g++)
   command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
   if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
