@@ -1,6 +1,8 @@
 """Fault injection: SIGKILL at many points, even inside an async checkpoint save, then the
 same command again; the run must end exactly where an uninterrupted one does, and a
-half-written checkpoint must never be taken as the latest.
+half-written checkpoint must never be taken as the latest. Corruption: flipped bits and
+truncated files in a checkpoint are always detected (array checksums, file digest), and each
+kind of job then does what docs/reliability.md#checksums says.
 
 The child process is `python -m pixelgen.train` with a test hook (CHILD below) that can stall
 Orbax's atomic save right after it created the temporary directory or right before it renames
