@@ -14,7 +14,7 @@ attention in XLA). Prints
 one JSON line per case: the shape, each variant's median and fastest milliseconds, and the
 native kernel's speed-up over the others. The projections of a layer are not included (the
 bench's `dalle_attention` has them). With --profile, one more call of each variant is traced
-into DIR/CASE/VARIANT and its top XLA ops go to stderr (`pixelgen.bench.format_top_ops`; the
+into DIR/CASE/VARIANT and its top XLA ops go to stderr (`pixelgen.bench.common.format_top_ops`; the
 native kernel is one op there, `ffi_call`, whose helper threads the trace does not show).
 """
 
@@ -35,7 +35,7 @@ host_memory.configure()  # as the pixelgen jobs, before JAX's CPU client
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pixelgen.bench import format_top_ops  # noqa: E402
+from pixelgen.bench.common import format_top_ops  # noqa: E402
 from pixelgen.cpu import native_attention  # noqa: E402
 from pixelgen.nn.attention import dot_product_attention  # noqa: E402
 from pixelgen.nn.block_sparse import (  # noqa: E402

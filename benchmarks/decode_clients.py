@@ -39,8 +39,8 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--repeats', type=int, default=7)
     args = parser.parse_args()
-    shape = dict(bench.IGPT_SAMPLE_SHAPE, new_tokens=args.tokens, batch=args.batch)
-    model, _ = bench.build_sampling_igpt(shape)
+    shape = dict(bench.igpt.IGPT_SAMPLE_SHAPE, new_tokens=args.tokens, batch=args.batch)
+    model, _ = bench.igpt.build_sampling_igpt(shape)
 
     def draw(mode: str, seed: int) -> tuple[float, np.ndarray]:
         os.environ[decode_clients.ENV] = mode  # read at every call; each mode keeps its compiles

@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument('--tokens', type=int, default=1024)
     parser.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args()
-    shape = dict(bench.IGPT_SAMPLE_SHAPE, new_tokens=args.tokens)
-    model, _ = bench.build_sampling_igpt(shape)
+    shape = dict(bench.igpt.IGPT_SAMPLE_SHAPE, new_tokens=args.tokens)
+    model, _ = bench.igpt.build_sampling_igpt(shape)
     variants = {'phased': sampling.MAX_PHASES, 'one_loop': 1}
 
     def draw(variant: str, seed: int) -> float:

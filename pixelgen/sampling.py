@@ -101,6 +101,18 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
     return decode_on_cpu_clients(_offset_rows(run, first), state, [rng], [prompt], end - first)
 
 
+def compiled_sampler(model: ImageGPT, *, batch_size: int, num_tokens: int | None = None):
+    """The sampling loop compiled for a whole batch without a prompt on the default device,
+    as `sample` runs each decode client's share of it: for XLA's memory and cost analysis."""
+    num_tokens = model.seq_len if num_tokens is None else num_tokens
+    graphdef, state = nnx.split(model)
+    return _sample_jit.lower(
+        graphdef, state, jax.random.key(0), jnp.zeros((batch_size, 0), jnp.int32),
+        batch_size=batch_size, temperature=1.0, top_k=None, top_p=None,
+        phase_ends=_phase_ends(num_tokens), row_start=jnp.int32(0),
+        row_count=batch_size).compile()
+
+
 def _check_rows(rows: tuple[int, int] | None, batch_size: int) -> tuple[int, int]:
     first, end = (0, batch_size) if rows is None else rows
     if not 0 <= first <= end <= batch_size:

@@ -139,7 +139,7 @@ def test_profile_writes_a_trace_and_lists_its_top_events(tmp_path):
     bench.run_case('igpt_sample', overrides=TINY_OVERRIDES['igpt_sample'], steps=3,
                    profile_dir=str(tmp_path))
     assert list(tmp_path.glob('**/perfetto_trace.json.gz'))
-    assert bench.format_top_ops(str(tmp_path)).strip()
+    assert bench.common.format_top_ops(str(tmp_path)).strip()
 
 
 def test_unknown_case_names_the_valid_ones(capsys):
@@ -165,7 +165,7 @@ def test_concurrent_passes_must_divide_the_batch():
 
 @pytest.mark.slow
 def test_json_flag_prints_one_line_per_case_and_nothing_else(monkeypatch, capsys):
-    monkeypatch.setitem(bench.SHAPES, 'igpt_train', {**bench.IGPT_SHAPE, **TINY})
+    monkeypatch.setitem(bench.SHAPES, 'igpt_train', {**bench.igpt.IGPT_SHAPE, **TINY})
     bench.main(['igpt_train', '--json', '--steps', '3', '--attention', 'dense'])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1
@@ -190,3 +190,26 @@ def test_dalle_attention_reports_each_kind_against_dense():
     assert r['step_s'] == pytest.approx(sum(r['kinds'][k]['step_s']
                                             for k in ('row', 'column', 'conv')))
     json.dumps(r)
+
+
+def test_the_bench_package_uses_no_private_name_of_pixelgen():
+    """The cases are written against pixelgen's public API, as a user's benchmark would be."""
+    import ast
+    import os
+    folder = os.path.dirname(bench.__file__)
+    private = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith('.py'):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('pixelgen'):
+                private += [f'{name}: {node.module}.{a.name}' for a in node.names
+                            if a.name.startswith('_')]
+            elif (isinstance(node, ast.Attribute) and node.attr.startswith('_')
+                  and not node.attr.startswith('__') and isinstance(node.value, ast.Name)
+                  and node.value.id in {'sampling', 'trainer', 'flops', 'core_split',
+                                        'decode_clients', 'native_attention', 'throughput'}):
+                private.append(f'{name}: {node.value.id}.{node.attr}')
+    assert not private, private
