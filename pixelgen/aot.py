@@ -23,7 +23,6 @@ Needs libtpu: pip install -e '.[tpu]'. See docs/aot.md.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -39,7 +38,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from pixelgen.config import ConfigDict, ConfigError, format_config, parse_config_args
+from pixelgen.config import ConfigDict, ConfigError, parse_config_args, parse_job_args
 
 GIB = 2 ** 30
 STEPS = ('train', 'eval', 'decode')
@@ -617,17 +616,7 @@ def tpu_hlo_text(config_path: str, topology: str = 'v5e:2x2',
     return lowered.compile().as_text() if compiled else lowered.as_text(debug_info=True)
 
 
-def main(argv: list[str]) -> int:
-    _prepare_environment()
-    if '--help_config' in argv:
-        config, _ = parse_config_args([a for a in argv if a != '--help_config'])
-        print(format_config(config))
-        return 0
-    parser = argparse.ArgumentParser(
-        prog='python -m pixelgen.aot', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='--config FILE[:variant] picks the config; --config.a.b=value overrides a field; '
-               '--help_config lists every field.')
+def add_arguments(parser) -> None:
     parser.add_argument('--topology', required=True,
                         help=f'the TPU slice as GENERATION:SHAPE, e.g. {EXAMPLES}')
     parser.add_argument('--json', action='store_true', help='print one JSON object')
@@ -637,11 +626,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument('--decode_batch', type=int, default=None,
                         help='sequences decoded at once (default: the batch the task samples '
                              'during training)')
-    if any(a in ('-h', '--help') for a in argv):
-        parser.print_help()
+
+
+def main(argv: list[str]) -> int:
+    _prepare_environment()
+    parsed = parse_job_args(argv, 'python -m pixelgen.aot', __doc__, add_arguments)
+    if parsed is None:  # help was printed
         return 0
-    config, rest = parse_config_args(argv)
-    args = parser.parse_args(rest)
+    config, args = parsed
     steps = tuple(s.strip() for s in args.steps.split(',') if s.strip())
     unknown = sorted(set(steps) - set(STEPS))
     if unknown or not steps:

@@ -8,6 +8,7 @@ the closest valid ones, before anything is compiled.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import difflib
 import importlib.util
@@ -247,3 +248,27 @@ def _flat(config: ConfigDict, prefix: str = ''):
             yield from _flat(value, prefix + key + '.')
         else:
             yield prefix + key, value
+
+
+CONFIG_EPILOG = ('--config FILE[:variant] picks the config; --config.a.b=value overrides a '
+                 'field; --help_config lists every field.')
+
+
+def parse_job_args(argv: list[str], prog: str, description: str,
+                   add_arguments) -> tuple[ConfigDict, argparse.Namespace] | None:
+    """The start of every job that takes a config (train, aot): None after printing the help
+    that was asked for (--help_config: every field of the config with its value; -h: the
+    job's flags), else (the config of --config and its --config.* overrides, the job's other
+    flags). `add_arguments(parser)` declares those flags."""
+    if '--help_config' in argv:
+        config, _ = parse_config_args([a for a in argv if a != '--help_config'])
+        print(format_config(config))
+        return None
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=CONFIG_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    if any(a in ('-h', '--help') for a in argv):
+        parser.print_help()
+        return None
+    config, rest = parse_config_args(argv)
+    return config, parser.parse_args(rest)

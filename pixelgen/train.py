@@ -8,22 +8,11 @@ trainer at a time per workdir (W/trainer.lock).
 
 from __future__ import annotations
 
-import argparse
-
-from pixelgen import cli
-from pixelgen.config import format_config, parse_config_args
+from pixelgen import cli, parallel
+from pixelgen.config import parse_job_args
 
 
-def main(argv: list[str]) -> int:
-    if '--help_config' in argv:
-        config, _ = parse_config_args([a for a in argv if a != '--help_config'])
-        print(format_config(config))
-        return 0
-    parser = argparse.ArgumentParser(
-        prog='python -m pixelgen.train', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='--config FILE[:variant] picks the config; --config.a.b=value overrides a field; '
-               '--help_config lists every field.')
+def add_arguments(parser) -> None:
     parser.add_argument('--workdir', required=True,
                         help='checkpoints, logs, samples and the resolved config go here '
                              '(a local path or gs://...)')
@@ -35,26 +24,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument('--lock_stale_minutes', type=float, default=10.0,
                         help='take over the workdir lock (W/trainer.lock) of another trainer '
                              'whose heartbeat is older than this (default 10)')
-    group = parser.add_argument_group('multi-host (see launch/)')
-    group.add_argument('--distributed', action='store_true',
-                       help='call jax.distributed.initialize() with cluster auto-detection '
-                            '(TPU pods, SLURM); implied by --coordinator_address')
-    group.add_argument('--coordinator_address', default=None, help='HOST:PORT of process 0')
-    group.add_argument('--num_processes', type=int, default=None)
-    group.add_argument('--process_id', type=int, default=None)
-    if any(a in ('-h', '--help') for a in argv):
-        parser.print_help()
+    parallel.add_distributed_arguments(parser)
+
+
+def main(argv: list[str]) -> int:
+    parsed = parse_job_args(argv, 'python -m pixelgen.train', __doc__, add_arguments)
+    if parsed is None:  # help was printed
         return 0
-    config, rest = parse_config_args(argv)
-    args = parser.parse_args(rest)
-    from pixelgen import parallel
-    from pixelgen.trainer import train
-    if args.distributed or args.coordinator_address:
-        parallel.initialize_distributed(args.coordinator_address, args.num_processes,
-                                        args.process_id)
+    config, args = parsed
     if args.overwrite_later and args.restore_step is None:
-        parser.error('--overwrite_later deletes the checkpoints after --restore_step N; pass '
-                     '--restore_step too')
+        raise cli.ConfigError('--overwrite_later deletes the checkpoints after --restore_step '
+                              'N; pass --restore_step too')
+    from pixelgen.trainer import train
+    parallel.initialize_from_args(args)
     train(config, args.workdir, restore_step=args.restore_step,
           overwrite_later=args.overwrite_later, lock_stale_minutes=args.lock_stale_minutes)
     return 0
