@@ -61,6 +61,8 @@ def load_config_file(spec: str) -> ConfigDict:
     """Loads `path.py` or `path.py:arg` by calling its `get_config(arg)`."""
     path, _, arg = spec.partition(':')
     if not os.path.isfile(path):
+        path = _shipped_config(path) or path
+    if not os.path.isfile(path):
         raise ConfigError(f'Config file {path!r} does not exist. Pass --config configs/<name>.py '
                           f'(available: {", ".join(sorted(_available_configs()))}).')
     module_spec = importlib.util.spec_from_file_location('pixelgen_user_config', path)
@@ -82,11 +84,22 @@ def load_config_file(spec: str) -> ConfigDict:
     return config
 
 
+SHIPPED_CONFIGS = os.path.join(os.path.dirname(__file__), 'configs')  # the package pixelgen.configs
+
+
+def _shipped_config(path: str) -> str | None:
+    """`configs/<name>.py` (or `<name>.py`) among the configs installed with pixelgen, for a
+    path that does not exist from here (e.g. after a non-editable install)."""
+    name = path.removeprefix('configs/').removeprefix('./configs/')
+    candidate = os.path.join(SHIPPED_CONFIGS, name)
+    return candidate if os.sep not in name and os.path.isfile(candidate) else None
+
+
 def _available_configs() -> list[str]:
-    here = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs')
-    if not os.path.isdir(here):
+    if not os.path.isdir(SHIPPED_CONFIGS):
         return []
-    return [f'configs/{f}' for f in os.listdir(here) if f.endswith('.py') and f != '__init__.py']
+    return [f'configs/{f}' for f in os.listdir(SHIPPED_CONFIGS)
+            if f.endswith('.py') and f != '__init__.py']
 
 
 def _parse_value(text: str):

@@ -64,6 +64,30 @@ def test_saved_config_round_trips(tmp_path):
     assert again.to_dict() == config.to_dict()
 
 
+def test_shipped_configs_are_found_from_any_directory(tmp_path, monkeypatch):
+    """After a non-editable install there is no configs/ folder beside the user: the shipped
+    configs (the package pixelgen.configs) answer to the same names."""
+    monkeypatch.chdir(tmp_path)
+    config, _ = parse_config_args(['--config', 'configs/igpt_shapes.py:tiny'])
+    assert config.task == 'igpt' and config.total_steps == 12
+    assert parse_config_args(['--config', 'clip_shapes.py'])[0].task == 'clip'
+    with pytest.raises(ConfigError, match='available: .*configs/igpt.py'):
+        parse_config_args(['--config', 'configs/nope.py'])
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_configs(tmp_path):
+    pytest.importorskip('setuptools', reason='builds the wheel without build isolation')
+    import glob
+    import zipfile
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps',
+                    '--no-build-isolation', REPO, '-w', str(tmp_path)], check=True,
+                   capture_output=True, cwd=tmp_path)
+    names = zipfile.ZipFile(glob.glob(str(tmp_path / '*.whl'))[0]).namelist()
+    assert {'pixelgen/configs/igpt.py', 'pixelgen/configs/dalle_shapes.py',
+            'pixelgen/bench/__main__.py', 'pixelgen/demo_page.html'} <= set(names)
+
+
 def test_an_older_saved_config_is_upgraded_on_load(tmp_path):
     """config.json from before config_version 2 lacks the DALL·E keys added since; loading
     fills in the values that reproduce those runs, and a newer file's version is refused."""
