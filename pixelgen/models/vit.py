@@ -96,9 +96,10 @@ class ViT(nnx.Module):
 def resample_position_embedding(posemb: jax.Array, grid: int, *, class_token: bool
                                 ) -> jax.Array:
     """Position embeddings [(1 +) g*g, width] of a g x g patch grid -> [(1 +) grid*grid, width]
-    for a grid x grid one: the patch part is resized bilinearly as a g x g image of `width`
-    channels (big_vision's `resample_posemb`, HF's `interpolate_pos_encoding`); the class
-    token's row is kept. Used to fine-tune at another resolution (paper §3.2)."""
+    for a grid x grid one: the patch part is resized bilinearly (half-pixel centres) as a
+    g x g image of `width` channels, like big_vision's `resample_posemb` (a linear zoom;
+    transformers' `interpolate_pos_encoding` is bicubic); the class token's row is kept.
+    Used to fine-tune at another resolution (paper §3.2)."""
     extra, patches = (posemb[:1], posemb[1:]) if class_token else (posemb[:0], posemb)
     old = int(round(patches.shape[0] ** 0.5))
     if old * old != patches.shape[0]:
