@@ -81,6 +81,7 @@ def get_config(arg=None):
     c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 1e-4  # kernels and embeddings only (trainer.weight_decay_mask)
     c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.ema_decay = 0.999  # the paper's: encode and decode use the moving average
     c.optimizer.skip_nonfinite_updates = 5
 
     c.sampling = ml_collections.ConfigDict()

@@ -84,6 +84,7 @@ def get_config(arg=None):
     c.optimizer.weight_decay = 1e-4
     c.optimizer.grad_clip_norm = 1.0
     c.optimizer.skip_nonfinite_updates = 5
+    c.optimizer.ema_decay = 0.0    # the paper's 0.999 lags a 1500-step run; > 0: load uses the EMA
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.num_images = 8      # originals above their reconstructions

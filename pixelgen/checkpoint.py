@@ -399,7 +399,8 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
 
 
 def restore_params(manager: ocp.CheckpointManager, step: int, target: Any, config) -> Any:
-    """The `params` subtree of checkpoint `step`'s state, restored into `target` (a pytree of
+    """The `params` subtree of checkpoint `step`'s state (its `ema`, the parameters' moving
+    average, where the run keeps one), restored into `target` (a pytree of
     jax.ShapeDtypeStruct with shardings, as the model's parameters): each device reads only
     its shards, and nothing else of the state (the optimizer's moments, the data position)
     is read; a checkpoint without them (a converted workdir) loads the same. Errors name
@@ -428,15 +429,17 @@ def _restore_params(manager: ocp.CheckpointManager, step: int, target: Any, conf
             f'Checkpoint {where} holds no parameters (its state has {tops}, no "params"): it '
             'was not written by pixelgen.train or pixelgen.convert. Load another step, or '
             'convert the weights into a new workdir with python -m pixelgen.convert.')
+    # The weights the model runs with: the moving average where the run keeps one.
+    key = 'ema' if saved is not None and any(path[:1] == ('ema',) for path in saved) else 'params'
     flat = jax.tree_util.tree_flatten_with_path
     missing = ['.'.join(path_names(p)) for p, _ in flat(target)[0]
-               if saved is not None and ('params', *path_names(p)) not in saved]
+               if saved is not None and (key, *path_names(p)) not in saved]
     if missing:
         raise CheckpointMismatchError(
             f'Checkpoint {where} lacks {len(missing)} of the model\'s parameters '
             f'({", ".join(missing[:5])}{", ..." if len(missing) > 5 else ""}): its config.json '
             'does not describe it. Restore the config.json written with this checkpoint.')
-    item = {'params': target}
+    item = {key: target}
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)
@@ -444,10 +447,10 @@ def _restore_params(manager: ocp.CheckpointManager, step: int, target: Any, conf
         restored = manager.restore(step, args=ocp.args.Composite(state=args))
     except Exception as e:  # noqa: BLE001 - the model matched, so the files are damaged
         raise CorruptCheckpointError(f'Checkpoint {where} is unreadable ({e}).') from e
-    params = restored['state']['params']
+    params = restored['state'][key]
     if any(not isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
         raise CorruptCheckpointError(f'Checkpoint {where}: some parameters were not restored.')
-    verify(saved_checksums, {'params': params}, where)
+    verify(saved_checksums, {key: params}, where)
     return params
 
 

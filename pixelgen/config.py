@@ -38,7 +38,7 @@ CONFIG_VERSION = 2
 ADDED_KEYS: dict[int, dict[str, dict[str, Any]]] = {
     2: {'dalle': {'model.conv_wraparound': False, 'loss.caption_dropout': 0.0,
                   'init_from': '', 'init_from_step': -1},
-        'dvae': {'data.holdout_phrases': ()},
+        'dvae': {'data.holdout_phrases': (), 'optimizer.ema_decay': 0.0},
         'clip': {'data.holdout_phrases': ()}},
 }
 

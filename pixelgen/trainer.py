@@ -109,14 +109,25 @@ def make_optimizer(opt: ConfigDict, total_steps: int):
     return tx, schedule
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
-    """Splits the model into its static graph and a pytree of parameters."""
+def ema_decay(config) -> float:
+    """The decay of the parameters' exponential moving average (`optimizer.ema_decay`, which
+    the tasks that keep one define: the dVAE, as the paper's), 0 where there is none."""
+    return float(config.optimizer.ema_decay) if 'ema_decay' in config.optimizer else 0.0
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int,
+               ema: bool = False):
+    """Splits the model into its static graph and a pytree of parameters. With `ema`, the
+    state also holds `ema`, the moving average of the parameters (starting at them), which
+    checkpoints carry and `pixelgen.load` restores in their place."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise TypeError(f'{type(model).__name__} holds non-parameter state, which the trainer '
                         'does not carry: keep models free of mutable variables.')
     state = {'step': jnp.zeros((), jnp.int32), 'params': params,
              'opt_state': tx.init(params), 'rng': jax.random.PRNGKey(seed)}
+    if ema:
+        state['ema'] = jax.tree.map(jnp.copy, params)
     return graphdef, rest, state
 
 
@@ -208,7 +219,7 @@ def _relayout(loaded: dict, wanted_paths: list) -> dict:
 
 
 def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 1,
-                    concurrent_microbatches: int = 1):
+                    concurrent_microbatches: int = 1, ema_decay: float = 0.0):
     """One optimizer step; with `grad_accum_steps` > 1 the batch is cut into that many
     micro-batches, run one after the other, whose gradients and metrics are averaged (same
     result, less memory). `concurrent_microbatches` > 1 cuts each of those again into
@@ -266,8 +277,11 @@ def make_train_step(task, graphdef, rest, tx, schedule, grad_accum_steps: int = 
         if isinstance(opt_state, optax.ApplyIfFiniteState):
             metrics['skipped_steps'] = opt_state.total_notfinite.astype(jnp.float32)
             metrics['nonfinite_streak'] = opt_state.notfinite_count.astype(jnp.float32)
-        return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
-                'rng': state['rng']}, metrics
+        new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
+                     'rng': state['rng']}
+        if 'ema' in state:  # ema <- decay * ema + (1 - decay) * params
+            new_state['ema'] = optax.incremental_update(params, state['ema'], 1.0 - ema_decay)
+        return new_state, metrics
     return train_step
 
 
@@ -399,7 +413,8 @@ def _train(config: ConfigDict, workdir: str, t_start: float, stop_after: int | N
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
 
     def fresh_state():
-        return init_state(task.build_model(nnx.Rngs(config.seed)), tx, config.seed)
+        return init_state(task.build_model(nnx.Rngs(config.seed)), tx, config.seed,
+                          ema=ema_decay(config) > 0)
 
     # Parameters are created directly in their shards: no host ever holds the whole model.
     graphdef, rest, abstract = abstract_state(fresh_state)
@@ -429,7 +444,7 @@ def _train(config: ConfigDict, workdir: str, t_start: float, stop_after: int | N
 
     train_step = jax.jit(make_train_step(task, graphdef, rest, tx, schedule,
                                          config.grad_accum_steps,
-                                         config.concurrent_microbatches),
+                                         config.concurrent_microbatches, ema_decay(config)),
                          in_shardings=(state_sharding, parallel.batch_sharding(mesh)),
                          out_shardings=(state_sharding, parallel.replicated(mesh)),
                          donate_argnums=0)

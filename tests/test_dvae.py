@@ -286,3 +286,27 @@ def test_reconstruction_evaluator_reports_quality_and_usage(trained, tmp_path):
     # shapes reconstructions are judged by the DALL·E attribute classifier
     assert 0 < scores['judged_examples'] <= 20
     assert all(0 <= scores[f'{a}_accuracy'] <= 1 for a in ('color', 'shape', 'both'))
+
+
+@pytest.mark.slow
+def test_a_moving_average_is_what_load_encode_and_decode_use(data_dir, trained, tmp_path):
+    """optimizer.ema_decay keeps the parameters' moving average in the checkpoint, and
+    pixelgen.load (so encode, decode and DALL·E's decoding) runs with it. With a decay near 1
+    the average stays at the initial weights, while the trained ones move away."""
+    import numpy as np
+
+    import pixelgen
+    from pixelgen.trainer import train
+    workdir = str(tmp_path / 'ema')
+    config = tiny_config(data_dir, '--config.optimizer.ema_decay=0.999999')
+    train(config, workdir)
+    initial = nnx.state(task_lib.build_model(config, nnx.Rngs(config.seed)), nnx.Param)
+    averaged = nnx.state(pixelgen.load(workdir).model, nnx.Param)
+    trained_params = nnx.state(pixelgen.load(trained).model, nnx.Param)  # no EMA: the weights
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(
+        jax.tree.leaves(initial), jax.tree.leaves(trained_params), strict=True))
+    assert moved > 1e-3
+    for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(averaged), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    with pytest.raises(ConfigError, match='ema_decay'):
+        task_lib.validate_config(tiny_config(data_dir, '--config.optimizer.ema_decay=1.0'))

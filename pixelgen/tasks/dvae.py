@@ -72,6 +72,9 @@ def validate_config(config) -> None:
     if not 2 <= m.codebook_size <= 65536:
         problems.append(f'model.codebook_size={m.codebook_size} must be in [2, 65536] '
                         '(codes are stored as uint16)')
+    if not 0 <= config.optimizer.ema_decay < 1:
+        problems.append(f'optimizer.ema_decay={config.optimizer.ema_decay} must be in [0, 1) '
+                        '(0: no moving average; the paper uses 0.999)')
     likelihood = lo.get('likelihood', 'logit_laplace')
     if likelihood not in LIKELIHOODS:
         problems.append(f'loss.likelihood={likelihood!r} is not one of {LIKELIHOODS}')
