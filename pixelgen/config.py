@@ -34,12 +34,13 @@ CONFIG_FILE = 'config.json'
 # config.json carries `config_version`. Each version lists, per task, the keys it added and
 # the value that reproduces what runs saved before it did; `load_saved_config` fills them in,
 # so an older workdir loads, resumes and evaluates as it was trained.
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 ADDED_KEYS: dict[int, dict[str, dict[str, Any]]] = {
-    2: {'dalle': {'model.conv_wraparound': False, 'loss.caption_dropout': 0.0,
-                  'init_from': '', 'init_from_step': -1},
-        'dvae': {'data.holdout_phrases': (), 'optimizer.ema_decay': 0.0},
+    2: {'dalle': {'model.conv_wraparound': False, 'loss.caption_dropout': 0.0},
+        'dvae': {'data.holdout_phrases': ()},
         'clip': {'data.holdout_phrases': ()}},
+    3: {'dalle': {'init_from': '', 'init_from_step': -1},
+        'dvae': {'optimizer.ema_decay': 0.0}},
 }
 
 
