@@ -160,6 +160,10 @@ class Manager(ocp.CheckpointManager):
             step, self._saving = self._saving, None
             if step is None:
                 raise
+            try:  # let what is left of a failed background save stop writing first
+                super().wait_until_finished()
+            except Exception:  # noqa: BLE001 - the failure is reported below
+                pass
             if jax.process_index() == 0:  # give the space back
                 _remove_unfinished(str(self.directory), step)
             self.reload()

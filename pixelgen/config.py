@@ -147,11 +147,11 @@ def apply_override(config: ConfigDict, dotted: str, text: str) -> None:
         raise _unknown_key_error(config, dotted)
     value = _parse_value(text)
     old = node[leaf]
+    if isinstance(old, str) and not isinstance(value, str):
+        value = text  # '--config.model.remat=none' and '--config.data.dataset=123' are strings
     if value is None and old is not None:
         raise ConfigError(f'--config.{dotted}={text}: {dotted} cannot be None; pass a '
                           f'{type(old).__name__} (the default is {old!r}).')
-    if isinstance(old, str) and not isinstance(value, str):
-        value = text  # '--config.data.dataset=123' is still a string field
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(old, tuple) and isinstance(value, list):

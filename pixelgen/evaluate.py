@@ -221,6 +221,7 @@ def main(argv: list[str]) -> int:
         options = parse_options(args.option)
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
+    parallel.initialize_from_args(args)  # before anything starts JAX's backend
     if not storage.is_dir(args.workdir):
         raise FileNotFoundError(f'--workdir {args.workdir!r} does not exist; pass the workdir '
                                 'of a training run (python -m pixelgen.train --workdir ...).')
@@ -235,7 +236,6 @@ def main(argv: list[str]) -> int:
         raise FileNotFoundError(f'No checkpoint for step {args.step} in {args.workdir}; '
                                 f'available steps: {steps}. Pass one of them (or no --step for '
                                 'the latest).')
-    parallel.initialize_from_args(args)
 
     from pixelgen.metric_writer import MetricWriter
     writer = (MetricWriter(storage.join(args.workdir, 'eval'), name='eval_job')
