@@ -28,9 +28,9 @@ import statistics
 import sys
 import time
 
-from pixelgen.cpu import host_memory
+from pixelgen.cpu import allocator
 
-host_memory.configure()  # as the pixelgen jobs, before JAX's CPU client
+allocator.configure()  # as the pixelgen jobs, before JAX's CPU client
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -20,9 +20,9 @@ import os
 import statistics
 import time
 
-from pixelgen.cpu import host_memory
+from pixelgen.cpu import allocator
 
-host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
+allocator.configure()  # as pixelgen's jobs, before JAX's CPU client
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

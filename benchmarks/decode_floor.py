@@ -65,8 +65,8 @@ def main(argv=None) -> None:
         os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                                    + ' --xla_force_host_platform_device_count=2')
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-    from pixelgen.cpu import host_memory
-    host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
+    from pixelgen.cpu import allocator
+    allocator.configure()  # as pixelgen's jobs, before JAX's CPU client
 
     import jax
     import jax.numpy as jnp

@@ -16,9 +16,9 @@ import json
 import statistics
 import time
 
-from pixelgen.cpu import host_memory
+from pixelgen.cpu import allocator
 
-host_memory.configure()  # as pixelgen's jobs, before JAX's CPU client
+allocator.configure()  # as pixelgen's jobs, before JAX's CPU client
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -26,9 +26,9 @@ import statistics
 import sys
 import time
 
-from pixelgen.cpu import host_memory
+from pixelgen.cpu import allocator
 
-HOST_MALLOC = host_memory.configure()  # as pixelgen's own jobs, before torch starts threads
+HOST_MALLOC = allocator.configure()  # as pixelgen's own jobs, before torch starts threads
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -14,6 +14,7 @@ merges.txt) --config.model.eot_id=49407. To start from OpenAI's weights instead,
 them (`python -m pixelgen.convert --from hf-clip`) and train from that workdir.
 """
 
+from pixelgen.config import ConfigDict, parse_arg
 from pixelgen.tasks.clip import base_config
 
 # variant: (vision layers, width, heads, patch), (text layers, width, heads), embed dim, lr
@@ -25,14 +26,11 @@ SHAPES = {
 
 
 def get_config(arg=None):
-    arg = arg or 'b32'
+    a = parse_arg(arg, variant=(*SHAPES, 'tiny'))
     c = base_config()
-    if arg == 'tiny':
+    if a.variant == 'tiny':
         return c  # configs/clip_shapes.py's default: a few minutes on a CPU
-    if arg not in SHAPES:
-        raise ValueError(f'Unknown variant {arg!r} of clip; expected one of '
-                         f'{sorted(SHAPES) + ["tiny"]}.')
-    (v_layers, v_width, v_heads, patch), (t_layers, t_width, t_heads), embed, lr = SHAPES[arg]
+    (v_layers, v_width, v_heads, patch), (t_layers, t_width, t_heads), embed, lr = SHAPES[a.variant]
     c.total_steps = 390_000        # 32 epochs of 400M pairs at batch 32768
     c.batch_size = 32768
     c.checkpoint_every_steps = 2000
@@ -55,4 +53,5 @@ def get_config(arg=None):
     c.optimizer.warmup_steps = 2000
     c.optimizer.weight_decay = 0.2  # kernels and embeddings only (trainer.weight_decay_mask)
     c.optimizer.grad_clip_norm = 1.0
+    c.evals = ConfigDict({'retrieval': {}})  # add zeroshot/linear_probe for labelled data
     return c

@@ -9,10 +9,12 @@ pairs as negatives, which caps the loss but not the zero-shot accuracy.
 Variants: '' (default) and 'tiny'.
 """
 
+from pixelgen.config import parse_arg
 from pixelgen.tasks.clip import base_config
 
 
 def get_config(arg=None):
+    a = parse_arg(arg, variant=('', 'tiny'))
     c = base_config()
     c.total_steps = 1000
     c.data.dataset = 'fashion_mnist'
@@ -20,7 +22,8 @@ def get_config(arg=None):
     c.model.patch_size = 7
     c.model.context_length = 16
     c.sampling.num_images = 10
-    if arg == 'tiny':
+    c.evals.linear_probe.label_key = 'label'
+    if a.variant == 'tiny':
         c.total_steps = 6
         c.batch_size = 8
         c.checkpoint_every_steps = 3
@@ -36,6 +39,4 @@ def get_config(arg=None):
         c.model.embed_dim = 16
         c.sampling.num_images = 2
         c.sampling.samples_per_image = 2
-    elif arg:
-        raise ValueError(f"Unknown variant {arg!r} of clip_fashion_mnist; expected '' or 'tiny'.")
     return c

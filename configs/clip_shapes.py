@@ -8,12 +8,14 @@ demo and the test config.
 Variants: '' (default, a few minutes on 2 CPU cores), 'tiny' (for tests and smoke runs).
 """
 
+from pixelgen.config import parse_arg
 from pixelgen.tasks.clip import base_config
 
 
 def get_config(arg=None):
+    a = parse_arg(arg, variant=('', 'tiny'))
     c = base_config()
-    if arg == 'tiny':
+    if a.variant == 'tiny':
         c.total_steps = 6
         c.batch_size = 8
         c.checkpoint_every_steps = 3
@@ -36,6 +38,4 @@ def get_config(arg=None):
         c.optimizer.warmup_steps = 1
         c.sampling.num_images = 2
         c.sampling.samples_per_image = 2
-    elif arg:
-        raise ValueError(f"Unknown variant {arg!r} of clip_shapes; expected '' or 'tiny'.")
     return c

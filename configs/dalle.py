@@ -30,9 +30,9 @@ Add --config.mesh.tensor=4 (heads, MLP and vocab over `tensor`) when the per-chi
 too small for FSDP's all-gathers to hide behind compute (62 heads: use tensor=2).
 """
 
-import ml_collections
-
-from pixelgen.parallel import DEFAULT_RULES
+from pixelgen.config import ConfigDict, parse_arg
+from pixelgen.tasks import defaults
+from pixelgen.tasks.dalle import base_config
 
 VARIANTS = {  # num_layers, num_heads, head width
     '12b': (64, 62, 64),
@@ -43,17 +43,11 @@ VARIANTS = {  # num_layers, num_heads, head width
 
 
 def get_config(arg=None):
-    arg = arg or '12b'
-    if arg not in VARIANTS:
-        raise ValueError(f'Unknown variant {arg!r} of dalle; expected one of {sorted(VARIANTS)}.')
-    num_layers, num_heads, head_dim = VARIANTS[arg]
-    c = ml_collections.ConfigDict()
-    c.task = 'dalle'
-    c.seed = 0
+    a = parse_arg(arg, variant=tuple(VARIANTS))
+    num_layers, num_heads, head_dim = VARIANTS[a.variant]
+    c = base_config()
     c.total_steps = 430_000        # the paper's updates
     c.batch_size = 1024
-    c.grad_accum_steps = 1
-    c.concurrent_microbatches = 1  # passes per micro-batch run side by side (2 on a CPU)
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.log_every_steps = 100
@@ -61,21 +55,13 @@ def get_config(arg=None):
     c.eval_examples = 8192
     c.sample_every_steps = 10_000
     c.dvae_workdir = ''            # the dVAE that encoded data.codes_dir (decodes samples)
-    c.init_from = ''               # fine-tuning: a DALL·E workdir (its tokenizer is kept)
-    c.init_from_step = -1          # -1: its latest checkpoint
-    c.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})
-    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
+    c.mesh = defaults.FULLY_SHARDED
 
-    c.data = ml_collections.ConfigDict()
     c.data.codes_dir = ''          # a codes dataset (pixelgen.data.codes), e.g. gs://B/codes
-    c.data.train_split = 'train'
-    c.data.eval_split = 'test'
     c.data.holdout_phrases = ()
-    c.data.bpe_dropout = 0.1
     c.data.num_threads = 8
     c.data.prefetch = 8
 
-    c.model = ml_collections.ConfigDict()
     c.model.text_vocab_size = 16384
     c.model.text_len = 256
     c.model.image_vocab_size = 8192
@@ -83,33 +69,14 @@ def get_config(arg=None):
     c.model.num_layers = num_layers
     c.model.width = num_heads * head_dim
     c.model.num_heads = num_heads
-    c.model.mlp_ratio = 4
-    c.model.layer_kinds = ()       # the paper's schedule: row, column, row, row, ..., conv
-    c.model.conv_wraparound = False  # True: the conv window wraps across rows (nn/masks.py)
     c.model.dtype = 'bfloat16'
     c.model.attention = 'auto'  # splash on TPU (every mask kind), block_sparse elsewhere
     c.model.remat = 'full'
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.text_weight = 1 / 8
-    c.loss.image_weight = 7 / 8
-    c.loss.caption_dropout = 0.0  # > 0 (e.g. 0.1): also learn p(image), for guidance sampling
-
-    c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 4.5e-4
     c.optimizer.warmup_steps = 5000
     c.optimizer.min_learning_rate_ratio = 1 / 32  # about five halvings, as the paper's
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.96
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 4.5e-2  # kernels and embeddings only (trainer.weight_decay_mask)
-    c.optimizer.grad_clip_norm = 4.0
-    c.optimizer.skip_nonfinite_updates = 5
 
-    c.sampling = ml_collections.ConfigDict()
     c.sampling.num_captions = 8
-    c.sampling.samples_per_caption = 4
-    c.sampling.temperature = 1.0
-    c.sampling.top_k = 0
-    c.sampling.top_p = 1.0
+    c.evals = ConfigDict()  # attribute_accuracy is for `shapes` codes only
     return c

@@ -4,7 +4,7 @@
   python -m pixelgen.train --config configs/igpt.py:l,res=48 --workdir W # iGPT-L, 48x48
   python -m pixelgen.train --config configs/igpt.py:xl --workdir W       # iGPT-XL, 64x64
 
-The arg is `size[,res=N][,dataset=NAME][,objective=ar|bert]`. Sizes (P2 §3.3):
+The arg is `size[,res=N][,dataset=NAME][,objective=ar|bert]`, size `s` by default. Sizes (P2 §3.3):
   s   24 layers,  512 wide,  8 heads    76M parameters   32x32
   m   36 layers, 1024 wide,  8 heads   455M              32x32
   l   48 layers, 1536 wide, 16 heads  1362M              32x32 (48x48 also trained)
@@ -24,10 +24,9 @@ the official test split (`python -m pixelgen.evaluate ... --option split=test`).
 Resolutions: 32, 48 or 64 (res=), always with the 512-colour palette.
 """
 
-import ml_collections
-
-from pixelgen.data.pipeline import add_stream_config
-from pixelgen.parallel import DEFAULT_RULES
+from pixelgen.config import parse_arg
+from pixelgen.tasks import defaults
+from pixelgen.tasks.igpt import base_config
 
 SIZES = {  # layers, width, heads, image side, batch, learning rate, steps
     's': (24, 512, 8, 32, 128, 3e-3, 1_000_000),
@@ -46,98 +45,46 @@ RESOLUTIONS = (32, 48, 64)
 OBJECTIVES = ('ar', 'bert')
 
 
-def _parse(arg):
-    size, *options = (arg or 's').split(',')
-    if size not in SIZES:
-        raise ValueError(f'Unknown iGPT size {size!r}; expected one of {sorted(SIZES)}.')
-    opts = dict(o.split('=', 1) for o in options)
-    unknown = set(opts) - {'res', 'dataset', 'objective'}
-    if unknown:
-        raise ValueError(f'Unknown option(s) {sorted(unknown)} in {arg!r}; expected res=, '
-                         'dataset=, objective=.')
-    if 'res' in opts and int(opts['res']) not in RESOLUTIONS:
-        raise ValueError(f'res={opts["res"]} in {arg!r}: the paper trains at {RESOLUTIONS}.')
-    if opts.get('dataset', 'imagenet2012') not in DATASETS:
-        raise ValueError(f'dataset={opts["dataset"]} in {arg!r}: expected one of '
-                         f'{sorted(DATASETS)} (or override --config.data.dataset and the '
-                         'data.*_split keys).')
-    if opts.get('objective', 'ar') not in OBJECTIVES:
-        raise ValueError(f'objective={opts["objective"]} in {arg!r}: expected one of '
-                         f'{OBJECTIVES}.')
-    return size, opts
-
-
 def get_config(arg=None):
-    size, opts = _parse(arg)
-    layers, width, heads, side, batch, lr, steps = SIZES[size]
-    train_split, validation_split, test_split, train_size = DATASETS[
-        opts.get('dataset', 'imagenet2012')]
-    c = ml_collections.ConfigDict()
-    c.task = 'igpt'
-    c.objective = opts.get('objective', 'ar')
-    c.seed = 0
+    # res=0: the size's own side.
+    a = parse_arg(arg, size=tuple(SIZES), res=0, dataset=tuple(DATASETS), objective=OBJECTIVES)
+    if a.res and a.res not in RESOLUTIONS:
+        raise ValueError(f'res={a.res} in {arg!r}: the paper trains at {RESOLUTIONS}.')
+    layers, width, heads, side, batch, lr, steps = SIZES[a.size]
+    train_split, validation_split, test_split, train_size = DATASETS[a.dataset]
+    c = base_config()
+    c.objective = a.objective
     c.total_steps = steps
     c.batch_size = batch
-    c.grad_accum_steps = 1
-    c.concurrent_microbatches = 1  # passes per micro-batch run side by side (2 on a CPU)
     c.checkpoint_every_steps = 5000
-    c.keep_checkpoints = 3
     c.log_every_steps = 100
     c.eval_every_steps = 10000
     c.eval_examples = 10000
     c.sample_every_steps = 50000
-    c.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1, 'tensor': 1})
-    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
+    c.mesh = defaults.FULLY_SHARDED
 
-    c.data = ml_collections.ConfigDict()
-    c.data.dataset = opts.get('dataset', 'imagenet2012')
-    c.data.data_dir = ''
+    c.data.dataset = a.dataset
     c.data.train_split = train_split
     c.data.eval_split = validation_split
     c.data.test_split = test_split
-    c.data.random_crop_padding = 0
-    c.data.random_flip = False
-    c.data.image_size = int(opts.get('res', side))
+    c.data.image_size = a.res or side
     c.data.palette_size = 512
     c.data.palette_fit_images = 20000
     c.data.palette_fit_pixels_per_image = 16
     c.data.num_threads = 16
     c.data.prefetch = 8
-    add_stream_config(c.data, captions=False)  # webdataset: / parquet: (docs/data.md)
 
-    c.model = ml_collections.ConfigDict()
     c.model.num_layers = layers
     c.model.width = width
     c.model.num_heads = heads
-    c.model.mlp_ratio = 4
-    c.model.dtype = 'float32'
     # 'auto': splash on TPU, cuDNN on GPU (bfloat16 dense layers), block_sparse elsewhere.
     c.model.attention = 'auto'
     # Per device at the README's meshes: M needs 68 GiB without remat, 5.1 GiB with 'full'.
-    c.model.remat = 'none' if size == 's' else 'full'
-    c.model.num_classes = 0  # -1: a classifier head for the dataset's labels (fine-tuning)
+    c.model.remat = 'none' if a.size == 's' else 'full'
     # Layers' parameters stacked on a leading axis and scanned over: one layer is compiled,
     # whatever the depth. False: the looped layout (blocks/<i>/...) of converted weights.
     c.model.scan_layers = True
 
-    c.init_from = ''         # fine-tuning: the pretrained workdir (configs/igpt_finetune.py)
-    c.init_from_step = -1
-    c.classifier_loss_weight = 1.0
-
-    c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = lr
     c.optimizer.warmup_steps = train_size // batch   # one epoch
-    c.optimizer.min_learning_rate_ratio = 0.0
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.95
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.skip_nonfinite_updates = 5  # skip NaN/Inf steps, stop after 5 in a row
-
-    c.sampling = ml_collections.ConfigDict()
-    c.sampling.num_images = 8
-    c.sampling.samples_per_image = 2
-    c.sampling.temperature = 1.0
-    c.sampling.top_k = 0
     return c

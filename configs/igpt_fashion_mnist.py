@@ -8,16 +8,13 @@ palette (the images are grayscale, so 16 gray levels): 196 tokens per image. The
 in about 25 minutes on 2 (shared) CPU cores.
 """
 
-import os
-
-from pixelgen.config import load_config_file
+from pixelgen.config import parse_arg
+from pixelgen.tasks.igpt import base_config
 
 
 def get_config(arg=None):
-    if arg:
-        raise ValueError(f"Unknown variant {arg!r} of igpt_fashion_mnist; expected ''.")
-    # Everything else (optimizer, sampling, any objective fields) as in the shapes demo.
-    c = load_config_file(os.path.join(os.path.dirname(__file__), 'igpt_shapes.py'))
+    parse_arg(arg)  # no variant and no options
+    c = base_config()
     # Sized for a shared 2-core CPU (about 4 s a step there): 360 steps of 32 images, i.e. a
     # fifth of an epoch; the final eval is over the whole 10000-image test split.
     c.total_steps = 360

@@ -21,27 +21,15 @@ What changes from pretraining, as in the paper:
   - training images are randomly cropped (zero-padded by 1/8 of the side) and flipped.
 """
 
-import importlib.util
-import os
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f'pixelgen_config_{name}',
-                                                  os.path.join(HERE, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from pixelgen.configs import igpt, igpt_shapes
 
 
 def get_config(arg=None):
     arg = arg or 's'
     if arg in ('shapes', 'shapes_tiny'):
-        c = _load('igpt_shapes').get_config('tiny' if arg == 'shapes_tiny' else None)
+        c = igpt_shapes.get_config('tiny' if arg == 'shapes_tiny' else None)
         total_steps, epoch_steps = 600, 200  # a CPU demo: about 0.5 epoch of shapes
     else:
-        igpt = _load('igpt')
         c = igpt.get_config(arg)
         epoch_steps = igpt.DATASETS[c.data.dataset][3] // c.batch_size
         total_steps = 20 * epoch_steps

@@ -13,6 +13,7 @@ the paper's ImageNet recipe (Table 3): Adam (β1 0.9, β2 0.999), batch 4096, le
 pre-training MLP head is --config.model.representation_size=768 (1024 for L).
 """
 
+from pixelgen.config import parse_arg
 from pixelgen.tasks.vit import base_config
 
 # variant: (layers, width, heads, patch)
@@ -20,10 +21,8 @@ SHAPES = {'b16': (12, 768, 12, 16), 'l16': (24, 1024, 16, 16)}
 
 
 def get_config(arg=None):
-    arg = arg or 'b16'
-    if arg not in SHAPES:
-        raise ValueError(f'Unknown variant {arg!r} of vit; expected one of {sorted(SHAPES)}.')
-    layers, width, heads, patch = SHAPES[arg]
+    a = parse_arg(arg, variant=tuple(SHAPES))
+    layers, width, heads, patch = SHAPES[a.variant]
     c = base_config()
     c.total_steps = 93_750          # 300 epochs of 1.28M images at batch 4096
     c.batch_size = 4096

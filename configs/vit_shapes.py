@@ -4,17 +4,20 @@
   python -m pixelgen.train --config configs/vit_shapes.py:tiny --workdir /tmp/t   # seconds
   python -m pixelgen.evaluate --workdir runs/vit_shapes --eval accuracy
 
-The label is `data.label_key` ('shape', 6 classes; or 'color', 'size').
-Variants: '' (default: 64×64 images, 2400 steps, about 14 minutes on 2 busy CPU cores),
-'tiny' (for tests and smoke runs).
+The arg is `[tiny][,label=shape|color|size]`: the variant, '' (default: 64×64 images, 2400
+steps, about 14 minutes on 2 busy CPU cores) or 'tiny' (for tests and smoke runs), and the
+label to classify (`data.label_key`: 'shape', 6 classes, by default; or 'color', 'size').
 """
 
+from pixelgen.config import parse_arg
 from pixelgen.tasks.vit import base_config
 
 
 def get_config(arg=None):
+    a = parse_arg(arg, variant=('', 'tiny'), label=('shape', 'color', 'size'))
     c = base_config()
-    if arg == 'tiny':
+    c.data.label_key = a.label
+    if a.variant == 'tiny':
         c.total_steps = 4
         c.batch_size = 8
         c.checkpoint_every_steps = 2
@@ -29,6 +32,4 @@ def get_config(arg=None):
         c.model.num_heads = 2
         c.optimizer.warmup_steps = 1
         c.sampling.num_images = 4
-    elif arg:
-        raise ValueError(f"Unknown variant {arg!r} of vit_shapes; expected '' or 'tiny'.")
     return c

@@ -4,13 +4,13 @@
     loaded = pixelgen.load('runs/igpt_shapes')   # .model, .config, .palette, .step
 """
 
-from pixelgen.cpu import host_memory as _host_memory
+from pixelgen.cpu import allocator as _allocator
 
 __version__ = '0.1.0'
 
 # Before JAX creates its CPU client: XLA:CPU then reuses freed host memory instead of faulting
-# in fresh pages at every step (pixelgen.cpu.host_memory; PIXELGEN_MALLOC=default opts out).
-_host_memory.configure()
+# in fresh pages at every step (pixelgen.cpu.allocator; PIXELGEN_MALLOC=default opts out).
+_allocator.configure()
 
 
 def load(workdir: str, step: int | None = None, *, mesh: dict[str, int] | None = None):

@@ -217,10 +217,10 @@ def eval_task(config: ConfigDict):
 
 def decode_batch_size(config: ConfigDict) -> int:
     """The rows the task samples at once during training (its `write_samples`)."""
-    s = config.get('sampling')
-    if config.task == 'igpt' and s is not None:
+    s = config.sampling
+    if config.task == 'igpt':
         return int(s.num_images)
-    if config.task == 'dalle' and s is not None:
+    if config.task == 'dalle':
         return int(s.num_captions * s.samples_per_caption)
     return 8
 
@@ -299,7 +299,7 @@ def build_steps(config: ConfigDict, mesh, steps: Sequence[str] = STEPS,
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          abstract, state_sharding)
     batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    remat = config.model.get('remat')
+    remat = config.model.remat
     out: list[Step] = []
     skipped: dict[str, str] = {}
 
@@ -358,7 +358,7 @@ def build_steps(config: ConfigDict, mesh, steps: Sequence[str] = STEPS,
 
 
 def _no_decoding(config: ConfigDict) -> str | None:
-    if config.task == 'igpt' and config.get('objective', 'ar') != 'ar':
+    if config.task == 'igpt' and config.objective != 'ar':
         return f"objective={config.objective!r}: only 'ar' models decode token by token"
     if config.task not in ('igpt', 'dalle'):
         return f'task {config.task!r} has no token-by-token decoding'

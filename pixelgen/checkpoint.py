@@ -255,19 +255,13 @@ def describe(config: ConfigDict) -> dict[str, Any]:
     """What must match for a checkpoint to be restored into a run of `config`."""
     model = {k: v for k, v in config.model.to_dict().items() if k not in _NOT_SHAPE}
     data = {k: config.data[k] for k in ('image_size', 'palette_size') if k in config.data}
-    # The training objective and the classifier head change what a checkpoint is; left out at
-    # their defaults so checkpoints written before they existed keep their signature.
-    if not model.get('num_classes', 1):
-        del model['num_classes']
-    if not model.get('scan_layers', False):
-        model.pop('scan_layers', None)
     for added in ADDED_KEYS.values():  # model keys added later, at the value older runs had
         for dotted, old_value in added.get(config.task, {}).items():
             section, _, key = dotted.partition('.')
             if section == 'model' and model.get(key, old_value) == old_value:
                 model.pop(key, None)
     signature = {'task': config.task, 'model': model, 'data': data}
-    if config.get('objective', 'ar') != 'ar':
+    if config.task == 'igpt' and config.objective != 'ar':
         signature['objective'] = config.objective
     return signature
 

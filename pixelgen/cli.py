@@ -1,5 +1,5 @@
 """What every `python -m pixelgen.<job>` entry point shares: errors a user can act on. (Host
-memory reuse is set by `import pixelgen`, before JAX starts: `pixelgen.cpu.host_memory`.)"""
+memory reuse is set by `import pixelgen`, before JAX starts: `pixelgen.cpu.allocator`.)"""
 
 from __future__ import annotations
 

@@ -1,15 +1,20 @@
-"""Configs: load `configs/<name>.py[:variant]`, apply `--config.a.b=value` overrides, save.
+"""Configs: load `configs/<name>.py[:arg]`, apply `--config.a.b=value` overrides, save.
 
 A config file is a plain Python module with `get_config(arg=None) -> ConfigDict` (big_vision
 style). The command line picks it with `--config path.py[:arg]` and overrides any field with
 `--config.model.num_layers=2`. Unknown or misspelled keys fail at once, naming the key and
 the closest valid ones, before anything is compiled.
+
+Every shipped config reads its arg with `parse_arg`, one grammar for all of them: an optional
+bare first word (the variant: `tiny`, a size such as `s` or `b16`) and then `key=value`
+options, comma-separated: `configs/igpt.py:l,res=48`, `configs/vit_shapes.py:tiny,label=color`.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import difflib
 import importlib.util
 import json
@@ -34,13 +39,27 @@ CONFIG_FILE = 'config.json'
 # config.json carries `config_version`. Each version lists, per task, the keys it added and
 # the value that reproduces what runs saved before it did; `load_saved_config` fills them in,
 # so an older workdir loads, resumes and evaluates as it was trained.
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 ADDED_KEYS: dict[int, dict[str, dict[str, Any]]] = {
     2: {'dalle': {'model.conv_wraparound': False, 'loss.caption_dropout': 0.0},
         'dvae': {'data.holdout_phrases': ()},
         'clip': {'data.holdout_phrases': ()}},
     3: {'dalle': {'init_from': '', 'init_from_step': -1},
         'dvae': {'optimizer.ema_decay': 0.0}},
+    # Version 4: every task's config defines every key it reads (pixelgen/tasks/defaults.py
+    # and each task's base_config), and declares the eval job's evaluators (`evals`); these
+    # are the values that older files implied.
+    4: {'igpt': {'objective': 'ar', 'model.num_classes': 0, 'model.scan_layers': False,
+                 'classifier_loss_weight': 1.0, 'init_from': '', 'init_from_step': -1,
+                 'optimizer.ema_decay': 0.0, 'evals': {'loss': {}, 'probe': {}, 'samples': {}}},
+        'dalle': {'dvae_workdir': '', 'optimizer.ema_decay': 0.0, 'evals': {}},
+        'dvae': {'init_from': '', 'init_from_step': -1, 'loss.straight_through': False,
+                 'loss.code_entropy_weight': 0.0, 'loss.diversity_weight': 0.0,
+                 'loss.laplace_scale': 0.0, 'loss.likelihood': 'logit_laplace',
+                 'loss.gaussian_scale': 0.0, 'evals': {'reconstruction': {}}},
+        'clip': {'init_from': '', 'init_from_step': -1, 'optimizer.ema_decay': 0.0,
+                 'evals': {'zeroshot': {}, 'retrieval': {}}},
+        'vit': {'optimizer.ema_decay': 0.0, 'evals': {'accuracy': {}}}},
 }
 
 
@@ -56,6 +75,55 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config or command-line problem that the user can fix; the message says how."""
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
+    """A config file's `arg` as a ConfigDict with one field per `spec` key (big_vision's
+    `parse_arg`, plus a bare variant word): `parse_arg('l,res=48', size=('s', 'm', 'l'),
+    res=0)` is {size: 'l', res: 48}. A spec value is the default, whose type (int, float,
+    bool or str) the given text is converted to, or a tuple of the allowed strings, whose
+    first is the default. The first spec key also takes a bare first word; every other item
+    is `key=value`. An unknown key, a value not allowed, a second bare word or a value of the
+    wrong type is a ValueError naming what is allowed."""
+    values = {k: v[0] if isinstance(v, tuple) else v for k, v in spec.items()}
+    names = list(spec)
+    items = [item.strip() for item in (arg or '').split(',') if item.strip()]
+    if items and not names:
+        raise ValueError(f'this config takes no arg (got {arg!r}); override fields with '
+                         '--config.<key>=<value>.')
+    for index, item in enumerate(items):
+        key, sep, text = item.partition('=')
+        if not sep:
+            if index or not names:
+                raise ValueError(f'{item!r} in {arg!r}: only the first item may be a bare '
+                                 f'variant; write key=value (keys: {", ".join(names)}).')
+            key, text = names[0], item
+        key = key.strip()
+        if key not in values:
+            raise ValueError(f'unknown option {key!r} in {arg!r}; this config takes '
+                             f'{", ".join(f"{k}=" for k in names) or "no options"}.')
+        values[key] = _typed(key, text.strip(), spec[key])
+    return ConfigDict(values)
+
+
+def _typed(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, tuple):
+        if text not in default:
+            raise ValueError(f'unknown {key} {text!r}; expected one of '
+                             f'{", ".join(map(repr, default))}.')
+        return text
+    if isinstance(default, bool):
+        if text.lower() not in ('true', 'false'):
+            raise ValueError(f'{key}={text}: expected true or false.')
+        return text.lower() == 'true'
+    for kind in (int, float):
+        if isinstance(default, kind):
+            try:
+                return kind(text)
+            except ValueError:
+                raise ValueError(f'{key}={text}: expected a{"n" if kind is int else ""} '
+                                 f'{kind.__name__}.') from None
+    return text
 
 
 def load_config_file(spec: str) -> ConfigDict:
@@ -239,7 +307,7 @@ def upgrade(tree: dict, path: str = CONFIG_FILE) -> dict:
             *parents, leaf = dotted.split('.')
             for name in parents:
                 node = node.setdefault(name, {})
-            node.setdefault(leaf, value)
+            node.setdefault(leaf, copy.deepcopy(value))
     return tree
 
 

@@ -1,11 +1,15 @@
-"""python -m pixelgen.evaluate --workdir W --eval a,b [--step N | --watch] [--num_examples K]
+"""python -m pixelgen.evaluate --workdir W [--eval a,b] [--step N | --watch] [--num_examples K]
        [--option key=value ...] [--mesh data=1,fsdp=-1]
 
 Evaluates a saved checkpoint of W as a job of its own, beside or after training. It reads the
 checkpoint's parameters with `pixelgen.load` (sharded over --mesh, by default the run's
 config.mesh fitted to the devices here; no optimizer state is read) and never writes the
 checkpoints or the training state. The
-evaluators are those of the workdir's task (pixelgen/evaluators/<task>.py); each evaluation
+evaluators are those of the workdir's task (pixelgen/evaluators/<task>.py). The run's config
+declares which to run and their options (`config.evals`: {evaluator: {option: value}}), so
+`python -m pixelgen.evaluate --workdir W` reproduces an evaluation from W/config.json alone;
+--eval picks among the task's evaluators instead, and --option overrides an option of every
+evaluator it runs. Each evaluation
 writes W/eval/<step>/report.json (metrics, seconds and settings of every evaluator), the
 evaluators' PNGs in that folder, and TensorBoard scalars `eval_job/<evaluator>/<metric>` in
 W/eval/tensorboard (so `tensorboard --logdir W` shows them beside training).
@@ -86,6 +90,31 @@ def format_metrics(metrics: dict[str, float]) -> list[str]:
     return lines
 
 
+def declared_options(config, name: str) -> dict[str, str]:
+    """The options that `config.evals` gives evaluator `name`, as --option strings ({} for an
+    evaluator it does not declare)."""
+    if name not in config.evals:
+        return {}
+    return {k: str(v) for k, v in config.evals[name].items()}
+
+
+def evaluator_names(config, eval_arg: str | None) -> list[str]:
+    """The evaluators to run: those of --eval, else those that config.evals declares."""
+    if eval_arg is None:
+        names = list(config.evals)
+        if not names:
+            available = ','.join(sorted(evaluators_lib.evaluators(config.task)))
+            raise cli.ConfigError(f'The config of task {config.task!r} declares no evaluator '
+                                  '(config.evals is empty); pick some with --eval, e.g. '
+                                  f'--eval {available}.')
+        return names
+    names = [n.strip() for n in eval_arg.split(',') if n.strip()]
+    if not names:
+        raise cli.ConfigError('--eval names no evaluator; pass e.g. --eval loss,probe, or no '
+                              '--eval for those the config declares (config.evals).')
+    return names
+
+
 def evaluate_step(workdir: str, names: list[str], step: int | None = None, *,
                   num_examples: int | None = None, options: dict[str, str] | None = None,
                   writer=None, mesh: dict[str, int] | None = None) -> dict:
@@ -105,15 +134,16 @@ def evaluate_step(workdir: str, names: list[str], step: int | None = None, *,
     report = read_report(workdir, loaded.step) or {
         'workdir': storage.absolute(workdir), 'task': config.task, 'step': loaded.step,
         'evaluators': {}}
-    ctx = evaluators_lib.EvalContext(loaded=loaded, out_dir=out_dir, num_examples=num_examples,
-                                     options=options)
     print(f'[evaluate] {workdir} step {loaded.step}', flush=True)
     for name, fn in chosen.items():
+        these = {**declared_options(config, name), **options}
+        ctx = evaluators_lib.EvalContext(loaded=loaded, out_dir=out_dir,
+                                         num_examples=num_examples, options=these)
         start = time.perf_counter()
         metrics = {k: float(v) for k, v in fn(ctx).items()}
         seconds = time.perf_counter() - start
         report['evaluators'][name] = {'metrics': metrics, 'seconds': seconds,
-                                      'num_examples': num_examples, 'options': options}
+                                      'num_examples': num_examples, 'options': these}
         if writes:
             report['files'] = [f for f in storage.listdir(out_dir) if f.endswith('.png')]
             _write_json(report, storage.join(out_dir, REPORT))  # each result once it exists
@@ -193,8 +223,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog='python -m pixelgen.evaluate', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--workdir', required=True, help='a training (or converted) workdir')
-    parser.add_argument('--eval', required=True,
-                        help='comma-separated evaluators, e.g. loss,probe,samples (Image GPT)')
+    parser.add_argument('--eval', default=None,
+                        help='comma-separated evaluators, e.g. loss,probe,samples (Image GPT); '
+                        "default: those the run's config declares (config.evals)")
     parser.add_argument('--step', type=int, default=None,
                         help='checkpoint step to evaluate (default: the latest)')
     parser.add_argument('--num_examples', type=int, default=None,
@@ -210,9 +241,6 @@ def main(argv: list[str]) -> int:
     pretrained.add_mesh_argument(parser)
     parallel.add_distributed_arguments(parser)
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.eval.split(',') if n.strip()]
-    if not names:
-        parser.error('--eval names no evaluator; pass e.g. --eval loss,probe')
     if args.watch and args.step is not None:
         parser.error('--watch evaluates every new checkpoint; it cannot take --step')
     if args.num_examples is not None and args.num_examples < 1:
@@ -226,6 +254,7 @@ def main(argv: list[str]) -> int:
         raise FileNotFoundError(f'--workdir {args.workdir!r} does not exist; pass the workdir '
                                 'of a training run (python -m pixelgen.train --workdir ...).')
     config = load_saved_config(args.workdir)
+    names = evaluator_names(config, args.eval)
     evaluators_lib.get(config.task, names)  # unknown names fail before anything is loaded
     steps = [] if args.watch else checkpoint_steps(args.workdir)  # before W/eval is created
     if not args.watch and not steps:

@@ -255,7 +255,7 @@ def load_dvae(loaded, dvae_workdir: str | None = None):
     its config's dvae_workdir; a ConfigError when there is none or its codebook differs."""
     import pixelgen
 
-    dvae_dir = dvae_workdir or loaded.config.get('dvae_workdir', '')
+    dvae_dir = dvae_workdir or loaded.config.dvae_workdir
     if not dvae_dir:
         raise cli.ConfigError('No dVAE to decode with: the config has no dvae_workdir. Pass '
                               '--dvae_workdir DIR (the dVAE that wrote the training codes).')

@@ -73,10 +73,9 @@ def sample(model: ImageGPT, rng: jax.Array, *, batch_size: int, prompt: jax.Arra
     With prompt [batch_size, p] the first p tokens are copied from the prompt (image completion:
     give the top half, sample the rest) and the rest are sampled. Compiled `jax.lax.fori_loop`s
     over positions with the KV cache, no full recompute per token: up to MAX_PHASES of them,
-    each with a cache as long as its last position, so early steps read a short cache (at
-    1024 tokens, 1.24x faster on a 2-core CPU, benchmarks/sample_phases.py; each phase adds
-    about 1 s of compile). Repeated calls with the same shapes and settings reuse the
-    compiled functions (one per decode device).
+    each with a cache as long as its last position, so early steps read a short cache (the
+    gain and the compile time each phase adds: benchmarks/sample_phases.py). Repeated calls
+    with the same shapes and settings reuse the compiled functions (one per decode device).
     """
     if batch_size < 1:
         raise ValueError(f'batch_size={batch_size} must be >= 1.')

@@ -104,15 +104,15 @@ def make_optimizer(opt: ConfigDict, total_steps: int):
                     optax.stateless(lambda updates, params: decay.update(
                         updates, decay.init(params), params)[0]),
                     optax.scale_by_learning_rate(schedule)))
-    if opt.get('skip_nonfinite_updates', 0):
+    if opt.skip_nonfinite_updates:
         tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.skip_nonfinite_updates)
     return tx, schedule
 
 
 def ema_decay(config) -> float:
-    """The decay of the parameters' exponential moving average (`optimizer.ema_decay`, which
-    the tasks that keep one define: the dVAE, as the paper's), 0 where there is none."""
-    return float(config.optimizer.ema_decay) if 'ema_decay' in config.optimizer else 0.0
+    """The decay of the parameters' exponential moving average (`optimizer.ema_decay`; 0: none
+    is kept)."""
+    return float(config.optimizer.ema_decay)
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int,
@@ -151,7 +151,7 @@ def init_params_from(state: State, config: ConfigDict) -> State:
     `adapt_pretrained(config, loaded, shapes)` may fit them to this model. Optimizer state
     and step stay fresh: a fine-tuning run starts at step 0. Only the checkpoint's parameters
     are read, straight into the shards of this run's mesh (`pretrained.load`)."""
-    step = None if config.get('init_from_step', -1) < 0 else config.init_from_step
+    step = None if config.init_from_step < 0 else config.init_from_step
     sharding = jax.tree.leaves(state['params'])[0].sharding
     try:
         if isinstance(sharding, jax.sharding.NamedSharding):  # this run's mesh
@@ -437,7 +437,7 @@ def _train(config: ConfigDict, workdir: str, t_start: float, stop_after: int | N
         print(f'[pixelgen] resumed from {checkpoint.checkpoint_dir(workdir)}/{latest}',
               flush=True)
         checkpoint.set_aside_later(manager, latest, delete=overwrite_later)
-    elif config.get('init_from', ''):
+    elif config.init_from:
         state = init_params_from(state, config)
     if jax.process_index() == 0:  # only now: a refused checkpoint leaves the workdir untouched
         save_config(config, workdir)

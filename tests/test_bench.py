@@ -192,6 +192,16 @@ def test_dalle_attention_reports_each_kind_against_dense():
     json.dumps(r)
 
 
+@pytest.mark.slow
+def test_dalle_train_times_the_sparse_step_against_its_dense_twin():
+    r = bench.run_case('dalle_train', overrides=dict(text=32, grid=16, width=64, heads=2,
+                                                     layers=2), steps=3)
+    assert set(FIELDS) <= set(r) and set(FIELDS) <= set(r['dense'])
+    assert r['layer_kinds'] == ['row', 'conv']
+    assert r['speedup_vs_dense'] == pytest.approx(r['dense']['step_s'] / r['step_s'])
+    json.dumps(r)
+
+
 def test_the_bench_package_uses_no_private_name_of_pixelgen():
     """The cases are written against pixelgen's public API, as a user's benchmark would be."""
     import ast

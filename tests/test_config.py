@@ -9,9 +9,12 @@ import pytest
 from conftest import REPO, TINY
 
 from pixelgen.config import (
+    CONFIG_VERSION,
     REQUIRED_KEYS,
     ConfigError,
+    load_config_file,
     load_saved_config,
+    parse_arg,
     parse_config_args,
     save_config,
 )
@@ -45,7 +48,7 @@ def test_wrong_type_names_the_expected_type():
 def test_missing_file_and_bad_variant_are_clear():
     with pytest.raises(ConfigError, match='does not exist'):
         parse_config_args(['--config', 'configs/nope.py'])
-    with pytest.raises(ValueError, match='Unknown variant'):
+    with pytest.raises(ValueError, match="unknown variant 'huge'; expected one of '', 'tiny'"):
         parse_config_args(['--config', TINY.replace(':tiny', ':huge')])
     with pytest.raises(ConfigError, match='No --config'):
         parse_config_args(['--workdir', 'w'])
@@ -98,7 +101,7 @@ def test_an_older_saved_config_is_upgraded_on_load(tmp_path):
     save_config(config, str(tmp_path))
     path = tmp_path / 'config.json'
     tree = json.loads(path.read_text())
-    assert tree['config_version'] == 3
+    assert tree['config_version'] == CONFIG_VERSION
     del tree['config_version'], tree['model']['conv_wraparound'], tree['loss']['caption_dropout']
     del tree['init_from'], tree['init_from_step']
     path.write_text(json.dumps(tree))
@@ -139,3 +142,87 @@ def test_bad_values_fail_before_any_work(override, message, data_dir, tmp_path):
     with pytest.raises(ConfigError, match=message):
         train(tiny_config(data_dir, override), str(tmp_path / 'w'))
     assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+def test_one_arg_grammar_a_bare_variant_then_typed_options():
+    spec = {'size': ('s', 'm', 'l'), 'res': 0, 'scale': 1.0, 'flip': False, 'name': 'x'}
+    assert parse_arg(None, **spec).to_dict() == {'size': 's', 'res': 0, 'scale': 1.0,
+                                                 'flip': False, 'name': 'x'}
+    a = parse_arg('l,res=48,scale=0.5,flip=true,name=abc', **spec)
+    assert (a.size, a.res, a.scale, a.flip, a.name) == ('l', 48, 0.5, True, 'abc')
+    assert parse_arg('res=64', **spec).size == 's'  # options alone keep the default variant
+    for arg, message in [('xl', "unknown size 'xl'; expected one of 's', 'm', 'l'"),
+                         ('s,rez=48', "unknown option 'rez'.*size=, res=, scale="),
+                         ('s,m', 'only the first item may be a bare variant'),
+                         ('s,res=big', 'res=big: expected an int'),
+                         ('s,flip=maybe', 'flip=maybe: expected true or false')]:
+        with pytest.raises(ValueError, match=message):
+            parse_arg(arg, **spec)
+    with pytest.raises(ValueError, match='this config takes no arg'):
+        parse_arg('tiny')
+
+
+def test_shipped_configs_take_options_in_that_grammar():
+    import os
+    vit = load_config_file(os.path.join(REPO, 'configs', 'vit_shapes.py:tiny,label=color'))
+    assert vit.data.label_key == 'color' and vit.model.width == 32
+    igpt = load_config_file(os.path.join(REPO, 'configs', 'igpt.py:l,res=48,objective=bert'))
+    assert (igpt.model.num_layers, igpt.data.image_size, igpt.objective) == (48, 48, 'bert')
+    with pytest.raises(ConfigError, match='res=40 in'):
+        load_config_file(os.path.join(REPO, 'configs', 'igpt.py:s,res=40'))
+    with pytest.raises(ConfigError, match='takes no arg'):
+        load_config_file(os.path.join(REPO, 'configs', 'dvae.py:tiny'))
+
+
+SHIPPED = ['clip.py', 'clip.py:b16', 'clip.py:l14', 'clip.py:tiny', 'clip_fashion_mnist.py',
+           'clip_fashion_mnist.py:tiny', 'clip_shapes.py', 'clip_shapes.py:tiny', 'dalle.py',
+           'dalle.py:1.3b', 'dalle.py:350m', 'dalle.py:120m', 'dalle_shapes.py',
+           'dalle_shapes.py:tiny', 'dvae.py', 'dvae_shapes.py', 'dvae_shapes.py:tiny', 'igpt.py:s',
+           'igpt.py:m', 'igpt.py:l,res=48', 'igpt.py:xl', 'igpt_fashion_mnist.py',
+           'igpt_finetune.py', 'igpt_finetune.py:shapes', 'igpt_finetune.py:shapes_tiny',
+           'igpt_shapes.py', 'igpt_shapes.py:tiny', 'vit.py:b16', 'vit.py:l16', 'vit_shapes.py',
+           'vit_shapes.py:tiny']
+
+
+def _keys(config, prefix=''):
+    keys = set()
+    for key, value in config.items():
+        if hasattr(value, 'items') and key != 'evals' and key != 'mesh':
+            keys |= _keys(value, f'{prefix}{key}.')
+        else:
+            keys.add(prefix + key)
+    return keys
+
+
+def test_every_shipped_config_defines_exactly_its_tasks_keys():
+    """Each task's base_config defines every key the task reads; the shipped configs start
+    from it and change values only, so no config lacks a key and none adds one."""
+    import importlib
+    import os
+    assert {f for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.py')} - {
+        '__init__.py'} == {s.split(':')[0] for s in SHIPPED}
+    for spec in SHIPPED:
+        config = load_config_file(os.path.join(REPO, 'configs', spec))
+        base = importlib.import_module(f'pixelgen.tasks.{config.task}').base_config()
+        assert _keys(config) == _keys(base), spec
+        evaluators = importlib.import_module(f'pixelgen.evaluators.{config.task}').EVALUATORS
+        assert set(config.evals) <= set(evaluators), spec
+
+
+def test_a_version_3_config_gets_the_keys_every_task_now_defines(tmp_path):
+    """Version 4 made every read key explicit; an older igpt config.json without them loads
+    with the values its run had (no classifier, the AR objective, no EMA)."""
+    import json
+    import os
+    config = load_config_file(os.path.join(REPO, 'configs', 'igpt_shapes.py:tiny'))
+    save_config(config, str(tmp_path))
+    path = tmp_path / 'config.json'
+    tree = json.loads(path.read_text())
+    tree['config_version'] = 3
+    for key in ('objective', 'classifier_loss_weight', 'init_from', 'init_from_step', 'evals'):
+        del tree[key]
+    del tree['model']['num_classes'], tree['model']['scan_layers']
+    del tree['optimizer']['ema_decay']
+    path.write_text(json.dumps(tree))
+    old = load_saved_config(str(tmp_path))
+    assert old.to_dict() == config.to_dict()

@@ -419,3 +419,12 @@ def test_tensorflow_written_checkpoint_reads_and_converts(tmp_path, capsys):
                                atol=TOL, rtol=0)
     np.testing.assert_array_equal(loaded.palette,
                                   np.load(os.path.join(TF_WRITTEN, 'kmeans_centers.npy')))
+
+
+def test_a_workdir_with_checkpoints_is_refused_before_anything_is_read(tmp_path):
+    from pixelgen.config import ConfigError
+    from pixelgen.convert.__main__ import main
+    (tmp_path / 'run' / 'checkpoints' / '3').mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r'already holds checkpoints \[3\]; convert into a new'):
+        main(['--from', 'hf-imagegpt', '--src', str(tmp_path / 'no_such_src'),
+              '--workdir', str(tmp_path / 'run')])

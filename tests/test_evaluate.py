@@ -116,3 +116,27 @@ def test_summary_prints_a_row_per_layer():
     assert lines[0] == '  best_layer 1'
     assert lines[-2].split() == ['layer_00', '0.5000']
     assert lines[-1].split() == ['layer_01', '0.7500']
+
+
+@pytest.mark.slow
+def test_without_eval_the_configs_declared_evaluators_run_with_their_options(trained, tmp_path):
+    """config.evals names the evaluators and their options, so `--workdir W` alone reproduces
+    an evaluation; --option overrides a declared option; an empty declaration asks for --eval."""
+    workdir = str(tmp_path / 'copy')
+    shutil.copytree(trained[0], workdir, ignore=shutil.ignore_patterns('eval'))
+    path = os.path.join(workdir, 'config.json')
+    with open(path) as f:
+        tree = json.load(f)
+    tree['evals'] = {'samples': {'num_images': 1, 'samples_per_image': 1, 'seed': 3}}
+    with open(path, 'w') as f:
+        json.dump(tree, f)
+    assert evaluate.main(['--workdir', workdir, '--option', 'seed=5']) == 0
+    report = evaluate.read_report(workdir, 12)
+    assert set(report['evaluators']) == {'samples'}
+    assert report['evaluators']['samples']['options'] == {
+        'num_images': '1', 'samples_per_image': '1', 'seed': '5'}
+    tree['evals'] = {}
+    with open(path, 'w') as f:
+        json.dump(tree, f)
+    with pytest.raises(ConfigError, match=r'declares no evaluator.*--eval loss,probe,samples'):
+        evaluate.main(['--workdir', workdir])

@@ -188,8 +188,7 @@ def test_the_real_entry_point_prints_one_line_and_exits_2(tmp_path):
         timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: --config {SHAPES}:huge: Unknown variant 'huge' of igpt_shapes; expected '' "
-        "or 'tiny'."]
+        f"error: --config {SHAPES}:huge: unknown variant 'huge'; expected one of '', 'tiny'."]
     assert not (tmp_path / 'w').exists()
 
 

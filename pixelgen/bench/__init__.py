@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from pixelgen import flops
 from pixelgen.bench import dalle, igpt
 from pixelgen.bench.common import ATTENTION_CHOICES, Options, attention_kwargs, log
-from pixelgen.cpu import host_memory
+from pixelgen.cpu import allocator
 from pixelgen.data import throughput
 from pixelgen.nn.attention import cudnn_unavailable
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                         help='also trace one step per case into DIR (jax.profiler; perfetto) '
                              'and print its top ops to stderr')
     args = parser.parse_args(argv)
-    host_malloc = host_memory.configure()  # as every pixelgen job, before JAX's CPU client
+    host_malloc = allocator.configure()  # as every pixelgen job, before JAX's CPU client
     for name in args.cases:
         if name not in CASES:
             parser.error(f'unknown case {name!r}; valid cases: {", ".join(CASES)}')

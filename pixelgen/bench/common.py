@@ -18,20 +18,18 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import ml_collections
 
 from pixelgen import flops
 from pixelgen.cpu import native_attention
 from pixelgen.models.igpt import ImageGPT
 from pixelgen.nn.attention import IMPLEMENTATIONS
+from pixelgen.tasks import defaults
 
 ATTENTION_CHOICES = IMPLEMENTATIONS  # off TPU 'splash' is Pallas interpret mode: no speed path
 
 
 # AdamW with iGPT's beta2 = 0.95 (and torch.optim.AdamW's default weight decay, as the peer).
-OPTIMIZER = ml_collections.ConfigDict(dict(
-    learning_rate=1e-3, warmup_steps=10, min_learning_rate_ratio=0.0, b1=0.9, b2=0.95,
-    eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0, skip_nonfinite_updates=5))
+OPTIMIZER = defaults.adamw(learning_rate=1e-3, warmup_steps=10, b2=0.95, weight_decay=0.01)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -28,6 +27,7 @@ from pixelgen.models.dalle import DallE
 from pixelgen.nn.attention import MultiHeadAttention
 from pixelgen.nn.masks import dalle_layer_kinds, dalle_mask, dalle_mask_spec
 from pixelgen.tasks import DTYPES
+from pixelgen.tasks import dalle as dalle_task
 from pixelgen.tasks.dalle import DalleLoss
 
 # DALL·E (issue 8): 256 text + 32x32 = 1024 image tokens, width 256, 8 heads, batch 2, float32;
@@ -135,8 +135,7 @@ def dalle_train(shape: dict[str, Any], options: Options) -> dict:
                                               (shape['batch'], shape['text']), np.int32)),
              'image': jnp.asarray(rng.integers(0, shape['image_vocab'],
                                                (shape['batch'], shape['grid'] ** 2), np.int32))}
-    loss = DalleLoss(ml_collections.ConfigDict(dict(loss=dict(text_weight=1 / 8,
-                                                             image_weight=7 / 8))))
+    loss = DalleLoss(dalle_task.base_config())  # the paper's 1/8 text + 7/8 image weights
     tx, schedule = trainer.make_optimizer(OPTIMIZER, total_steps=1000)
     variants = {'block_sparse': options.attention or 'block_sparse', 'dense': 'dense'}
     steps, compiled_of, compile_s, states = {}, {}, {}, {}

@@ -41,19 +41,27 @@ def get(name: str) -> ModuleType:
     return available[name]
 
 
-def save_workdir(config: ConfigDict, model: nnx.Module, workdir: str) -> str:
-    """Writes `model` as step 0 of a new workdir for `config` (with a fresh optimizer state).
+def refuse_used_workdir(workdir: str) -> None:
+    """A ConfigError if `workdir` already holds checkpoints: converting never overwrites
+    training. Checked before anything is read or converted, and again before writing."""
+    from pixelgen import checkpoint
 
-    Refuses a workdir that already holds checkpoints: converting never overwrites training.
-    """
+    folder = checkpoint.checkpoint_dir(workdir)
+    steps = sorted(int(n) for n in storage.listdir(folder) if n.isdigit()) if storage.is_dir(
+        folder) else []
+    if steps:
+        raise ConfigError(f'{workdir} already holds checkpoints {steps}; convert into a new '
+                          '--workdir.')
+
+
+def save_workdir(config: ConfigDict, model: nnx.Module, workdir: str) -> str:
+    """Writes `model` as step 0 of a new workdir for `config` (with a fresh optimizer state);
+    refuses a workdir that already holds checkpoints."""
     from pixelgen import checkpoint
     from pixelgen.trainer import init_state, make_optimizer
 
+    refuse_used_workdir(workdir)
     manager = checkpoint.make_manager(workdir, async_save=False)
-    if manager.all_steps():
-        manager.close()
-        raise ConfigError(f'{workdir} already holds checkpoints {manager.all_steps()}; '
-                          'convert into a new --workdir.')
     tx, _ = make_optimizer(config.optimizer, config.total_steps)
     _, _, state = init_state(model, tx, config.seed)
     checkpoint.save(manager, 0, state, None, config)

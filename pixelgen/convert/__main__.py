@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument('--workdir', required=True,
                         help='the new pixelgen workdir (a local path or gs://...)')
     args = parser.parse_args(argv)
+    convert.refuse_used_workdir(args.workdir)
     # The readers of released formats (safetensors, TF bundles, torch) read local files.
     src = storage.local_folder(args.src, 'convert', what='--src')
     summary = convert.get(args.source).convert(src, args.workdir)

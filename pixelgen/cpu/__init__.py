@@ -13,7 +13,7 @@ from outside (`pixelgen.cpu.backend`):
   (`core_split`); elsewhere, and on GPU and TPU, where the parameters are.
 - `decode_ops(model, party, packed)` gives that loop its `DecodeOps`: matmuls over weights
   packed before the loop (`packed_matmul`) and the sums of the two cores' halves.
-- `host_memory.configure()` sets glibc's allocator so that XLA:CPU reuses freed host memory;
+- `allocator.configure()` sets glibc's allocator so that XLA:CPU reuses freed host memory;
   `import pixelgen` calls it, before JAX's CPU client exists.
 
 `native` builds and loads the C++ kernels (`pixelgen/cpu/native/`) with g++ on first use.
@@ -24,7 +24,7 @@ function is traced):
 - PIXELGEN_NATIVE_ATTENTION=1 (default) | 0: XLA's tiles instead of the native attention kernel.
 - PIXELGEN_CPU_DECODE=cores (default) | rows | shared: how samplers decode on a multi-core CPU
   (`decode_clients`, `core_split`).
-- PIXELGEN_MALLOC=reuse (default) | default: glibc's allocator as it comes (`host_memory`).
+- PIXELGEN_MALLOC=reuse (default) | default: glibc's allocator as it comes (`allocator`).
 - CXX: the C++ compiler that builds the native kernels (default g++).
 - PIXELGEN_NATIVE_DIR: where the built library is kept (default ~/.cache/pixelgen/native).
 

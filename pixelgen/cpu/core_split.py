@@ -3,8 +3,8 @@ units on each core's client, their partial sums combined after every attention a
 
 Why: a decoding step of a small model streams every weight once. Image GPT's `igpt_sample`
 model holds 24 MiB of them, more than a core's caches keep between steps, so each step reads
-them from memory again; 12 MiB stay cached (`taskset -c 0 python benchmarks/decode_floor.py
---layers 8 4`: 0.91 against 0.19 ms per step on a 2-core AMD VM). With half the weights on
+them from memory again, while 12 MiB stay cached (compare the two with `taskset -c 0 python
+benchmarks/decode_floor.py --layers 8 4`). With half the weights on
 each core, as tensor parallelism splits them, each core's half stays in its caches. The
 price is two sums of the halves per layer. XLA's in-process collectives and Python callbacks
 cost as much as that saves (`decode_floor.py --split tensor clients`), so the sum is a small

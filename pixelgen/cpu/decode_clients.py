@@ -2,9 +2,9 @@
 between them.
 
 Why: a decoding step of a small model is a hundred or so tiny ops (4-row matmuls, a softmax over
-the KV cache). XLA:CPU hands each op to its intra-op thread pool, and on the 2-core VM this
-project is measured on those hand-offs cost more than the ops: `python -m pixelgen.bench
-igpt_sample` ran 1.8x faster under `taskset -c 0` than on both cores (benchmarks/README.md).
+the KV cache). XLA:CPU hands each op to its intra-op thread pool, and on a machine with few
+cores those hand-offs can cost more than the ops (compare `python -m pixelgen.bench
+igpt_sample` under `taskset -c 0` and on every core).
 JAX's CPU client sizes its pool by the CPU affinity of the thread that makes it, so a client
 made while that thread is pinned to one core runs each op on the calling thread, with no
 hand-offs. Rows of a sampled batch are independent, so one such client per core decodes its

@@ -4,9 +4,8 @@ Why: a decoding step multiplies a few rows by every weight matrix once, so its s
 speed at which the weights stream in. XLA:CPU's matmul library walks a row-major [k, n]
 kernel in column tiles, a strided read; packed as [n / panel, k, panel], each panel of columns
 is one contiguous run, which the kernel in `pixelgen/cpu/native/packed_matmul.cc` reads once, in
-order. On the 2-core AMD VM this project is measured on, `python benchmarks/decode_floor.py
---split halves packed` (the 8 layers' matmuls of `igpt_sample`, weights split between the
-cores) took 2.45 ms per step with XLA's matmuls and 1.0 ms packed.
+order. `python benchmarks/decode_floor.py --split halves packed` times the 8 layers' matmuls
+of `igpt_sample` (weights split between the cores) with XLA's matmuls and packed.
 
 How: the samplers, where they run on the one-thread CPU core clients
 (`pixelgen.cpu.decode_clients`, `pixelgen.cpu.core_split`), make `PackedWeights(model)` while

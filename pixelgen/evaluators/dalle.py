@@ -131,7 +131,7 @@ def attribute_accuracy(ctx) -> dict[str, float]:
     if not captions:
         raise ConfigError(f'No one-object "a <size> <colour> <shape>" captions for '
                           f'captions={which}; this evaluator is for models of `shapes` codes.')
-    dvae_dir = options.get('dvae_workdir', config.get('dvae_workdir', ''))
+    dvae_dir = options.get('dvae_workdir', config.dvae_workdir)
     if not dvae_dir:
         raise ConfigError('No dVAE to decode with: pass --option dvae_workdir=DIR.')
     dvae = pixelgen.load(dvae_dir).model

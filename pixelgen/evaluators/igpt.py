@@ -37,7 +37,7 @@ def _config(ctx: EvalContext):
 
 
 def _test_split(config) -> str:
-    return config.data.get('test_split', config.data.eval_split)
+    return config.data.test_split
 
 
 def _batch_size(ctx: EvalContext, config) -> int:

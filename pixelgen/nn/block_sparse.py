@@ -46,7 +46,7 @@ from pixelgen.nn.matmul import rows_t_times
 # so a fully masked row gives a uniform average rather than NaN; the original Image GPT uses
 # `w*b - 1e10*(1-b)`.
 MASK_VALUE = -1e10
-DEFAULT_CAUSAL_BLOCK = 64  # tree leaves; 64 and 128 ran alike at 1024 tokens on a 2-core CPU
+DEFAULT_CAUSAL_BLOCK = 64  # the tiles of the causal tree's leaves
 
 
 # Views: how a tile set reads its queries or keys out of [b, h, n, ...] and puts them back ---

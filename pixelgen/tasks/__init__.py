@@ -1,6 +1,9 @@
 """Tasks: what a training run learns. Each knows its data, model, loss, metrics and pictures.
 
 A task is the module `pixelgen/tasks/<config.task>.py`. It provides:
+  base_config() -> ConfigDict                     every key the task reads, with its meaning;
+                                                  the shipped configs change values only
+                                                  (shared keys: pixelgen/tasks/defaults.py)
   build_model(config, rngs) -> nnx.Module        the model, from the config alone
   make_loss(config) -> object with .loss(model, batch, rng, step) -> (loss, metrics)
                                                   the objective without any data
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 
 from pixelgen.config import ConfigError
 
-TASKS = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)))
+TASKS = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != 'defaults'))
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 

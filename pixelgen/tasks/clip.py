@@ -20,8 +20,7 @@ from pixelgen.data import clip_bpe, pipeline
 from pixelgen.data.text import TextTokenizer
 from pixelgen.models.clip import CLIP, OPENAI_MEAN, OPENAI_STD, contrastive_loss
 from pixelgen.nn.transformer import ACTIVATIONS
-from pixelgen.parallel import DEFAULT_RULES
-from pixelgen.tasks import DTYPES, model_problems, raise_problems
+from pixelgen.tasks import DTYPES, defaults, model_problems, raise_problems
 
 TOKENIZER_FILE = 'tokenizer.json'
 TOKENIZER_IS = "the tokenizer that gives the model's text tokens their ids"
@@ -30,21 +29,11 @@ TOKENIZER_IS = "the tokenizer that gives the model's text tokens their ids"
 def base_config() -> ConfigDict:
     """Every key of a CLIP config, with the values of configs/clip_shapes.py; the CLIP configs
     and the hf-clip converter start from it and change values only."""
-    c = ConfigDict()
-    c.task = 'clip'
-    c.seed = 0
-    c.total_steps = 800
-    c.batch_size = 64              # the contrastive softmax spans the whole global batch
-    c.grad_accum_steps = 1         # note: accumulation contrasts within each micro-batch
-    c.concurrent_microbatches = 1  # so do concurrent passes (they are micro-batches too)
-    c.checkpoint_every_steps = 400
-    c.keep_checkpoints = 3
-    c.log_every_steps = 50
-    c.eval_every_steps = 400
-    c.eval_examples = 256          # periodic eval; the final one uses the whole test split
-    c.sample_every_steps = 800
-    c.mesh = ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-    c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
+    # The contrastive softmax spans the whole global batch, but grad_accum_steps and
+    # concurrent_microbatches contrast within each micro-batch.
+    c = defaults.training_loop('clip', total_steps=800, batch_size=64,
+                               checkpoint_every_steps=400, log_every_steps=50,
+                               eval_every_steps=400, eval_examples=256, sample_every_steps=800)
 
     c.data = ConfigDict()
     c.data.dataset = 'shapes'
@@ -81,20 +70,15 @@ def base_config() -> ConfigDict:
     c.model.attention = 'block_sparse'  # or 'dense' (the reference)
     c.model.remat = 'none'
 
-    c.optimizer = ConfigDict()
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 50
-    c.optimizer.min_learning_rate_ratio = 0.0
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.98           # the paper's β2 and ε
-    c.optimizer.eps = 1e-6
-    c.optimizer.weight_decay = 0.1
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.skip_nonfinite_updates = 5
+    c.optimizer = defaults.adamw(learning_rate=1e-3, warmup_steps=50, b2=0.98, eps=1e-6,
+                                 weight_decay=0.1)  # the paper's β2 and ε
 
     c.sampling = ConfigDict()  # the retrieval grid of write_samples
     c.sampling.num_images = 6
     c.sampling.samples_per_image = 5
+
+    # The eval job's evaluators (pixelgen/evaluators/clip.py), each with its --option values.
+    c.evals = ConfigDict({'zeroshot': {}, 'retrieval': {}, 'linear_probe': {'label_key': 'shape'}})
     return c
 
 

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from pixelgen import assets, flops, images, parallel, storage
-from pixelgen.config import ConfigError
+from pixelgen.config import ConfigDict, ConfigError
 from pixelgen.cpu.backend import use_native_attention
 from pixelgen.data import pipeline
 from pixelgen.data.codes import codes_info, open_codes
@@ -31,10 +31,71 @@ from pixelgen.data.text import MIN_VOCAB_SIZE, TextTokenizer
 from pixelgen.models.dalle import PAD_ID, DallE
 from pixelgen.nn.masks import DALLE_KINDS, dalle_layer_kinds, dalle_mask
 from pixelgen.sampling import generate
-from pixelgen.tasks import DTYPES, model_problems, raise_problems
+from pixelgen.tasks import DTYPES, defaults, model_problems, raise_problems
 
 TOKENIZER_FILE = 'tokenizer.json'
 TOKENIZER_IS = "the tokenizer that gives the model's caption tokens their ids"
+
+
+# One colour/shape pair per colour, each shape at least once: never seen in training.
+SHAPES_HOLDOUT_PHRASES = ('red star', 'green circle', 'blue triangle', 'yellow square',
+                          'purple diamond', 'orange cross', 'white star')
+
+
+def base_config() -> ConfigDict:
+    """Every key of a DALL·E config, with the values of configs/dalle_shapes.py; the DALL·E
+    configs start from it and change values only."""
+    c = defaults.training_loop('dalle', total_steps=1000, batch_size=16,
+                               checkpoint_every_steps=250, log_every_steps=50,
+                               eval_every_steps=500, eval_examples=128, sample_every_steps=500,
+                               keep_checkpoints=2)
+    c.dvae_workdir = 'runs/dvae_shapes'  # decodes samples ('' = show codes in false colour)
+
+    c.data = ConfigDict()
+    c.data.codes_dir = 'runs/shapes_codes'  # written by the dVAE encode job (data/codes.py)
+    c.data.train_split = 'train'
+    c.data.eval_split = 'test'
+    c.data.holdout_phrases = SHAPES_HOLDOUT_PHRASES  # training drops captions holding any
+    c.data.bpe_dropout = 0.1       # the paper's; training only
+    c.data.num_threads = 2
+    c.data.prefetch = 4
+
+    c.model = ConfigDict()
+    c.model.text_vocab_size = 1024  # BPE vocabulary (trained on the captions; <= this)
+    c.model.text_len = 16          # shapes captions are at most 14 tokens with [SOT] and [EOT]
+    c.model.image_vocab_size = 128  # the codebook of configs/dvae_shapes.py
+    c.model.grid_size = 16         # 64x64 images -> 16x16 codes
+    c.model.num_layers = 4         # row, column, row, conv
+    c.model.width = 128
+    c.model.num_heads = 4
+    c.model.mlp_ratio = 4
+    c.model.layer_kinds = ()       # () = the paper's schedule; or e.g. ('causal',) * 4 (dense)
+    c.model.conv_wraparound = False  # True: the conv window wraps across rows (pixelgen.nn.masks)
+    c.model.dtype = 'float32'
+    c.model.attention = 'block_sparse'  # 'dense' (the reference), 'splash', 'cudnn', 'auto'
+    c.model.remat = 'none'
+
+    c.loss = ConfigDict()
+    c.loss.text_weight = 1 / 8     # the paper's weights; each part is a mean over its tokens
+    c.loss.image_weight = 7 / 8
+    c.loss.caption_dropout = 0.0   # > 0: learn p(image) too, for classifier-free guidance
+
+    # The paper's AdamW betas, eps and weight decay.
+    c.optimizer = defaults.adamw(learning_rate=2e-3, warmup_steps=50, b2=0.96,
+                                 weight_decay=4.5e-2, min_learning_rate_ratio=0.05,
+                                 grad_clip_norm=4.0)
+
+    c.sampling = ConfigDict()
+    c.sampling.num_captions = 4    # test captions per picture, one row each
+    c.sampling.samples_per_caption = 4
+    c.sampling.temperature = 1.0   # the paper: temperature 1, no top-k, no top-p
+    c.sampling.top_k = 0           # 0 = off
+    c.sampling.top_p = 1.0         # 1 = off
+
+    # The eval job's evaluators (pixelgen/evaluators/dalle.py), each with its --option values;
+    # attribute_accuracy is for models of `shapes` codes.
+    c.evals = ConfigDict({'attribute_accuracy': {}})
+    return c
 
 
 def validate_config(config) -> None:
@@ -54,7 +115,7 @@ def validate_config(config) -> None:
                           or any(k not in DALLE_KINDS for k in m.layer_kinds)):
         problems.append(f'model.layer_kinds={tuple(m.layer_kinds)} must be () (the paper\'s '
                         f'schedule) or {m.num_layers} entries from {DALLE_KINDS}')
-    if m.get('attention') == 'cudnn' and (sparse := sorted(set(layer_kinds(config)) - {'causal'})):
+    if m.attention == 'cudnn' and (sparse := sorted(set(layer_kinds(config)) - {'causal'})):
         problems.append(f"model.attention='cudnn' runs causal and full masks only, not the "
                         f"{sparse} layers; use model.attention='auto' (splash on TPU, "
                         "block_sparse elsewhere) or 'block_sparse'")
@@ -300,7 +361,7 @@ class DalleTask(DalleLoss):
     # Pictures --------------------------------------------------------------------------
     def dvae(self):
         """The dVAE model of config.dvae_workdir (None if unset or not trained yet)."""
-        path = self.config.get('dvae_workdir', '')
+        path = self.config.dvae_workdir
         if self._dvae is None and path and storage.is_dir(storage.join(path, 'checkpoints')):
             import pixelgen
             self._dvae = pixelgen.load(path).model

@@ -43,9 +43,63 @@ import optax
 from flax import nnx
 
 from pixelgen import images, parallel, storage
+from pixelgen.config import ConfigDict
 from pixelgen.data import pipeline
 from pixelgen.models.dvae import DVAE, map_pixels, stats_to_images
-from pixelgen.tasks import DTYPES, model_problems, raise_problems
+from pixelgen.tasks import DTYPES, defaults, model_problems, raise_problems
+
+
+def base_config() -> ConfigDict:
+    """Every key of a dVAE config, with the values of configs/dvae_shapes.py; the dVAE configs
+    start from it and change values only."""
+    c = defaults.training_loop('dvae', total_steps=1500, batch_size=16,
+                               checkpoint_every_steps=500, log_every_steps=50,
+                               eval_every_steps=750, eval_examples=128, sample_every_steps=750,
+                               keep_checkpoints=2)
+
+    c.data = ConfigDict()
+    c.data.dataset = 'shapes'
+    c.data.data_dir = ''           # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.train_split = 'train'
+    c.data.eval_split = 'test'
+    c.data.image_size = 64
+    c.data.holdout_phrases = ()    # training drops images whose caption contains any of them
+    c.data.num_threads = 2
+    c.data.prefetch = 4
+    pipeline.add_stream_config(c.data, captions=False)  # webdataset: / parquet: (docs/data.md)
+
+    c.model = ConfigDict()
+    c.model.codebook_size = 128    # 8192 in the paper
+    c.model.encoder_width = 16     # the release's n_hid (256 there)
+    c.model.decoder_width = 16
+    c.model.decoder_init_width = 16  # the release's n_init (128 there)
+    c.model.width_multipliers = (1, 2, 4)  # one group per entry; downsampling 2^(groups - 1)
+    c.model.blocks_per_group = 1
+    c.model.dtype = 'float32'
+
+    c.loss = ConfigDict()
+    c.loss.kl_weight = 0.0         # beta, reached after kl_warmup_steps (cosine from 0)
+    c.loss.kl_warmup_steps = 300
+    c.loss.temperature_start = 1.0
+    c.loss.temperature_end = 1 / 16
+    c.loss.temperature_steps = 900  # cosine from start to end over this many steps
+    # Aids for short runs (see the module docstring); the paper trains without them.
+    c.loss.straight_through = False
+    c.loss.code_entropy_weight = 0.25  # with diversity_weight: maximise I(patch; code)
+    c.loss.diversity_weight = 0.25
+    c.loss.laplace_scale = 0.0     # 0: learned (the decoder's ln b)
+    c.loss.likelihood = 'gaussian'  # or 'logit_laplace' (the paper's)
+    c.loss.gaussian_scale = 0.05   # the Gaussian's std on mapped pixels
+
+    c.optimizer = defaults.adamw(learning_rate=2e-3, warmup_steps=50, b2=0.999,
+                                 weight_decay=1e-4, min_learning_rate_ratio=0.0125)
+
+    c.sampling = ConfigDict()
+    c.sampling.num_images = 8      # originals above their reconstructions
+
+    # The eval job's evaluators (pixelgen/evaluators/dvae.py), each with its --option values.
+    c.evals = ConfigDict({'reconstruction': {}})
+    return c
 
 
 def validate_config(config) -> None:
@@ -190,12 +244,12 @@ class DVAELoss:
         self.temperature = temperature_schedule(config.loss)
         self.kl_weight = kl_weight_schedule(config.loss)
         self.kl_ramp = kl_ramp(config.loss)
-        self.straight_through = config.loss.get('straight_through', False)
-        self.code_entropy_weight = config.loss.get('code_entropy_weight', 0.0)
-        self.diversity_weight = config.loss.get('diversity_weight', 0.0)
-        self.laplace_scale = config.loss.get('laplace_scale', 0.0)
-        self.likelihood = config.loss.get('likelihood', 'logit_laplace')
-        self.gaussian_scale = config.loss.get('gaussian_scale', 0.0)
+        self.straight_through = config.loss.straight_through
+        self.code_entropy_weight = config.loss.code_entropy_weight
+        self.diversity_weight = config.loss.diversity_weight
+        self.laplace_scale = config.loss.laplace_scale
+        self.likelihood = config.loss.likelihood
+        self.gaussian_scale = config.loss.gaussian_scale
 
     def loss(self, model: DVAE, batch: dict, rng: jax.Array,
              step: jax.Array | None = None) -> tuple[jax.Array, dict]:

@@ -31,23 +31,74 @@ import optax
 from flax import nnx
 
 from pixelgen import checkpoint, flops, images, parallel, sampling, storage
-from pixelgen.config import ConfigError
+from pixelgen.config import ConfigDict, ConfigError, upgrade
 from pixelgen.cpu.backend import use_native_attention
 from pixelgen.data import palette as palette_lib
 from pixelgen.data import pipeline
 from pixelgen.models.igpt import OBJECTIVES, ImageGPT, bert_mask
-from pixelgen.tasks import DTYPES, model_problems, raise_problems
+from pixelgen.tasks import DTYPES, defaults, model_problems, raise_problems
 
 BERT_EVAL_MASKS = 5  # P2 §4.6: BERT is evaluated as an ensemble over 5 masks
 
 
+def base_config() -> ConfigDict:
+    """Every key of an Image GPT config, with the values of configs/igpt_shapes.py; the iGPT
+    configs and the converters start from it and change values only."""
+    c = defaults.training_loop('igpt', total_steps=1200, batch_size=8,
+                               checkpoint_every_steps=200, log_every_steps=50,
+                               eval_every_steps=400, eval_examples=256, sample_every_steps=400)
+    c.objective = 'ar'             # or 'bert' (15% masked pixels, bidirectional)
+    # Fine-tuning (configs/igpt_finetune.py): minimise L_GEN + classifier_loss_weight * L_CLF.
+    c.classifier_loss_weight = 1.0
+
+    c.data = ConfigDict()
+    c.data.dataset = 'shapes'
+    c.data.data_dir = ''           # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.train_split = 'train'
+    c.data.eval_split = 'test'
+    c.data.test_split = 'test'
+    c.data.random_crop_padding = 0  # training augmentation: pad, then crop back at random
+    c.data.random_flip = False      # training augmentation: mirror left-right half the time
+    c.data.image_size = 20
+    c.data.palette_size = 64
+    c.data.palette_fit_images = 2000
+    c.data.palette_fit_pixels_per_image = 64
+    c.data.num_threads = 2
+    c.data.prefetch = 4
+    pipeline.add_stream_config(c.data, captions=False)  # webdataset: / parquet: (docs/data.md)
+
+    c.model = ConfigDict()
+    c.model.num_layers = 4
+    c.model.width = 128
+    c.model.num_heads = 4
+    c.model.mlp_ratio = 4
+    c.model.dtype = 'float32'
+    c.model.attention = 'block_sparse'  # 'dense' (the reference), 'splash', 'cudnn', 'auto'
+    c.model.remat = 'none'              # 'full' or 'dots': recompute blocks to save memory
+    c.model.scan_layers = False         # True: stack the layers and scan (fast compiles)
+    c.model.num_classes = 0             # classifier head: 0 none, -1 from the dataset's labels
+
+    c.optimizer = defaults.adamw(learning_rate=3e-3, warmup_steps=100, b2=0.95,
+                                 weight_decay=0.0)
+
+    c.sampling = ConfigDict()
+    c.sampling.num_images = 8
+    c.sampling.samples_per_image = 2
+    c.sampling.temperature = 1.0
+    c.sampling.top_k = 0           # 0 = off (the paper samples at temperature 1, no top-k)
+
+    # The eval job's evaluators (pixelgen/evaluators/igpt.py), each with its --option values.
+    c.evals = ConfigDict({'loss': {}, 'probe': {}, 'samples': {}})
+    return c
+
+
 def objective(config) -> str:
-    """'ar' or 'bert' (configs written before the BERT objective existed are 'ar')."""
-    return config.get('objective', 'ar')
+    """'ar' or 'bert'."""
+    return config.objective
 
 
 def num_classes(config) -> int:
-    return config.model.get('num_classes', 0)
+    return config.model.num_classes
 
 
 def validate_config(config) -> None:
@@ -72,25 +123,24 @@ def validate_config(config) -> None:
 def validate_init_from(config) -> dict | None:
     """The pretrained workdir's config (as a dict) if `config.init_from` names one; errors if it
     does not exist or its model cannot initialise this config's."""
-    init_from = config.get('init_from', '')
+    init_from = config.init_from
     if not init_from:
         return None
     saved = storage.join(init_from, 'config.json')
     if not storage.is_file(saved):
         raise ConfigError(f'init_from={init_from!r} is not a pixelgen workdir (no {saved}). '
                           'Point --config.init_from at the workdir of a pretraining run.')
-    pretrained = json.loads(storage.read_text(saved))
+    pretrained = upgrade(json.loads(storage.read_text(saved)), saved)  # an older run's too
     wanted = {'objective': objective(config), 'data.image_size': config.data.image_size,
               'data.palette_size': config.data.palette_size,
               **{f'model.{k}': config.model[k]
                  for k in ('num_layers', 'width', 'num_heads', 'mlp_ratio')}}
     # model.scan_layers may differ: trainer.init_params_from converts the layer layout.
-    defaults = {'objective': 'ar'}  # older configs lack it
     differences = []
     for key, value in wanted.items():
         node = pretrained
         for part in key.split('.'):
-            node = node.get(part, defaults.get(key))
+            node = node[part]
         if node != value:
             differences.append(f'{key}: {init_from} has {node!r}, this config {value!r}')
     if differences:
@@ -128,7 +178,7 @@ def load_or_fit_palette(config, workdir: str, open_train=None) -> np.ndarray:
     with checkpoints but without its palette, or with a changed one, is refused
     (`pixelgen.assets`): refitting would change what every token means."""
     centres = palette_lib.load_palette(workdir)
-    if centres is None and config.get('init_from', ''):
+    if centres is None and config.init_from:
         centres = palette_lib.load_palette(config.init_from)
         if centres is None:
             raise ConfigError(f'init_from={config.init_from!r} holds no palette.npy, so its '
@@ -249,7 +299,7 @@ class ImageGPTTask(ImageGPTLoss):
         validate_config(config)  # before any data is built
         if not _has_checkpoint(workdir):  # only a run that starts from init_from reads it
             validate_init_from(config)
-        super().__init__(objective(config), config.get('classifier_loss_weight', 1.0))
+        super().__init__(objective(config), config.classifier_loss_weight)
         self.config, self.workdir = config, workdir
         d = config.data
         self._sources: dict[str, object] = {}
@@ -425,7 +475,7 @@ Task = ImageGPTTask
 
 def make_loss(config) -> ImageGPTLoss:
     validate_config(config)
-    return ImageGPTLoss(objective(config), config.get('classifier_loss_weight', 1.0))
+    return ImageGPTLoss(objective(config), config.classifier_loss_weight)
 
 
 def load_assets(config, workdir: str) -> dict:

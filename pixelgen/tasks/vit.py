@@ -33,30 +33,15 @@ from pixelgen.data import pipeline
 from pixelgen.models.clip import POOLS
 from pixelgen.models.vit import ViT, resample_position_embedding
 from pixelgen.nn.transformer import ACTIVATIONS
-from pixelgen.parallel import DEFAULT_RULES
-from pixelgen.tasks import DTYPES, model_problems, raise_problems
+from pixelgen.tasks import DTYPES, defaults, model_problems, raise_problems
 
 
 def base_config() -> ConfigDict:
     """Every key of a ViT config, with the values of configs/vit_shapes.py; the ViT configs
     and the hf-vit converter start from it and change values only."""
-    c = ConfigDict()
-    c.task = 'vit'
-    c.seed = 0
-    c.total_steps = 2400
-    c.batch_size = 64
-    c.grad_accum_steps = 1
-    c.concurrent_microbatches = 1
-    c.checkpoint_every_steps = 1200
-    c.keep_checkpoints = 3
-    c.log_every_steps = 50
-    c.eval_every_steps = 1200
-    c.eval_examples = 512          # periodic eval; the final one uses the whole test split
-    c.sample_every_steps = 2400
-    c.mesh = ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-    c.sharding_rules = DEFAULT_RULES
-    c.init_from = ''               # a workdir to fine-tune from (see the module docstring)
-    c.init_from_step = -1
+    c = defaults.training_loop('vit', total_steps=2400, batch_size=64,
+                               checkpoint_every_steps=1200, log_every_steps=50,
+                               eval_every_steps=1200, eval_examples=512, sample_every_steps=2400)
 
     c.data = ConfigDict()
     c.data.dataset = 'shapes'
@@ -87,19 +72,14 @@ def base_config() -> ConfigDict:
     c.model.attention = 'block_sparse'  # or 'dense' (the reference)
     c.model.remat = 'none'
 
-    c.optimizer = ConfigDict()
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 50
-    c.optimizer.min_learning_rate_ratio = 0.0
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 0.1
-    c.optimizer.grad_clip_norm = 1.0
-    c.optimizer.skip_nonfinite_updates = 5
+    c.optimizer = defaults.adamw(learning_rate=1e-3, warmup_steps=50, b2=0.999,
+                                 weight_decay=0.1)
 
     c.sampling = ConfigDict()  # the prediction grid of write_samples
     c.sampling.num_images = 16
+
+    # The eval job's evaluators (pixelgen/evaluators/vit.py), each with its --option values.
+    c.evals = ConfigDict({'accuracy': {}})
     return c
 
 

@@ -1,6 +1,6 @@
-"""What the host allocator setting (`pixelgen.cpu.host_memory`) does to XLA:CPU, in isolation.
+"""What the host allocator setting (`pixelgen.cpu.allocator`) does to XLA:CPU, in isolation.
 
-    python benchmarks/host_memory.py
+    python benchmarks/allocator.py
 
 Runs itself twice in subprocesses, with PIXELGEN_MALLOC=default (glibc as it comes) and
 reuse (pixelgen's default), and prints one JSON line per (allocator, case) with the median and
@@ -25,8 +25,8 @@ CASES = ('fresh_output', 'temporary')
 
 
 def measure(allocator: str) -> None:
-    from pixelgen.cpu import host_memory
-    setting = host_memory.configure()
+    from pixelgen.cpu import allocator
+    setting = allocator.configure()
     import jax
     import jax.numpy as jnp
 
@@ -45,7 +45,7 @@ def measure(allocator: str) -> None:
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times.append(time.perf_counter() - start)
-        print(json.dumps({'name': 'host_memory', 'case': name, 'allocator': allocator,
+        print(json.dumps({'name': 'allocator', 'case': name, 'allocator': allocator,
                           'host_malloc': setting,
                           'median_ms': round(1e3 * statistics.median(times), 2),
                           'fastest_ms': round(1e3 * min(times), 2)}), flush=True)

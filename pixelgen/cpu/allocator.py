@@ -3,10 +3,9 @@
 glibc's malloc serves large requests (above 128 KiB, rising to 32 MiB) with fresh mmap'd pages
 and gives them back to the kernel when they are freed; each thread may also get an arena of its
 own. XLA:CPU allocates the large intermediates of a step anew at every step, so each step first
-page-faults through every one of them. On the 2-core VM this project is measured on, a batched
-[32 × 512 × 32] · [32 × 32 × 512] matmul whose output is a fresh 32 MiB buffer took 18 ms, and
-5 ms with the setting below; an Image GPT train step went from 4.1 to 3.1 s, HuggingFace's
-PyTorch ImageGPT step from 9.2 to 3.3 s (benchmarks/README.md).
+page-faults through every one of them; PyTorch's CPU steps do the same. What the setting below
+saves, per step and per matmul: `python benchmarks/allocator.py`
+(docs/cpu-performance.md).
 
 `configure()` asks glibc (mallopt) for one arena, no mmap'd chunks and no trimming, so freed
 memory is reused. Call it before JAX creates its CPU client, whose threads take their arena

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-PROBE = ('from pixelgen.cpu import host_memory; import sys; '
-         'print(host_memory.configure(), host_memory.configure())')
+PROBE = ('from pixelgen.cpu import allocator; import sys; '
+         'print(allocator.configure(), allocator.configure())')
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
