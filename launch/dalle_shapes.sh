@@ -15,7 +15,8 @@
 #
 # Killed at any point, the same command resumes: each training resumes from its last
 # checkpoint, a finished stage is skipped (WORKDIR/stages/<stage>.seconds holds its time),
-# an interrupted encoding starts again, and finished evaluations are kept.
+# an interrupted encoding resumes after its last complete chunk, and finished evaluations are
+# kept.
 #
 # Options:
 #   --seed N                the seed of every training run and of the evaluation (default 0)
@@ -103,8 +104,7 @@ stage() { # stage NAME COMMAND...: runs COMMAND unless the stage finished before
   echo $((SECONDS - t0)) >"$workdir/stages/$name.seconds"
 }
 
-encode() { # an interrupted encoding cannot resume: start it again
-  rm -rf "$workdir/codes"
+encode() { # an interrupted encoding resumes after its last complete chunk
   "$python" -m pixelgen.dvae encode --workdir "$workdir/dvae" --dataset shapes \
     --out "$workdir/codes" "$@"
 }

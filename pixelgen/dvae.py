@@ -9,8 +9,12 @@ codes dataset (pixelgen.data.codes: uint16 [grid, grid] codes with the caption a
 every image), the input of the DALL·E transformer. Images are resized as in training (the
 workdir's data.image_size). In a multi-host job (the distributed flags of `pixelgen.train`,
 e.g. through launch/local_multiprocess.sh --module pixelgen.dvae) every process loads the dVAE
-onto its own devices and encodes and writes its own contiguous shard of each split. `decode`
-draws codes back as images.
+onto its own devices and encodes and writes its own contiguous share of each split.
+
+Killed, the same command resumes: each process keeps its complete chunks (`--chunk_size`
+examples each) and encodes on from there; a split that --out already holds complete, encoded
+by the same dVAE checkpoint, is skipped (`--overwrite` encodes it again). `decode` draws codes
+back as images.
 """
 
 from __future__ import annotations
@@ -103,16 +107,35 @@ def encode(args) -> int:
         print(f'[encode] {args.dataset}/{split}: images {start:,}..{end:,} of {n:,} on process '
               f'{jax.process_index()} -> {grid}x{grid} codes of {model.codebook_size}',
               flush=True)
-        examples = encode_source(model, source, image_size=size, batch_size=args.batch_size,
-                                 start=start, end=end, label=f'{args.dataset}/{split}')
-        count = codes_lib.write_codes(
-            args.out, split, ({k: e[k] for k in ('codes', 'caption', 'label')}
-                              for e in examples),
-            grid_size=grid, codebook_size=model.codebook_size,
-            metadata={'dvae_workdir': storage.absolute(args.workdir), 'dvae_step': loaded.step,
-                      'dataset': args.dataset, 'image_size': size})
+        metadata = {'dvae_workdir': storage.absolute(args.workdir), 'dvae_step': loaded.step,
+                     'dataset': args.dataset, 'image_size': size}
+        if not args.overwrite and _already_encoded(args.out, split, n, metadata):
+            print(f'[encode] {args.out} already holds {split!r}: {n:,} examples encoded by this '
+                  'dVAE checkpoint; skipped (--overwrite encodes it again).', flush=True)
+            continue
+
+        def examples(done: int, start=start, end=end, source=source, split=split):
+            # Process rows [start + done, end): those before were written by a killed run.
+            encoded = encode_source(model, source, image_size=size, batch_size=args.batch_size,
+                                    start=start + done, end=end,
+                                    label=f'{args.dataset}/{split}')
+            return ({k: e[k] for k in ('codes', 'caption', 'label')} for e in encoded)
+
+        count = codes_lib.write_codes(args.out, split, examples, grid_size=grid,
+                                      codebook_size=model.codebook_size, metadata=metadata,
+                                      rows=(start, end), chunk_size=args.chunk_size)
         print(f'[encode] wrote {count:,} examples of {split!r} to {args.out}', flush=True)
     return 0
+
+
+def _already_encoded(out: str, split: str, n: int, metadata: dict) -> bool:
+    """Whether `out` holds `split` complete: `n` examples, written with these settings."""
+    try:
+        info = codes_lib.codes_info(out)
+    except codes_lib.CodesError:
+        return False
+    return info['splits'].get(split) == n and all(
+        info['metadata'].get(k) == v for k, v in metadata.items())
 
 
 def decode(args) -> int:
@@ -157,6 +180,11 @@ def main(argv: list[str]) -> int:
     enc.add_argument('--data_dir', default='', help='tfds data dir ($TFDS_DATA_DIR if empty)')
     enc.add_argument('--batch_size', type=int, default=64, help='images per step, per host')
     enc.add_argument('--num_examples', type=int, default=0, help='the first N only (0: all)')
+    enc.add_argument('--chunk_size', type=int, default=codes_lib.CHUNK_SIZE,
+                     help='examples per chunk: a killed encoding resumes after the last '
+                     'complete chunk of each process')
+    enc.add_argument('--overwrite', action='store_true',
+                     help='encode a split again even if --out holds it complete')
     enc.add_argument('--step', type=int, default=None, help='checkpoint (default: latest)')
     pretrained.add_mesh_argument(enc)
     parallel.add_distributed_arguments(enc)
@@ -171,6 +199,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.job == 'encode' and args.batch_size < 1:
         raise ConfigError(f'--batch_size={args.batch_size} must be at least 1.')
+    if args.job == 'encode' and args.chunk_size < 1:
+        raise ConfigError(f'--chunk_size={args.chunk_size} must be at least 1.')
     if args.job == 'encode':
         parallel.initialize_from_args(args)
     return encode(args) if args.job == 'encode' else decode(args)

@@ -52,3 +52,37 @@ def test_bad_codes_are_refused(tmp_path):
         open_codes(out, 'valid')
     with pytest.raises(CodesError, match='not a codes dataset'):
         open_codes(str(tmp_path / 'nothing'), 'train')
+
+
+def test_a_killed_write_resumes_after_its_last_complete_chunk(tmp_path):
+    """Chunks of 2: killed while the third is being written, the rerun keeps the first two
+    (4 examples), asks only for the examples from the 5th on, and the split is whole."""
+    out = str(tmp_path / 'codes')
+    rows = _examples(7, 4, 0)
+    asked = []
+
+    def examples(done, fail_at=None):
+        asked.append(done)
+        for i in range(done, len(rows)):
+            if i == fail_at:
+                raise KeyboardInterrupt('killed')
+            yield rows[i]
+
+    kwargs = dict(grid_size=4, codebook_size=512, metadata={'dvae_step': 3}, rows=(0, 7),
+                  chunk_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        write_codes(out, 'train', lambda done: examples(done, fail_at=5), **kwargs)
+    assert write_codes(out, 'train', examples, **kwargs) == 3
+    assert asked == [0, 4]
+    source = open_codes(out, 'train')
+    assert len(source) == 7 and not (tmp_path / 'codes' / '.partial-train').exists()
+    for i in range(7):
+        np.testing.assert_array_equal(source[i]['codes'], rows[i]['codes'])
+    assert codes_info(out)['metadata'] == {'dvae_step': 3}
+    # Killed again, but rerun with another plan (another checkpoint's codes): starts over.
+    with pytest.raises(KeyboardInterrupt):
+        write_codes(out, 'test', lambda done: examples(done, fail_at=3), **kwargs)
+    asked.clear()
+    write_codes(out, 'test', examples, **{**kwargs, 'metadata': {'dvae_step': 4}})
+    assert asked == [0] and len(open_codes(out, 'test')) == 7
+    assert codes_info(out)['splits'] == {'train': 7, 'test': 7}

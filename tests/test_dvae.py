@@ -245,18 +245,28 @@ def test_training_logs_metrics_and_writes_a_reconstruction_grid(trained):
 
 
 @pytest.mark.slow
-def test_encode_job_writes_codes_that_open_codes_reads_back(trained, data_dir, tmp_path):
+def test_encode_job_writes_codes_that_open_codes_reads_back(trained, data_dir, tmp_path,
+                                                           capsys):
     import pixelgen
     from pixelgen import dvae
     from pixelgen.data import codes as codes_lib
     from pixelgen.data import pipeline
 
     out = str(tmp_path / 'codes')
-    assert dvae.main(['encode', '--workdir', trained, '--dataset', 'shapes', '--out', out,
-                      '--split', 'test', '--data_dir', data_dir, '--num_examples', '10',
-                      '--batch_size', '4']) == 0
+    command = ['encode', '--workdir', trained, '--dataset', 'shapes', '--out', out, '--split',
+               'test', '--data_dir', data_dir, '--num_examples', '10', '--batch_size', '4',
+               '--chunk_size', '3']
+    assert dvae.main(command) == 0
     info = codes_lib.codes_info(out)
     assert (info['grid_size'], info['codebook_size'], info['splits']) == (16, 32, {'test': 10})
+    shards = sorted(f for f in os.listdir(out) if f.startswith('codes-test'))
+    assert len(shards) == 4 and shards[-1].endswith('-00003-of-00004')  # chunks of 3, 3, 3, 1
+    # The same command again finds the split complete and skips it; --overwrite redoes it.
+    capsys.readouterr()
+    assert dvae.main(command) == 0
+    assert "already holds 'test': 10 examples" in capsys.readouterr().out
+    assert dvae.main(command + ['--overwrite']) == 0
+    assert 'wrote 10 examples' in capsys.readouterr().out
     read = codes_lib.open_codes(out, 'test')
     source = pipeline.open_source('shapes', 'test', data_dir)
     images = np.stack([pipeline.image_example(32)(source[i])['image'] for i in range(10)])
@@ -270,6 +280,42 @@ def test_encode_job_writes_codes_that_open_codes_reads_back(trained, data_dir, t
     assert dvae.main(['decode', '--workdir', trained, '--codes', out, '--out', png,
                       '--num', '10']) == 0
     assert np.asarray(Image.open(png)).shape == (2 * 66 + 2, 8 * 66 + 2, 3)
+
+
+@pytest.mark.slow
+def test_a_killed_encoding_resumes_and_equals_an_uninterrupted_one(trained, data_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    from pixelgen import dvae
+    from pixelgen.data import codes as codes_lib
+
+    def encode(out, *extra):
+        return dvae.main(['encode', '--workdir', trained, '--dataset', 'shapes', '--out', out,
+                          '--split', 'test', '--data_dir', data_dir, '--num_examples', '11',
+                          '--batch_size', '4', '--chunk_size', '3', *extra])
+
+    whole = str(tmp_path / 'whole')
+    assert encode(whole) == 0
+    write_chunk, calls = codes_lib._write_chunk, []
+
+    def killed_at_the_third_chunk(*args, **kwargs):
+        calls.append(kwargs['first'])
+        if len(calls) == 3:
+            raise KeyboardInterrupt('killed')
+        return write_chunk(*args, **kwargs)
+
+    resumed = str(tmp_path / 'resumed')
+    monkeypatch.setattr(codes_lib, '_write_chunk', killed_at_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        encode(resumed)
+    monkeypatch.setattr(codes_lib, '_write_chunk', write_chunk)
+    capsys.readouterr()
+    assert encode(resumed) == 0
+    assert 'resuming after 6 examples in 2 chunk(s)' in capsys.readouterr().out
+    a, b = codes_lib.open_codes(whole, 'test'), codes_lib.open_codes(resumed, 'test')
+    assert len(a) == len(b) == 11
+    for i in range(11):
+        np.testing.assert_array_equal(a[i]['codes'], b[i]['codes'])
+        assert a[i]['caption'] == b[i]['caption']
 
 
 @pytest.mark.slow
