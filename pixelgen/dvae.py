@@ -4,12 +4,17 @@
   python -m pixelgen.dvae decode --workdir W --codes DIR --out grid.png [--split test --num 16]
   (both take --mesh data=1,fsdp=-1: the mesh the parameters are loaded onto)
 
-`encode` turns each split of a tfds dataset (see pixelgen.data.pipeline.open_source) into a
+`encode` turns each split of a dataset (see pixelgen.data.pipeline.open_source) into a
 codes dataset (pixelgen.data.codes: uint16 [grid, grid] codes with the caption and label of
 every image), the input of the DALL·E transformer. Images are resized as in training (the
-workdir's data.image_size). In a multi-host job (the distributed flags of `pixelgen.train`,
-e.g. through launch/local_multiprocess.sh --module pixelgen.dvae) every process loads the dVAE
-onto its own devices and encodes and writes its own contiguous share of each split.
+workdir's data.image_size). A streamed source ('webdataset:<pattern>', 'parquet:<pattern>')
+encodes each usable pair of its training shards (split `train`) or held-out shards (any other
+split) once, in shard order; the pairs its filters or decoding reject are skipped.
+
+In a multi-host job (the distributed flags of `pixelgen.train`, e.g. through
+launch/local_multiprocess.sh --module pixelgen.dvae) every process loads the dVAE onto its own
+devices and encodes and writes its own share of each split: a contiguous range of a tfds
+dataset's examples, or every hosts-th shard of a streamed source.
 
 Killed, the same command resumes: each process keeps its complete chunks (`--chunk_size`
 examples each) and encodes on from there; a split that --out already holds complete, encoded
@@ -20,8 +25,9 @@ back as images.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import grain
 import jax
@@ -30,7 +36,7 @@ import numpy as np
 from pixelgen import cli, images, parallel, pretrained, storage
 from pixelgen.config import ConfigError
 from pixelgen.data import codes as codes_lib
-from pixelgen.data import pipeline
+from pixelgen.data import pipeline, streaming
 
 
 def compiled(model, method: str):
@@ -73,10 +79,31 @@ def encode_source(model, source, *, image_size: int, batch_size: int, start: int
 
     ds = (grain.MapDataset.source(source)[start:end].map(example)
           .batch(batch_size, drop_remainder=False, batch_fn=lambda rows: rows))
-    encode = compiled(model, 'encode')
-    total, done, t0 = end - start, 0, time.perf_counter()
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
-    for rows in ds.to_iter_dataset(options):
+    yield from _encode_batches(model, ds.to_iter_dataset(options), batch_size=batch_size,
+                               total=end - start, label=label)
+
+
+def encode_stream(model, features: Iterable[dict], *, image_size: int, batch_size: int,
+                  label: str = '') -> Iterator[dict]:
+    """`encode_source` for a stream of feature dicts (a streamed source's usable examples),
+    read and decoded in order."""
+    prepare = pipeline.image_example(image_size)
+
+    def example(f: dict) -> dict:
+        out = prepare(f)
+        out['caption'] = _text(f.get('caption', ''))
+        return out
+    rows = map(example, features)
+    batches = iter(lambda: list(itertools.islice(rows, batch_size)), [])
+    yield from _encode_batches(model, batches, batch_size=batch_size, total=None, label=label)
+
+
+def _encode_batches(model, batches: Iterable[list[dict]], *, batch_size: int,
+                    total: int | None, label: str) -> Iterator[dict]:
+    encode = compiled(model, 'encode')
+    done, t0 = 0, time.perf_counter()
+    for rows in batches:
         batch = np.stack([r['image'] for r in rows])
         if len(rows) < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - len(rows),) + batch.shape[1:],
@@ -88,8 +115,8 @@ def encode_source(model, source, *, image_size: int, batch_size: int, start: int
         done += len(rows)
         if label and (done == total or done // batch_size % 20 == 0):
             rate = done / max(time.perf_counter() - t0, 1e-9)
-            print(f'[encode] {label}: {done:,}/{total:,} images ({rate:,.0f} images/s)',
-                  flush=True)
+            of = f'/{total:,}' if total is not None else ''
+            print(f'[encode] {label}: {done:,}{of} images ({rate:,.0f} images/s)', flush=True)
 
 
 def encode(args) -> int:
@@ -100,41 +127,59 @@ def encode(args) -> int:
     model, config = loaded.model, loaded.config
     size = config.data.image_size
     grid = size // model.downsampling
+    host, hosts = jax.process_index(), jax.process_count()
     for split in [s for s in args.split.split(',') if s]:
         source = pipeline.open_source(args.dataset, split, args.data_dir)
-        n = min(len(source), args.num_examples) if args.num_examples else len(source)
-        start, end = parallel.host_range(n)
-        print(f'[encode] {args.dataset}/{split}: images {start:,}..{end:,} of {n:,} on process '
-              f'{jax.process_index()} -> {grid}x{grid} codes of {model.codebook_size}',
-              flush=True)
+        label = f'{args.dataset}/{split}'
         metadata = {'dvae_workdir': storage.absolute(args.workdir), 'dvae_step': loaded.step,
-                     'dataset': args.dataset, 'image_size': size}
+                    'dataset': args.dataset, 'image_size': size}
+        if isinstance(source, streaming.StreamingSource):
+            # Each process reads its own shards, each usable example once; the count is
+            # known only at the end.
+            n = None
+            limit = -(-args.num_examples // hosts) if args.num_examples else None
+            rows = (host, len(source.shards))
+            print(f'[encode] {label}: shards {host}::{hosts} of {len(source.shards)} on '
+                  f'process {host} -> {grid}x{grid} codes of {model.codebook_size}', flush=True)
+
+            def examples(done: int, source=source, limit=limit, label=label):
+                usable = itertools.islice(source.usable_examples(host, hosts), done, limit)
+                encoded = encode_stream(model, usable, image_size=size,
+                                        batch_size=args.batch_size, label=label)
+                return ({k: e[k] for k in ('codes', 'caption', 'label')} for e in encoded)
+        else:
+            n = min(len(source), args.num_examples) if args.num_examples else len(source)
+            start, end = parallel.host_range(n)
+            rows = (start, end)
+            print(f'[encode] {label}: images {start:,}..{end:,} of {n:,} on process {host} -> '
+                  f'{grid}x{grid} codes of {model.codebook_size}', flush=True)
+
+            def examples(done: int, start=start, end=end, source=source, label=label):
+                # Rows [start + done, end): those before were written by a killed run.
+                encoded = encode_source(model, source, image_size=size,
+                                        batch_size=args.batch_size, start=start + done,
+                                        end=end, label=label)
+                return ({k: e[k] for k in ('codes', 'caption', 'label')} for e in encoded)
+        metadata['num_examples'] = args.num_examples
         if not args.overwrite and _already_encoded(args.out, split, n, metadata):
-            print(f'[encode] {args.out} already holds {split!r}: {n:,} examples encoded by this '
-                  'dVAE checkpoint; skipped (--overwrite encodes it again).', flush=True)
+            print(f'[encode] {args.out} already holds {split!r}, encoded by this dVAE checkpoint '
+                  'from the same examples; skipped (--overwrite encodes it again).', flush=True)
             continue
-
-        def examples(done: int, start=start, end=end, source=source, split=split):
-            # Process rows [start + done, end): those before were written by a killed run.
-            encoded = encode_source(model, source, image_size=size, batch_size=args.batch_size,
-                                    start=start + done, end=end,
-                                    label=f'{args.dataset}/{split}')
-            return ({k: e[k] for k in ('codes', 'caption', 'label')} for e in encoded)
-
         count = codes_lib.write_codes(args.out, split, examples, grid_size=grid,
                                       codebook_size=model.codebook_size, metadata=metadata,
-                                      rows=(start, end), chunk_size=args.chunk_size)
+                                      rows=rows, chunk_size=args.chunk_size)
         print(f'[encode] wrote {count:,} examples of {split!r} to {args.out}', flush=True)
     return 0
 
 
-def _already_encoded(out: str, split: str, n: int, metadata: dict) -> bool:
-    """Whether `out` holds `split` complete: `n` examples, written with these settings."""
+def _already_encoded(out: str, split: str, n: int | None, metadata: dict) -> bool:
+    """Whether `out` holds `split` complete, written with these settings (and `n` examples,
+    where the count is known beforehand)."""
     try:
         info = codes_lib.codes_info(out)
     except codes_lib.CodesError:
         return False
-    return info['splits'].get(split) == n and all(
+    return split in info['splits'] and (n is None or info['splits'][split] == n) and all(
         info['metadata'].get(k) == v for k, v in metadata.items())
 
 
@@ -174,7 +219,8 @@ def main(argv: list[str]) -> int:
     jobs = parser.add_subparsers(dest='job', required=True)
     enc = jobs.add_parser('encode', help='a tfds image dataset -> a codes dataset')
     enc.add_argument('--workdir', required=True, help='the trained (or converted) dVAE')
-    enc.add_argument('--dataset', required=True, help="e.g. 'shapes' or a prepared tfds name")
+    enc.add_argument('--dataset', required=True,
+                     help="e.g. 'shapes', a prepared tfds name or 'webdataset:<pattern>'")
     enc.add_argument('--out', required=True, help='the codes dataset directory')
     enc.add_argument('--split', default='train,test', help='comma-separated splits')
     enc.add_argument('--data_dir', default='', help='tfds data dir ($TFDS_DATA_DIR if empty)')

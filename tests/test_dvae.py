@@ -264,7 +264,7 @@ def test_encode_job_writes_codes_that_open_codes_reads_back(trained, data_dir, t
     # The same command again finds the split complete and skips it; --overwrite redoes it.
     capsys.readouterr()
     assert dvae.main(command) == 0
-    assert "already holds 'test': 10 examples" in capsys.readouterr().out
+    assert "already holds 'test', encoded by this dVAE checkpoint" in capsys.readouterr().out
     assert dvae.main(command + ['--overwrite']) == 0
     assert 'wrote 10 examples' in capsys.readouterr().out
     read = codes_lib.open_codes(out, 'test')

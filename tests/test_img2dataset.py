@@ -1,7 +1,8 @@
 """The real client end to end: `shapes` images served over HTTP on 127.0.0.1, fetched by
 img2dataset itself (from PyPI, in a virtualenv of its own: its pins are not the project's)
 into webdataset and parquet shards, read by pixelgen with exact skip counts, and a tiny CLIP
-trained from both formats, one of them stopped and resumed exactly.
+trained from both formats, one of them stopped and resumed exactly; a tiny dVAE encodes both
+formats through `dvae encode` and a tiny DALL·E trains on the codes.
 
 The virtualenv is made once per checkout in pytest's cache (.pytest_cache/d/img2dataset-venv)
 from the package index pip is configured with; $PIXELGEN_IMG2DATASET names an installed
@@ -175,3 +176,36 @@ def test_tiny_clip_trains_from_both_formats_and_resumes_exactly(webdataset_shard
     assert resumed['test/loss'] == whole['test/loss']
     from_parquet = trainer.train(clip_config(parquet), str(work / 'parquet'))
     assert np.isfinite(from_parquet['train/loss']) and np.isfinite(from_parquet['test/loss'])
+
+
+def test_tiny_dalle_trains_on_codes_encoded_from_both_formats(webdataset_shards,
+                                                              parquet_shards, tmp_path):
+    """A tiny dVAE trained on the webdataset shards encodes both formats (every usable pair
+    once: the training shards and the held-out shard together hold all IMAGES), and a tiny
+    DALL·E trains on each codes dataset."""
+    from pixelgen import dvae, trainer
+    from pixelgen.config import parse_config_args
+    from pixelgen.data import codes as codes_lib
+
+    def config(name, *overrides):
+        parsed, rest = parse_config_args([
+            '--config', os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                     f'{name}.py') + ':tiny', *overrides])
+        assert not rest
+        return parsed
+
+    (wds, _), (parquet, _) = webdataset_shards, parquet_shards
+    dvae_dir = str(tmp_path / 'dvae')
+    trainer.train(config('dvae_shapes', f'--config.data.dataset={wds}'), dvae_dir)
+    for name, dataset in (('wds', wds), ('parquet', parquet)):
+        codes = str(tmp_path / f'codes_{name}')
+        assert dvae.main(['encode', '--workdir', dvae_dir, '--dataset', dataset, '--out', codes,
+                          '--batch_size', '16', '--chunk_size', '100']) == 0
+        splits = codes_lib.codes_info(codes)['splits']
+        # the held-out shard is the last: its PER_SHARD URLs end with the MISSING ones
+        assert splits['train'] + splits['test'] == IMAGES and splits['test'] == IMAGES % PER_SHARD
+        metrics = trainer.train(config('dalle_shapes', f'--config.data.codes_dir={codes}',
+                                       '--config.model.grid_size=16',
+                                       '--config.model.image_vocab_size=32'),
+                                str(tmp_path / f'dalle_{name}'))
+        assert np.isfinite(metrics['train/loss']) and np.isfinite(metrics['test/loss'])

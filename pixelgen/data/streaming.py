@@ -502,6 +502,17 @@ class StreamingSource:
     def __repr__(self) -> str:
         return f'StreamingSource({self.dataset!r}, {self.split!r}, {len(self.shards)} shards)'
 
+    def usable_examples(self, host: int = 0, hosts: int = 1) -> Iterator[dict]:
+        """The usable examples of this host's shards (`shards[host::hosts]`, disjoint across
+        hosts) in name order, each once, with its `key`; records that the filters or decoding
+        reject are skipped."""
+        for path in self.shards[host::hosts]:
+            for key, fields in read_records(self.kind, path):
+                example = decode_pair(fields, self.filters)[0] if fields is not None else None
+                if example is not None:
+                    example['key'] = key
+                    yield example
+
     def sizes(self) -> list[int]:
         if self._sizes is None:
             print(f'[data] counting the records of {len(self.shards)} {self.split} shards of '
@@ -559,7 +570,6 @@ def eval_batches(source: StreamingSource, *, batch_size: int, host: int, hosts: 
     number of batches (with one host, as many as it has examples; with several, from the
     record counts of every shard), each of exactly `batch_size` rows; padding rows carry
     `mask == 0`."""
-    shards = source.shards[host::hosts]
     if num_examples:
         limit = -(-num_examples // hosts)
         num_batches = -(-limit // batch_size)
@@ -570,15 +580,7 @@ def eval_batches(source: StreamingSource, *, batch_size: int, host: int, hosts: 
     else:
         limit, num_batches = None, None
 
-    def examples():
-        for path in shards:
-            for key, fields in read_records(source.kind, path):
-                example = decode_pair(fields, source.filters)[0] if fields is not None else None
-                if example is not None:
-                    example['key'] = key
-                    yield prepare(example)
-
-    stream = itertools.islice(examples(), limit)
+    stream = itertools.islice(map(prepare, source.usable_examples(host, hosts)), limit)
     produced, template = 0, None
     while num_batches is None or produced < num_batches:
         rows = list(itertools.islice(stream, batch_size))
@@ -587,8 +589,9 @@ def eval_batches(source: StreamingSource, *, batch_size: int, host: int, hosts: 
         if rows:
             template = rows[0]
         elif template is None:
-            raise DataError(f'Host {host} has no usable evaluation example in {shards[:3]} to '
-                            'shape its padding batches; give it more evaluation shards.')
+            raise DataError(f'Host {host} has no usable evaluation example in '
+                            f'{source.shards[host::hosts][:3]} to shape its padding batches; '
+                            'give it more evaluation shards.')
         batch = {k: np.stack([r[k] for r in rows or [template]]) for k in template}
         batch['mask'] = np.ones(len(rows) or 1, np.float32) * bool(rows)
         pad = batch_size - len(batch['mask'])
