@@ -81,6 +81,8 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 holdout=$("$python" -c 'import runpy
 print(repr(runpy.run_path("configs/dalle_shapes.py")["HOLDOUT_PHRASES"]))')
+holdout_list=$("$python" -c 'import runpy
+print(",".join(runpy.run_path("configs/dalle_shapes.py")["HOLDOUT_PHRASES"]))')
 
 variant=''
 dalle_sizes=()
@@ -106,7 +108,7 @@ stage() { # stage NAME COMMAND...: runs COMMAND unless the stage finished before
 
 encode() { # an interrupted encoding resumes after its last complete chunk
   "$python" -m pixelgen.dvae encode --workdir "$workdir/dvae" --dataset shapes \
-    --out "$workdir/codes" "$@"
+    --out "$workdir/codes" --exclude_phrases "$holdout_list" "$@"
 }
 
 stage dvae "$python" -m pixelgen.train --config "configs/dvae_shapes.py$variant" \

@@ -18,7 +18,10 @@ dataset's examples, or every hosts-th shard of a streamed source.
 
 Killed, the same command resumes: each process keeps its complete chunks (`--chunk_size`
 examples each) and encodes on from there; a split that --out already holds complete, encoded
-by the same dVAE checkpoint, is skipped (`--overwrite` encodes it again). `decode` draws codes
+by the same dVAE checkpoint, is skipped (`--overwrite` encodes it again).
+`--exclude_phrases 'red star,green circle'` leaves the examples whose caption holds one of
+them out of split `train` (case-insensitive) and records it, so that a DALL·E run holding
+those phrases out (`data.holdout_phrases`) reads no caption to drop them. `decode` draws codes
 back as images.
 """
 
@@ -128,11 +131,15 @@ def encode(args) -> int:
     size = config.data.image_size
     grid = size // model.downsampling
     host, hosts = jax.process_index(), jax.process_count()
+    excluded = [p.strip() for p in args.exclude_phrases.split(',') if p.strip()]
     for split in [s for s in args.split.split(',') if s]:
         source = pipeline.open_source(args.dataset, split, args.data_dir)
         label = f'{args.dataset}/{split}'
         metadata = {'dvae_workdir': storage.absolute(args.workdir), 'dvae_step': loaded.step,
                     'dataset': args.dataset, 'image_size': size}
+        if split == 'train':  # the held-out pairs stay in the other splits, to evaluate on
+            source = pipeline.without_phrases(source, excluded)
+            metadata['train_excluded_phrases'] = excluded
         if isinstance(source, streaming.StreamingSource):
             # Each process reads its own shards, each usable example once; the count is
             # known only at the end.
@@ -229,6 +236,10 @@ def main(argv: list[str]) -> int:
     enc.add_argument('--chunk_size', type=int, default=codes_lib.CHUNK_SIZE,
                      help='examples per chunk: a killed encoding resumes after the last '
                      'complete chunk of each process')
+    enc.add_argument('--exclude_phrases', default='',
+                     help='comma-separated phrases: split train drops the examples whose '
+                     "caption holds one (a DALL·E run's data.holdout_phrases), so that its "
+                     'start-up reads no caption to drop them')
     enc.add_argument('--overwrite', action='store_true',
                      help='encode a split again even if --out holds it complete')
     enc.add_argument('--step', type=int, default=None, help='checkpoint (default: latest)')

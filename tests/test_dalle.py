@@ -278,6 +278,39 @@ def test_training_reports_both_losses_and_keeps_its_tokenizer(trained, capsys):
     assert 'are truncated' in capsys.readouterr().out
 
 
+def test_start_up_reads_only_the_tokenizers_sample_when_encoding_dropped_the_pairs(
+        tmp_path, capsys, monkeypatch):
+    """Codes written without the held-out pairs (`dvae encode --exclude_phrases`) need no scan
+    of the captions at start-up, and the BPE trains on data.tokenizer_captions of them; codes
+    written with them are scanned and the pairs dropped there."""
+    from pixelgen.data import pipeline
+    from pixelgen.data.codes import write_codes
+    from pixelgen.tasks.dalle import DalleTask
+    rows = [e for e in _codes_examples(60, 0) if 'red star' not in e['caption']][:40]
+    late = rows + [{**rows[0], 'caption': 'a small red star'}]
+    excluded, scanned = str(tmp_path / 'excluded'), str(tmp_path / 'scanned')
+    for out, train, meta in ((excluded, rows, {'train_excluded_phrases': ['Red Star']}),
+                             (scanned, late, {})):
+        write_codes(out, 'train', train, grid_size=W, codebook_size=16, metadata=meta)
+        write_codes(out, 'test', _codes_examples(4, 1), grid_size=W, codebook_size=16)
+
+    def config(codes_dir):
+        return parse_config_args(['--config', TINY, f'--config.data.codes_dir={codes_dir}',
+                                  '--config.data.tokenizer_captions=7'])[0]
+
+    scans = []
+    without = pipeline.without_phrases
+    monkeypatch.setattr(pipeline, 'without_phrases', lambda *a, **k: scans.append(a) or
+                        without(*a, **k))
+    task = DalleTask(config(excluded), str(tmp_path / 'a'))
+    out = capsys.readouterr().out
+    assert not scans and len(task.train_source) == 40
+    assert 'on 7 captions' in out and 'dropped at encoding' in out and 'of 7 sampled' in out
+    task = DalleTask(config(scanned), str(tmp_path / 'b'))
+    assert len(scans) == 1 and len(task.train_source) == 40
+    assert 'dropped 1 here' in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_fine_tuning_from_a_dalle_workdir_keeps_its_tokenizer(trained, tmp_path, capsys):
     import pixelgen

@@ -267,6 +267,15 @@ def test_encode_job_writes_codes_that_open_codes_reads_back(trained, data_dir, t
     assert "already holds 'test', encoded by this dVAE checkpoint" in capsys.readouterr().out
     assert dvae.main(command + ['--overwrite']) == 0
     assert 'wrote 10 examples' in capsys.readouterr().out
+    # --exclude_phrases leaves the pairs out of split train only, and says so in the metadata.
+    assert dvae.main(command[:command.index('--split')] + [
+        '--split', 'train', '--data_dir', data_dir, '--num_examples', '60', '--batch_size', '20',
+        '--exclude_phrases', 'red star,Blue Circle']) == 0
+    kept = codes_lib.open_codes(out, 'train')
+    assert len(kept) == 60 and not any(p in kept[i]['caption'] for i in range(60)
+                                       for p in ('red star', 'blue circle'))
+    assert codes_lib.codes_info(out)['metadata']['train_excluded_phrases'] == [
+        'red star', 'Blue Circle']
     read = codes_lib.open_codes(out, 'test')
     source = pipeline.open_source('shapes', 'test', data_dir)
     images = np.stack([pipeline.image_example(32)(source[i])['image'] for i in range(10)])

@@ -1,11 +1,14 @@
 """The DALL·E task: captions (BPE) followed by dVAE image codes, next-token prediction.
 
 Data: a codes dataset (`pixelgen.data.codes`, written by the dVAE encode job) at
-`config.data.codes_dir`. The BPE tokenizer is trained on the training captions on first use
-and kept in the workdir (`tokenizer.json`), so a resumed run and `pixelgen.load` use the same
-ids. Captions containing any of `config.data.holdout_phrases` are left out of training (for
-testing unseen attribute combinations). Captions longer than `model.text_len` tokens are
-truncated; their number is printed at start and the fraction logged as `text_truncated`.
+`config.data.codes_dir`. The BPE tokenizer is trained on first use on `data.tokenizer_captions`
+training captions, evenly spaced over the split, and kept in the workdir (`tokenizer.json`),
+so a resumed run and `pixelgen.load` use the same ids. Captions are tokenised in the input
+pipeline. Captions containing any of `config.data.holdout_phrases` are left out of training
+(for testing unseen attribute combinations): at encoding (`dvae encode --exclude_phrases`),
+so that start-up reads no caption beyond the tokenizer's sample, or else by a scan of the
+split at start-up. Captions longer than `model.text_len` tokens are truncated; their number
+among the sample is printed at start and the fraction logged as `text_truncated`.
 
 Loss (the paper's §2.2): cross-entropy of the next text tokens and of the image codes, each
 averaged over its own tokens, combined as text_weight · text + image_weight · image (1/8, 7/8).
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +61,8 @@ def base_config() -> ConfigDict:
     c.data.eval_split = 'test'
     c.data.holdout_phrases = SHAPES_HOLDOUT_PHRASES  # training drops captions holding any
     c.data.bpe_dropout = 0.1       # the paper's; training only
+    # Captions the BPE is trained on, evenly spaced over the training split (0: every one).
+    c.data.tokenizer_captions = 100_000
     c.data.num_threads = 2
     c.data.prefetch = 4
 
@@ -209,8 +215,20 @@ def make_loss(config) -> DalleLoss:
 
 
 # Data -----------------------------------------------------------------------------------
-def captions_of(source) -> list[str]:
-    return [source[i]['caption'] for i in range(len(source))]
+def sampled_captions(source, count: int) -> list[str]:
+    """`count` captions evenly spaced over `source` (all of them if count is 0 or more than
+    it holds): what the BPE is trained on, read without scanning a large split."""
+    n = len(source)
+    if not count or count >= n:
+        return [source[i]['caption'] for i in range(n)]
+    return [source[int(i)]['caption'] for i in np.unique(np.linspace(0, n - 1, count).round())]
+
+
+def excluded_at_encoding(info: dict, phrases) -> bool:
+    """Whether the codes' training split was written without `phrases` (`dvae encode
+    --exclude_phrases`), so that nothing is left to drop at start-up."""
+    dropped = {p.lower() for p in info['metadata'].get('train_excluded_phrases', ())}
+    return {p.lower() for p in phrases} <= dropped
 
 
 def check_codes(config) -> dict:
@@ -226,10 +244,11 @@ def check_codes(config) -> dict:
     return info
 
 
-def load_or_train_tokenizer(config, workdir: str, captions: list[str]) -> TextTokenizer:
+def load_or_train_tokenizer(config, workdir: str,
+                            captions: Callable[[], list[str]]) -> TextTokenizer:
     """The workdir's tokenizer if it has one (resumed runs keep their ids); else, fine-tuning
     (`config.init_from`), the pretrained run's, copied, since its embeddings are indexed by
-    those ids; else a new one trained on `captions` (by process 0; the others read its
+    those ids; else a new one trained on `captions()` (by process 0; the others read its
     file)."""
     path = storage.join(workdir, TOKENIZER_FILE)
     existed = assets.check(workdir, TOKENIZER_FILE, what=TOKENIZER_IS)  # or refused, if changed
@@ -244,9 +263,10 @@ def load_or_train_tokenizer(config, workdir: str, captions: list[str]) -> TextTo
             storage.write_bytes(path, storage.read_bytes(source))
             assets.record(workdir, TOKENIZER_FILE)
     elif not existed and jax.process_index() == 0:
+        texts = captions()
         print(f'[dalle] training a BPE tokenizer (vocab <= {config.model.text_vocab_size}) on '
-              f'{len(captions)} captions...', flush=True)
-        TextTokenizer.train(captions, vocab_size=config.model.text_vocab_size).save(path)
+              f'{len(texts)} captions...', flush=True)
+        TextTokenizer.train(texts, vocab_size=config.model.text_vocab_size).save(path)
         assets.record(workdir, TOKENIZER_FILE)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -299,27 +319,26 @@ class DalleTask(DalleLoss):
         super().__init__(config)
         self.config, self.workdir = config, workdir
         d, m = config.data, config.model
-        check_codes(config)
+        info = check_codes(config)
         source = open_codes(d.codes_dir, d.train_split)
         self.eval_source = open_codes(d.codes_dir, d.eval_split)
-        captions = captions_of(source)
-        keep = np.array([not any(p in c.lower() for p in d.holdout_phrases) for c in captions],
-                        bool)
-        if not keep.any():
-            raise ConfigError(f'data.holdout_phrases={tuple(d.holdout_phrases)} leaves no '
-                              'training caption. Hold out fewer phrases.')
-        self.train_source = (pipeline.Subset(source, np.flatnonzero(keep)) if not keep.all()
-                             else source)
-        train_captions = [c for c, k in zip(captions, keep, strict=True) if k]
-        self.tokenizer = load_or_train_tokenizer(config, workdir, train_captions)
-        truncated = self.tokenizer.encode(train_captions, m.text_len,
-                                          add_sot_eot=True).num_truncated
+        # The held-out pairs leave the training data at encoding (nothing to read here) or,
+        # for codes encoded without them, by a scan of the split's captions.
+        if d.train_split == 'train' and excluded_at_encoding(info, d.holdout_phrases):
+            self.train_source, dropped = source, 'at encoding'
+        else:
+            self.train_source = pipeline.without_phrases(source, d.holdout_phrases)
+            dropped = f'{len(source) - len(self.train_source)} here'
+        sample = functools.cache(lambda: sampled_captions(self.train_source,
+                                                          d.tokenizer_captions))
+        self.tokenizer = load_or_train_tokenizer(config, workdir, sample)
         if jax.process_index() == 0:
-            held_out = len(captions) - len(train_captions)
-            print(f'[dalle] {len(train_captions)} training captions ({held_out} held out by '
-                  f'data.holdout_phrases); {truncated} are longer than '
-                  f'model.text_len={m.text_len} tokens and are truncated; tokenizer vocabulary '
-                  f'{self.tokenizer.vocab_size}.', flush=True)
+            truncated = self.tokenizer.encode(sample(), m.text_len,
+                                              add_sot_eot=True).num_truncated
+            print(f'[dalle] {len(self.train_source)} training examples (data.holdout_phrases '
+                  f'dropped {dropped}); {truncated} of {len(sample())} sampled captions are '
+                  f'longer than model.text_len={m.text_len} tokens and are truncated; '
+                  f'tokenizer vocabulary {self.tokenizer.vocab_size}.', flush=True)
         self.seq_len = m.text_len + m.grid_size ** 2
         self.tokens_per_example = self.seq_len
         self._dvae = None
