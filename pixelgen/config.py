@@ -62,6 +62,8 @@ ADDED_KEYS: dict[int, dict[str, dict[str, Any]]] = {
                  'evals': {'zeroshot': {}, 'retrieval': {}}},
         'vit': {'optimizer.ema_decay': 0.0, 'evals': {'accuracy': {}}}},
 }
+for _task_keys in ADDED_KEYS[4].values():  # and config.runtime, at the values it stands for
+    _task_keys['runtime'] = {'native_attention': True, 'cpu_decode': 'cores'}
 
 
 class UserError(Exception):

@@ -21,6 +21,7 @@ from flax import nnx
 
 from pixelgen import checkpoint, parallel, storage, tasks
 from pixelgen.config import ConfigDict, ConfigError, load_saved_config
+from pixelgen.cpu import backend
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ def load(workdir: str, step: int | None = None, *,
     gather it with `parallel.gather_rows`), so a model to evaluate must fit one host.
     """
     config = load_saved_config(workdir)
+    backend.configure(config.runtime)
     devices = jax.local_devices()
     if mesh is None:
         try:

@@ -23,6 +23,7 @@ from flax import nnx
 
 from pixelgen import checkpoint, flops, lease, parallel, pretrained, tasks
 from pixelgen.config import ConfigDict, ConfigError, format_config, save_config
+from pixelgen.cpu import backend
 from pixelgen.metric_writer import MetricWriter, Progress
 from pixelgen.nn.transformer import LAYERS_AXIS
 
@@ -380,6 +381,7 @@ def train(config: ConfigDict, workdir: str, *, stop_after: int | None = None,
     """
     t_start = time.perf_counter()
     validate_loop_config(config)
+    backend.configure(config.runtime)
     tasks.validate(config)  # every config check before anything is written
     lease.check_stale_minutes(lock_stale_minutes)
     checkpoint.probe_workdir(workdir)  # before anything (data, palette) is written there

@@ -160,3 +160,29 @@ def test_no_import_inside_a_function_hides_an_import_cycle():
     cycles = sorted(f'{m} -> {n}' for m, names in inner.items() if m != 'pixelgen'
                     for n in names if reaches(n, m))
     assert not cycles, cycles
+
+
+def test_config_runtime_sets_the_cpu_paths_and_the_environment_overrides_it(monkeypatch):
+    from pixelgen.config import ConfigError
+    from pixelgen.cpu import backend, decode_clients, native_attention
+    monkeypatch.delenv(native_attention.ENV, raising=False)
+    monkeypatch.delenv(decode_clients.ENV, raising=False)
+    runtime = load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                            'igpt_shapes.py:tiny')).runtime
+    try:
+        assert (runtime.native_attention, runtime.cpu_decode) == (True, 'cores')
+        with runtime.unlocked():
+            runtime.native_attention, runtime.cpu_decode = False, 'rows'
+        backend.configure(runtime)
+        assert not native_attention.enabled() and decode_clients.mode() == 'rows'
+        monkeypatch.setenv(native_attention.ENV, '1')
+        monkeypatch.setenv(decode_clients.ENV, 'shared')
+        assert native_attention.enabled() and decode_clients.mode() == 'shared'
+        with runtime.unlocked():
+            runtime.cpu_decode = 'threads'
+        with pytest.raises(ConfigError, match="cpu_decode='threads'; expected one of cores"):
+            backend.configure(runtime)
+    finally:
+        with runtime.unlocked():
+            runtime.native_attention, runtime.cpu_decode = True, 'cores'
+        backend.configure(runtime)

@@ -18,13 +18,16 @@ from outside (`pixelgen.cpu.backend`):
 
 `native` builds and loads the C++ kernels (`pixelgen/cpu/native/`) with g++ on first use.
 
-Environment overrides (the one place they are listed; each is read when a job starts or a
-function is traced):
+Runtime settings: `config.runtime` (`backend.configure`, which training and `pixelgen.load`
+call), each overridden by its environment variable where that is set. This is the one place
+they are listed; each is read when a job starts or a function is traced:
 
-- PIXELGEN_NATIVE_ATTENTION=1 (default) | 0: XLA's tiles instead of the native attention kernel.
-- PIXELGEN_CPU_DECODE=cores (default) | rows | shared: how samplers decode on a multi-core CPU
-  (`decode_clients`, `core_split`).
-- PIXELGEN_MALLOC=reuse (default) | default: glibc's allocator as it comes (`allocator`).
+- `runtime.native_attention` True (default) | False, or PIXELGEN_NATIVE_ATTENTION=1 | 0: False
+  or 0 keeps XLA's tiles instead of the native attention kernel.
+- `runtime.cpu_decode` 'cores' (default) | 'rows' | 'shared', or PIXELGEN_CPU_DECODE: how
+  samplers decode on a multi-core CPU (`decode_clients`, `core_split`).
+- PIXELGEN_MALLOC=reuse (default) | default: glibc's allocator as it comes (`allocator`); an
+  environment variable only, since it must act before JAX's CPU client exists.
 - CXX: the C++ compiler that builds the native kernels (default g++).
 - PIXELGEN_NATIVE_DIR: where the built library is kept (default ~/.cache/pixelgen/native).
 

@@ -10,10 +10,22 @@ from typing import Any
 import jax
 from flax import nnx
 
+from pixelgen.config import ConfigError
 from pixelgen.cpu import core_split, decode_clients, native, native_attention
 from pixelgen.cpu.packed_matmul import PackedWeights
 from pixelgen.nn.attention import MultiHeadAttention
 from pixelgen.nn.decode_ops import PLAIN, DecodeOps
+
+
+def configure(runtime) -> None:
+    """Applies a config's `runtime` section (`native_attention`, `cpu_decode`) to this process;
+    the environment overrides (pixelgen.cpu) win over it. Jobs call it before they build or
+    trace a model."""
+    if runtime.cpu_decode not in decode_clients.CHOICES:
+        raise ConfigError(f'config.runtime.cpu_decode={runtime.cpu_decode!r}; expected one of '
+                          f'{", ".join(decode_clients.CHOICES)}.')
+    native_attention._enabled = bool(runtime.native_attention)
+    decode_clients._setting = runtime.cpu_decode
 
 
 def use_native_attention(model: nnx.Module) -> nnx.Module:

@@ -44,15 +44,20 @@ MAX_PARAM_BYTES = 512 * 2 ** 20
 Rows = tuple[int, int]  # [start, stop) of the batch
 
 
+_setting = 'cores'  # config.runtime.cpu_decode, set by backend.configure
+
+
 def mode() -> str:
     """'cores' (the default: decode on one-thread clients, one per core, with the weights split
     between two cores where `pixelgen.cpu.core_split` applies, else the rows), 'rows' (the rows
-    split, always) or 'shared' (on the device the parameters are on, with its shared pool)."""
-    choice = os.environ.get(ENV, 'cores')
+    split, always) or 'shared' (on the device the parameters are on, with its shared pool):
+    $PIXELGEN_CPU_DECODE where it is set, else config.runtime.cpu_decode."""
+    choice = os.environ.get(ENV) or _setting
     if choice not in CHOICES:
-        raise ValueError(f'{ENV}={choice!r}; expected cores (the default: decode on a one-thread '
-                         'CPU client per core), rows (split the rows between those clients, '
-                         'never the weights) or shared (on the parameters\' own device).')
+        raise ValueError(f'{ENV} or config.runtime.cpu_decode is {choice!r}; expected cores (the '
+                         'default: decode on a one-thread CPU client per core), rows (split the '
+                         'rows between those clients, never the weights) or shared (on the '
+                         'parameters\' own device).')
     return choice
 
 

@@ -35,6 +35,14 @@ from pixelgen.nn.masks import MaskSpec
 
 BLOCK = 32  # queries and keys per block (block_attention.cc's kBlock)
 ENV = 'PIXELGEN_NATIVE_ATTENTION'
+_enabled = True  # config.runtime.native_attention, set by backend.configure
+
+
+def enabled() -> bool:
+    """Whether the kernel may run: $PIXELGEN_NATIVE_ATTENTION (1 or 0) where it is set, else
+    config.runtime.native_attention."""
+    value = os.environ.get(ENV)
+    return _enabled if value is None else value != '0'
 FORWARD_TARGET = native.BLOCK_ATTENTION_FORWARD
 BACKWARD_TARGET = native.BLOCK_ATTENTION_BACKWARD
 
@@ -89,10 +97,10 @@ def plan_from_dense(dense: np.ndarray, skip: bool = True) -> BlockPlan | None:
 
 def available(q: jax.Array) -> bool:
     """Whether the kernel can run q's layer when lowered for the CPU: float32, head_dim a
-    multiple of 32, not turned off (PIXELGEN_NATIVE_ATTENTION=0, read when a function is
-    traced), and the library built. Callers use it only in a branch that is lowered for the
+    multiple of 32, not turned off (`enabled()`, read when a function is traced), and the
+    library built. Callers use it only in a branch that is lowered for the
     CPU alone (`jax.lax.platform_dependent`), whatever the host's default backend."""
-    return (os.environ.get(ENV, '1') != '0' and q.dtype == jnp.float32
+    return (enabled() and q.dtype == jnp.float32
             and q.shape[-1] % BLOCK == 0 and native.library() is not None)
 
 

@@ -39,6 +39,10 @@ def training_loop(task: str, *, total_steps: int, batch_size: int,
     c.sharding_rules = DEFAULT_RULES  # logical axis name -> mesh axes (pixelgen/parallel.py)
     c.init_from = ''               # fine-tuning: a workdir whose parameters start this run
     c.init_from_step = -1          # its checkpoint; -1: the latest
+    # How this process computes on a CPU, not what (pixelgen.cpu; environment overrides win):
+    c.runtime = ConfigDict()
+    c.runtime.native_attention = True  # the fused native attention kernel (False: XLA's tiles)
+    c.runtime.cpu_decode = 'cores'     # samplers: 'cores', 'rows' or 'shared' (decode_clients)
     return c
 
 
