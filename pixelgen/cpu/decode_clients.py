@@ -54,10 +54,11 @@ def mode() -> str:
     $PIXELGEN_CPU_DECODE where it is set, else config.runtime.cpu_decode."""
     choice = os.environ.get(ENV) or _setting
     if choice not in CHOICES:
-        raise ValueError(f'{ENV} or config.runtime.cpu_decode is {choice!r}; expected cores (the '
-                         'default: decode on a one-thread CPU client per core), rows (split the '
-                         'rows between those clients, never the weights) or shared (on the '
-                         'parameters\' own device).')
+        given = f'{ENV}' if os.environ.get(ENV) else 'config.runtime.cpu_decode'
+        raise ValueError(f'{given}={choice!r}; expected cores (the default: decode on a '
+                         'one-thread CPU client per core), rows (split the rows between those '
+                         'clients, never the weights) or shared (on the parameters\' own '
+                         'device).')
     return choice
 
 
