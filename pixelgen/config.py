@@ -39,7 +39,7 @@ CONFIG_FILE = 'config.json'
 # config.json carries `config_version`. Each version lists, per task, the keys it added and
 # the value that reproduces what runs saved before it did; `load_saved_config` fills them in,
 # so an older workdir loads, resumes and evaluates as it was trained.
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 ADDED_KEYS: dict[int, dict[str, dict[str, Any]]] = {
     2: {'dalle': {'model.conv_wraparound': False, 'loss.caption_dropout': 0.0},
         'dvae': {'data.holdout_phrases': ()},
@@ -52,8 +52,7 @@ ADDED_KEYS: dict[int, dict[str, dict[str, Any]]] = {
     4: {'igpt': {'objective': 'ar', 'model.num_classes': 0, 'model.scan_layers': False,
                  'classifier_loss_weight': 1.0, 'init_from': '', 'init_from_step': -1,
                  'optimizer.ema_decay': 0.0, 'evals': {'loss': {}, 'probe': {}, 'samples': {}}},
-        'dalle': {'dvae_workdir': '', 'optimizer.ema_decay': 0.0, 'evals': {},
-                  'data.tokenizer_captions': 0},
+        'dalle': {'dvae_workdir': '', 'optimizer.ema_decay': 0.0, 'evals': {}},
         'dvae': {'init_from': '', 'init_from_step': -1, 'loss.straight_through': False,
                  'loss.code_entropy_weight': 0.0, 'loss.diversity_weight': 0.0,
                  'loss.laplace_scale': 0.0, 'loss.likelihood': 'logit_laplace',
@@ -61,9 +60,12 @@ ADDED_KEYS: dict[int, dict[str, dict[str, Any]]] = {
         'clip': {'init_from': '', 'init_from_step': -1, 'optimizer.ema_decay': 0.0,
                  'evals': {'zeroshot': {}, 'retrieval': {}}},
         'vit': {'optimizer.ema_decay': 0.0, 'evals': {'accuracy': {}}}},
+    # Version 5: config.runtime (the CPU paths the environment variables chose before) and
+    # DALL·E's tokenizer sample (older runs trained their BPE on every caption).
+    5: {task: {'runtime': {'native_attention': True, 'cpu_decode': 'cores'},
+               **({'data.tokenizer_captions': 0} if task == 'dalle' else {})}
+        for task in ('igpt', 'dalle', 'dvae', 'clip', 'vit')},
 }
-for _task_keys in ADDED_KEYS[4].values():  # and config.runtime, at the values it stands for
-    _task_keys['runtime'] = {'native_attention': True, 'cpu_decode': 'cores'}
 
 
 class UserError(Exception):

@@ -210,8 +210,9 @@ def test_every_shipped_config_defines_exactly_its_tasks_keys():
 
 
 def test_a_version_3_config_gets_the_keys_every_task_now_defines(tmp_path):
-    """Version 4 made every read key explicit; an older igpt config.json without them loads
-    with the values its run had (no classifier, the AR objective, no EMA)."""
+    """Versions 4 and 5 made every read key explicit; an older igpt config.json without them
+    loads with the values its run had (no classifier, the AR objective, no EMA, the default
+    CPU paths)."""
     import json
     import os
     config = load_config_file(os.path.join(REPO, 'configs', 'igpt_shapes.py:tiny'))
@@ -219,7 +220,8 @@ def test_a_version_3_config_gets_the_keys_every_task_now_defines(tmp_path):
     path = tmp_path / 'config.json'
     tree = json.loads(path.read_text())
     tree['config_version'] = 3
-    for key in ('objective', 'classifier_loss_weight', 'init_from', 'init_from_step', 'evals'):
+    for key in ('objective', 'classifier_loss_weight', 'init_from', 'init_from_step', 'evals',
+                'runtime'):
         del tree[key]
     del tree['model']['num_classes'], tree['model']['scan_layers']
     del tree['optimizer']['ema_decay']
