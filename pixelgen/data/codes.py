@@ -65,13 +65,6 @@ def _shard_name(split: str, index: int, count: int) -> str:
     return f'{NAME}-{split}.{FILE_FORMAT}-{index:05d}-of-{count:05d}'
 
 
-def _all_process_counts(count: int) -> list[int]:
-    if jax.process_count() == 1:
-        return [count]
-    from jax.experimental import multihost_utils
-    return [int(c) for c in multihost_utils.process_allgather(np.int64(count))]
-
-
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
