@@ -5,6 +5,7 @@
 #
 # Usage:
 #   launch/dalle_shapes.sh WORKDIR [--seed N] [--tiny] [--guidance_scales "2 3"]
+#                          [--dvae_args "--config.model.encoder_width=32 ..."]
 #
 # Leaves WORKDIR/dvae, WORKDIR/codes, WORKDIR/clip, WORKDIR/dalle (each a pixelgen workdir or
 # codes dataset) and WORKDIR/results.json (see launch/dalle_shapes_results.py for its keys).
@@ -22,6 +23,7 @@
 #   --seed N                the seed of every training run and of the evaluation (default 0)
 #   --tiny                  the :tiny configs and a few samples: a smoke test of minutes
 #   --guidance_scales "S.." classifier-free guidance scales to evaluate (default "2 3")
+#   --dvae_args "ARGS"      more arguments for the dVAE's training (config overrides: levers)
 #   -h, --help              this text
 # Environment: PYTHON (default python) is the interpreter.
 set -euo pipefail
@@ -51,6 +53,7 @@ shift
 seed=0
 tiny=0
 scales='2 3'
+dvae_args=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --seed)
@@ -65,6 +68,11 @@ while [[ $# -gt 0 ]]; do
     --guidance_scales)
       [[ $# -ge 2 ]] || die "--guidance_scales needs a value"
       scales=$2
+      shift 2
+      ;;
+    --dvae_args)
+      [[ $# -ge 2 ]] || die "--dvae_args needs a value"
+      read -r -a dvae_args <<<"$2"
       shift 2
       ;;
     -h | --help)
@@ -112,7 +120,8 @@ encode() { # an interrupted encoding resumes after its last complete chunk
 }
 
 stage dvae "$python" -m pixelgen.train --config "configs/dvae_shapes.py$variant" \
-  --workdir "$workdir/dvae" --config.seed="$seed" --config.data.holdout_phrases="$holdout"
+  --workdir "$workdir/dvae" --config.seed="$seed" --config.data.holdout_phrases="$holdout" \
+  "${dvae_args[@]}"
 num_examples=()
 [[ $tiny -eq 1 ]] && num_examples=(--num_examples 400)
 stage encode encode "${num_examples[@]}"

@@ -33,8 +33,11 @@ def test_bad_arguments_are_refused_with_the_fix():
 def test_the_tiny_pipeline_writes_results_and_a_rerun_resumes(tmp_path, data_dir):
     workdir = str(tmp_path / 'pipeline')
     env = {'TFDS_DATA_DIR': data_dir}  # the shapes dataset the session built
-    done = _run(workdir, '--tiny', '--guidance_scales', '2', env=env)
+    done = _run(workdir, '--tiny', '--guidance_scales', '2', '--dvae_args',
+                '--config.model.encoder_width=4 --config.model.decoder_width=4', env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(os.path.join(workdir, 'dvae', 'config.json')) as f:  # the levers reach the dVAE
+        assert json.load(f)['model']['encoder_width'] == 4
     for part in ('dvae', 'codes', 'clip', 'dalle', 'results.json'):
         assert os.path.exists(os.path.join(workdir, part)), part
     with open(os.path.join(workdir, 'results.json')) as f:
