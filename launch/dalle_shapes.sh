@@ -6,6 +6,7 @@
 # Usage:
 #   launch/dalle_shapes.sh WORKDIR [--seed N] [--tiny] [--guidance_scales "2 3"]
 #                          [--dvae_args "--config.model.encoder_width=32 ..."]
+#                          [--dalle_args "--config.total_steps=2000 ..."]
 #
 # Leaves WORKDIR/dvae, WORKDIR/codes, WORKDIR/clip, WORKDIR/dalle (each a pixelgen workdir or
 # codes dataset) and WORKDIR/results.json (see launch/dalle_shapes_results.py for its keys).
@@ -24,6 +25,7 @@
 #   --tiny                  the :tiny configs and a few samples: a smoke test of minutes
 #   --guidance_scales "S.." classifier-free guidance scales to evaluate (default "2 3")
 #   --dvae_args "ARGS"      more arguments for the dVAE's training (config overrides: levers)
+#   --dalle_args "ARGS"     more arguments for the transformer's training (likewise)
 #   -h, --help              this text
 # Environment: PYTHON (default python) is the interpreter.
 set -euo pipefail
@@ -54,6 +56,7 @@ seed=0
 tiny=0
 scales='2 3'
 dvae_args=()
+dalle_args=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     --seed)
@@ -73,6 +76,11 @@ while [[ $# -gt 0 ]]; do
     --dvae_args)
       [[ $# -ge 2 ]] || die "--dvae_args needs a value"
       read -r -a dvae_args <<<"$2"
+      shift 2
+      ;;
+    --dalle_args)
+      [[ $# -ge 2 ]] || die "--dalle_args needs a value"
+      read -r -a dalle_args <<<"$2"
       shift 2
       ;;
     -h | --help)
@@ -130,7 +138,7 @@ stage clip "$python" -m pixelgen.train --config "configs/clip_shapes.py$variant"
 stage dalle "$python" -m pixelgen.train --config "configs/dalle_shapes.py$variant" \
   --workdir "$workdir/dalle" --config.seed="$seed" --config.data.codes_dir="$workdir/codes" \
   --config.dvae_workdir="$workdir/dvae" --config.data.holdout_phrases="$holdout" \
-  --config.loss.caption_dropout=0.1 "${dalle_sizes[@]}"
+  --config.loss.caption_dropout=0.1 "${dalle_sizes[@]}" "${dalle_args[@]}"
 tiny_flag=()
 [[ $tiny -eq 1 ]] && tiny_flag=(--tiny)
 # shellcheck disable=SC2086  # the scales are words
