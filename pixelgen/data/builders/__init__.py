@@ -2,7 +2,10 @@
 
 `ensure_built(name, data_dir)` prepares one (ArrayRecord files) on first use and returns its
 builder; read it with `builder.as_data_source(split)`. `name` is an embedded dataset
-(`shapes`, `fashion_mnist`) or `image_folder:<path>`, a user's own images (image_folder.py).
+(`shapes`, `fashion_mnist`), `image_folder:<path>`, a user's own images (image_folder.py), or
+`prepared:webdataset:<pattern>` / `prepared:parquet:<pattern>`, image-text shards converted
+once (prepared_shards.py). `python -m pixelgen.prepare` builds any of them ahead of time in N
+processes.
 `data_dir` may be a URL (gs://...): the dataset is then built in this machine's cache (the
 ArrayRecord writer writes local files only) and copied there.
 """
@@ -18,10 +21,11 @@ from pixelgen import storage
 from pixelgen.data.builders import image_folder
 from pixelgen.data.builders.fashion_mnist import FashionMnist
 from pixelgen.data.builders.image_folder import IMAGE_FOLDER_PREFIX
+from pixelgen.data.builders.prepared_shards import PREPARED_PREFIX, PreparedShards
 from pixelgen.data.builders.shapes import COLORS, SHAPES, SIZES, Shapes
 
-__all__ = ['COLORS', 'EMBEDDED', 'IMAGE_FOLDER_PREFIX', 'SHAPES', 'SIZES', 'FashionMnist',
-           'Shapes', 'builds_locally', 'ensure_built']
+__all__ = ['COLORS', 'EMBEDDED', 'IMAGE_FOLDER_PREFIX', 'PREPARED_PREFIX', 'SHAPES', 'SIZES',
+           'FashionMnist', 'Shapes', 'builds_locally', 'ensure_built']
 
 EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     'shapes': Shapes,
@@ -31,25 +35,31 @@ EMBEDDED: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
 
 def builds_locally(name: str) -> bool:
     """Whether `ensure_built` knows `name` (else it is a tfds catalog name)."""
-    return name in EMBEDDED or name.startswith(IMAGE_FOLDER_PREFIX)
+    return name in EMBEDDED or name.startswith((IMAGE_FOLDER_PREFIX, PREPARED_PREFIX))
 
 
-def make_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-    """The builder of `name` in `data_dir`, prepared or not."""
+def make_builder(name: str, data_dir: str, num_workers: int = 0) -> tfds.core.DatasetBuilder:
+    """The builder of `name` in `data_dir`, prepared or not; a local folder or shards are
+    decoded by `num_workers` processes when it builds (0: this one)."""
     if name.startswith(IMAGE_FOLDER_PREFIX):
         return image_folder.ImageFolder(folder=image_folder.folder_of(name),
-                                        data_dir=data_dir, file_format='array_record')
+                                        num_workers=num_workers, data_dir=data_dir,
+                                        file_format='array_record')
+    if name.startswith(PREPARED_PREFIX):
+        return PreparedShards(dataset=name, num_workers=num_workers, data_dir=data_dir,
+                              file_format='array_record')
     if name in EMBEDDED:
         return EMBEDDED[name](data_dir=data_dir, file_format='array_record')
-    raise ValueError(f'unknown embedded dataset {name!r}; choose from {sorted(EMBEDDED)} '
-                     f"or '{IMAGE_FOLDER_PREFIX}/path/to/images'")
+    raise ValueError(f'unknown embedded dataset {name!r}; choose from {sorted(EMBEDDED)}, '
+                     f"'{IMAGE_FOLDER_PREFIX}/path/to/images' or "
+                     f"'{PREPARED_PREFIX}webdataset:/path/to/shards/*.tar'")
 
 
 # tfds takes a folder with these for a prepared dataset: they are copied up last.
 INFO_FILES = ('dataset_info.json', 'features.json')
 
 
-def ensure_built(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+def ensure_built(name: str, data_dir: str, num_workers: int = 0) -> tfds.core.DatasetBuilder:
     """Builds an embedded dataset into data_dir on first use (printing progress: what is being
     built, where, and how long it took); returns the builder. Later calls find it prepared and
     return at once.
@@ -58,11 +68,11 @@ def ensure_built(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
     temporary directory and renames it into place when complete, so readers never see a partial
     dataset; the loser of the race just wastes its work.
     """
-    builder = make_builder(name, data_dir)
+    builder = make_builder(name, data_dir, num_workers)
     if builder.is_prepared():
         return builder
     if storage.is_remote(data_dir):
-        local = ensure_built(name, storage.cache_dir('data', data_dir))
+        local = ensure_built(name, storage.cache_dir('data', data_dir), num_workers)
         if jax.process_index() == 0:
             print(f'Copying {name!r} to {builder.data_dir} ...', flush=True)
             storage.upload_tree(str(local.data_dir), str(builder.data_dir), last=INFO_FILES)

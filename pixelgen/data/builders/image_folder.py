@@ -26,8 +26,15 @@ Bad data never stops a build. Every file is converted or skipped, and counted:
   captions:  empty, over-long (cut at a word), non-UTF-8 (read as cp1252), malformed rows,
              duplicates, ambiguous names, unsafe paths, captions without an image, captions
              whose image was skipped and images without a caption.
+  kept:      an RGB JPEG that needs none of the above keeps its own bytes (`kept_jpeg_bytes`);
+             every other image is stored as the PNG of its converted pixels.
 The build prints a summary of the counts at the end and records it in the dataset's
 `metadata.json` (`builder.info.metadata['summary']`).
+
+Decoding and converting run in `num_workers` processes (`python -m pixelgen.prepare
+--num_workers N`; 0, the first-use build's default, is this process), FILES_PER_UNIT files at
+a time, each unit's result saved under `<data_dir>/.pixelgen-work/`: a killed build, run
+again, converts only the units it had not finished (pixelgen/data/builders/work_units.py).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
 from pixelgen import storage
+from pixelgen.data.builders import work_units
 from pixelgen.data.builders.shapes import png_bytes
 from pixelgen.data.decode import DataError
 
@@ -58,6 +66,8 @@ FILE_KEYS = ('file_name', 'file', 'filename', 'image', 'path')
 CAPTION_KEYS = ('caption', 'text')
 SPLIT_DIRS = ('train', 'test')
 EXAMPLES_PER_REASON = 5  # file names kept per count in the summary, to find the culprits
+ORIENTATION_TAG = 0x0112  # EXIF: how the stored pixels are rotated
+FILES_PER_UNIT = 64  # files a build converts per unit of work (what a killed build redoes)
 
 
 def folder_of(dataset: str) -> str:
@@ -140,8 +150,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str, *, max_side: int, min_side: int, max_pixels: int
-             ) -> tuple[np.ndarray, str, bool]:
-    """(uint8 [h, w, 3], the file's original mode, whether it was shrunk); Skip if unusable."""
+             ) -> tuple[np.ndarray, str, bool, bool]:
+    """(uint8 [h, w, 3], the file's original mode, whether it was shrunk, whether the file's
+    own bytes hold exactly these pixels: an RGB JPEG, unrotated and not shrunk); Skip if
+    unusable."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # we check ourselves
         try:
@@ -154,14 +166,44 @@ def load_rgb(path: str, *, max_side: int, min_side: int, max_pixels: int
             raise Skip('too_many_pixels')  # decided from the header: nothing is decoded
         if min(width, height) < min_side:
             raise Skip('too_small')
-        mode = image.mode
+        mode, fmt = image.mode, image.format
+        unrotated = image.getexif().get(ORIENTATION_TAG, 1) == 1
         image.draft('RGB', (max_side, max_side))  # JPEG: decode huge photos at a lower scale
         image.load()  # truncated or damaged data fails here
+        drafted = image.size != (width, height)
         image = to_rgb(ImageOps.exif_transpose(image))
     resized = max(image.size) > max_side
     if resized:
         image.thumbnail((max_side, max_side), Image.Resampling.BOX)
-    return np.asarray(image), mode, resized
+    as_is = fmt == 'JPEG' and mode == 'RGB' and unrotated and not (drafted or resized)
+    return np.asarray(image), mode, resized or drafted, as_is
+
+
+def convert_files(folder: str, relpaths: tuple[str, ...], max_side: int, min_side: int,
+                  max_pixels: int) -> list[tuple[str, tuple]]:
+    """One unit of a folder's build (in a worker process): (relpath, outcome) of each file,
+    where outcome is ('ok', image bytes, original mode, resized, kept as is) or ('skip',
+    reason). An RGB JPEG that needs no change keeps its own bytes (no second lossy encoding);
+    any other image is stored as the PNG of its converted pixels."""
+    results = []
+    for relpath in relpaths:
+        path = os.path.join(folder, relpath)
+        try:
+            pixels, mode, resized, as_is = load_rgb(path, max_side=max_side,
+                                                    min_side=min_side, max_pixels=max_pixels)
+        except Skip as e:
+            results.append((relpath, ('skip', str(e))))
+            continue
+        except Exception:  # noqa: BLE001 - an image's name but not its contents (unidentified,
+            results.append((relpath, ('skip', 'corrupt')))  # truncated, ...): skip, never crash
+            continue
+        if as_is:
+            with open(path, 'rb') as f:
+                data = f.read()
+        else:
+            data = png_bytes(pixels)
+        results.append((relpath, ('ok', data, mode, resized, as_is)))
+    return results
 
 
 # Captions -------------------------------------------------------------------------------
@@ -311,24 +353,28 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A folder of images with optional class subfolders and captions; see the module doc."""
 
     name = 'image_folder'
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    VERSION = tfds.core.Version('1.1.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                     '1.1.0': 'RGB JPEGs keep their own bytes; built in N processes, resumable.'}
     MAX_SIDE = 512  # longer side of a stored image
     MIN_SIDE = 8
     MAX_PIXELS = 100_000_000  # above this a file is a decompression bomb and is never decoded
     MAX_CAPTION_CHARS = 1000
     TEST_FRACTION = 0.05
 
-    def __init__(self, *, folder: str, **kwargs: Any):
+    def __init__(self, *, folder: str, num_workers: int = 0, **kwargs: Any):
         self._folder = os.path.abspath(folder)
+        self._num_workers = num_workers  # processes that decode and convert (0: this one)
         self._has_splits, self._classes = layout(self._folder)
         kwargs.setdefault('config', tfds.core.BuilderConfig(name=config_name(self._folder)))
         super().__init__(**kwargs)
         # tfds re-creates pickled builders from _original_state; keep the folder there too.
         self._original_state['folder'] = folder
+        self._original_state['num_workers'] = num_workers
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = {'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+        # PNG, or an RGB JPEG's own bytes: readers decode either.
+        features = {'image': tfds.features.Image(shape=(None, None, 3)),
                     'caption': tfds.features.Text(),
                     'file_name': tfds.features.Text()}
         if self._classes:
@@ -358,16 +404,36 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         # Ordered by a hash of the name (so files of one name are adjacent, a captioned one
         # first: of `a.jpg` and `a.png` the captioned one is kept).
         candidates.sort(key=lambda c: (self._name_hash(c), c not in self._captions, c))
+        outcomes = self._convert(candidates)
         if self._has_splits:
-            return {s: self._generate_examples(
-                s, collections.deque(c for c in candidates if c.split('/', 1)[0] == s), None)
-                for s in ('test', 'train')}
+            def of_split(split):
+                return ((r, o) for r, o in outcomes() if r.split('/', 1)[0] == split)
+            return {s: self._generate_examples(s, of_split(s), None) for s in ('test', 'train')}
         # The held-out images are a deterministic random pick: 'test' is generated first
         # and takes the first `wanted` good ones in hash order; 'train' the rest.
-        queue = collections.deque(candidates)
-        wanted = max(1, round(self.TEST_FRACTION * len(queue)))
+        queue = outcomes()
+        wanted = max(1, round(self.TEST_FRACTION * len(candidates)))
         return {'test': self._generate_examples('test', queue, wanted),
                 'train': self._generate_examples('train', queue, None)}
+
+    def _convert(self, candidates: list[str]):
+        """Decodes and converts every candidate in units of FILES_PER_UNIT files, in
+        `num_workers` processes, saved per unit (a killed build resumes after the units it
+        finished); returns a function that iterates (relpath, outcome) in candidate order."""
+        units = [(self._folder, tuple(candidates[i:i + FILES_PER_UNIT]), self.MAX_SIDE,
+                  self.MIN_SIDE, self.MAX_PIXELS)
+                 for i in range(0, len(candidates), FILES_PER_UNIT)]
+        self._work_dir = os.path.join(os.fspath(self.data_dir_root), '.pixelgen-work',
+                                      self.name, self.builder_config.name)
+        work_units.run_units(self._work_dir, units, convert_files,
+                             num_workers=self._num_workers,
+                             plan=work_units.plan_digest(units, {'version': str(self.VERSION)}),
+                             what=f'image_folder {self._folder}')
+
+        def outcomes():
+            for index in range(len(units)):
+                yield from work_units.unit_result(self._work_dir, index)
+        return outcomes
 
     def _candidates(self, files: list[str]) -> list[str]:
         """The image files worth decoding; the rest are counted as skipped."""
@@ -397,12 +463,16 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _name_hash(relpath: str) -> str:
         return hashlib.sha1(posixpath.splitext(relpath)[0].casefold().encode()).hexdigest()
 
-    def _generate_examples(self, split: str, queue: collections.deque, wanted: int | None):
-        """Examples from the front of `queue` until `wanted` are written (None: all of it)."""
+    def _generate_examples(self, split: str, queue, wanted: int | None):
+        """Examples from the (relpath, outcome) iterator `queue` until `wanted` are written
+        (None: all of it)."""
         written = 0
-        while queue and (wanted is None or written < wanted):
-            relpath = queue.popleft()
-            example = self._example(relpath)
+        while wanted is None or written < wanted:
+            try:
+                relpath, outcome = next(queue)
+            except StopIteration:
+                break
+            example = self._example(relpath, outcome)
             if example is not None:
                 written += 1
                 self._report.add(f'written_{split}')
@@ -415,32 +485,29 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 self._report.add('caption_of_skipped_image', relpath)
             self.info.metadata['summary'] = self._summary()
             print(format_summary(self._summary()), flush=True)
+            work_units.remove(self._work_dir)
 
-    def _example(self, relpath: str) -> dict[str, Any] | None:
-        """The feature dict of one file, or None (counted) when it is left out."""
+    def _example(self, relpath: str, outcome: tuple) -> dict[str, Any] | None:
+        """The feature dict of one converted file, or None (counted) when it is left out."""
         name = posixpath.splitext(relpath)[0].casefold()
         if name in self._written_names:
             self._report.add('skipped_duplicate_name', relpath)
             return None
-        try:
-            pixels, mode, resized = load_rgb(
-                os.path.join(self._folder, relpath), max_side=self.MAX_SIDE,
-                min_side=self.MIN_SIDE, max_pixels=self.MAX_PIXELS)
-        except Skip as e:
-            self._report.add(f'skipped_{e}', relpath)
+        if outcome[0] == 'skip':
+            self._report.add(f'skipped_{outcome[1]}', relpath)
             return None
-        except Exception:  # noqa: BLE001 - an image's name but not its contents (unidentified,
-            self._report.add('skipped_corrupt', relpath)  # truncated, ...): skip, never crash
-            return None
+        _, data, mode, resized, as_is = outcome
         self._written_names.add(name)
         self._written_paths.add(relpath)
         if mode != 'RGB':
             self._report.add(f'converted_from_{mode}', relpath)
         if resized:
             self._report.add('resized', relpath)
+        if as_is:
+            self._report.add('kept_jpeg_bytes', relpath)
         if self._captions_file is not None and relpath not in self._captions:
             self._report.add('image_without_caption', relpath)
-        example = {'image': png_bytes(pixels), 'caption': self._captions.get(relpath, ''),
+        example = {'image': data, 'caption': self._captions.get(relpath, ''),
                    'file_name': relpath}
         if self._classes:
             example['label'] = relpath.split('/')[1 if self._has_splits else 0]
