@@ -74,3 +74,27 @@ def test_sample_draws_each_process_rows_and_writes_what_one_process_writes(train
     assert names == sorted(os.listdir(tmp_path / 'one_images'))
     assert [n for n in names if n.startswith('unconditional')] == [
         'unconditional_000.png', 'unconditional_001.png', 'unconditional_002.png']
+
+
+def test_dvae_encode_writes_each_process_share_and_matches_one_process(data_dir, tmp_path):
+    from pixelgen import dvae
+    from pixelgen.config import parse_config_args
+    from pixelgen.data import codes as codes_lib
+    dvae_config = os.path.join(REPO, 'configs', 'dvae_shapes.py') + ':tiny'
+    config, _ = parse_config_args(['--config', dvae_config, f'--config.data.data_dir={data_dir}'])
+    workdir = str(tmp_path / 'dvae')
+    train(config, workdir)
+    common = ['--workdir', workdir, '--dataset', 'shapes', '--split', 'test', '--data_dir',
+              data_dir, '--num_examples', str(EXAMPLES), '--batch_size', '4']
+    assert dvae.main(['encode', *common, '--out', str(tmp_path / 'one')]) == 0
+    out0, out1 = _two_processes('pixelgen.dvae', 'encode', *common,
+                                '--out', str(tmp_path / 'two'))
+    shards = sorted(f for f in os.listdir(tmp_path / 'two') if f.startswith('codes-test'))
+    assert shards == ['codes-test.array_record-00000-of-00002',
+                      'codes-test.array_record-00001-of-00002']  # one per process
+    one = codes_lib.open_codes(str(tmp_path / 'one'), 'test')
+    two = codes_lib.open_codes(str(tmp_path / 'two'), 'test')
+    assert len(two) == len(one) == EXAMPLES
+    for i in range(EXAMPLES):
+        np.testing.assert_array_equal(two[i]['codes'], one[i]['codes'])
+        assert two[i]['caption'] == one[i]['caption']
