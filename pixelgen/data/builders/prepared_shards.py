@@ -1,19 +1,20 @@
 """`prepared:webdataset:<pattern>` / `prepared:parquet:<pattern>`: streamed shards, converted
 once into an array_record tfds dataset (random access: exact shuffles, any split slice).
 
-    python -m pixelgen.prepare --dataset 'prepared:webdataset:/data/pairs/{00000..00127}.tar' \
+    python -m pixelgen.prepare --dataset 'prepared:webdataset:/data/pairs/{00000..00127}.tar' \\
         --num_workers 16 [--data_dir D]
-    python -m pixelgen.train ... --config.data.dataset='prepared:webdataset:/data/pairs/{00000..00127}.tar'
+    python -m pixelgen.train ... \\
+        --config.data.dataset='prepared:webdataset:/data/pairs/{00000..00127}.tar'
 
 The pattern is read as `webdataset:` / `parquet:` read it (pixelgen/data/streaming.py). The
 `test` split holds the last EVAL_SHARD_FRACTION of the shards in name order (at least one),
 as a streamed source holds them out, and `train` the rest. Each shard is one unit of work,
 decoded and checked in one of `num_workers` processes and saved, so a killed build resumes
 after the shards it finished (work_units.py). Examples are {'image', 'caption', 'key'}, in
-shard and record order. An RGB JPEG keeps its own bytes (no second lossy encoding); any other image is stored as the
-PNG of its RGB pixels. Records are skipped and counted as a stream skips them (corrupt,
-no image, undecodable, img2dataset status other than success); the caption, size and
-aspect-ratio filters of streamed sources are training settings and are not applied here.
+shard and record order. An RGB JPEG keeps its own bytes (no second lossy encoding); any
+other image is stored as the PNG of its RGB pixels. Records are skipped and counted as a
+stream skips them (corrupt, no image, undecodable, img2dataset status other than success);
+the caption, size and aspect-ratio filters of streamed sources are training settings and are not applied here.
 
 A build's identity is the pattern's shards with their sizes and modification times, so
 changed shards are a new dataset, built afresh, never the old build reused.
