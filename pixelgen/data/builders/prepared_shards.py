@@ -14,7 +14,8 @@ after the shards it finished (work_units.py). Examples are {'image', 'caption', 
 shard and record order. An RGB JPEG keeps its own bytes (no second lossy encoding); any
 other image is stored as the PNG of its RGB pixels. Records are skipped and counted as a
 stream skips them (corrupt, no image, undecodable, img2dataset status other than success);
-the caption, size and aspect-ratio filters of streamed sources are training settings and are not applied here.
+the caption, size and aspect-ratio filters of streamed sources are training settings and
+are not applied here.
 
 A build's identity is the pattern's shards with their sizes and modification times, so
 changed shards are a new dataset, built afresh, never the old build reused.
