@@ -109,18 +109,40 @@ def accuracy_plot(results: Sequence[ProbeResult], path: str, *, baseline: float 
                   title: str = 'Linear probe accuracy by layer') -> str:
     """The paper's figure as a PNG: train and test accuracy against layer, the best layer
     marked, and (dashed) the raw-pixel baseline's test accuracy."""
+    best = best_layer(results)
+    return _line_plot(
+        path, title=title, x_name='layer', x_ticks=list(range(len(results))),
+        series=[('train', [r.train_accuracy for r in results], (31, 119, 180)),
+                ('test', [r.test_accuracy for r in results], (214, 39, 40))],
+        marked=(best, results[best].test_accuracy, f'best layer {best}'), baseline=baseline)
+
+
+def curve_plot(steps: Sequence[int], accuracies: Sequence[float], path: str, *,
+               baseline: float | None = None,
+               title: str = 'Best layer\'s linear probe against training steps') -> str:
+    """The best layer's test accuracy at each checkpoint as a PNG, with (dashed) the raw-pixel
+    baseline's: where generative pretraining overtakes pixels, if it does."""
+    return _line_plot(path, title=title, x_name='training step', x_ticks=list(steps),
+                      series=[('best layer, test', list(accuracies), (214, 39, 40))],
+                      baseline=baseline)
+
+
+def _line_plot(path: str, *, title: str, x_name: str, x_ticks: list, series: list,
+               marked: tuple | None = None, baseline: float | None = None) -> str:
+    """Accuracy series [(name, values, colour)] against evenly spaced x ticks, a circled
+    point `marked` (index, value, legend) and a dashed `baseline`; written as a PNG."""
     width, height, left, right, top, bottom = 640, 400, 64, 150, 40, 48
     canvas = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(canvas)
     font, small = _font(14), _font(12)
-    values = [v for r in results for v in (r.train_accuracy, r.test_accuracy)]
+    values = [v for _, vs, _ in series for v in vs]
     low = min(values + ([baseline] if baseline is not None else []))
     low = max(0.0, np.floor(low * 10 - 0.5) / 10)
     x1, y1 = width - right, height - bottom
-    last = max(len(results) - 1, 1)
+    last = max(len(x_ticks) - 1, 1)
 
-    def xy(layer: float, accuracy: float) -> tuple[float, float]:
-        return (left + (x1 - left) * layer / last,
+    def xy(index: float, accuracy: float) -> tuple[float, float]:
+        return (left + (x1 - left) * index / last,
                 y1 - (y1 - top) * (accuracy - low) / max(1.0 - low, 1e-6))
 
     draw.text((left, 10), title, fill='black', font=font)
@@ -128,28 +150,27 @@ def accuracy_plot(results: Sequence[ProbeResult], path: str, *, baseline: float 
         _, y = xy(0, tick)
         draw.line([(left, y), (x1, y)], fill=(225, 225, 225))
         draw.text((8, y - 7), f'{tick:.0%}', fill='black', font=small)
-    for layer in range(len(results)):
-        x, _ = xy(layer, low)
-        draw.text((x - 4, y1 + 6), str(layer), fill='black', font=small)
-    draw.text(((left + x1) / 2 - 20, y1 + 24), 'layer', fill='black', font=font)
+    for index, tick in enumerate(x_ticks):
+        x, _ = xy(index, low)
+        label = str(tick)
+        draw.text((x - 3 * len(label), y1 + 6), label, fill='black', font=small)
+    draw.text(((left + x1) / 2 - 4 * len(x_name), y1 + 24), x_name, fill='black', font=font)
     draw.rectangle([left, top, x1, y1], outline='black')
     if baseline is not None:
         _, y = xy(0, baseline)
         for x in range(left, x1, 12):
             draw.line([(x, y), (min(x + 6, x1), y)], fill=(120, 120, 120), width=2)
-    series = (('train', 'train_accuracy', (31, 119, 180)), ('test', 'test_accuracy',
-                                                             (214, 39, 40)))
-    for _, key, colour in series:
-        points = [xy(i, getattr(r, key)) for i, r in enumerate(results)]
+    for _, vs, colour in series:
+        points = [xy(i, v) for i, v in enumerate(vs)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    best = best_layer(results)
-    x, y = xy(best, results[best].test_accuracy)
-    draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline='black', width=2)
-    legend = [(name, colour, False) for name, _, colour in series] + [
-        (f'best layer {best}', 'black', False)]
+    legend = [(name, colour, False) for name, _, colour in series]
+    if marked is not None:
+        x, y = xy(marked[0], marked[1])
+        draw.ellipse([x - 7, y - 7, x + 7, y + 7], outline='black', width=2)
+        legend.append((marked[2], 'black', False))
     if baseline is not None:
         legend.append(('raw pixels', (120, 120, 120), True))
     for i, (name, colour, dashed) in enumerate(legend):

@@ -70,3 +70,41 @@ def test_plot_is_a_png_of_the_expected_size(results, tmp_path):
         pixels = np.asarray(image.convert('RGB'))
     assert (pixels != 255).any(axis=-1).mean() > 0.01  # something was drawn
     assert ((pixels[..., 0] > 150) & (pixels[..., 1] < 80)).any()  # the red test curve
+
+
+def test_curve_plot_draws_the_best_layer_against_steps(tmp_path):
+    path = probe.curve_plot([100, 200, 300], [0.6, 0.7, 0.75], str(tmp_path / 'curve.png'),
+                            baseline=0.72)
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert('RGB'))
+    assert pixels.shape == (400, 640, 3)
+    assert ((pixels[..., 0] > 150) & (pixels[..., 1] < 80)).any()  # the red curve
+    assert ((pixels == 120).all(axis=-1)).any()  # the dashed baseline
+
+
+@pytest.mark.slow
+def test_the_probe_curve_command_trains_probes_every_checkpoint_and_resumes(data_dir,
+                                                                           tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, TINY
+    workdir = str(tmp_path / 'run')
+    command = [sys.executable, os.path.join(REPO, 'launch', 'igpt_probe_curve.py'), workdir,
+               '--config', TINY, f'--config.data.data_dir={data_dir}', '--num_examples', '40',
+               '--batch_size', '8']
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(workdir, 'probe_results.json')) as f:
+        results = json.load(f)
+    assert results['steps'] == [6, 12]  # the tiny config checkpoints every 6 of 12 steps
+    final = results['final']
+    assert final['test_examples'] == 40 and len(final['layers_test_accuracy']) == 2
+    assert 0 <= final['best_layer_test_accuracy'] <= 1
+    assert results['beats_pixels'] == (final['best_layer_test_accuracy']
+                                       > final['pixels_test_accuracy'])
+    assert os.path.exists(os.path.join(workdir, 'probe_curve.png'))
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and 'probing step' not in again.stdout  # reports kept
