@@ -87,7 +87,7 @@ def test_a_folder_built_by_two_workers_equals_the_one_process_build_and_keeps_jp
     source = pipeline.open_source(dataset, 'train', str(tmp_path / 'by_workers'))
     assert source[0]['image'].shape[2] == 3
     assert not os.path.exists(tmp_path / 'by_workers' / '.pixelgen-work' / 'image_folder' /
-                              by_workers.builder_config.name)
+                              by_workers.builder_config.name / 'process_0')
 
 
 def test_a_killed_folder_build_resumes_after_the_units_it_finished(tmp_path, monkeypatch,

@@ -423,8 +423,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         units = [(self._folder, tuple(candidates[i:i + FILES_PER_UNIT]), self.MAX_SIDE,
                   self.MIN_SIDE, self.MAX_PIXELS)
                  for i in range(0, len(candidates), FILES_PER_UNIT)]
-        self._work_dir = os.path.join(os.fspath(self.data_dir_root), '.pixelgen-work',
-                                      self.name, self.builder_config.name)
+        self._work_dir = work_units.work_dir_of(self)
         work_units.run_units(self._work_dir, units, convert_files,
                              num_workers=self._num_workers,
                              plan=work_units.plan_digest(units, {'version': str(self.VERSION)}),

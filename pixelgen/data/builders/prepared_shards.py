@@ -127,8 +127,7 @@ class PreparedShards(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                             f'hold out {EVAL_SHARD_FRACTION:.0%} as the test split and keep '
                             'the rest for training. Write more shards.')
         units = [(self._kind, path) for path in self._shards]
-        self._work_dir = os.path.join(os.fspath(self.data_dir_root), '.pixelgen-work',
-                                      self.name, self.builder_config.name)
+        self._work_dir = work_units.work_dir_of(self)
         work_units.run_units(self._work_dir, units, convert_shard,
                              num_workers=self._num_workers,
                              plan=work_units.plan_digest(units, {'version': str(self.VERSION)}),

@@ -27,6 +27,15 @@ from tqdm import tqdm
 PLAN_FILE = 'plan.json'
 
 
+def work_dir_of(builder) -> str:
+    """Where a tfds builder's build keeps its units: beside its data, one folder per process
+    of a multi-host job (the same process index after a restart, so each resumes its own),
+    so that processes building the same dataset at once never share or delete each other's."""
+    import jax
+    return os.path.join(os.fspath(builder.data_dir_root), '.pixelgen-work', builder.name,
+                        builder.builder_config.name, f'process_{jax.process_index()}')
+
+
 def _unit_path(work_dir: str, index: int) -> str:
     return os.path.join(work_dir, f'{index:06d}.pkl')
 
