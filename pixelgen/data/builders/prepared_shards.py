@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
-import os
 import re
 from typing import Any
 
