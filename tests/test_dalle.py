@@ -226,13 +226,17 @@ def test_bad_config_values_fail_clearly(tmp_path):
 
 
 # The task and the command line, on a tiny codes dataset ----------------------------------------
-def _codes_examples(n: int, seed: int):
+def _codes_examples(n: int, seed: int, two_every: int = 0):
+    """Random codes with one-object captions; every `two_every`-th a two-object one."""
     from pixelgen.data.builders.shapes import COLORS, SHAPES, SIZES
     rng = np.random.default_rng(seed)
-    for _ in range(n):
+    for i in range(n):
         s, c, z = SHAPES[rng.integers(6)], COLORS[rng.integers(7)], SIZES[rng.integers(2)]
+        caption = f'a {z} {c} {s}'
+        if two_every and i % two_every == two_every - 1:
+            caption += ' to the left of a small red circle'
         yield {'codes': rng.integers(0, IMAGE_VOCAB, (W, W)).astype(np.uint16),
-               'caption': f'a {z} {c} {s}', 'label': SHAPES.index(s)}
+               'caption': caption, 'label': SHAPES.index(s)}
 
 
 @pytest.fixture(scope='module')
@@ -245,7 +249,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp('dalle')
     codes_dir, workdir, dvae_dir = (str(root / n) for n in ('codes', 'dalle', 'dvae'))
     write_codes(codes_dir, 'train', _codes_examples(48, 0), grid_size=W, codebook_size=16)
-    write_codes(codes_dir, 'test', _codes_examples(8, 1), grid_size=W, codebook_size=16)
+    write_codes(codes_dir, 'test', _codes_examples(8, 1, two_every=4), grid_size=W,
+                codebook_size=16)
     dvae_config = parse_config_args(['--config', os.path.join(REPO, 'configs',
                                                                'dvae_shapes.py:tiny'),
                                      '--config.model.codebook_size=16'])[0]
@@ -386,7 +391,14 @@ def test_attribute_classifier_reads_real_shapes_and_the_evaluator_runs(trained, 
     import pixelgen
     from pixelgen.data import pipeline
     from pixelgen.evaluators import EvalContext
-    from pixelgen.evaluators.dalle import EVALUATORS, AttributeClassifier, holdout_captions
+    from pixelgen.data.builders import COLORS, SHAPES
+    from pixelgen.evaluators.dalle import (
+        EVALUATORS,
+        AttributeClassifier,
+        holdout_captions,
+        parse_two_objects,
+        two_object_accuracies,
+    )
     classifier = AttributeClassifier(data_dir, num_images=400)
     test = pipeline.open_source('shapes', 'test', data_dir)
     real = [r for r in (test[i] for i in range(120)) if r['num_objects'] == 1]
@@ -401,3 +413,23 @@ def test_attribute_classifier_reads_real_shapes_and_the_evaluator_runs(trained, 
     assert 0 <= metrics['both_accuracy'] <= metrics['color_accuracy'] <= 1
     assert metrics['real_images_both_accuracy'] > 0.9
     assert os.path.exists(tmp_path / 'attributes_holdout.png')
+
+    # Two objects: both attributes and the relation, read at each object's place.
+    two = [r for r in (test[i] for i in range(300)) if r['num_objects'] == 2]
+    pictures = np.stack([r['image'] for r in two])
+    captions = [r['caption'].decode() for r in two]
+    read = two_object_accuracies(classifier, pictures, captions, '')
+    assert read['two_objects_found'] > 0.95 and read['two_relation_accuracy'] > 0.9
+    assert read['two_all_accuracy'] > 0.8
+    mirrored = two_object_accuracies(classifier, pictures[:, :, ::-1], captions, '')
+    swapped = [c for c in captions if 'left' in c or 'right' in c]  # left <-> right now
+    assert len(swapped) > 10 and mirrored['two_relation_accuracy'] < 0.5
+    assert parse_two_objects('a small red star above a large blue circle') == (
+        (COLORS.index('red'), SHAPES.index('star')), 'above',
+        (COLORS.index('blue'), SHAPES.index('circle')))
+    assert parse_two_objects('a small red star') is None
+    ctx.options.update(captions='two', num_captions='3', samples='2')
+    metrics = EVALUATORS['attribute_accuracy'](ctx)
+    assert metrics['num_captions'] == 2 and metrics['num_images'] == 4  # the test split's 2
+    assert metrics['real_images_two_all_accuracy'] > 0.8
+    assert 0 <= metrics['two_all_accuracy'] <= metrics['two_color_accuracy'] <= 1
