@@ -390,8 +390,8 @@ def test_attribute_classifier_reads_real_shapes_and_the_evaluator_runs(trained, 
                                                                         tmp_path):
     import pixelgen
     from pixelgen.data import pipeline
-    from pixelgen.evaluators import EvalContext
     from pixelgen.data.builders import COLORS, SHAPES
+    from pixelgen.evaluators import EvalContext
     from pixelgen.evaluators.dalle import (
         EVALUATORS,
         AttributeClassifier,
