@@ -13,6 +13,11 @@ Every number is a fraction in [0, 1], read by the attribute classifier of
   heldout.reranked        the best `top` of the same samples by CLIP
   heldout.guidance.<s>    samples drawn with classifier-free guidance scale s, no reranking
   test.random/reranked    the same for the one-object captions of the test split
+  two_objects             two-object test captions (48 of them, 8 samples each, no reranking):
+                          objects_found, color, shape (per object, at its place), relation
+                          (the colours in the relation's order) and all (both objects right);
+                          `real` and `dvae` hold the classifier on real two-object test
+                          images and on the dVAE's reconstructions of their codes
   clip_zeroshot           CLIP zero-shot on the real test images of the held-out pairs
   dvae                    the dVAE's reconstructions of the real test images of those pairs
   classifier_real         the classifier on real test images (it must stay >= 0.99)
@@ -32,6 +37,8 @@ import os
 import time
 
 ATTRIBUTES = ('color_accuracy', 'shape_accuracy', 'both_accuracy')
+TWO_KEYS = ('objects_found', 'color_accuracy', 'shape_accuracy', 'relation_accuracy',
+            'all_accuracy')
 TARGETS = {  # minimum fractions, on the held-out pairs
     'dvae': {'color_accuracy': 0.95, 'shape_accuracy': 0.90, 'both_accuracy': 0.88},
     'clip_zeroshot': {'color_accuracy': 0.95, 'shape_accuracy': 0.90},
@@ -60,6 +67,9 @@ def evaluations(workdir: str, seed: int, scales: list[str], tiny: bool) -> dict:
         'test_random': ('dalle', 'attribute_accuracy', {**dalle, 'captions': 'test'}),
         'test_reranked': ('dalle', 'attribute_accuracy',
                           {**dalle, 'captions': 'test', 'clip_workdir': clip, 'top': top}),
+        'two_objects': ('dalle', 'attribute_accuracy',
+                        {**dalle, 'captions': 'two', 'samples': '2' if tiny else '8',
+                         'num_captions': '4' if tiny else '48'}),
     }
     for scale in scales:
         runs[f'guidance_{scale}'] = ('dalle', 'attribute_accuracy',
@@ -95,9 +105,9 @@ def run_evaluations(workdir: str, seed: int, scales: list[str], tiny: bool) -> N
         with open(tmp, 'w') as f:
             json.dump(record, f, indent=2, sort_keys=True)
         os.replace(tmp, path)  # whole or not at all
+        shown = _pick(record['metrics']) or _pick(record['metrics'], 'two_', TWO_KEYS)
         print(f'[results] {name} ({seconds:.0f} s): '
-              + ', '.join(f'{k} {v:.3f}' for k, v in _pick(record['metrics']).items()),
-              flush=True)
+              + ', '.join(f'{k} {v:.3f}' for k, v in shown.items()), flush=True)
 
 
 def write_results(workdir: str) -> dict:
@@ -125,6 +135,11 @@ def write_results(workdir: str) -> dict:
         'clip_zeroshot': _pick(parts['clip_zeroshot'], keys=ATTRIBUTES[:2]),
         'dvae': _pick(parts['dvae']),
         'classifier_real': _pick(parts['heldout_random'], 'real_images_'),
+        **({'two_objects': {
+            where: {key: parts['two_objects'][f'{prefix}two_{key}'] for key in TWO_KEYS}
+            for where, prefix in (('random', ''), ('real', 'real_images_'),
+                                  ('dvae', 'reconstructions_'))}}
+           if 'two_objects' in parts else {}),
         'minutes': seconds / 60,
         'targets': TARGETS,
     }

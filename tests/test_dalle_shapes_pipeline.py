@@ -54,6 +54,10 @@ def test_the_tiny_pipeline_writes_results_and_a_rerun_resumes(tmp_path, data_dir
     fractions += list(results['clip_zeroshot'].values())
     assert len(fractions) == 17 and all(0 <= v <= 1 for v in fractions)
     assert results['classifier_real']['color_accuracy'] >= 0.99
+    two = results['two_objects']
+    assert set(two) == {'random', 'real', 'dvae'}
+    assert all(0 <= v <= 1 for part in two.values() for v in part.values())
+    assert two['real']['relation_accuracy'] >= 0.9  # the classifier reads real pairs
     assert results['minutes'] > 0 and 'dvae.shape_accuracy' in results['meets_targets']
     # Killed after the trainings, it resumes: nothing is trained again, a lost evaluation is
     # redone, and the others are kept.
