@@ -9,7 +9,8 @@
 #                          [--dalle_args "--config.total_steps=2000 ..."]
 #
 # Leaves WORKDIR/dvae, WORKDIR/codes, WORKDIR/clip, WORKDIR/dalle (each a pixelgen workdir or
-# codes dataset) and WORKDIR/results.json (see launch/dalle_shapes_results.py for its keys).
+# codes dataset), WORKDIR/results.json (see launch/dalle_shapes_results.py for its keys) and
+# WORKDIR/heldout_samples.png (the held-out captions' samples: unreranked, reranked, guided).
 # The colour/shape pairs of configs/dalle_shapes.py's HOLDOUT_PHRASES are dropped from the
 # training images and captions of all three models, so that reranking by CLIP cannot bring in
 # knowledge of the unseen pairs. The transformer trains with loss.caption_dropout=0.1, so

@@ -24,6 +24,10 @@ Every number is a fraction in [0, 1], read by the attribute classifier of
   minutes                 the pipeline's time: the sum of WORKDIR/stages/*.seconds
   targets, meets_targets  the targets of the project's results and whether each is met
 
+It also draws WORKDIR/heldout_samples.png: for every held-out caption (one row each), the
+first `top` of its samples side by side with the best `top` of the same samples by CLIP, and
+with the first `top` drawn at each guidance scale.
+
 Each evaluation is saved in WORKDIR/results/<name>.json as soon as it is done, and skipped
 when rerun, so a killed evaluation resumes.
 """
@@ -110,6 +114,46 @@ def run_evaluations(workdir: str, seed: int, scales: list[str], tiny: bool) -> N
               + ', '.join(f'{k} {v:.3f}' for k, v in shown.items()), flush=True)
 
 
+def _saved_tiles(workdir: str, name: str) -> tuple[list[str], object] | None:
+    """The captions and the pictures (uint8 [captions, n, h, w, 3]) that results/<name> drew."""
+    import numpy as np
+
+    from pixelgen import images
+
+    base = os.path.join(workdir, 'results', name, 'attributes_holdout')
+    if not (os.path.exists(base + '.png') and os.path.exists(base + '.txt')):
+        return None
+    with open(base + '.txt') as f:
+        captions = f.read().split('\n')[:-1]
+    grid = images.read_rgb(base + '.png')
+    tile = (grid.shape[0] - 2) // len(captions) - 2
+    tiles = images.split_grid(grid, rows=len(captions), cols=(grid.shape[1] - 2) // (tile + 2))
+    return captions, np.asarray(tiles)
+
+
+def samples_figure(workdir: str) -> str | None:
+    """WORKDIR/heldout_samples.png (see the module docstring), or None before the held-out
+    evaluations are saved."""
+    from pixelgen import images
+
+    random, reranked = (_saved_tiles(workdir, n) for n in ('heldout_random', 'heldout_reranked'))
+    if random is None or reranked is None:
+        return None
+    captions, best = reranked
+    top, samples = best.shape[1], random[1].shape[1]
+    panels = [(f'first {top} of {samples}', random[1][:, :top]),
+              (f'best {top} of {samples} by CLIP', best)]
+    scales = sorted((n[len('guidance_'):] for n in os.listdir(os.path.join(workdir, 'results'))
+                     if n.startswith('guidance_') and not n.endswith('.json')), key=float)
+    for scale in scales:
+        guided = _saved_tiles(workdir, f'guidance_{scale}')
+        if guided is not None:
+            panels.append((f'guidance {scale}: first {top}', guided[1][:, :top]))
+    path = os.path.join(workdir, 'heldout_samples.png')
+    images.save_png(images.labelled_panels(panels, captions), path)
+    return path
+
+
 def write_results(workdir: str) -> dict:
     """WORKDIR/results.json from the saved evaluations and stage times."""
     parts = {}
@@ -150,6 +194,7 @@ def write_results(workdir: str) -> dict:
     with open(path + '.tmp', 'w') as f:
         json.dump(results, f, indent=2, sort_keys=True)
     os.replace(path + '.tmp', path)
+    samples_figure(workdir)
     return results
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
@@ -98,13 +98,6 @@ def best_layer(results: Sequence[ProbeResult]) -> int:
     return int(np.argmax([r.val_accuracy for r in results]))
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def accuracy_plot(results: Sequence[ProbeResult], path: str, *, baseline: float | None = None,
                   title: str = 'Linear probe accuracy by layer') -> str:
     """The paper's figure as a PNG: train and test accuracy against layer, the best layer
@@ -134,7 +127,7 @@ def _line_plot(path: str, *, title: str, x_name: str, x_ticks: list, series: lis
     width, height, left, right, top, bottom = 640, 400, 64, 150, 40, 48
     canvas = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(canvas)
-    font, small = _font(14), _font(12)
+    font, small = images.font(14), images.font(12)
     values = [v for _, vs, _ in series for v in vs]
     low = min(values + ([baseline] if baseline is not None else []))
     low = max(0.0, np.floor(low * 10 - 0.5) / 10)

@@ -385,6 +385,26 @@ def test_sample_cli_writes_a_grid_and_warns_on_long_prompts(trained, capsys, tmp
                      '--top', '2'])
 
 
+def test_split_grid_gives_back_the_tiles_and_panels_are_laid_side_by_side():
+    from pixelgen import images
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 255, (3, 5, 16, 16, 3), dtype=np.uint8)
+    grid = images.make_grid(list(tiles))  # enlarged 4x to 64-pixel tiles
+    back = images.split_grid(grid, rows=3, cols=5)
+    assert back.shape == (3, 5, 64, 64, 3)
+    np.testing.assert_array_equal(back[:, :, ::4, ::4], tiles)
+    with pytest.raises(ValueError, match='not a make_grid of 4 rows'):
+        images.split_grid(grid, rows=4, cols=5)
+    figure = images.labelled_panels([('left', back[:, :2]), ('right', back[:, 3:])],
+                                    ['one', 'two', 'three'])
+    assert figure.shape[0] > grid.shape[0] and figure.dtype == np.uint8
+    left = images.make_grid(list(back[:, :2]))
+    x = figure.shape[1] - 2 * left.shape[1] - 24  # the labels' column, then two panels
+    np.testing.assert_array_equal(figure[28:28 + left.shape[0], x:x + left.shape[1]], left)
+    assert (figure[:28] < 128).any()  # the titles are drawn
+
+
 @pytest.mark.slow
 def test_attribute_classifier_reads_real_shapes_and_the_evaluator_runs(trained, data_dir,
                                                                         tmp_path):

@@ -59,6 +59,10 @@ def test_the_tiny_pipeline_writes_results_and_a_rerun_resumes(tmp_path, data_dir
     assert all(0 <= v <= 1 for part in two.values() for v in part.values())
     assert two['real']['relation_accuracy'] >= 0.9  # the classifier reads real pairs
     assert results['minutes'] > 0 and 'dvae.shape_accuracy' in results['meets_targets']
+    from pixelgen import images  # every held-out caption's row, three panels of its samples
+    figure = images.read_rgb(os.path.join(workdir, 'heldout_samples.png'))
+    with open(os.path.join(workdir, 'results', 'heldout_random', 'attributes_holdout.txt')) as f:
+        assert figure.shape[0] == 28 + (len(f.read().split()) // 4) * 66 + 2
     # Killed after the trainings, it resumes: nothing is trained again, a lost evaluation is
     # redone, and the others are kept.
     os.remove(os.path.join(workdir, 'results', 'test_random.json'))
