@@ -5,8 +5,8 @@
   python -m pixelgen.evaluate --workdir runs/igpt_fmnist --eval probe --num_examples 10000
 
 Images are box-downsampled 28x28 -> 14x14 (an exact 2x2 average) and quantised to a 16-colour
-palette (the images are grayscale, so 16 gray levels): 196 tokens per image. 6 layers of width
-128 (1.2M parameters), 2400 steps of 32 images (1.3 epochs); a checkpoint every 600 steps is
+palette (the images are grayscale, so 16 gray levels): 196 tokens per image. 4 layers of width
+256 (3.2M parameters), 2400 steps of 32 images (1.3 epochs); a checkpoint every 600 steps is
 kept for the probe curve (docs/igpt.md#fashion-mnist).
 """
 
@@ -33,10 +33,10 @@ def get_config(arg=None):
     c.data.palette_fit_images = 2000
     c.data.palette_fit_pixels_per_image = 32
 
-    c.model.num_layers = 6
-    c.model.width = 128
-    c.model.num_heads = 4
-    c.optimizer.learning_rate = 3e-3
+    c.model.num_layers = 4
+    c.model.width = 256
+    c.model.num_heads = 8
+    c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 60
     c.sampling.num_images = 4
     return c

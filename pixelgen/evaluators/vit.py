@@ -21,7 +21,6 @@ from PIL import Image, ImageDraw
 from pixelgen import images, parallel, storage, tasks
 from pixelgen.data import pipeline
 from pixelgen.evaluators import EvalContext
-from pixelgen.probe import _font
 
 
 def _config(ctx: EvalContext):
@@ -46,7 +45,7 @@ def confusion_plot(matrix: np.ndarray, names: list[str], path: str, *, title: st
     left, top = label + 16, label + 40
     canvas = Image.new('RGB', (left + k * cell + 16, top + k * cell + 32), 'white')
     draw = ImageDraw.Draw(canvas)
-    font, small = _font(14), _font(max(9, min(12, cell // 3)))
+    font, small = images.font(14), images.font(max(9, min(12, cell // 3)))
     draw.text((8, 8), title, fill='black', font=font)
     rows = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     for t in range(k):
