@@ -39,6 +39,10 @@ import glob
 import json
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ATTRIBUTES = ('color_accuracy', 'shape_accuracy', 'both_accuracy')
 TWO_KEYS = ('objects_found', 'color_accuracy', 'shape_accuracy', 'relation_accuracy',
@@ -114,10 +118,8 @@ def run_evaluations(workdir: str, seed: int, scales: list[str], tiny: bool) -> N
               + ', '.join(f'{k} {v:.3f}' for k, v in shown.items()), flush=True)
 
 
-def _saved_tiles(workdir: str, name: str) -> tuple[list[str], object] | None:
+def _saved_tiles(workdir: str, name: str) -> tuple[list[str], np.ndarray] | None:
     """The captions and the pictures (uint8 [captions, n, h, w, 3]) that results/<name> drew."""
-    import numpy as np
-
     from pixelgen import images
 
     base = os.path.join(workdir, 'results', name, 'attributes_holdout')
@@ -128,7 +130,7 @@ def _saved_tiles(workdir: str, name: str) -> tuple[list[str], object] | None:
     grid = images.read_rgb(base + '.png')
     tile = (grid.shape[0] - 2) // len(captions) - 2
     tiles = images.split_grid(grid, rows=len(captions), cols=(grid.shape[1] - 2) // (tile + 2))
-    return captions, np.asarray(tiles)
+    return captions, tiles
 
 
 def samples_figure(workdir: str) -> str | None:

@@ -53,8 +53,8 @@ def make_grid(rows: list[np.ndarray], *, min_tile: int = 64, gap: int = 2) -> np
 
 
 def split_grid(grid: np.ndarray, *, rows: int, cols: int, gap: int = 2) -> np.ndarray:
-    """The tiles of a full `rows` x `cols` picture that make_grid drew: uint8 [rows, cols, t,
-    t, 3], where t is the tile's side (make_grid's output side minus its gaps)."""
+    """The tiles of a full `rows` x `cols` picture that make_grid drew: uint8 [rows, cols, th,
+    tw, 3], each tile's size being the picture's less its gaps, shared evenly."""
     height, width = grid.shape[:2]
     tile_h, tile_w = (height - gap) // rows - gap, (width - gap) // cols - gap
     if (tile_h + gap) * rows + gap != height or (tile_w + gap) * cols + gap != width:
