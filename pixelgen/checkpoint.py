@@ -74,6 +74,10 @@ CHECKSUMS = 'checksums'
 SPACE_MARGIN_BYTES = 16 << 20
 SPACE_FACTOR = 1.2  # a checkpoint's files against its arrays' bytes (metadata, alignment)
 
+# A failed save's leftovers must stay gone this long after removal before it counts as done.
+REMOVE_SETTLE_SECONDS = 0.5  # how long a removed unfinished save must stay gone
+REMOVE_TIMEOUT_SECONDS = 30.0
+
 
 def checkpoint_dir(workdir: str) -> str:
     """`<workdir>/checkpoints`, absolute (a URL such as gs://bucket/run already is)."""
@@ -236,8 +240,17 @@ def _remove_unfinished(directory: str, step: int) -> None:
         if not storage.exists(storage.join(folder, COMMIT_FILE)):
             storage.rmtree(folder)
         return
-    for tmp in glob.glob(os.path.join(directory, f'{step}.*tmp*')):
-        shutil.rmtree(tmp, ignore_errors=True)
+    # A failed background save can leave tensorstore writes in flight after Orbax's thread
+    # has given up, and they may recreate files while the folder is removed: remove until
+    # nothing has come back for REMOVE_SETTLE_SECONDS (or REMOVE_TIMEOUT_SECONDS pass).
+    pattern = os.path.join(directory, f'{step}.*tmp*')
+    deadline = time.monotonic() + REMOVE_TIMEOUT_SECONDS
+    while True:
+        for tmp in glob.glob(pattern):
+            shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(REMOVE_SETTLE_SECONDS)
+        if not glob.glob(pattern) or time.monotonic() > deadline:
+            return
 
 
 def make_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> Manager:
