@@ -75,7 +75,7 @@ SPACE_MARGIN_BYTES = 16 << 20
 SPACE_FACTOR = 1.2  # a checkpoint's files against its arrays' bytes (metadata, alignment)
 
 # A failed save's leftovers must stay gone this long after removal before it counts as done.
-REMOVE_SETTLE_SECONDS = 0.5  # how long a removed unfinished save must stay gone
+REMOVE_SETTLE_SECONDS = 0.5
 REMOVE_TIMEOUT_SECONDS = 30.0
 
 
