@@ -6,6 +6,7 @@
 # Usage:
 #   launch/dalle_shapes.sh WORKDIR [--seed N] [--tiny] [--guidance_scales "2 3"]
 #                          [--dvae_args "--config.model.encoder_width=32 ..."]
+#                          [--clip_args "--config.total_steps=4000 ..."]
 #                          [--dalle_args "--config.total_steps=2000 ..."]
 #
 # Leaves WORKDIR/dvae, WORKDIR/codes, WORKDIR/clip, WORKDIR/dalle (each a pixelgen workdir or
@@ -26,6 +27,7 @@
 #   --tiny                  the :tiny configs and a few samples: a smoke test of minutes
 #   --guidance_scales "S.." classifier-free guidance scales to evaluate (default "2 3")
 #   --dvae_args "ARGS"      more arguments for the dVAE's training (config overrides: levers)
+#   --clip_args "ARGS"      more arguments for CLIP's training (likewise)
 #   --dalle_args "ARGS"     more arguments for the transformer's training (likewise)
 #   -h, --help              this text
 # Environment: PYTHON (default python) is the interpreter.
@@ -57,6 +59,7 @@ seed=0
 tiny=0
 scales='2 3'
 dvae_args=()
+clip_args=()
 dalle_args=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -77,6 +80,11 @@ while [[ $# -gt 0 ]]; do
     --dvae_args)
       [[ $# -ge 2 ]] || die "--dvae_args needs a value"
       read -r -a dvae_args <<<"$2"
+      shift 2
+      ;;
+    --clip_args)
+      [[ $# -ge 2 ]] || die "--clip_args needs a value"
+      read -r -a clip_args <<<"$2"
       shift 2
       ;;
     --dalle_args)
@@ -135,7 +143,8 @@ num_examples=()
 [[ $tiny -eq 1 ]] && num_examples=(--num_examples 400)
 stage encode encode "${num_examples[@]}"
 stage clip "$python" -m pixelgen.train --config "configs/clip_shapes.py$variant" \
-  --workdir "$workdir/clip" --config.seed="$seed" --config.data.holdout_phrases="$holdout"
+  --workdir "$workdir/clip" --config.seed="$seed" --config.data.holdout_phrases="$holdout" \
+  "${clip_args[@]}"
 stage dalle "$python" -m pixelgen.train --config "configs/dalle_shapes.py$variant" \
   --workdir "$workdir/dalle" --config.seed="$seed" --config.data.codes_dir="$workdir/codes" \
   --config.dvae_workdir="$workdir/dvae" --config.data.holdout_phrases="$holdout" \

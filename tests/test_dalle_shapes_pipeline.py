@@ -35,14 +35,15 @@ def test_the_tiny_pipeline_writes_results_and_a_rerun_resumes(tmp_path, data_dir
     env = {'TFDS_DATA_DIR': data_dir}  # the shapes dataset the session built
     done = _run(workdir, '--tiny', '--guidance_scales', '2', '--dvae_args',
                 '--config.model.encoder_width=4 --config.model.decoder_width=4',
+                '--clip_args', '--config.total_steps=5',
                 '--dalle_args', '--config.total_steps=4', env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     saved = {}
-    for model in ('dvae', 'dalle'):
+    for model in ('dvae', 'clip', 'dalle'):
         with open(os.path.join(workdir, model, 'config.json')) as f:
             saved[model] = json.load(f)
     assert saved['dvae']['model']['encoder_width'] == 4  # the levers reach their stage
-    assert saved['dalle']['total_steps'] == 4
+    assert saved['clip']['total_steps'] == 5 and saved['dalle']['total_steps'] == 4
     for part in ('dvae', 'codes', 'clip', 'dalle', 'results.json'):
         assert os.path.exists(os.path.join(workdir, part)), part
     with open(os.path.join(workdir, 'results.json')) as f:
