@@ -18,6 +18,8 @@ Every number is a fraction in [0, 1], read by the attribute classifier of
                           (the colours in the relation's order) and all (both objects right);
                           `real` and `dvae` hold the classifier on real two-object test
                           images and on the dVAE's reconstructions of their codes
+  by_size.<part>.<size>   dvae, heldout.random and heldout.reranked over the captions of
+                          one object size (small, large)
   clip_zeroshot           CLIP zero-shot on the real test images of the held-out pairs
   dvae                    the dVAE's reconstructions of the real test images of those pairs
   classifier_real         the classifier on real test images (it must stay >= 0.99)
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 ATTRIBUTES = ('color_accuracy', 'shape_accuracy', 'both_accuracy')
+SIZES = ('small', 'large')  # the object sizes of `shapes` captions
 TWO_KEYS = ('objects_found', 'color_accuracy', 'shape_accuracy', 'relation_accuracy',
             'all_accuracy')
 TARGETS = {  # minimum fractions, on the held-out pairs
@@ -186,6 +189,9 @@ def write_results(workdir: str) -> dict:
             for where, prefix in (('random', ''), ('real', 'real_images_'),
                                   ('dvae', 'reconstructions_'))}}
            if 'two_objects' in parts else {}),
+        'by_size': {where: {size: _pick(parts[name], f'{size}_') for size in SIZES}
+                    for where, name in (('dvae', 'dvae'), ('heldout.random', 'heldout_random'),
+                                        ('heldout.reranked', 'heldout_reranked'))},
         'minutes': seconds / 60,
         'targets': TARGETS,
     }

@@ -405,6 +405,24 @@ def test_split_grid_gives_back_the_tiles_and_panels_are_laid_side_by_side():
     assert (figure[:28] < 128).any()  # the titles are drawn
 
 
+def test_attribute_accuracies_split_by_object_size():
+    from pixelgen.evaluators.dalle import attribute_accuracies, caption_size
+
+    class Reads:  # what a classifier read from four pictures: (colour, shape) indices
+        def predict(self, pictures):
+            return np.array([0, 1, 2, 3]), np.array([0, 1, 0, 1])
+
+    got = attribute_accuracies(Reads(), None, np.array([0, 1, 2, 0]), np.array([0, 0, 0, 1]),
+                               'p_', sizes=['small', 'large', 'small', 'large'])
+    assert got['p_color_accuracy'] == got['p_shape_accuracy'] == 0.75
+    assert got['p_small_color_accuracy'] == 1.0 and got['p_large_color_accuracy'] == 0.5
+    assert got['p_small_shape_accuracy'] == 1.0 and got['p_large_shape_accuracy'] == 0.5
+    assert got['p_small_both_accuracy'] == 1.0 and got['p_large_both_accuracy'] == 0.0
+    assert 'p_large_color_accuracy' not in attribute_accuracies(
+        Reads(), None, np.zeros(4, int), np.zeros(4, int), 'p_', sizes=['small'] * 4)
+    assert caption_size('a large red star') == 'large'
+
+
 @pytest.mark.slow
 def test_attribute_classifier_reads_real_shapes_and_the_evaluator_runs(trained, data_dir,
                                                                         tmp_path):
@@ -432,6 +450,8 @@ def test_attribute_classifier_reads_real_shapes_and_the_evaluator_runs(trained, 
     assert metrics['num_captions'] == 2 and metrics['num_images'] == 8  # 2 sizes of 'red star'
     assert 0 <= metrics['both_accuracy'] <= metrics['color_accuracy'] <= 1
     assert metrics['real_images_both_accuracy'] > 0.9
+    assert metrics['small_color_accuracy'] + metrics['large_color_accuracy'] == pytest.approx(
+        2 * metrics['color_accuracy'])  # 4 images of each size
     assert os.path.exists(tmp_path / 'attributes_holdout.png')
 
     # Two objects: both attributes and the relation, read at each object's place.

@@ -59,6 +59,10 @@ def test_the_tiny_pipeline_writes_results_and_a_rerun_resumes(tmp_path, data_dir
     assert set(two) == {'random', 'real', 'dvae'}
     assert all(0 <= v <= 1 for part in two.values() for v in part.values())
     assert two['real']['relation_accuracy'] >= 0.9  # the classifier reads real pairs
+    for part in ('dvae', 'heldout.random', 'heldout.reranked'):  # split by object size
+        assert set(results['by_size'][part]) == {'small', 'large'}, part
+    assert set(results['by_size']['heldout.random']['small']) == {
+        'color_accuracy', 'shape_accuracy', 'both_accuracy'}
     assert results['minutes'] > 0 and 'dvae.shape_accuracy' in results['meets_targets']
     from pixelgen import images  # every held-out caption's row, three panels of its samples
     figure = images.read_rgb(os.path.join(workdir, 'heldout_samples.png'))

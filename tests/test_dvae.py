@@ -341,6 +341,8 @@ def test_reconstruction_evaluator_reports_quality_and_usage(trained, tmp_path):
     # shapes reconstructions are judged by the DALL·E attribute classifier
     assert 0 < scores['judged_examples'] <= 20
     assert all(0 <= scores[f'{a}_accuracy'] <= 1 for a in ('color', 'shape', 'both'))
+    by_size = [k for k in scores if k.startswith(('small_', 'large_'))]
+    assert by_size and all(0 <= scores[k] <= 1 for k in by_size)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ the palette colour nearest the mean of the pixels that differ from the border's 
 (the background), shape = 5-nearest-neighbours on that foreground's bounding-box silhouette
 resized to 16×16. Its accuracy on real test images and on the dVAE's reconstructions of the
 test codes (the best a generator can hope for) are reported beside the generations'.
+One-object scores are also given per object size (`small_shape_accuracy`, ...).
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def _scores(classifier, pictures: np.ndarray, captions: list[str], which: str,
     if which == 'two':
         return two_object_accuracies(classifier, pictures, captions, prefix)
     truth = np.array([parse_caption(c) for c in captions])
-    return attribute_accuracies(classifier, pictures, truth[:, 0], truth[:, 1], prefix)
+    return attribute_accuracies(classifier, pictures, truth[:, 0], truth[:, 1], prefix,
+                                sizes=[caption_size(c) for c in captions])
 
 
 def holdout_captions(phrases) -> list[str]:
@@ -196,13 +198,28 @@ def holdout_captions(phrases) -> list[str]:
     return [c for c in captions if parse_caption(c) is not None]
 
 
-def attribute_accuracies(classifier, pictures, colours, shape_ids,
-                         prefix: str) -> dict[str, float]:
+def caption_size(caption: str) -> str:
+    """'a small red star' -> 'small' (a one-object caption, as parse_caption accepts)."""
+    return CAPTION.match(caption)[1]
+
+
+def attribute_accuracies(classifier, pictures, colours, shape_ids, prefix: str,
+                         sizes=None) -> dict[str, float]:
+    """{prefix}color/shape/both_accuracy of pictures against their true colour and shape
+    indices; with `sizes` (each picture's size name), also {prefix}<size>_color_accuracy ...
+    over the pictures of each size, since a small object loses its shape first."""
     got_colour, got_shape = classifier.predict(pictures)
     colour_ok, shape_ok = got_colour == colours, got_shape == shape_ids
-    return {f'{prefix}color_accuracy': float(colour_ok.mean()),
-            f'{prefix}shape_accuracy': float(shape_ok.mean()),
-            f'{prefix}both_accuracy': float((colour_ok & shape_ok).mean())}
+    groups = {'': np.ones(len(colour_ok), bool)}
+    if sizes is not None:
+        sizes = np.asarray(sizes)
+        groups.update({f'{size}_': sizes == size for size in shapes.SIZES if (sizes == size).any()})
+    metrics = {}
+    for group, chosen in groups.items():
+        metrics[f'{prefix}{group}color_accuracy'] = float(colour_ok[chosen].mean())
+        metrics[f'{prefix}{group}shape_accuracy'] = float(shape_ok[chosen].mean())
+        metrics[f'{prefix}{group}both_accuracy'] = float((colour_ok & shape_ok)[chosen].mean())
+    return metrics
 
 
 def attribute_accuracy(ctx) -> dict[str, float]:

@@ -6,7 +6,8 @@
 For the `shapes` dataset it also reports whether the reconstructions are recognisably right:
 the colour and shape that the DALL·E evaluators' attribute classifier reads from the
 reconstructions of one-object test images (`color_accuracy`, `shape_accuracy`,
-`both_accuracy`; the classifier is right on 100% of real test images). With
+`both_accuracy`; the classifier is right on 100% of real test images), also per object
+size (`small_shape_accuracy`, `large_shape_accuracy`, ...). With
 --option captions=holdout only the test images whose caption names one of the run's
 `data.holdout_phrases` are evaluated: the pairs that training never saw.
 """
@@ -21,6 +22,7 @@ import numpy as np
 from pixelgen import parallel, storage
 from pixelgen.config import ConfigError
 from pixelgen.data import pipeline
+from pixelgen.data.builders import shapes
 from pixelgen.evaluators import EvalContext
 
 GRID_IMAGES = 16
@@ -31,7 +33,12 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
     perplexity and number of codes used over all of it, and a grid PNG (originals above their
     reconstructions) in ctx.out_dir."""
     from pixelgen.dvae import compiled, encode_source
-    from pixelgen.evaluators.dalle import AttributeClassifier, attribute_accuracies, parse_caption
+    from pixelgen.evaluators.dalle import (
+        AttributeClassifier,
+        attribute_accuracies,
+        caption_size,
+        parse_caption,
+    )
     from pixelgen.tasks.dvae import to_uint8, write_reconstruction_grid
 
     model, config = ctx.loaded.model, ctx.loaded.config
@@ -47,7 +54,7 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
     counts = np.zeros(model.codebook_size, np.int64)
     sq_err, originals, batch = 0.0, [], []
     judge = d.dataset == 'shapes'  # captions name the attributes of one-object images
-    attributes, pictures = [], []
+    attributes, pictures, sizes = [], [], []
 
     def flush() -> float:
         codes = np.stack([e['codes'] for e in batch]).astype(np.int32)
@@ -57,6 +64,7 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
             if judge and (truth := parse_caption(e['caption'])) is not None:
                 attributes.append(truth)
                 pictures.append(picture)
+                sizes.append(shapes.SIZES.index(caption_size(e['caption'])))
         return float(np.sum(np.mean(np.square(decoded - x), axis=(1, 2, 3))))
 
     start, end = parallel.host_range(n)  # each process its own share; summed below
@@ -85,6 +93,7 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
             np.stack(pictures) if pictures else np.zeros((0, size, size, 3), np.float32)))
         attributes = [tuple(a) for a in parallel.gather_varying(
             np.array(attributes, np.int32).reshape(-1, 2))]
+        sizes = list(parallel.gather_varying(np.array(sizes, np.int32)))
     metrics = {'mse': mse, 'psnr': -10 * math.log10(max(mse, 1e-10)),
                'perplexity': float(np.exp(-np.sum(p * np.log(p)))),
                'codes_used': float(len(p)), 'examples': float(n)}
@@ -93,7 +102,8 @@ def reconstruction(ctx: EvalContext) -> dict[str, float]:
         classifier = AttributeClassifier(d.data_dir, int(ctx.options.get('classifier_images',
                                                                          3000)))
         metrics.update(attribute_accuracies(classifier, to_uint8(np.stack(pictures)),
-                                            truth[:, 0], truth[:, 1], ''))
+                                            truth[:, 0], truth[:, 1], '',
+                                            sizes=[shapes.SIZES[i] for i in sizes]))
         metrics['judged_examples'] = float(len(pictures))
     return metrics
 
