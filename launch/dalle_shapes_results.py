@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     import numpy as np
 
 ATTRIBUTES = ('color_accuracy', 'shape_accuracy', 'both_accuracy')
-SIZES = ('small', 'large')  # the object sizes of `shapes` captions
 TWO_KEYS = ('objects_found', 'color_accuracy', 'shape_accuracy', 'relation_accuracy',
             'all_accuracy')
 TARGETS = {  # minimum fractions, on the held-out pairs
@@ -161,6 +160,7 @@ def samples_figure(workdir: str) -> str | None:
 
 def write_results(workdir: str) -> dict:
     """WORKDIR/results.json from the saved evaluations and stage times."""
+    from pixelgen.data.builders.shapes import SIZES
     parts = {}
     for path in glob.glob(os.path.join(workdir, 'results', '*.json')):
         with open(path) as f:
