@@ -181,6 +181,55 @@ def test_zeroshot_is_perfect_on_a_separable_setup(colour_clip):
         clip_evaluators.zeroshot_predictions(colour_clip, imgs, swapped), 2 - labels)
 
 
+class WordCLIP(nnx.Module):
+    """Stand-in for shapes captions: a text embeds as the sum of its words' axes; an image
+    embeds as its first row's red values (so a test can put any caption's vector there)."""
+    image_size = 16
+
+    def __init__(self, table: np.ndarray):
+        self.table = nnx.Param(jnp.asarray(table))
+        self.text = _Text(8)
+
+    def encode_image(self, imgs):
+        v = imgs[:, 0, :, 0].astype(jnp.float32)
+        return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+    def encode_text(self, tokens):
+        vectors = self.table[...][tokens].sum(axis=1)
+        return vectors / jnp.maximum(jnp.linalg.norm(vectors, axis=-1, keepdims=True), 1e-9)
+
+
+def test_caption_readings_read_each_attribute_from_the_best_caption():
+    from pixelgen.data.builders import shapes as shapes_data
+    words = shapes_data.SIZES + shapes_data.COLORS + shapes_data.SHAPES
+    captions = [f'a {s} {c} {h}' for s in shapes_data.SIZES for c in shapes_data.COLORS
+                for h in shapes_data.SHAPES]
+    tokenizer = TextTokenizer.train(captions * 3, vocab_size=400, min_frequency=1)
+    table = np.zeros((tokenizer.vocab_size, WordCLIP.image_size), np.float32)
+    for axis, word in enumerate(words):
+        ids = tokenizer.encode([word], 4).ids[0]
+        assert (ids != tokenizer.pad_id).sum() == 1, f'{word!r} must be one token'
+        table[ids[0], axis] = 1.0
+    clip = Loaded(model=WordCLIP(table), config=None, step=0, assets={'tokenizer': tokenizer})
+
+    def image_of(size, colour, shape):
+        img = np.zeros((16, 16, 3), np.uint8)
+        for word in (size, colour, shape):
+            img[0, words.index(word), 0] = 200
+        return img
+
+    truths = [('small', 'red', 'star'), ('large', 'blue', 'circle'), ('small', 'white', 'cross'),
+              ('large', 'green', 'square')]
+    drawn = list(truths)
+    drawn[1] = ('large', 'blue', 'square')  # the image reads as another shape
+    examples = [{'caption': 'a {} {} {}'.format(*t).encode()} for t in truths]
+    examples.append({'caption': b'a small red star above a large blue circle'})  # not judged
+    imgs = np.stack([image_of(*t) for t in drawn] + [image_of('small', 'red', 'star')])
+    got = clip_evaluators.caption_readings(clip, imgs, examples, 'caption', len(examples))
+    assert got == {'caption_examples': 4.0, 'caption_size_accuracy': 1.0,
+                   'caption_color_accuracy': 1.0, 'caption_shape_accuracy': 0.75}
+
+
 def test_rerank_orders_images_best_first(colour_clip):
     imgs = np.stack([solid((0, 1, 0)), solid((1, 0.6, 0)), solid((1, 0, 0)), solid((1, 0.2, 0))])
     best, scores = rerank.rerank(colour_clip, imgs, 'red', top=3)
@@ -220,6 +269,7 @@ def test_tiny_training_run_gives_a_usable_clip(trained, data_dir, tmp_path, caps
     scores = clip_evaluators.EVALUATORS['zeroshot'](ctx)
     assert scores['shape_chance'] == 1 / 6 and scores['color_chance'] == 1 / 7
     assert 0 <= scores['shape_accuracy'] <= 1 and 0 <= scores['color_accuracy'] <= 1
+    assert 0 < scores['caption_examples'] <= 40 and 0 <= scores['caption_shape_accuracy'] <= 1
     # the CLI reranks the tiles of a grid and writes the best ones
     grid = os.path.join(trained, 'samples', 'retrieval_0000006.png')
     out = str(tmp_path / 'best.png')

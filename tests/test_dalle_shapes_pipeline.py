@@ -53,7 +53,8 @@ def test_the_tiny_pipeline_writes_results_and_a_rerun_resumes(tmp_path, data_dir
     fractions += list(results['heldout']['guidance']['2'].values())
     fractions += list(results['test']['random'].values()) + list(results['dvae'].values())
     fractions += list(results['clip_zeroshot'].values())
-    assert len(fractions) == 17 and all(0 <= v <= 1 for v in fractions)
+    assert len(fractions) == 19 and all(0 <= v <= 1 for v in fractions)
+    assert {'caption_color_accuracy', 'caption_shape_accuracy'} <= set(results['clip_zeroshot'])
     assert results['classifier_real']['color_accuracy'] >= 0.99
     two = results['two_objects']
     assert set(two) == {'random', 'real', 'dvae'}

@@ -13,12 +13,20 @@ Option templates=FILE (one template per line, {} for the class name) or template
 (the paper's 80 ImageNet templates) replaces the prompts of every attribute. Option
 captions=holdout classifies only the images whose caption names one of the run's
 `data.holdout_phrases` (the pairs that training never saw).
+
+On `shapes`, prompt ensembling averages each shape's prompts over every colour and size, and
+those are not paraphrases: the one prompt that matches the image's colour is 1 of 14. So the
+evaluator also reads every one-object image by the best of all 84 one-object captions ("a
+small red star", the captions reranking scores) and reports the caption's size, colour and
+shape as caption_size_accuracy, caption_color_accuracy and caption_shape_accuracy
+(caption_examples of them).
 linear_probe and retrieval: see pixelgen/evaluators/clip_features.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -100,6 +108,35 @@ def zeroshot(ctx) -> dict[str, float]:
         right = parallel.gather_rows((predicted == labels).astype(np.int32), n)
         results[f'{name}_accuracy'] = float(np.mean(right))
         results[f'{name}_chance'] = 1.0 / len(task.class_names)
+    if d.dataset == 'shapes':
+        results.update(caption_readings(ctx.loaded, imgs, examples, d.caption_key, n))
+    return results
+
+
+def caption_readings(clip, imgs, examples, caption_key: str, n: int) -> dict[str, float]:
+    """shapes: the size, colour and shape of each one-object image read from the best-matching
+    one-object caption ("a {size} {colour} {shape}", every combination), as the fraction right
+    of the one-object images among `examples` (this process's share of n)."""
+    from pixelgen.evaluators.dalle import CAPTION
+    combos = list(itertools.product(shapes.SIZES, shapes.COLORS, shapes.SHAPES))
+    truth = np.full(len(examples), -1, np.int32)  # a combination's index; -1: not one object
+    for row, e in enumerate(examples):
+        caption = e[caption_key]
+        found = CAPTION.match(caption.decode() if isinstance(caption, bytes) else caption)
+        if found and found.groups() in combos:
+            truth[row] = combos.index(found.groups())
+    best = np.zeros(len(examples), np.int32)
+    if examples:
+        texts = embed_texts(clip, ['a {} {} {}'.format(*c) for c in combos])
+        best = np.argmax(embed_images(clip, imgs) @ texts.T, axis=1).astype(np.int32)
+    judged = parallel.gather_rows((truth >= 0).astype(np.int32), n).astype(bool)
+    truth = parallel.gather_rows(truth, n)[judged]
+    best = parallel.gather_rows(best, n)[judged]
+    results = {'caption_examples': float(judged.sum())}
+    for i, name in enumerate(('size', 'color', 'shape')):
+        got = np.array([combos[b][i] for b in best])
+        want = np.array([combos[t][i] for t in truth])
+        results[f'caption_{name}_accuracy'] = float(np.mean(got == want)) if len(got) else 0.0
     return results
 
 
