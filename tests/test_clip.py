@@ -83,6 +83,67 @@ def test_loss_is_symmetric_and_equals_the_numpy_reference():
                                numpy_clip_loss(logits[:4, :4]), rtol=1e-5)
 
 
+def test_hard_negatives_join_only_the_image_to_text_softmax():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(5, 5)).astype(np.float32) * 3
+    negatives = rng.normal(size=(5, 5)).astype(np.float32) * 3
+    keep = np.array([1, 0, 1, 1, 0], np.float32)
+
+    def cross_entropy(rows):
+        rows = rows - rows.max(axis=1, keepdims=True)
+        log_probs = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+        return -np.mean(log_probs[np.arange(5), np.arange(5)])
+    want = 0.5 * (cross_entropy(np.concatenate([logits, negatives[:, keep > 0]], axis=1))
+                  + cross_entropy(logits.T))
+    got = contrastive_loss(jnp.asarray(logits), negatives=jnp.asarray(negatives),
+                           negative_weights=jnp.asarray(keep))
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    assert float(got) > numpy_clip_loss(logits)  # a negative only ever adds to the loss
+    none_kept = contrastive_loss(jnp.asarray(logits), negatives=jnp.asarray(negatives),
+                                 negative_weights=jnp.zeros(5))
+    np.testing.assert_allclose(float(none_kept), numpy_clip_loss(logits), rtol=1e-5)
+
+
+def test_a_hard_negative_swaps_one_group_word_and_never_names_a_held_out_pair():
+    groups = [('circle', 'square', 'star'), ('red', 'green')]
+    seen = set()
+    for seed in range(60):
+        negative = clip_task.hard_negative('a small green circle', groups, ('red star',),
+                                           np.random.default_rng(seed))
+        changed = [(a, b) for a, b in zip('a small green circle'.split(), negative.split(),
+                                                      strict=True)
+                   if a != b]
+        assert len(changed) == 1 and any(set(changed[0]) <= set(g) for g in groups), negative
+        seen.add(negative)
+    assert seen == {'a small green square', 'a small green star', 'a small red circle'}
+    assert clip_task.hard_negative('a small red circle', [('circle', 'star')], ('red star',),
+                                   np.random.default_rng(0)) == ''  # the only swap is held out
+    assert clip_task.hard_negative('a photo', groups, (), np.random.default_rng(0)) == ''
+
+
+def test_training_batches_carry_each_captions_hard_negative(data_dir, tmp_path):
+    config = load_config_file(TINY)
+    config.data.data_dir = data_dir
+    config.data.hard_negative_words = ('circle,square,triangle,diamond,cross,star',)
+    config.model.context_length = 64  # no caption cut short, so each shows its swap
+    task = clip_task.CLIPTask(config, str(tmp_path))
+    batch = next(task.train_iterator(config.batch_size))
+    tokenizer = task.tokenizer
+    for tokens, negative, kept in zip(batch['tokens'], batch['negative_tokens'],
+                                      batch['negative_mask'], strict=True):
+        assert kept == 1  # every shapes caption names a shape
+        caption, swapped = (tokenizer.decode(t)[0].split() for t in (tokens, negative))
+        assert len(caption) == len(swapped)
+        assert sum(a != b for a, b in zip(caption, swapped, strict=True)) == 1
+    model = task.build_model(nnx.Rngs(0))
+    loss, _ = task.loss(model, {k: jnp.asarray(v) for k, v in batch.items()}, None)
+    without = {k: jnp.asarray(batch[k]) for k in ('image', 'tokens')}
+    assert float(loss) > float(task.loss(model, without, None)[0])
+    with pytest.raises(ConfigError, match='hard_negative_words'):
+        config.data.hard_negative_words = ('circle',)
+        clip_task.validate_config(config)
+
+
 @pytest.mark.slow
 def test_logit_scale_is_clamped_at_100(config, model):
     model = nnx.clone(model)

@@ -223,18 +223,29 @@ class CLIP(nnx.Module):
         return self.scale() * self.encode_image(images) @ self.encode_text(tokens).T
 
 
-def contrastive_loss(logits: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+def contrastive_loss(logits: jax.Array, weights: jax.Array | None = None,
+                     negatives: jax.Array | None = None,
+                     negative_weights: jax.Array | None = None) -> jax.Array:
     """CLIP's symmetric cross-entropy over a [n, n] similarity matrix whose diagonal pairs match.
 
     The mean of the image->text (rows) and text->image (columns) cross-entropies. `weights`
     [n] (1 = real, 0 = padding) drops padded rows and keeps them out of the softmaxes.
-    Under `jax.jit` the arrays are global, so the logits cover the whole global batch.
+    `negatives` [n, m]: logits of every image against m extra texts (hard negatives, as in
+    NegCLIP), which join each image's softmax over texts and no text's softmax over images;
+    `negative_weights` [m] (1 = real) keeps missing ones out. Under `jax.jit` the arrays are
+    global, so the logits cover the whole global batch.
     """
     n = logits.shape[0]
     weights = jnp.ones(n, jnp.float32) if weights is None else weights.astype(jnp.float32)
     masked = jnp.where((weights[:, None] > 0) & (weights[None, :] > 0), logits, -1e9)
     labels = jnp.arange(n)
-    per_image = optax.softmax_cross_entropy_with_integer_labels(masked, labels)
+    rows = masked
+    if negatives is not None:
+        m = negatives.shape[1]
+        keep = (jnp.ones(m, jnp.float32) if negative_weights is None
+                else negative_weights.astype(jnp.float32))
+        rows = jnp.concatenate([masked, jnp.where(keep[None, :] > 0, negatives, -1e9)], axis=1)
+    per_image = optax.softmax_cross_entropy_with_integer_labels(rows, labels)
     per_text = optax.softmax_cross_entropy_with_integer_labels(masked.T, labels)
     count = jnp.maximum(weights.sum(), 1.0)
     return 0.5 * (jnp.sum(per_image * weights) + jnp.sum(per_text * weights)) / count

@@ -46,6 +46,11 @@ def base_config() -> ConfigDict:
     c.data.tokenizer = ''          # '' = train a BPE on the captions; or a folder holding
     #                                CLIP's vocab.json + merges.txt (then model.eot_id=49407)
     c.data.tokenizer_train_captions = 10000
+    # Hard negatives (NegCLIP): groups of interchangeable words, each a comma-separated string
+    # ('circle,square,star'). Each training caption also meets, in its image's softmax over
+    # texts, a copy with one of its group words swapped for another of the group (never one
+    # that names a held-out phrase). () = none.
+    c.data.hard_negative_words = ()
     c.data.num_threads = 2
     c.data.prefetch = 4
     pipeline.add_stream_config(c.data)  # webdataset: / parquet: sources (docs/data.md)
@@ -99,6 +104,10 @@ def validate_config(config) -> None:
                         f'model.vocab_size={m.vocab_size}')
     if m.activation not in ACTIVATIONS:
         problems.append(f'model.activation={m.activation!r} must be one of {sorted(ACTIVATIONS)}')
+    for group in d.get('hard_negative_words', ()):
+        if not isinstance(group, str) or len(set(group.split(','))) < 2:
+            problems.append(f'data.hard_negative_words: {group!r} must be a comma-separated '
+                            "string of at least two words, e.g. 'circle,square,star'")
     problems += model_problems(m)
     raise_problems(problems)
 
@@ -162,6 +171,24 @@ def load_or_make_tokenizer(config, workdir: str, train_source=None) -> TextToken
     return tokenizer
 
 
+def hard_negative(caption: str, groups, banned_phrases, rng: np.random.Generator) -> str:
+    """`caption` with one word of one of `groups` (sequences of interchangeable words) swapped
+    for another word of its group, chosen by `rng` among the swaps whose caption names none of
+    `banned_phrases`; '' when there is none."""
+    words = caption.split(' ')
+    banned = [p.lower() for p in banned_phrases]
+    swaps = []
+    for i, word in enumerate(words):
+        for group in groups:
+            if word in group:
+                for other in group:
+                    if other != word:
+                        text = ' '.join(words[:i] + [other] + words[i + 1:])
+                        if not any(p in text.lower() for p in banned):
+                            swaps.append(text)
+    return swaps[rng.integers(len(swaps))] if swaps else ''
+
+
 def retrieval_hits(logits: jax.Array, weights: jax.Array) -> jax.Array:
     """How many real rows of [n, n] logits rank their own pair first (image -> text)."""
     n = logits.shape[0]
@@ -176,8 +203,14 @@ class CLIPLoss:
              step: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Symmetric cross-entropy over the global batch's [batch, batch] similarities."""
         del rng, step  # deterministic
-        logits = model(batch['image'], batch['tokens'])
-        loss = contrastive_loss(logits)
+        image = model.encode_image(batch['image'])
+        logits = model.scale() * image @ model.encode_text(batch['tokens']).T
+        if 'negative_tokens' in batch:  # data.hard_negative_words
+            negatives = model.scale() * image @ model.encode_text(batch['negative_tokens']).T
+            loss = contrastive_loss(logits, negatives=negatives,
+                                    negative_weights=batch['negative_mask'])
+        else:
+            loss = contrastive_loss(logits)
         ones = jnp.ones(logits.shape[0])
         return loss, {'loss': loss, 'accuracy': retrieval_hits(logits, ones) / logits.shape[0],
                       'logit_scale': model.scale()}
@@ -225,14 +258,26 @@ class CLIPTask(CLIPLoss):
                                                add_sot_eot=True).ids}
         if 'mask' in batch:
             out['mask'] = batch['mask']
+        if 'negative' in batch:
+            negatives = list(batch['negative'])
+            out['negative_tokens'] = self.tokenizer.encode(
+                negatives, self.config.model.context_length, add_sot_eot=True).ids
+            out['negative_mask'] = np.array([bool(t) for t in negatives], np.int32)
         return out
+
+    def _add_hard_negative(self, example: dict, rng: np.random.Generator) -> dict:
+        d = self.config.data
+        groups = [group.split(',') for group in d.hard_negative_words]
+        return {**example, 'negative': hard_negative(example['caption'], groups,
+                                                     d.holdout_phrases, rng)}
 
     def train_iterator(self, global_batch: int):
         d = self.config.data
         return pipeline.train_iterator(
             self.train_source, batch_size=global_batch, seed=self.config.seed,
             prepare=self._prepare, batch_map=self._tokenize, num_threads=d.num_threads,
-            prefetch=d.prefetch)
+            prefetch=d.prefetch,
+            augment=self._add_hard_negative if d.get('hard_negative_words') else None)
 
     def eval_batches(self, per_host_batch: int, num_examples: int | None = None):
         return pipeline.eval_batches(self.eval_source, batch_size=per_host_batch,
