@@ -12,6 +12,7 @@ Every number is a fraction in [0, 1], read by the attribute classifier of
                           every held-out colour/shape pair, `samples` each), no reranking
   heldout.reranked        the best `top` of the same samples by CLIP
   heldout.guidance.<s>    samples drawn with classifier-free guidance scale s, no reranking
+  heldout.reranked_guidance.<s>  the best `top` of those guided samples by CLIP
   test.random/reranked    the same for the one-object captions of the test split
   two_objects             two-object test captions (48 of them, 8 samples each, no reranking):
                           objects_found, color, shape (per object, at its place), relation
@@ -87,6 +88,9 @@ def evaluations(workdir: str, seed: int, scales: list[str], tiny: bool) -> dict:
     for scale in scales:
         runs[f'guidance_{scale}'] = ('dalle', 'attribute_accuracy',
                                      {**dalle, 'captions': 'holdout', 'guidance_scale': scale})
+        runs[f'reranked_guidance_{scale}'] = (
+            'dalle', 'attribute_accuracy', {**dalle, 'captions': 'holdout', 'guidance_scale': scale,
+                                            'clip_workdir': clip, 'top': top})
     return runs
 
 
@@ -181,7 +185,10 @@ def write_results(workdir: str) -> dict:
         'heldout': {'random': _pick(parts['heldout_random']),
                     'reranked': _pick(parts['heldout_reranked']),
                     'guidance': {n[len('guidance_'):]: _pick(m) for n, m in parts.items()
-                                 if n.startswith('guidance_')}},
+                                 if n.startswith('guidance_')},
+                    'reranked_guidance': {n[len('reranked_guidance_'):]: _pick(m)
+                                          for n, m in parts.items()
+                                          if n.startswith('reranked_guidance_')}},
         'test': {'random': _pick(parts['test_random']),
                  'reranked': _pick(parts['test_reranked'])},
         'clip_zeroshot': _pick(parts['clip_zeroshot'], keys=ATTRIBUTES[:2] + CAPTION_KEYS),

@@ -51,9 +51,10 @@ def test_the_tiny_pipeline_writes_results_and_a_rerun_resumes(tmp_path, data_dir
     fractions = [results['heldout'][k][m] for k in ('random', 'reranked')
                  for m in ('color_accuracy', 'shape_accuracy', 'both_accuracy')]
     fractions += list(results['heldout']['guidance']['2'].values())
+    fractions += list(results['heldout']['reranked_guidance']['2'].values())
     fractions += list(results['test']['random'].values()) + list(results['dvae'].values())
     fractions += list(results['clip_zeroshot'].values())
-    assert len(fractions) == 19 and all(0 <= v <= 1 for v in fractions)
+    assert len(fractions) == 22 and all(0 <= v <= 1 for v in fractions)
     assert {'caption_color_accuracy', 'caption_shape_accuracy'} <= set(results['clip_zeroshot'])
     assert results['classifier_real']['color_accuracy'] >= 0.99
     two = results['two_objects']
